@@ -1,0 +1,753 @@
+/*
+ * http.c - the libcurl multi driver: many HTTP requests in flight on one
+ * multi handle, driven by one non-reentrant step() call.
+ *
+ * Design rules (see STYLE.md):
+ *  - No Lua code ever runs inside a libcurl callback.  The write and header
+ *    callbacks only append bytes to C buffers owned by the request; Lua reads
+ *    them after step() has returned.  So nothing can raise through libcurl
+ *    frames and nothing can re-enter the multi from a callback.
+ *  - step() refuses re-entry ("loop already running").
+ *  - A request in flight anchors its multi (registry ref) and its request
+ *    body (registry ref to the Lua string, kept alive across the transfer).
+ *    The request userdata itself is NOT anchored: if user code drops it while
+ *    it is in flight, __gc detaches it from the multi first (cancelling the
+ *    transfer cleanly) and only then frees the easy handle.
+ *  - close, __close and __gc are one idempotent function.
+ *
+ * Lua API (module slm.core):
+ *   core.multi{ max_connections = n, max_host_connections = n } -> Multi
+ *   Multi:add{ url=, method=, headers={"K: v", ...}, body=,
+ *              connect_timeout=, timeout=, idle_timeout=,
+ *              first_byte_timeout=, http_version="1.1"|"2",
+ *              max_body= } -> Request
+ *   Multi:step(timeout_s) -> { Request, ... } (requests with new activity)
+ *   Multi:count() -> number of requests in flight
+ *   Multi:close()
+ *   Request:read() -> string | nil          (body bytes since last read)
+ *   Request:status() -> integer             (0 until the status line)
+ *   Request:headers() -> table | nil        (lowercase name -> value)
+ *   Request:done() -> boolean
+ *   Request:result() -> true | nil, kind, message, curl_code
+ *   Request:cancel()                         (idempotent)
+ *   Request:info() -> table of timings etc.
+ *   Request:id() -> integer
+ *   Request:last_activity() -> monotonic time of the last byte received
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <curl/curl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ctype.h>
+#include <math.h>
+#include "slm.h"
+
+#define MULTI_MT "slm.Multi"
+#define REQ_MT "slm.Request"
+
+typedef struct slm_multi slm_multi;
+typedef struct slm_req slm_req;
+
+struct slm_multi {
+  CURLM *multi;
+  int in_step;
+  int weak_ref;        /* registry ref: weak-valued table id -> Request */
+  slm_req *head;       /* requests in flight (doubly linked) */
+  lua_Integer next_id;
+  int count;
+};
+
+enum { R_IDLE = 0, R_RUNNING = 1, R_DONE = 2 };
+enum { A_NONE = 0, A_CANCELLED, A_IDLE, A_FIRST_BYTE, A_TOO_BIG, A_NOMEM };
+
+typedef struct {
+  char *p;
+  size_t len, cap;
+} sbuf;
+
+struct slm_req {
+  CURL *easy;
+  slm_multi *m;        /* set while attached to the multi */
+  slm_req *prev, *next;
+  lua_Integer id;
+  int state;
+  int body_ref;        /* anchors the request body string */
+  int multi_ref;       /* anchors the multi while in flight */
+  struct curl_slist *hdrs;
+  sbuf body;           /* response body bytes not yet read */
+  sbuf head;           /* raw response header block (last response) */
+  long status;
+  int headers_done;
+  int ready;           /* activity since the last step */
+  int abort_reason;
+  CURLcode result;
+  double t_start, t_last, t_first;
+  double idle_timeout, first_byte_timeout;
+  size_t max_body, received;
+  char errbuf[CURL_ERROR_SIZE];
+};
+
+static int sbuf_add(sbuf *b, const char *s, size_t n) {
+  if (b->len + n + 1 > b->cap) {
+    size_t cap = b->cap ? b->cap : 4096;
+    char *p;
+    while (cap < b->len + n + 1) cap *= 2;
+    p = (char *)realloc(b->p, cap);
+    if (!p) return 0;
+    b->p = p;
+    b->cap = cap;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+  return 1;
+}
+
+static void sbuf_free(sbuf *b) {
+  free(b->p);
+  b->p = NULL;
+  b->len = b->cap = 0;
+}
+
+/* ---- libcurl callbacks: pure C, no Lua ---- */
+
+static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
+  slm_req *r = (slm_req *)ud;
+  size_t n = size * nmemb;
+  r->t_last = slm_now();
+  if (r->t_first == 0) r->t_first = r->t_last;
+  r->ready = 1;
+  r->received += n;
+  if (r->max_body && r->received > r->max_body) {
+    r->abort_reason = A_TOO_BIG;
+    return 0; /* CURLE_WRITE_ERROR */
+  }
+  if (!sbuf_add(&r->body, ptr, n)) {
+    r->abort_reason = A_NOMEM;
+    return 0;
+  }
+  return n;
+}
+
+static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud) {
+  slm_req *r = (slm_req *)ud;
+  size_t n = size * nmemb;
+  r->t_last = slm_now();
+  if (n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) {
+    /* a new response (after 100-continue or on a retried connection) */
+    r->head.len = 0;
+    r->headers_done = 0;
+    {
+      const char *sp = memchr(ptr, ' ', n);
+      r->status = (sp && (size_t)(sp - ptr) + 4 <= n) ? strtol(sp + 1, NULL, 10) : 0;
+    }
+  }
+  if (n == 2 && ptr[0] == '\r' && ptr[1] == '\n') {
+    if (r->status >= 100 && r->status < 200) return n; /* interim */
+    r->headers_done = 1;
+    r->ready = 1;
+    return n;
+  }
+  if (!sbuf_add(&r->head, ptr, n)) {
+    r->abort_reason = A_NOMEM;
+    return 0;
+  }
+  return n;
+}
+
+/* ---- helpers ---- */
+
+static slm_multi *check_multi(lua_State *L, int i) {
+  slm_multi *m = (slm_multi *)luaL_checkudata(L, i, MULTI_MT);
+  if (!m->multi) luaL_argerror(L, i, "multi is closed");
+  return m;
+}
+
+static slm_req *check_req(lua_State *L, int i) {
+  return (slm_req *)luaL_checkudata(L, i, REQ_MT);
+}
+
+static void list_remove(slm_multi *m, slm_req *r) {
+  if (r->prev) r->prev->next = r->next;
+  else m->head = r->next;
+  if (r->next) r->next->prev = r->prev;
+  r->prev = r->next = NULL;
+  m->count--;
+}
+
+/* Detach a request from its multi: the transfer stops (if running) and the
+ * connection goes back to the multi's pool or is closed by libcurl. */
+static void req_detach(lua_State *L, slm_req *r) {
+  slm_multi *m = r->m;
+  if (!m) return;
+  if (m->multi && r->easy) curl_multi_remove_handle(m->multi, r->easy);
+  list_remove(m, r);
+  r->m = NULL;
+  if (L && r->multi_ref != LUA_NOREF) {
+    luaL_unref(L, LUA_REGISTRYINDEX, r->multi_ref);
+    r->multi_ref = LUA_NOREF;
+  }
+  if (L && r->body_ref != LUA_NOREF) {
+    luaL_unref(L, LUA_REGISTRYINDEX, r->body_ref);
+    r->body_ref = LUA_NOREF;
+  }
+}
+
+static void req_finish(lua_State *L, slm_req *r, CURLcode rc) {
+  r->result = rc;
+  r->state = R_DONE;
+  r->ready = 1;
+  req_detach(L, r);
+}
+
+static double opt_number(lua_State *L, int t, const char *k, double def) {
+  double v = def;
+  if (slm_getfield(L, t, k) != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TNUMBER)
+      luaL_error(L, "slm.core: option '%s' must be a number", k);
+    v = lua_tonumber(L, -1);
+    if (!(v >= 0) || isinf(v))
+      luaL_error(L, "slm.core: option '%s' must be a non-negative number", k);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+static long secs_to_ms(double s) {
+  double ms = ceil(s * 1000.0);
+  if (ms > 2147483647.0) ms = 2147483647.0;
+  return (long)ms;
+}
+
+/* ---- Multi ---- */
+
+static int l_multi(lua_State *L) {
+  slm_multi *m;
+  long maxconn = 0, maxhost = 0;
+  if (!lua_isnoneornil(L, 1)) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    maxconn = (long)opt_number(L, 1, "max_connections", 0);
+    maxhost = (long)opt_number(L, 1, "max_host_connections", 0);
+  }
+  /* safe closed state first, then acquire */
+  m = (slm_multi *)slm_newuserdata(L, sizeof *m);
+  memset(m, 0, sizeof *m);
+  m->weak_ref = LUA_NOREF;
+  luaL_setmetatable(L, MULTI_MT);
+  lua_newtable(L);
+  lua_newtable(L);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  m->weak_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  m->multi = curl_multi_init();
+  if (!m->multi) return luaL_error(L, "slm.core: curl_multi_init failed");
+  curl_multi_setopt(m->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+  if (maxconn > 0) curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, maxconn);
+  if (maxhost > 0) curl_multi_setopt(m->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxhost);
+  return 1;
+}
+
+static int multi_close(lua_State *L) {
+  slm_multi *m = (slm_multi *)luaL_checkudata(L, 1, MULTI_MT);
+  if (m->in_step) return luaL_error(L, "slm.core: cannot close the multi while its loop runs");
+  while (m->head) {
+    slm_req *r = m->head;
+    r->abort_reason = A_CANCELLED;
+    req_finish(L, r, CURLE_ABORTED_BY_CALLBACK);
+  }
+  if (m->multi) {
+    curl_multi_cleanup(m->multi);
+    m->multi = NULL;
+  }
+  if (m->weak_ref != LUA_NOREF) {
+    luaL_unref(L, LUA_REGISTRYINDEX, m->weak_ref);
+    m->weak_ref = LUA_NOREF;
+  }
+  return 0;
+}
+
+static void set_headers(lua_State *L, slm_req *r, int t) {
+  lua_Integer i, n;
+  if (slm_getfield(L, t, "headers") == LUA_TNIL) {
+    lua_pop(L, 1);
+  } else {
+    if (!lua_istable(L, -1)) luaL_error(L, "slm.core: option 'headers' must be a list of strings");
+    n = (lua_Integer)lua_rawlen(L, -1);
+    for (i = 1; i <= n; i++) {
+      struct curl_slist *nl;
+      slm_rawgeti(L, -1, i);
+      if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "slm.core: headers[%d] must be a string", (int)i);
+      if (strchr(lua_tostring(L, -1), '\r') || strchr(lua_tostring(L, -1), '\n'))
+        luaL_error(L, "slm.core: headers[%d] contains a line break", (int)i);
+      nl = curl_slist_append(r->hdrs, lua_tostring(L, -1));
+      if (!nl) luaL_error(L, "slm.core: out of memory");
+      r->hdrs = nl;
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  /* never "Expect: 100-continue": it costs a round trip per POST */
+  {
+    struct curl_slist *nl = curl_slist_append(r->hdrs, "Expect:");
+    if (!nl) luaL_error(L, "slm.core: out of memory");
+    r->hdrs = nl;
+  }
+}
+
+static int multi_add(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+  slm_req *r;
+  const char *url, *method = NULL, *httpv = NULL;
+  size_t bodylen = 0;
+  const char *body = NULL;
+  double connect_timeout, timeout;
+  CURLMcode mc;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (m->in_step) return luaL_error(L, "slm.core: cannot add requests while the loop runs");
+
+  /* safe state first */
+  r = (slm_req *)slm_newuserdata(L, sizeof *r);
+  memset(r, 0, sizeof *r);
+  r->body_ref = r->multi_ref = LUA_NOREF;
+  luaL_setmetatable(L, REQ_MT);
+
+  if (slm_getfield(L, 2, "url") != LUA_TSTRING) return luaL_error(L, "slm.core: option 'url' must be a string");
+  url = lua_tostring(L, -1);
+  lua_pop(L, 1); /* still referenced by the options table during this call */
+  if (slm_getfield(L, 2, "method") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "slm.core: option 'method' must be a string");
+    method = lua_tostring(L, -1);
+  }
+  lua_pop(L, 1);
+  if (slm_getfield(L, 2, "http_version") != LUA_TNIL) httpv = lua_tostring(L, -1);
+  lua_pop(L, 1);
+  if (slm_getfield(L, 2, "body") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "slm.core: option 'body' must be a string");
+    body = lua_tolstring(L, -1, &bodylen);
+    r->body_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* keeps the bytes alive */
+  } else {
+    lua_pop(L, 1);
+  }
+  connect_timeout = opt_number(L, 2, "connect_timeout", 0);
+  timeout = opt_number(L, 2, "timeout", 0);
+  r->idle_timeout = opt_number(L, 2, "idle_timeout", 0);
+  r->first_byte_timeout = opt_number(L, 2, "first_byte_timeout", 0);
+  r->max_body = (size_t)opt_number(L, 2, "max_body", 0);
+
+  r->easy = curl_easy_init();
+  if (!r->easy) return luaL_error(L, "slm.core: curl_easy_init failed");
+  set_headers(L, r, 2);
+
+  curl_easy_setopt(r->easy, CURLOPT_URL, url);
+  curl_easy_setopt(r->easy, CURLOPT_PRIVATE, (void *)r);
+  curl_easy_setopt(r->easy, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(r->easy, CURLOPT_ERRORBUFFER, r->errbuf);
+  curl_easy_setopt(r->easy, CURLOPT_WRITEFUNCTION, on_write);
+  curl_easy_setopt(r->easy, CURLOPT_WRITEDATA, (void *)r);
+  curl_easy_setopt(r->easy, CURLOPT_HEADERFUNCTION, on_header);
+  curl_easy_setopt(r->easy, CURLOPT_HEADERDATA, (void *)r);
+  curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, r->hdrs);
+  curl_easy_setopt(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+  curl_easy_setopt(r->easy, CURLOPT_TCP_NODELAY, 1L);
+  curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
+  curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
+  curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+  if (httpv && strcmp(httpv, "1.1") == 0)
+    curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+  else if (httpv && strcmp(httpv, "2") == 0)
+    curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
+  else
+    curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+  if (connect_timeout > 0) curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT_MS, secs_to_ms(connect_timeout));
+  if (timeout > 0) curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, secs_to_ms(timeout));
+  if (body) {
+    curl_easy_setopt(r->easy, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bodylen);
+  }
+  if (method) {
+    if (strcmp(method, "GET") == 0 && !body) curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
+    else if (!(strcmp(method, "POST") == 0 && body)) curl_easy_setopt(r->easy, CURLOPT_CUSTOMREQUEST, method);
+  }
+
+  r->id = ++m->next_id;
+  r->t_start = r->t_last = slm_now();
+  mc = curl_multi_add_handle(m->multi, r->easy);
+  if (mc != CURLM_OK) return luaL_error(L, "slm.core: curl_multi_add_handle: %s", curl_multi_strerror(mc));
+  r->m = m;
+  r->state = R_RUNNING;
+  r->next = m->head;
+  if (m->head) m->head->prev = r;
+  m->head = r;
+  m->count++;
+  lua_pushvalue(L, 1);
+  r->multi_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  /* register id -> request in the weak table */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->weak_ref);
+  lua_pushvalue(L, -2);
+  slm_rawseti(L, -2, r->id);
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* Abort requests whose idle or first-byte deadline passed; return the
+ * nearest future deadline (or -1 when none). */
+static double check_deadlines(lua_State *L, slm_multi *m, double now) {
+  double nearest = -1;
+  slm_req *r = m->head;
+  while (r) {
+    slm_req *next = r->next;
+    double dl = -1;
+    int reason = A_NONE;
+    if (r->first_byte_timeout > 0 && r->t_first == 0) {
+      dl = r->t_start + r->first_byte_timeout;
+      reason = A_FIRST_BYTE;
+    }
+    if (r->idle_timeout > 0) {
+      double d2 = r->t_last + r->idle_timeout;
+      if (dl < 0 || d2 < dl) { dl = d2; reason = A_IDLE; }
+    }
+    if (dl >= 0) {
+      if (now >= dl) {
+        r->abort_reason = reason;
+        req_finish(L, r, CURLE_OPERATION_TIMEDOUT);
+      } else if (nearest < 0 || dl < nearest) {
+        nearest = dl;
+      }
+    }
+    r = next;
+  }
+  return nearest;
+}
+
+static void collect_done(lua_State *L, slm_multi *m) {
+  CURLMsg *msg;
+  int left;
+  while ((msg = curl_multi_info_read(m->multi, &left))) {
+    if (msg->msg == CURLMSG_DONE) {
+      slm_req *r = NULL;
+      CURLcode rc = msg->data.result;
+      curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+      if (r && r->m == m) req_finish(L, r, rc);
+    }
+  }
+}
+
+static int multi_step(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+  double timeout = luaL_optnumber(L, 2, 0);
+  int running = 0, any = 0, n = 0;
+  double now, nearest;
+  slm_req *r;
+  if (m->in_step) return luaL_error(L, "slm.core: loop already running");
+  m->in_step = 1;
+  curl_multi_perform(m->multi, &running);
+  collect_done(L, m);
+  for (r = m->head; r; r = r->next) if (r->ready) { any = 1; break; }
+  now = slm_now();
+  nearest = check_deadlines(L, m, now);
+  if (!any && timeout > 0) {
+    double wait = timeout;
+    int numfds = 0;
+    if (nearest >= 0 && nearest - now < wait) wait = nearest - now;
+    if (wait < 0) wait = 0;
+    curl_multi_poll(m->multi, NULL, 0, (int)ceil(wait * 1000.0), &numfds);
+    curl_multi_perform(m->multi, &running);
+    collect_done(L, m);
+    check_deadlines(L, m, slm_now());
+  }
+  m->in_step = 0;
+  /* report every request with activity: in flight ones from the list, and
+   * finished ones through the weak table (they are no longer listed) */
+  lua_newtable(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->weak_ref);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    slm_req *q = (slm_req *)luaL_testudata(L, -1, REQ_MT);
+    if (q && q->ready) {
+      q->ready = 0;
+      lua_pushvalue(L, -1);
+      slm_rawseti(L, -5, ++n);
+      if (q->state == R_DONE) {
+        /* finished: drop it from the weak table (key is at -2) */
+        lua_pushvalue(L, -2);
+        lua_pushnil(L);
+        lua_rawset(L, -5);
+      }
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return 1;
+}
+
+static int multi_count(lua_State *L) {
+  slm_multi *m = (slm_multi *)luaL_checkudata(L, 1, MULTI_MT);
+  lua_pushinteger(L, m->count);
+  return 1;
+}
+
+static int multi_tostring(lua_State *L) {
+  slm_multi *m = (slm_multi *)luaL_checkudata(L, 1, MULTI_MT);
+  lua_pushfstring(L, "slm.Multi (%d in flight%s)", m->count, m->multi ? "" : ", closed");
+  return 1;
+}
+
+/* ---- Request ---- */
+
+static int req_close(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  if (r->m && r->m->in_step) return luaL_error(L, "slm.core: cannot close a request while the loop runs");
+  if (r->state == R_RUNNING) {
+    r->abort_reason = A_CANCELLED;
+    req_finish(L, r, CURLE_ABORTED_BY_CALLBACK);
+  }
+  if (r->easy) {
+    curl_easy_cleanup(r->easy);
+    r->easy = NULL;
+  }
+  if (r->hdrs) {
+    curl_slist_free_all(r->hdrs);
+    r->hdrs = NULL;
+  }
+  if (r->body_ref != LUA_NOREF) {
+    luaL_unref(L, LUA_REGISTRYINDEX, r->body_ref);
+    r->body_ref = LUA_NOREF;
+  }
+  sbuf_free(&r->body);
+  sbuf_free(&r->head);
+  return 0;
+}
+
+static int req_cancel(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  if (r->state == R_RUNNING) {
+    if (r->m && r->m->in_step) return luaL_error(L, "slm.core: cannot cancel while the loop runs");
+    r->abort_reason = A_CANCELLED;
+    req_finish(L, r, CURLE_ABORTED_BY_CALLBACK);
+    /* a cancelled request is reported once more by the next step() */
+    if (r->m == NULL) r->ready = 0;
+  }
+  return 0;
+}
+
+static int req_read(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  if (r->body.len == 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushlstring(L, r->body.p, r->body.len);
+  /* keep the allocation for the next bytes unless it grew large */
+  if (r->body.cap > (1u << 20)) sbuf_free(&r->body);
+  else r->body.len = 0;
+  return 1;
+}
+
+static int req_status(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  lua_pushinteger(L, (lua_Integer)r->status);
+  return 1;
+}
+
+static int req_headers(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  const char *p, *end;
+  if (!r->headers_done && r->state != R_DONE) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_newtable(L);
+  if (!r->head.p) return 1;
+  p = r->head.p;
+  end = p + r->head.len;
+  while (p < end) {
+    const char *eol = memchr(p, '\n', (size_t)(end - p));
+    const char *colon, *v, *ve;
+    if (!eol) eol = end;
+    colon = memchr(p, ':', (size_t)(eol - p));
+    if (colon && !(eol - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
+      luaL_Buffer b;
+      const char *k;
+      v = colon + 1;
+      ve = eol;
+      while (v < ve && (*v == ' ' || *v == '\t')) v++;
+      while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+      luaL_buffinit(L, &b);
+      for (k = p; k < colon; k++) luaL_addchar(&b, (char)tolower((unsigned char)*k));
+      luaL_pushresult(&b);
+      lua_pushlstring(L, v, (size_t)(ve - v));
+      lua_rawset(L, -3);
+    }
+    p = eol + 1;
+  }
+  return 1;
+}
+
+static int req_done(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  lua_pushboolean(L, r->state == R_DONE);
+  return 1;
+}
+
+static const char *curl_kind(CURLcode rc, int reason) {
+  switch (reason) {
+    case A_CANCELLED: return "cancelled";
+    case A_IDLE: case A_FIRST_BYTE: return "timeout";
+    case A_TOO_BIG: return "protocol";
+    case A_NOMEM: return "memory";
+    default: break;
+  }
+  switch (rc) {
+    case CURLE_OPERATION_TIMEDOUT: return "timeout";
+    case CURLE_COULDNT_RESOLVE_PROXY: case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_CONNECT: case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_UNSUPPORTED_PROTOCOL: case CURLE_URL_MALFORMAT:
+      return "connect";
+    case CURLE_GOT_NOTHING: case CURLE_SEND_ERROR: case CURLE_RECV_ERROR:
+    case CURLE_PARTIAL_FILE: case CURLE_HTTP2: case CURLE_HTTP2_STREAM:
+    case CURLE_WEIRD_SERVER_REPLY:
+      return "broken";
+    default: return "transport";
+  }
+}
+
+static int req_result(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  const char *msg;
+  if (r->state != R_DONE) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "running");
+    return 2;
+  }
+  if (r->result == CURLE_OK && r->abort_reason == A_NONE) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, curl_kind(r->result, r->abort_reason));
+  switch (r->abort_reason) {
+    case A_CANCELLED: lua_pushliteral(L, "request cancelled"); break;
+    case A_IDLE: lua_pushfstring(L, "stalled: no data for %f s", r->idle_timeout); break;
+    case A_FIRST_BYTE: lua_pushfstring(L, "no first byte within %f s", r->first_byte_timeout); break;
+    case A_TOO_BIG: lua_pushfstring(L, "reply larger than max_body (%d bytes)", (int)r->max_body); break;
+    case A_NOMEM: lua_pushliteral(L, "out of memory buffering the reply"); break;
+    default:
+      msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
+      lua_pushstring(L, msg);
+  }
+  lua_pushinteger(L, (lua_Integer)r->result);
+  return 4;
+}
+
+static int req_info(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  lua_newtable(L);
+  lua_pushnumber(L, r->t_start);
+  lua_setfield(L, -2, "started");
+  if (r->t_first > 0) {
+    lua_pushnumber(L, r->t_first - r->t_start);
+    lua_setfield(L, -2, "ttfb");
+  }
+  lua_pushinteger(L, (lua_Integer)r->received);
+  lua_setfield(L, -2, "received");
+  if (r->easy && r->state == R_DONE) {
+    double d;
+    long l;
+    char *s = NULL;
+    if (curl_easy_getinfo(r->easy, CURLINFO_TOTAL_TIME, &d) == CURLE_OK) {
+      lua_pushnumber(L, d);
+      lua_setfield(L, -2, "total_time");
+    }
+    if (curl_easy_getinfo(r->easy, CURLINFO_CONNECT_TIME, &d) == CURLE_OK) {
+      lua_pushnumber(L, d);
+      lua_setfield(L, -2, "connect_time");
+    }
+    if (curl_easy_getinfo(r->easy, CURLINFO_NUM_CONNECTS, &l) == CURLE_OK) {
+      lua_pushinteger(L, l);
+      lua_setfield(L, -2, "new_connections");
+    }
+    if (curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &l) == CURLE_OK) {
+      lua_pushstring(L, l == CURL_HTTP_VERSION_2_0 ? "2" : l == CURL_HTTP_VERSION_3 ? "3" :
+                         l == CURL_HTTP_VERSION_1_0 ? "1.0" : "1.1");
+      lua_setfield(L, -2, "http_version");
+    }
+    if (curl_easy_getinfo(r->easy, CURLINFO_PRIMARY_IP, &s) == CURLE_OK && s) {
+      lua_pushstring(L, s);
+      lua_setfield(L, -2, "ip");
+    }
+  }
+  return 1;
+}
+
+static int req_id(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  lua_pushinteger(L, r->id);
+  return 1;
+}
+
+static int req_last_activity(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  lua_pushnumber(L, r->t_last);
+  return 1;
+}
+
+static int req_tostring(lua_State *L) {
+  slm_req *r = check_req(L, 1);
+  static const char *states[] = {"idle", "running", "done"};
+  lua_pushfstring(L, "slm.Request #%d (%s, status %d)", (int)r->id, states[r->state], (int)r->status);
+  return 1;
+}
+
+int slm_open_http(lua_State *L) {
+  static const luaL_Reg multi_m[] = {
+    {"add", multi_add}, {"step", multi_step}, {"count", multi_count},
+    {"close", multi_close}, {NULL, NULL}
+  };
+  static const luaL_Reg req_m[] = {
+    {"read", req_read}, {"status", req_status}, {"headers", req_headers},
+    {"done", req_done}, {"result", req_result}, {"cancel", req_cancel},
+    {"info", req_info}, {"id", req_id}, {"last_activity", req_last_activity},
+    {"close", req_close}, {NULL, NULL}
+  };
+  static int inited = 0;
+  if (!inited) {
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+      return luaL_error(L, "slm.core: curl_global_init failed");
+    inited = 1;
+  }
+  if (luaL_newmetatable(L, MULTI_MT)) {
+    lua_newtable(L);
+    luaL_setfuncs(L, multi_m, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, multi_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, multi_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, multi_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, REQ_MT)) {
+    lua_newtable(L);
+    luaL_setfuncs(L, req_m, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, req_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, req_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, req_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_multi);
+  lua_setfield(L, -2, "multi");
+  {
+    curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
+    lua_pushstring(L, vi->version);
+    lua_setfield(L, -2, "curl_version");
+    lua_pushboolean(L, (vi->features & CURL_VERSION_HTTP2) != 0);
+    lua_setfield(L, -2, "http2");
+  }
+  return 0;
+}

@@ -1,0 +1,22 @@
+/*
+ * slm.h - internal declarations shared by the C files of slm.core.
+ *
+ * Each concept lives in its own file and registers its functions into the
+ * module table through one slm_open_* function (module table on top of the
+ * stack on entry and on return).
+ */
+#ifndef SLM_H
+#define SLM_H
+
+#include "compat.h"
+
+#define SLM_CORE_VERSION "0.1.0"
+
+int slm_open_clock(lua_State *L);  /* clock.c: now(), isatty() */
+int slm_open_http(lua_State *L);   /* http.c: libcurl multi driver */
+int slm_open_sse(lua_State *L);    /* sse.c: incremental SSE parser */
+int slm_open_bpe(lua_State *L);    /* bpe.c: byte-level BPE tokenizer */
+
+double slm_now(void);              /* monotonic seconds */
+
+#endif

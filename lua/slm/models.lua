@@ -1,0 +1,81 @@
+-- slm.models: model data (context, output limit, prices, vision, tokenizer).
+--
+-- Prices are USD per 1M tokens.  This is data, not code: users add models
+-- or override prices with `slm.models["my-model"] = { ... }`.  Aliases map
+-- a name to another entry; dated snapshots (gpt-4o-mini-2024-07-18) and
+-- provider prefixes (openai/gpt-4o-mini) resolve to their base entry.
+local type, pairs, rawget, setmetatable = type, pairs, rawget, setmetatable
+
+local models = {
+  ["gpt-4o-mini"] = {
+    context = 128000, max_output = 16384,
+    input_per_m = 0.15, output_per_m = 0.60, cached_input_per_m = 0.075,
+    vision = true, tokenizer = "o200k_base", format = "openai",
+  },
+  ["nousresearch/hermes-3-llama-3.1-405b"] = {
+    context = 65536, max_output = 16384,
+    input_per_m = 1.00, output_per_m = 0.30,
+    vision = false, tokenizer = "llama3", format = "chatml",
+  },
+}
+
+local aliases = {
+  ["openai/gpt-4o-mini"] = "gpt-4o-mini",
+  ["gpt-4o-mini-2024-07-18"] = "gpt-4o-mini",
+  ["hermes-3-405b"] = "nousresearch/hermes-3-llama-3.1-405b",
+  ["hermes-3-llama-3.1-405b"] = "nousresearch/hermes-3-llama-3.1-405b",
+  ["nousresearch/hermes-3-llama-3.1-405b:free"] = "nousresearch/hermes-3-llama-3.1-405b",
+}
+
+local M = {}
+M.aliases = aliases
+
+local function resolve(name)
+  if type(name) ~= "string" then return nil end
+  local m = rawget(models, name)
+  if m then return m, name end
+  local a = aliases[name]
+  if a and rawget(models, a) then return rawget(models, a), a end
+  -- dated snapshot: strip a trailing -YYYY-MM-DD
+  local base = name:match("^(.-)%-%d%d%d%d%-%d%d%-%d%d$")
+  if base then return resolve(base) end
+  -- provider prefix: "openai/gpt-4o-mini"
+  local tail = name:match("^[^/]+/(.+)$")
+  if tail and rawget(models, tail) then return rawget(models, tail), tail end
+  return nil
+end
+
+--- Find a model's data: M.find(name) -> entry, canonical_name | nil
+M.find = resolve
+
+--- USD cost of a usage table for a model; nil when the model has no prices.
+-- Cached prompt tokens (usage.prompt_tokens_details.cached_tokens) are
+-- billed at cached_input_per_m where the model has that price.
+function M.cost(name, usage)
+  local m = type(name) == "table" and name or resolve(name)
+  if not m or type(usage) ~= "table" or not m.input_per_m then return nil end
+  local p = tonumber(usage.prompt_tokens) or 0
+  local c = tonumber(usage.completion_tokens) or 0
+  local cached = 0
+  local d = usage.prompt_tokens_details
+  if type(d) == "table" and m.cached_input_per_m then
+    cached = tonumber(d.cached_tokens) or 0
+    if cached > p then cached = p end
+  end
+  return ((p - cached) * m.input_per_m + cached * (m.cached_input_per_m or m.input_per_m)
+    + c * (m.output_per_m or 0)) / 1e6
+end
+
+-- The table users see: index by any known name or alias, assign new models.
+M.table = setmetatable({}, {
+  __index = function(_, k) return (resolve(k)) end,
+  __newindex = function(_, k, v)
+    if type(k) ~= "string" then error("slm.models: model names are strings", 2) end
+    if v ~= nil and type(v) ~= "table" then error("slm.models['" .. k .. "'] must be a table", 2) end
+    models[k] = v
+  end,
+  __pairs = function() return pairs(models) end,
+})
+M.raw = models
+
+return M

@@ -1,0 +1,363 @@
+-- slm.sched: a small scheduler running Lua coroutines over one libcurl
+-- multi handle (slm.core).
+--
+-- A blocking-looking call made inside a task (started by run/spawn/map)
+-- yields to the scheduler while its bytes are in flight; made outside any
+-- task it drives the loop itself until it is done.  So one piece of user
+-- code works in a plain script and in a batch job.
+--
+-- The loop is not re-entrant at the C level (slm.core refuses that), and
+-- no Lua code runs inside libcurl: step() returns the requests that had
+-- activity and the scheduler wakes the tasks that wait on them.
+local core = require "slm.core"
+
+local co_create, co_resume, co_yield, co_running, co_status =
+  coroutine.create, coroutine.resume, coroutine.yield, coroutine.running, coroutine.status
+local now = core.now
+local type, select, error, tostring, setmetatable, unpack =
+  type, select, error, tostring, setmetatable, table.unpack or unpack
+local remove, insert = table.remove, table.insert
+local traceback = debug.traceback
+
+local M = {}
+
+local multi            -- created on first use
+local ready = {}       -- FIFO of tasks to resume: ready[head..tail]
+local rhead, rtail = 1, 0
+local waiting = {}     -- Request -> task (or MAIN) waiting for its activity
+local nwaiting = 0
+local timers = {}      -- sorted by .at: { at = t, task = task }
+local by_co = setmetatable({}, { __mode = "k" }) -- coroutine -> task
+local live = 0         -- tasks spawned and not finished
+local MAIN = {}        -- stands for "code outside any task"
+local main_woken = false
+local next_id = 0
+local orphans = {}     -- failed tasks, reported by run() unless waited for
+
+local function report_orphans()
+  for i = 1, #orphans do
+    local t = orphans[i]
+    if not t.observed then
+      io.stderr:write("slm: task #", t.id, " failed: ", tostring(t.error), "\n")
+    end
+  end
+  orphans = {}
+end
+
+local Task = {}
+Task.__index = Task
+Task.__name = "slm.Task"
+
+function Task.__tostring(t)
+  return "slm.Task #" .. t.id .. " (" .. t.status .. ")"
+end
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+function M.multi()
+  if not multi then multi = core.multi() end
+  return multi
+end
+
+local function make_ready(t)
+  if t == MAIN then main_woken = true; return end
+  if t.queued or t.status == "done" then return end
+  t.queued = true
+  rtail = rtail + 1
+  ready[rtail] = t
+end
+
+--- The task running now, or nil outside any task.
+function M.current()
+  local co, ismain = co_running()
+  if not co or ismain then return nil end
+  return by_co[co]
+end
+
+local function finish(t, ok, ...)
+  t.status = "done"
+  live = live - 1
+  if ok then
+    t.results = pack(...)
+  else
+    t.error = ...
+    t.failed = true
+    orphans[#orphans + 1] = t
+  end
+  for i = 1, #t.waiters do make_ready(t.waiters[i]) end
+  t.waiters = nil
+end
+
+local function resume(t)
+  t.queued = false
+  t.status = "running"
+  local co = t.co
+  local res = pack(co_resume(co, unpack(t.args or {}, 1, t.args and t.args.n or 0)))
+  t.args = nil
+  if co_status(co) == "dead" then
+    if res[1] then
+      finish(t, true, unpack(res, 2, res.n))
+    else
+      local msg = res[2]
+      if type(msg) ~= "table" then msg = traceback(co, tostring(msg)) end
+      finish(t, false, msg)
+    end
+  elseif t.status == "running" then
+    -- yielded by something other than the scheduler (a user coroutine
+    -- yield that leaked out): treat as a plain reschedule
+    t.status = "ready"
+    make_ready(t)
+  end
+end
+
+--- Start a task: spawn(fn, ...) -> task; t:wait() -> fn's results.
+function M.spawn(fn, ...)
+  if type(fn) ~= "function" then error("slm.spawn: expected a function, got " .. type(fn), 2) end
+  next_id = next_id + 1
+  local t = setmetatable({ id = next_id, status = "ready", waiters = {}, args = pack(...) }, Task)
+  t.co = co_create(fn)
+  by_co[t.co] = t
+  live = live + 1
+  make_ready(t)
+  return t
+end
+
+local function timer_add(at, who)
+  local e = { at = at, who = who }
+  local i = #timers
+  while i > 0 and timers[i].at > at do i = i - 1 end
+  insert(timers, i + 1, e)
+  return e
+end
+
+local function fire_timers()
+  local t = now()
+  while timers[1] and timers[1].at <= t do
+    local e = remove(timers, 1)
+    make_ready(e.who)
+  end
+end
+
+local function run_ready()
+  while rhead <= rtail do
+    local t = ready[rhead]
+    ready[rhead] = nil
+    rhead = rhead + 1
+    resume(t)
+  end
+  rhead, rtail = 1, 0
+end
+
+--- Drive the loop until pred() is true.
+local function drive(pred)
+  while true do
+    run_ready()
+    if pred() then return end
+    fire_timers()
+    if rhead <= rtail then goto continue end
+    do
+      local m = M.multi()
+      local inflight = m:count()
+      if nwaiting == 0 and inflight == 0 and not timers[1] then
+        error("slm: nothing left to run but the awaited work is not done "
+          .. "(a task waits on itself, or on work that was never started)", 0)
+      end
+      local timeout = 1
+      if timers[1] then
+        timeout = timers[1].at - now()
+        if timeout < 0 then timeout = 0 end
+        if timeout > 1 then timeout = 1 end
+      end
+      local evs = m:step(timeout)
+      for i = 1, #evs do
+        local r = evs[i]
+        local w = waiting[r]
+        if w then
+          waiting[r] = nil
+          nwaiting = nwaiting - 1
+          make_ready(w)
+        end
+      end
+      fire_timers()
+    end
+    ::continue::
+  end
+end
+M.drive = drive
+
+-- Suspend the current task until woken; outside tasks drive the loop until
+-- `woken()` says so.
+local function suspend(t, woken)
+  if t then
+    t.status = "waiting"
+    return co_yield()
+  end
+  drive(woken)
+end
+
+--- Wait for activity on a slm.core Request (new bytes, headers, or done).
+function M.await(req)
+  local t = M.current()
+  if waiting[req] == nil then nwaiting = nwaiting + 1 end
+  if t then
+    waiting[req] = t
+    return suspend(t)
+  end
+  waiting[req] = MAIN
+  main_woken = false
+  drive(function() return main_woken end)
+  main_woken = false
+end
+
+--- Sleep for s seconds (yields inside a task).
+function M.sleep(s)
+  if type(s) ~= "number" then error("slm.sleep: expected seconds, got " .. type(s), 2) end
+  if s <= 0 then return end
+  local t = M.current()
+  local at = now() + s
+  if t then
+    timer_add(at, t)
+    return suspend(t)
+  end
+  local e = timer_add(at, MAIN)
+  drive(function() return now() >= at end)
+  for i = 1, #timers do if timers[i] == e then remove(timers, i) break end end
+  main_woken = false
+end
+
+--- Wait for a task: returns its results, or raises its error.
+function Task:wait()
+  local me = M.current()
+  if me == self then error("slm: a task cannot wait for itself", 2) end
+  if self.status ~= "done" then
+    if me then
+      self.waiters[#self.waiters + 1] = me
+      repeat suspend(me) until self.status == "done"
+    else
+      drive(function() return self.status == "done" end)
+    end
+  end
+  self.observed = true
+  if self.failed then error(self.error, 0) end
+  return unpack(self.results, 1, self.results.n)
+end
+
+--- Like wait, but returns true, results... or false, err instead of raising.
+function Task:join()
+  local r = pack(pcall(self.wait, self))
+  return unpack(r, 1, r.n)
+end
+
+function Task:done() return self.status == "done" end
+
+--- run(fn, ...): run fn as a task, and every task it spawns, to completion;
+-- returns fn's results or raises its error.  Errors of spawned tasks that
+-- nobody waited for are written to stderr (they do not kill other tasks).
+function M.run(fn, ...)
+  if type(fn) ~= "function" then error("slm.run: expected a function, got " .. type(fn), 2) end
+  if M.current() then
+    -- already inside the scheduler: just run it (its children join the loop)
+    return fn(...)
+  end
+  local t = M.spawn(fn, ...)
+  t.observed = true
+  local ok, err = pcall(drive, function() return live == 0 end)
+  report_orphans()
+  if not ok then error(err, 0) end
+  if t.failed then error(t.error, 0) end
+  return unpack(t.results, 1, t.results.n)
+end
+
+--- A counting semaphore for concurrency limits.
+local Sem = {}
+Sem.__index = Sem
+
+function M.semaphore(n)
+  return setmetatable({ free = n, queue = {} }, Sem)
+end
+
+function Sem:acquire()
+  if self.free > 0 and #self.queue == 0 then
+    self.free = self.free - 1
+    return
+  end
+  local t = M.current()
+  local me = { task = t, granted = false }
+  self.queue[#self.queue + 1] = me
+  while not me.granted do
+    if t then suspend(t) else drive(function() return me.granted end) end
+  end
+end
+
+function Sem:release()
+  local q = self.queue
+  if q[1] then
+    local me = remove(q, 1)
+    me.granted = true
+    if me.task then make_ready(me.task) end
+  else
+    self.free = self.free + 1
+  end
+end
+
+--- Cancel hook for a request in flight: stop waiting on it.
+function M.forget(req)
+  if waiting[req] ~= nil then
+    waiting[req] = nil
+    nwaiting = nwaiting - 1
+  end
+end
+
+--- map(list, fn, opts): fn(item, i) over a list with at most
+-- opts.concurrency (default 16) calls in flight.  Returns results in input
+-- order and a table of per-item errors (errs[i]: what fn returned as its
+-- second value with a nil first, or the error it raised).  A raised error
+-- is reported for its item and does not stop the others.
+function M.map(list, fn, opts)
+  if type(list) ~= "table" then error("slm.map: expected a list, got " .. type(list), 2) end
+  if type(fn) ~= "function" then error("slm.map: expected a function, got " .. type(fn), 2) end
+  opts = opts or {}
+  if type(opts) ~= "table" then error("slm.map: options must be a table", 2) end
+  local conc = opts.concurrency or 16
+  if type(conc) ~= "number" or conc < 1 or conc % 1 ~= 0 then
+    error("slm.map: option 'concurrency' must be a positive integer", 2)
+  end
+  local n = #list
+  local results, errs = {}, {}
+  local nerr = 0
+  local bar
+  if opts.progress then
+    bar = require("slm.progress").new(n, type(opts.progress) == "table" and opts.progress or nil)
+  end
+  local nexti = 1
+  local function worker()
+    while nexti <= n do
+      local i = nexti
+      nexti = i + 1
+      local ok, r, e = pcall(fn, list[i], i)
+      if not ok then
+        errs[i] = r; nerr = nerr + 1
+      elseif r == nil and e ~= nil then
+        errs[i] = e; nerr = nerr + 1
+      else
+        results[i] = r
+      end
+      if bar then bar:tick(errs[i] ~= nil) end
+    end
+  end
+  local body = function()
+    local workers = {}
+    for w = 1, math.min(conc, n) do workers[w] = M.spawn(worker) end
+    for w = 1, #workers do workers[w]:wait() end
+  end
+  if M.current() then body() else M.run(body) end
+  if bar then bar:finish() end
+  return results, errs, nerr
+end
+
+function M.stats()
+  return { live = live, waiting = nwaiting, timers = #timers,
+    inflight = multi and multi:count() or 0 }
+end
+
+return M
