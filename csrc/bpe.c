@@ -1,0 +1,3 @@
+/* bpe.c - placeholder until the real implementation lands. */
+#include "slm.h"
+int slm_open_bpe(lua_State *L) { (void)L; return 0; }
