@@ -350,7 +350,12 @@ static int multi_add(lua_State *L) {
   curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, r->hdrs);
   curl_easy_setopt(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
   curl_easy_setopt(r->easy, CURLOPT_TCP_NODELAY, 1L);
-  curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
+  /* Wait for a pending connection that may multiplex (HTTP/2) rather than
+   * open another - only where HTTP/2 is possible: over TLS (ALPN) or with
+   * prior knowledge.  On plain HTTP/1.1 it would serialise new requests
+   * behind the first one. */
+  if (strncmp(url, "https://", 8) == 0 || (httpv && strcmp(httpv, "2") == 0))
+    curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
   curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
   curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https");
   if (httpv && strcmp(httpv, "1.1") == 0)

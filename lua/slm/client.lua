@@ -11,6 +11,7 @@ local sched = require "slm.sched"
 local type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall, select =
   type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall, select
 local concat, now, format = table.concat, core.now, string.format
+local unpack = table.unpack or unpack
 local null = json.null
 local getenv = os.getenv
 
@@ -83,6 +84,7 @@ local REQUEST_OPTIONS = {
   max_retries = { nonneg_int, "a non-negative integer" },
   fallback = { function(v) return v == false or is_list_of_strings(v) end, "a list of model names or false" },
   check_context = { function(v) return type(v) == "boolean" end, "a boolean" },
+  headers = { is_header_map, "a table of header name -> string value" },
 }
 
 local function check_option(where, spec, k, v, level)
@@ -309,11 +311,13 @@ local function read_all(conn)
   return concat(parts, "", 1, n)
 end
 
-local function open_conn(self, payload, stream, timeout)
+local function open_conn(self, payload, stream, timeout, extra)
+  local hx = extra and { unpack(extra) } or {}
+  if stream then hx[#hx + 1] = "Accept: text/event-stream" end
   return self.transport.open{
     url = self.base_url .. "/chat/completions",
     method = "POST",
-    headers = request_headers(self, stream and { "Accept: text/event-stream" } or nil),
+    headers = request_headers(self, hx),
     body = payload,
     connect_timeout = self.connect_timeout,
     timeout = (not stream) and timeout or nil,
@@ -323,8 +327,8 @@ local function open_conn(self, payload, stream, timeout)
   }
 end
 
-local function attempt_plain(self, payload, model, timeout)
-  local conn = open_conn(self, payload, false, timeout)
+local function attempt_plain(self, payload, model, timeout, extra)
+  local conn = open_conn(self, payload, false, timeout, extra)
   local status, headers, msg = conn:response()
   if not status then return nil, transport_error(self, headers, msg, model, false) end
   local body = read_all(conn)
@@ -395,7 +399,7 @@ end
 -- Open the HTTP exchange for a stream attempt; returns true or nil, err.
 local function stream_connect(s)
   local self, ctx = s.client, s.ctx
-  local conn = open_conn(self, ctx.payload, true, ctx.timeout)
+  local conn = open_conn(self, ctx.payload, true, ctx.timeout, ctx.headers)
   s.conn = conn
   local status, headers, msg = conn:response()
   if not status then return nil, transport_error(self, headers, msg, ctx.model, false) end
@@ -643,6 +647,13 @@ local function split_request(req, level)
   if body.max_tokens ~= nil and not pos_int(body.max_tokens) then
     error("slm: client:chat: 'max_tokens' must be a positive integer", level + 1)
   end
+  if opts.headers then
+    local names, list = {}, {}
+    for k in pairs(opts.headers) do names[#names + 1] = k end
+    table.sort(names)
+    for i, k in ipairs(names) do list[i] = k .. ": " .. tostring(opts.headers[k]) end
+    opts.header_list = list
+  end
   return body, opts
 end
 
@@ -713,7 +724,7 @@ local function chat_model(self, body, opts, model, t0)
       rate_wait(self, (body.max_tokens or 0) + math.ceil(#payload / 4))
     end
     self.sem:acquire()
-    local ok, res, err = pcall(attempt_plain, self, payload, model, timeout)
+    local ok, res, err = pcall(attempt_plain, self, payload, model, timeout, opts.header_list)
     self.sem:release()
     if not ok then settle(nil); error(res, 0) end
     if res then
@@ -738,6 +749,7 @@ local function new_stream(self, body, opts, model, t0, settle)
     model = model, payload = payload_for(body, model), attempts = 0,
     max_retries = opts.max_retries or self.max_retries,
     timeout = opts.timeout or self.timeout, t0 = t0, settle = settle,
+    headers = opts.header_list,
   }
   return setmetatable({ client = self, ctx = ctx, queue = {}, qhead = 1 }, Stream)
 end

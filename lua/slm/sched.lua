@@ -38,7 +38,7 @@ local function report_orphans()
   for i = 1, #orphans do
     local t = orphans[i]
     if not t.observed then
-      io.stderr:write("slm: task #", t.id, " failed: ", tostring(t.error), "\n")
+      io.stderr:write("slm: task #", t.id, " failed: ", t.traceback or tostring(t.error), "\n")
     end
   end
   orphans = {}
@@ -98,9 +98,8 @@ local function resume(t)
     if res[1] then
       finish(t, true, unpack(res, 2, res.n))
     else
-      local msg = res[2]
-      if type(msg) ~= "table" then msg = traceback(co, tostring(msg)) end
-      finish(t, false, msg)
+      t.traceback = traceback(co, tostring(res[2]))
+      finish(t, false, res[2])
     end
   elseif t.status == "running" then
     -- yielded by something other than the scheduler (a user coroutine

@@ -1,0 +1,340 @@
+-- slm.accumulate: folds streamed chat.completion.chunk objects (decoded by
+-- lua-cjson) into the fields of a final Response.
+--
+--   local acc = require("slm.accumulate").new()
+--   local text, err = acc:add(chunk) -- text: choice 0 content delta or nil
+--   acc:done()                        -- on `data: [DONE]`
+--   local r = acc:result()
+--
+-- add() is the streaming hot path: it allocates only when a new choice or a
+-- new tool call appears; text pieces go into arrays that result() joins
+-- once, so a stream of any length is linear.  An in-stream error (a chunk
+-- with a top-level `error`, or OpenRouter's finish_reason "error") makes
+-- add() return nil, err with err = { message, code, type, status }; what the
+-- chunk carried besides is still accumulated, and result() keeps working.
+-- Works unchanged under Lua 5.4 and LuaJIT.
+
+local type, pairs, setmetatable, concat, sort, tostring =
+  type, pairs, setmetatable, table.concat, table.sort, tostring
+
+local ok_cjson, cjson = pcall(require, "cjson")
+local null = ok_cjson and cjson.null or nil -- JSON null as lua-cjson decodes it
+
+local M = {}
+local Acc = {}
+Acc.__index = Acc
+
+function M.new()
+  return setmetatable({
+    _choices = {},   -- choice index -> state
+    _done = false,
+  }, Acc)
+end
+
+local function new_choice(self, index)
+  local st = {
+    index = index,
+    role = nil,
+    content = {}, nc = 0,   -- content pieces (nil pieces never stored)
+    refusal = {}, nr = 0,
+    reasoning = {}, nz = 0,
+    calls = nil,            -- tool call index -> call
+    ncalls = 0,
+    max_call = -1,          -- highest tool call index seen
+    last_call = nil,        -- target of deltas that carry no index
+    finish_reason = nil,
+  }
+  self._choices[index] = st
+  return st
+end
+
+-- One tool call: id, type and name are set once (the first non-empty value
+-- wins); argument pieces are joined at result time.
+local function new_call(st, index)
+  local call = { index = index, id = nil, type = nil, name = nil, args = {}, na = 0 }
+  local calls = st.calls
+  if not calls then
+    calls = {}
+    st.calls = calls
+  end
+  calls[index] = call
+  st.ncalls = st.ncalls + 1
+  if index > st.max_call then st.max_call = index end
+  return call
+end
+
+local function merge_tool_calls(st, list)
+  for j = 1, #list do
+    local t = list[j]
+    if type(t) == "table" then
+      local index, id = t.index, t.id
+      if type(id) ~= "string" or id == "" then id = nil end
+      local call
+      if type(index) == "number" then
+        call = st.calls and st.calls[index] or new_call(st, index)
+      else
+        -- No index (some providers): an id opens a new call unless it is
+        -- the current call's own id repeated; a delta without id continues
+        -- the current call.
+        call = st.last_call
+        if not call or (id and call.id ~= id) then
+          call = new_call(st, st.max_call + 1)
+        end
+      end
+      st.last_call = call
+      if id and not call.id then call.id = id end
+      local ty = t.type
+      if type(ty) == "string" and ty ~= "" and not call.type then call.type = ty end
+      local f = t["function"]
+      if type(f) == "table" then
+        local name = f.name
+        if type(name) == "string" and name ~= "" and not call.name then call.name = name end
+        local a = f.arguments
+        if type(a) == "string" and a ~= "" then
+          local n = call.na + 1
+          call.args[n] = a
+          call.na = n
+        end
+      end
+    end
+  end
+end
+
+local function str_or_nil(v)
+  if v == nil or v == null then return nil end
+  if type(v) == "string" then return v end
+  return tostring(v)
+end
+
+-- Builds the error table of an in-stream error from an `error` value
+-- (object or string) of a chunk or a choice.
+local function make_error(e, fallback)
+  local err = { message = nil, code = nil, type = nil, status = nil }
+  if type(e) == "table" then
+    err.message = str_or_nil(e.message)
+    local code = e.code
+    if code ~= null then err.code = code end
+    err.type = str_or_nil(e.type)
+    local status = e.status
+    if type(status) == "number" then
+      err.status = status
+    elseif type(code) == "number" then
+      err.status = code -- OpenRouter puts the HTTP-like status in code
+    end
+    local meta = e.metadata
+    if type(meta) == "table" and meta ~= null then err.metadata = meta end
+  elseif type(e) == "string" then
+    err.message = e
+  end
+  if not err.message then err.message = fallback end
+  return err
+end
+
+-- Folds one decoded chunk.  Returns the content delta of choice 0 (nil when
+-- the chunk has none or it is empty), or nil, err for an in-stream error.
+function Acc:add(chunk)
+  if type(chunk) ~= "table" then
+    error("accumulate: chunk must be a table, got " .. type(chunk), 2)
+  end
+  local err
+  local e = chunk.error
+  if e ~= nil and e ~= null then
+    err = make_error(e, "error in stream")
+  end
+
+  if self.id == nil then
+    local v = chunk.id
+    if type(v) == "string" and v ~= "" then self.id = v end
+  end
+  if self.model == nil then
+    local v = chunk.model
+    if type(v) == "string" and v ~= "" then self.model = v end
+  end
+  if self.created == nil then
+    local v = chunk.created
+    if type(v) == "number" then self.created = v end
+  end
+  if self.system_fingerprint == nil then
+    local v = chunk.system_fingerprint
+    if type(v) == "string" then self.system_fingerprint = v end
+  end
+  local u = chunk.usage
+  if type(u) == "table" and u ~= null then self.usage = u end
+
+  local text
+  local choices = chunk.choices
+  if type(choices) == "table" and choices ~= null then
+    local all = self._choices
+    for i = 1, #choices do
+      local c = choices[i]
+      if type(c) == "table" then
+        local index = c.index
+        if type(index) ~= "number" then index = i - 1 end
+        local st = all[index] or new_choice(self, index)
+        local d = c.delta
+        if type(d) ~= "table" or d == null then
+          d = c.message -- a few servers send a whole message in the last chunk
+        end
+        if type(d) == "table" and d ~= null then
+          local role = d.role
+          if type(role) == "string" then st.role = role end
+          local s = d.content
+          if type(s) == "string" then
+            local n = st.nc + 1
+            st.content[n] = s
+            st.nc = n
+            if index == 0 and s ~= "" then
+              if text then text = text .. s else text = s end
+            end
+          end
+          s = d.refusal
+          if type(s) == "string" then
+            local n = st.nr + 1
+            st.refusal[n] = s
+            st.nr = n
+          end
+          s = d.reasoning
+          if type(s) ~= "string" then s = d.reasoning_content end
+          if type(s) == "string" then
+            local n = st.nz + 1
+            st.reasoning[n] = s
+            st.nz = n
+          end
+          local tc = d.tool_calls
+          if type(tc) == "table" and tc ~= null then merge_tool_calls(st, tc) end
+        end
+        local fr = c.finish_reason
+        if fr ~= nil and fr ~= null then
+          st.finish_reason = fr
+          if fr == "error" and not err then
+            local ce = c.error
+            if ce == nil or ce == null then ce = e end
+            err = make_error(ce, "stream finished with finish_reason \"error\"")
+          end
+        end
+      end
+    end
+  end
+
+  if err then
+    self.error = err
+    return nil, err
+  end
+  return text
+end
+
+-- `data: [DONE]` was seen.
+function Acc:done()
+  self._done = true
+end
+
+-- Joins pieces once and keeps the joined string, so repeated result()
+-- calls (and add() after result()) stay cheap.
+local function joined(pieces, n)
+  if n == 0 then return nil end
+  if n == 1 then return pieces[1] end
+  local s = concat(pieces, "", 1, n)
+  for k = n, 2, -1 do pieces[k] = nil end
+  pieces[1] = s
+  return s
+end
+
+local function sorted_keys(t)
+  local keys, n = {}, 0
+  for k in pairs(t) do
+    n = n + 1
+    keys[n] = k
+  end
+  sort(keys)
+  return keys, n
+end
+
+local function choice_result(st)
+  local content = joined(st.content, st.nc)
+  if st.nc > 1 then st.nc = 1 end
+  local refusal = joined(st.refusal, st.nr)
+  if st.nr > 1 then st.nr = 1 end
+  local reasoning = joined(st.reasoning, st.nz)
+  if st.nz > 1 then st.nz = 1 end
+
+  local tool_calls = {}
+  if st.calls then
+    local keys, n = sorted_keys(st.calls)
+    for k = 1, n do
+      local call = st.calls[keys[k]]
+      local args = joined(call.args, call.na) or ""
+      if call.na > 1 then call.na = 1 end
+      tool_calls[k] = {
+        id = call.id,
+        type = call.type or "function",
+        ["function"] = { name = call.name, arguments = args },
+      }
+    end
+  end
+  local has_calls = #tool_calls > 0
+
+  local msg_content = content
+  if (msg_content == nil or msg_content == "") and (has_calls or refusal) then
+    msg_content = nil
+  elseif msg_content == nil then
+    msg_content = ""
+  end
+  local message = {
+    role = st.role or "assistant",
+    content = msg_content,
+    refusal = refusal,
+    tool_calls = has_calls and tool_calls or nil,
+    reasoning = reasoning,
+  }
+  return {
+    index = st.index,
+    text = content or "",
+    message = message,
+    tool_calls = tool_calls,
+    finish_reason = st.finish_reason,
+    refusal = refusal,
+    reasoning = reasoning,
+  }
+end
+
+-- The Response fields gathered so far (also valid for a broken stream).
+function Acc:result()
+  local choices = {}
+  local keys, n = sorted_keys(self._choices)
+  for k = 1, n do
+    choices[k] = choice_result(self._choices[keys[k]])
+  end
+  local first
+  for k = 1, n do
+    if choices[k].index == 0 then
+      first = choices[k]
+      break
+    end
+  end
+  local r = {
+    id = self.id,
+    model = self.model,
+    created = self.created,
+    system_fingerprint = self.system_fingerprint,
+    usage = self.usage,
+    done = self._done,
+    choices = choices,
+    error = self.error,
+  }
+  if first then
+    r.text = first.text
+    r.refusal = first.refusal
+    r.finish_reason = first.finish_reason
+    r.message = first.message
+    r.tool_calls = first.tool_calls
+    r.reasoning = first.reasoning
+  else
+    r.text = ""
+    r.message = { role = "assistant", content = "" }
+    r.tool_calls = {}
+  end
+  return r
+end
+
+M.Accumulator = Acc
+return M

@@ -1,0 +1,190 @@
+-- slm.core's libcurl multi driver, against the real nginx simulator.
+local core = require "slm.core"
+local json = require "cjson"
+local H = require "tests.helpers"
+
+local up
+setup(function() up = H.upstream() end)
+teardown(function() if up then up:stop() end end)
+before_each(function() up:reset() end)
+
+local function body(extra)
+  local b = { model = "gpt-4o-mini", messages = { { role = "user", content = "ping" } } }
+  for k, v in pairs(extra or {}) do b[k] = v end
+  return json.encode(b)
+end
+
+local function add(m, opts)
+  opts = opts or {}
+  local hdrs = { "Content-Type: application/json" }
+  for _, h in ipairs(opts.headers or {}) do hdrs[#hdrs + 1] = h end
+  return m:add{
+    url = opts.url or (up.url .. "/chat/completions"), body = opts.body or body(),
+    headers = hdrs, timeout = opts.timeout, idle_timeout = opts.idle_timeout,
+    first_byte_timeout = opts.first_byte_timeout, connect_timeout = opts.connect_timeout,
+  }
+end
+
+local function drain(m, reqs, limit)
+  local deadline = core.now() + (limit or 10)
+  local bodies = {}
+  while core.now() < deadline do
+    local all = true
+    for i, r in ipairs(reqs) do
+      local b = r:read()
+      if b then bodies[i] = (bodies[i] or "") .. b end
+      if not r:done() then all = false end
+    end
+    if all then break end
+    m:step(0.05)
+  end
+  for i, r in ipairs(reqs) do
+    local b = r:read()
+    if b then bodies[i] = (bodies[i] or "") .. b end
+  end
+  return bodies
+end
+
+describe("slm.core multi", function()
+  it("makes a request and returns status, headers and body", function()
+    local m = core.multi()
+    local r = add(m)
+    local b = drain(m, { r })[1]
+    assert.is_true(r:result())
+    assert.are.equal(200, r:status())
+    assert.matches("application/json", r:headers()["content-type"])
+    assert.are.equal("Echo: ping", json.decode(b).choices[1].message.content)
+    m:close()
+  end)
+
+  it("reports every request with activity from step()", function()
+    local m = core.multi()
+    local r = add(m)
+    local seen = false
+    local deadline = core.now() + 5
+    while not r:done() and core.now() < deadline do
+      for _, x in ipairs(m:step(0.1)) do if x == r then seen = true end end
+    end
+    assert.is_true(seen)
+  end)
+
+  it("keeps many requests in flight on one multi handle", function()
+    local m = core.multi()
+    local reqs = {}
+    for i = 1, 12 do reqs[i] = add(m, { headers = { "X-Sim-Scenario: delay=300" } }) end
+    assert.are.equal(12, m:count())
+    local bodies = drain(m, reqs)
+    for i = 1, 12 do
+      assert.is_true(reqs[i]:result())
+      assert.are.equal("Echo: ping", json.decode(bodies[i]).choices[1].message.content)
+    end
+    assert.are.equal(12, up:stats().max_in_flight)
+    assert.are.equal(0, m:count())
+  end)
+
+  it("reuses connections (keep-alive)", function()
+    local m = core.multi()
+    local r1 = add(m); drain(m, { r1 })
+    local r2 = add(m); drain(m, { r2 })
+    assert.are.equal(1, r1:info().new_connections)
+    assert.are.equal(0, r2:info().new_connections)
+  end)
+
+  it("sends no Expect header and sends the body intact", function()
+    local m = core.multi()
+    local big = string.rep("x", 200000)
+    local r = add(m, { body = body{ messages = { { role = "user", content = big } } } })
+    drain(m, { r })
+    assert.is_true(r:result())
+    local last = H.last(up)
+    assert.is_nil(last.headers.expect)
+    assert.are.equal(big, last.body.messages[1].content)
+  end)
+
+  it("reports a refused connection as kind 'connect'", function()
+    local m = core.multi()
+    local r = add(m, { url = "http://127.0.0.1:1/v1/chat/completions" })
+    drain(m, { r })
+    local ok, kind, msg = r:result()
+    assert.is_nil(ok)
+    assert.are.equal("connect", kind)
+    assert.matches("onnect", msg)
+    assert.are.equal(0, r:status())
+  end)
+
+  it("enforces the total timeout", function()
+    local m = core.multi()
+    local r = add(m, { timeout = 0.3, headers = { "X-Sim-Scenario: delay=3000" } })
+    local t0 = core.now()
+    drain(m, { r })
+    local ok, kind = r:result()
+    assert.is_nil(ok); assert.are.equal("timeout", kind)
+    assert.is_true(core.now() - t0 < 2.5)
+  end)
+
+  it("enforces the first-byte and idle timeouts", function()
+    local m = core.multi()
+    local r1 = add(m, { first_byte_timeout = 0.3, headers = { "X-Sim-Scenario: delay=3000" } })
+    local r2 = add(m, { idle_timeout = 0.3,
+      body = body{ stream = true }, headers = { "X-Sim-Scenario: stall=3000" } })
+    drain(m, { r1, r2 })
+    local ok1, k1, m1 = r1:result()
+    local ok2, k2, m2 = r2:result()
+    assert.is_nil(ok1); assert.are.equal("timeout", k1); assert.matches("first byte", m1)
+    assert.is_nil(ok2); assert.are.equal("timeout", k2); assert.matches("stalled", m2)
+  end)
+
+  it("cancels a request: the server sees the client go away", function()
+    local m = core.multi()
+    local r = add(m, { headers = { "X-Sim-Scenario: delay=3000" } })
+    local deadline = core.now() + 3
+    while up:stats().in_flight < 1 and core.now() < deadline do m:step(0.05) end
+    r:cancel()
+    r:cancel() -- idempotent
+    local ok, kind = r:result()
+    assert.is_nil(ok); assert.are.equal("cancelled", kind)
+    deadline = core.now() + 3
+    while up:stats().in_flight > 0 and core.now() < deadline do m:step(0.05) end
+    assert.are.equal(0, up:stats().in_flight)
+    assert.are.equal(0, m:count())
+  end)
+
+  it("cancels a request that is garbage-collected while in flight", function()
+    local m = core.multi()
+    do add(m, { headers = { "X-Sim-Scenario: delay=3000" } }) end
+    local deadline = core.now() + 3
+    while up:stats().in_flight < 1 and core.now() < deadline do m:step(0.05) end
+    assert.are.equal(1, m:count())
+    collectgarbage(); collectgarbage()
+    assert.are.equal(0, m:count())
+    deadline = core.now() + 3
+    while up:stats().in_flight > 0 and core.now() < deadline do m:step(0.05) end
+    assert.are.equal(0, up:stats().in_flight)
+  end)
+
+  it("closing the multi cancels what is in flight; close is idempotent", function()
+    local m = core.multi()
+    local r = add(m, { headers = { "X-Sim-Scenario: delay=3000" } })
+    m:close(); m:close()
+    local ok, kind = r:result()
+    assert.is_nil(ok); assert.are.equal("cancelled", kind)
+    assert.has_error(function() m:step(0) end)
+    r:close(); r:close()
+  end)
+
+  it("rejects wrong options at once", function()
+    local m = core.multi()
+    assert.has_error(function() m:add{ url = 42 } end, "slm.core: option 'url' must be a string")
+    assert.has_error(function() m:add{ url = "http://x", timeout = "1" } end,
+      "slm.core: option 'timeout' must be a number")
+    assert.has_error(function() m:add{ url = "http://x", headers = { "A: b\r\nEvil: 1" } } end)
+    assert.has_error(function() m:add("x") end)
+  end)
+
+  it("has a monotonic clock", function()
+    local a = core.now()
+    local b = core.now()
+    assert.is_true(b >= a)
+    assert.is_number(core.cputime())
+  end)
+end)

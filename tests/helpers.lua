@@ -1,0 +1,29 @@
+-- Shared helpers for the integration specs: one simulator per spec file.
+local M = {}
+
+function M.upstream()
+  local launch = require "tests.upstream.launch"
+  return launch.start{ quiet = true }
+end
+
+-- A port nothing listens on (bind, learn the port, close).
+function M.dead_port()
+  return 1 -- port 1 on loopback: connection refused
+end
+
+function M.count_keys(t)
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n
+end
+
+
+
+-- The last request the simulator saw: { headers = {...}, body = {...}, raw_body = "..." }
+function M.last(up)
+  local f = assert(io.popen("curl -s --max-time 5 http://127.0.0.1:" .. up.port .. "/__sim/last"))
+  local s = f:read("a")
+  f:close()
+  return require("cjson").decode(s)
+end
+return M

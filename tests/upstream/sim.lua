@@ -1,0 +1,880 @@
+-- tests/upstream/sim.lua: an OpenAI-compatible chat-completions simulator
+-- for lua-nginx-module (content_by_lua). Deterministic replies derived from
+-- the request (see mockmodel.lua), failure scenarios chosen per request
+-- with the X-Sim-Scenario header or a "sim:<directives>" model name, and
+-- counters for tests (GET /__sim/stats). Documented in README.md.
+--
+-- Runs in one nginx worker: the record of the last request lives in this
+-- module; counters live in the `sim` shared dict.
+
+local cjson = require "cjson.safe"
+local mock = require "mockmodel"
+local scenarios = require "scenarios"
+
+local ngx = ngx
+local byte, sub, find, rep, gsub = string.byte, string.sub, string.find, string.rep, string.gsub
+local concat, ceil, floor, tonumber, tostring, type, ipairs, pairs =
+  table.concat, math.ceil, math.floor, tonumber, tostring, type, ipairs, pairs
+local encode, decode, null = cjson.encode, cjson.decode, cjson.null
+
+local M = {}
+
+local CREATED = 1700000000          -- fixed, so replies are reproducible
+local FINGERPRINT = "fp_sim"
+local REFUSAL = "I'm sorry, but I can't help with that request."
+local BOM = "\239\187\191"
+local PIECE = 4                      -- bytes per streamed content piece
+local BATCH_BYTES = 65536            -- chunks=N: bytes per write
+
+local repo_root = "."
+local dict                           -- ngx.shared.sim
+local last_request                   -- { method, uri, headers, body, raw_body }
+local replay_cache = {}
+
+function M.init(opts)
+  repo_root = opts and opts.root or repo_root
+end
+
+local function shared()
+  if not dict then dict = ngx.shared.sim end
+  return dict
+end
+
+-- Counters ------------------------------------------------------------------
+
+local function enter(ctx)
+  local d = shared()
+  d:incr("requests", 1, 0)
+  local now = d:incr("in_flight", 1, 0)
+  -- one worker, no yield between get and set: this is atomic
+  if now > (d:get("max_in_flight") or 0) then d:set("max_in_flight", now) end
+  ctx.sim_in_flight = true
+end
+
+-- Idempotent: called on every way out (normal end, 444, abort, error via
+-- the log phase); only the first call counts.
+local function leave(ctx)
+  if ctx.sim_in_flight then
+    ctx.sim_in_flight = false
+    shared():incr("in_flight", -1, 0)
+  end
+end
+
+local function mark_aborted(ctx)
+  if not ctx.sim_aborted then
+    ctx.sim_aborted = true
+    shared():incr("aborted", 1, 0)
+  end
+  leave(ctx)
+end
+
+-- The client went away: stop here.
+local function client_gone()
+  mark_aborted(ngx.ctx)
+  return ngx.exit(444)
+end
+
+local function on_abort()
+  mark_aborted(ngx.ctx)
+  return ngx.exit(499)
+end
+
+-- Output ----------------------------------------------------------------------
+
+local function sleep_ms(ms)
+  ms = tonumber(ms)
+  if ms and ms > 0 then ngx.sleep(ms / 1000) end
+end
+
+local function out(s)
+  local ok = ngx.print(s)
+  if not ok then return client_gone() end
+  ok = ngx.flush(true)
+  if not ok then return client_gone() end
+end
+
+-- A whole reply. With body_delay (ms) the headers go first, the body later.
+local function respond(status, ctype, body, headers, body_delay)
+  ngx.status = status
+  ngx.header["Content-Type"] = ctype
+  if headers then
+    for k, v in pairs(headers) do ngx.header[k] = v end
+  end
+  ngx.header["Content-Length"] = #body
+  if body_delay then
+    if not ngx.send_headers() or not ngx.flush(true) then return client_gone() end
+    sleep_ms(body_delay)
+  end
+  local ok = ngx.print(body)
+  if not ok then return client_gone() end
+end
+
+local function send_json(status, body, headers)
+  return respond(status, "application/json", body, headers)
+end
+
+-- Errors --------------------------------------------------------------------
+
+local function error_body(message, etype, code, param)
+  return encode({ error = {
+    message = message, type = etype or null, param = param or null, code = code or null,
+  } })
+end
+
+-- mask "sk-test-bad-key" as "sk-test-*******key", like OpenAI does
+local function mask_key(auth)
+  local key = type(auth) == "string" and auth:match("^[Bb]earer%s+(.+)$") or nil
+  if not key or key == "" then return "<none>" end
+  if #key <= 8 then return rep("*", #key) end
+  return sub(key, 1, 7) .. rep("*", #key - 10 > 0 and #key - 10 or 1) .. sub(key, -3)
+end
+
+local STATUS_ERRORS = {
+  [400] = { "invalid_request_error", "invalid_request", "Invalid request: the request body could not be processed." },
+  [401] = { "invalid_request_error", "invalid_api_key", nil },
+  [402] = { "insufficient_credits", "insufficient_credits",
+    "Insufficient credits. Add more credits to your account to continue." },
+  [403] = { "request_forbidden", "unsupported_country_region_territory",
+    "Country, region, or territory not supported." },
+  [404] = { "invalid_request_error", "model_not_found", nil },
+  [408] = { "timeout", "request_timeout", "Request timed out." },
+  [409] = { "conflict_error", "conflict", "The request conflicts with the current state of the resource." },
+  [413] = { "invalid_request_error", "request_too_large", "Request too large." },
+  [422] = { "invalid_request_error", "unprocessable_entity", "Unprocessable entity: the request was well-formed but could not be followed." },
+  [429] = { "requests", "rate_limit_exceeded", nil },
+  [500] = { "server_error", "server_error", "The server had an error while processing your request. Sorry about that!" },
+  [502] = { "server_error", "bad_gateway", "Bad gateway." },
+  [503] = { "server_error", "service_unavailable", "The engine is currently overloaded, please try again later." },
+  [504] = { "server_error", "gateway_timeout", "Gateway timeout." },
+}
+
+-- The error reply for a `status=` directive. `sc` may override code,
+-- type and message (code=..., type=..., message=...).
+local function scenario_error(status, sc, req, info)
+  local model = type(req) == "table" and type(req.model) == "string" and req.model or "gpt-4o-mini"
+  local spec = STATUS_ERRORS[status]
+  local etype, code, message, param
+  if spec then
+    etype, code, message = spec[1], spec[2], spec[3]
+  else
+    etype = status >= 500 and "server_error" or "api_error"
+    code = nil
+    message = "HTTP " .. status .. " (simulated)."
+  end
+  if status == 401 then
+    message = ("Incorrect API key provided: %s. You can find your API key in your account settings.")
+      :format(mask_key(ngx.var.http_authorization))
+  elseif status == 404 then
+    message = ("The model `%s` does not exist or you do not have access to it."):format(model)
+  elseif status == 429 then
+    message = ("Rate limit reached for %s in organization org-sim on requests per min (RPM): "
+      .. "Limit 500, Used 500, Requested 1. Please try again in %s.")
+      :format(model, sc.retry_after_ms and (sc.retry_after_ms .. "ms") or ((sc.retry_after or "1") .. "s"))
+  end
+  if sc.code then code = sc.code end
+  if sc.type then etype = sc.type end
+  if code == "context_length_exceeded" then
+    local limit = tonumber(sc.context) or 128000
+    local used = limit + (info and info.prompt_tokens or 1)
+    message = ("This model's maximum context length is %d tokens. However, your messages resulted in %d tokens. "
+      .. "Please reduce the length of the messages."):format(limit, used)
+    etype, param = "invalid_request_error", "messages"
+  elseif code == "insufficient_quota" then
+    message = "You exceeded your current quota, please check your plan and billing details."
+    etype = "insufficient_quota"
+  end
+  if type(sc.message) == "string" then message = sc.message end
+  local headers = {}
+  if sc.retry_after_ms then headers["retry-after-ms"] = tostring(sc.retry_after_ms) end
+  if sc.retry_after then headers["retry-after"] = tostring(sc.retry_after) end
+  if sc.retry_after_date then
+    local secs = tonumber(sc.retry_after_date) or 1
+    headers["retry-after"] = ngx.http_time(ngx.time() + ceil(secs))
+  end
+  if sc.should_retry ~= nil then headers["x-should-retry"] = tostring(sc.should_retry) end
+  if status == 429 then
+    headers["x-ratelimit-limit-requests"] = "500"
+    headers["x-ratelimit-remaining-requests"] = "0"
+  end
+  return error_body(message, etype, code, param), headers
+end
+
+-- Request analysis --------------------------------------------------------
+
+local function tokens(nbytes) return ceil(nbytes / 4) end
+
+local function analyse(req)
+  local info = { last_user = "", system = {}, nmsg = 0, images = 0 }
+  local nbytes = 0
+  for _, m in ipairs(req.messages) do
+    if type(m) == "table" then
+      info.nmsg = info.nmsg + 1
+      local c = m.content
+      if type(c) == "string" then
+        nbytes = nbytes + #c
+      elseif type(c) == "table" then
+        for _, part in ipairs(c) do
+          if type(part) == "table" then
+            if type(part.text) == "string" then nbytes = nbytes + #part.text
+            elseif part.type == "image_url" or part.type == "input_image" then info.images = info.images + 1 end
+          end
+        end
+      end
+      if type(m.tool_calls) == "table" then
+        for _, tc in ipairs(m.tool_calls) do
+          local f = type(tc) == "table" and tc["function"]
+          if type(f) == "table" then
+            nbytes = nbytes + #tostring(f.name or "") + #tostring(f.arguments or "")
+          end
+        end
+      end
+      if m.role == "user" then info.last_user = mock.text_of(c) end
+      if m.role == "system" or m.role == "developer" then info.system[#info.system + 1] = mock.text_of(c) end
+      info.last_role = m.role
+      info.last_content = mock.text_of(c)
+    end
+  end
+  info.system = concat(info.system, "\n")
+  info.prompt_tokens = tokens(nbytes) + 3 * info.nmsg + 3 + 85 * info.images
+  return info
+end
+
+-- Replies -------------------------------------------------------------------
+
+local function tool_names(req)
+  local names = {}
+  if type(req.tools) == "table" then
+    for _, t in ipairs(req.tools) do
+      local f = type(t) == "table" and (t["function"] or t) or nil
+      if type(f) == "table" and type(f.name) == "string" then names[#names + 1] = f.name end
+    end
+  end
+  return names
+end
+
+local function wants_tools(req, info)
+  if info.last_role == "tool" then return false end
+  local tc = req.tool_choice
+  if tc == "none" then return false end
+  return #tool_names(req) > 0
+end
+
+-- Which tools to call: the one forced by tool_choice; else those whose
+-- names the user mentions (all of them only when parallel calls are
+-- allowed); else the first tool.
+local function pick_tools(req, text)
+  local names = tool_names(req)
+  local tc = req.tool_choice
+  if type(tc) == "table" and type(tc["function"]) == "table" and type(tc["function"].name) == "string" then
+    return { tc["function"].name }
+  end
+  local low, mentioned = mock.lower(text), {}
+  for _, name in ipairs(names) do
+    local n = mock.lower(name)
+    if find(low, n, 1, true) or find(low, (gsub(n, "[_%-]", " ")), 1, true) then
+      mentioned[#mentioned + 1] = name
+    end
+  end
+  if #mentioned >= 2 and req.parallel_tool_calls ~= false then return mentioned end
+  if #mentioned >= 1 then return { mentioned[1] } end
+  return { names[1] }
+end
+
+local function make_calls(names, text, seq)
+  local calls = {}
+  local args = encode({ query = text })
+  for i, name in ipairs(names) do
+    calls[i] = { id = ("call_sim_%d_%d"):format(seq, i - 1), name = name, arguments = args }
+  end
+  return calls
+end
+
+local FILLER = "The quick brown fox jumps over the lazy dog. "
+
+-- The reply a request gets, before n/stop/max_tokens are applied:
+-- { kind = "text"|"tools"|"refusal", text = ..., calls = ..., json = bool,
+--   pieces = optional fixed split }
+local function decide(req, info, sc, seq)
+  if sc.refusal then return { kind = "refusal", text = REFUSAL } end
+  local user = info.last_user
+  if sc.tools_parallel or sc.tools_noindex then
+    local names = tool_names(req)
+    if #names == 0 then names = { "get_weather", "get_time" } end
+    return { kind = "tools", calls = make_calls({ names[1], names[2] or names[1] }, user, seq) }
+  end
+  if wants_tools(req, info) then
+    return { kind = "tools", calls = make_calls(pick_tools(req, user), user, seq) }
+  end
+  if sc.big then
+    local n = floor(tonumber(sc.big) or 0)
+    local s = rep(FILLER, ceil(n / #FILLER))
+    return { kind = "text", text = sub(s, 1, n), whole = true }
+  end
+  if sc.chunks then
+    local n = floor(tonumber(sc.chunks) or 0)
+    return { kind = "text", text = rep("tok ", n), chunks = n }
+  end
+  local rf = type(req.response_format) == "table" and req.response_format or nil
+  if rf and rf.type == "json_schema" then
+    local js = type(rf.json_schema) == "table" and rf.json_schema or {}
+    local schema = type(js.schema) == "table" and js.schema or nil
+    local value = schema and mock.generate(schema, user, info.system) or mock.json_object(user, info.system)
+    return { kind = "text", text = encode(value), json = true }
+  elseif rf and rf.type == "json_object" then
+    return { kind = "text", text = encode(mock.json_object(user, info.system)), json = true }
+  end
+  if info.last_role == "tool" then
+    return { kind = "text", text = "Tool result: " .. (info.last_content or "") }
+  end
+  return { kind = "text", text = "Echo: " .. user }
+end
+
+-- Apply `stop` and max_tokens to one choice's text.
+local function finish_text(text, req)
+  local finish = "stop"
+  local stops = req.stop
+  if type(stops) == "string" then stops = { stops } end
+  if type(stops) == "table" then
+    local cut
+    for _, s in ipairs(stops) do
+      if type(s) == "string" and s ~= "" then
+        local at = find(text, s, 1, true)
+        if at and (not cut or at < cut) then cut = at end
+      end
+    end
+    if cut then text = sub(text, 1, cut - 1) end
+  end
+  local max = tonumber(req.max_completion_tokens or req.max_tokens)
+  if max and max >= 0 and tokens(#text) > max then
+    text = mock.utf8_cut(text, max * 4)
+    finish = "length"
+  end
+  return text, finish
+end
+
+-- Choices: list of { index, kind, text, calls, finish }; and the
+-- completion token count over all of them.
+local function build_choices(req, reply, n)
+  local choices, completion = {}, 0
+  for i = 1, n do
+    local c = { index = i - 1, kind = reply.kind }
+    if reply.kind == "tools" then
+      c.calls, c.finish = reply.calls, "tool_calls"
+      for _, call in ipairs(reply.calls) do completion = completion + tokens(#call.name + #call.arguments) end
+    elseif reply.kind == "refusal" then
+      c.text, c.finish = reply.text, "stop"
+      completion = completion + tokens(#reply.text)
+    else
+      local text = reply.text
+      if n > 1 and not reply.json and not reply.chunks and not reply.whole then
+        text = text .. " [choice " .. i .. "]"
+      end
+      if reply.chunks or reply.whole then
+        c.text, c.finish = text, "stop"
+      else
+        c.text, c.finish = finish_text(text, req)
+      end
+      completion = completion + tokens(#c.text)
+    end
+    choices[i] = c
+  end
+  return choices, completion
+end
+
+local function usage_of(prompt, completion)
+  return { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion }
+end
+
+local function completion_body(id, model, choices, usage)
+  local list = {}
+  for i, c in ipairs(choices) do
+    local msg = { role = "assistant", content = null, refusal = null }
+    if c.kind == "tools" then
+      local tcs = {}
+      for j, call in ipairs(c.calls) do
+        tcs[j] = { id = call.id, type = "function", ["function"] = { name = call.name, arguments = call.arguments } }
+      end
+      msg.tool_calls = tcs
+    elseif c.kind == "refusal" then
+      msg.refusal = c.text
+    else
+      msg.content = c.text
+    end
+    list[i] = { index = c.index, message = msg, logprobs = null, finish_reason = c.finish }
+  end
+  return encode({
+    id = id, object = "chat.completion", created = CREATED, model = model,
+    system_fingerprint = FINGERPRINT, choices = list, usage = usage,
+  })
+end
+
+-- Streaming -------------------------------------------------------------------
+
+-- Split s into pieces of about `size` bytes, never inside a UTF-8 char.
+local function pieces(s, size)
+  local list, i, n = {}, 1, #s
+  while i <= n do
+    local j = i + size - 1
+    if j >= n then
+      j = n
+    else
+      while j < n do
+        local b = byte(s, j + 1)
+        if b >= 0x80 and b < 0xC0 then j = j + 1 else break end
+      end
+    end
+    list[#list + 1] = sub(s, i, j)
+    i = j + 1
+  end
+  return list
+end
+
+-- Everything of a chunk up to its choices; `extra` is more members.
+local function chunk_prefix(id, model, extra)
+  return '{"id":' .. encode(id) .. ',"object":"chat.completion.chunk","created":' .. CREATED
+    .. ',"model":' .. encode(model) .. ',"system_fingerprint":"' .. FINGERPRINT .. '",'
+    .. (extra or "") .. '"choices":'
+end
+
+local function choice_chunk(prefix, index, delta, finish)
+  return prefix .. '[{"index":' .. index .. ',"delta":' .. delta .. ',"logprobs":null,"finish_reason":'
+    .. (finish and ('"' .. finish .. '"') or "null") .. "}]}"
+end
+
+-- The delta sequence of one choice (role first, no finish).
+local function choice_deltas(c, reply, noindex)
+  local d = {}
+  if c.kind == "tools" then
+    d[1] = '{"role":"assistant","content":null}'
+    local calls = c.calls
+    local function open(k, call)
+      return '{"tool_calls":[{' .. (noindex and "" or ('"index":' .. (k - 1) .. ",")) .. '"id":' .. encode(call.id)
+        .. ',"type":"function","function":{"name":' .. encode(call.name) .. ',"arguments":""}}]}'
+    end
+    local function frag(k, piece)
+      return '{"tool_calls":[{' .. (noindex and "" or ('"index":' .. (k - 1) .. ","))
+        .. '"function":{"arguments":' .. encode(piece) .. "}}]}"
+    end
+    if noindex then
+      -- without indexes a delta carrying an id opens the next call: one
+      -- call after the other
+      for k, call in ipairs(calls) do
+        d[#d + 1] = open(k, call)
+        for _, p in ipairs(pieces(call.arguments, PIECE)) do d[#d + 1] = frag(k, p) end
+      end
+    else
+      -- open every call, then interleave their argument fragments
+      local frags, longest = {}, 0
+      for k, call in ipairs(calls) do
+        d[#d + 1] = open(k, call)
+        frags[k] = pieces(call.arguments, PIECE)
+        if #frags[k] > longest then longest = #frags[k] end
+      end
+      for r = 1, longest do
+        for k = 1, #calls do
+          if frags[k][r] then d[#d + 1] = frag(k, frags[k][r]) end
+        end
+      end
+    end
+  elseif c.kind == "refusal" then
+    d[1] = '{"role":"assistant","content":null,"refusal":""}'
+    for _, p in ipairs(pieces(c.text, PIECE)) do d[#d + 1] = '{"refusal":' .. encode(p) .. "}" end
+  else
+    d[1] = '{"role":"assistant","content":""}'
+    if reply.chunks then
+      local same = '{"content":"tok "}'
+      for k = 1, reply.chunks do d[k + 1] = same end
+    elseif reply.whole then
+      if c.text ~= "" then d[2] = '{"content":' .. encode(c.text) .. "}" end
+    else
+      for _, p in ipairs(pieces(c.text, PIECE)) do d[#d + 1] = '{"content":' .. encode(p) .. "}" end
+    end
+  end
+  return d
+end
+
+-- Split a JSON text after each comma outside strings, for `multiline`.
+local function split_json(s)
+  local parts, start, in_str, esc = {}, 1, false, false
+  for i = 1, #s do
+    local b = byte(s, i)
+    if in_str then
+      if esc then esc = false
+      elseif b == 92 then esc = true
+      elseif b == 34 then in_str = false end
+    elseif b == 34 then
+      in_str = true
+    elseif b == 44 then
+      parts[#parts + 1] = sub(s, start, i)
+      start = i + 1
+    end
+  end
+  parts[#parts + 1] = sub(s, start)
+  return parts
+end
+
+local function stream_reply(ctx, req, id, model, info, reply, choices, completion, sc)
+  local eol = (sc.cr and "\r") or (sc.crlf and "\r\n") or "\n"
+  local prefix = chunk_prefix(id, model)
+  local noindex = sc.tools_noindex
+
+  -- the events, in order; `cut` is where mid-stream scenarios strike:
+  -- after the role chunk(s) and two content chunks
+  local events, seqs, longest = {}, {}, 0
+  for i, c in ipairs(choices) do
+    seqs[i] = choice_deltas(c, reply, noindex)
+    if #seqs[i] > longest then longest = #seqs[i] end
+  end
+  local last_content, prev_delta, prev_event = 0, {}, {}
+  for r = 1, longest do
+    for i, c in ipairs(choices) do
+      local delta = seqs[i][r]
+      if delta then
+        -- a repeated delta (chunks=N) reuses its event string: no new work
+        local ev = prev_event[i]
+        if delta ~= prev_delta[i] then
+          ev = choice_chunk(prefix, c.index, delta, nil)
+          prev_delta[i], prev_event[i] = delta, ev
+        end
+        events[#events + 1] = ev
+        if r > 1 then last_content = #events end
+      end
+    end
+  end
+  local cut = #choices + 2
+  if cut > last_content then cut = last_content end
+  if cut < 1 then cut = 1 end
+
+  local tail = {}
+  for _, c in ipairs(choices) do
+    tail[#tail + 1] = choice_chunk(prefix, c.index, "{}", c.finish)
+  end
+  local usage_json = encode(usage_of(info.prompt_tokens, completion))
+  local so = type(req.stream_options) == "table" and req.stream_options or {}
+  if sc.usage_null_choices then
+    tail[#tail + 1] = prefix .. 'null,"usage":' .. usage_json .. "}"
+  elseif so.include_usage == true then
+    tail[#tail + 1] = prefix .. '[],"usage":' .. usage_json .. "}"
+  end
+
+  ngx.status = 200
+  ngx.header["Content-Type"] = "text/event-stream; charset=utf-8"
+  ngx.header["Cache-Control"] = "no-cache"
+  ngx.header["X-Accel-Buffering"] = "no"
+  if sc.body_delay then
+    local ok = ngx.send_headers()
+    if not ok or not ngx.flush(true) then return client_gone() end
+    sleep_ms(sc.body_delay)
+  end
+
+  local batch = reply.chunks and not (sc.bytewise or sc.slow_chunks)
+  local buf, buffered = {}, 0
+  local first = true
+  local last_ev, last_framed
+
+  local function write(s)
+    if first then
+      first = false
+      if sc.bom then s = BOM .. s end
+    end
+    if sc.bytewise then
+      for i = 1, #s do out(sub(s, i, i)) end
+    elseif batch then
+      buf[#buf + 1] = s
+      buffered = buffered + #s
+      if buffered >= BATCH_BYTES then
+        out(concat(buf))
+        buf, buffered = {}, 0
+      end
+    else
+      out(s)
+    end
+  end
+
+  local function frame(data)
+    if data == last_ev then return last_framed end
+    local body
+    if sc.multiline then
+      body = "data: " .. concat(split_json(data), eol .. "data: ")
+    else
+      body = "data: " .. data
+    end
+    local framed = body .. eol .. eol
+    if sc.comments then framed = ": OPENROUTER PROCESSING" .. eol .. eol .. framed end
+    last_ev, last_framed = data, framed
+    return framed
+  end
+
+  local function flush_batch()
+    if #buf > 0 then out(concat(buf)) buf, buffered = {}, 0 end
+  end
+
+  local function send_event(data)
+    if sc.slow_chunks and not first then sleep_ms(sc.slow_chunks) end
+    write(frame(data))
+  end
+
+  local function end_stream()
+    flush_batch()
+    leave(ctx)
+    return ngx.eof()
+  end
+
+  for i = 1, #events do
+    send_event(events[i])
+    if i == cut then
+      flush_batch()
+      if sc.stall then sleep_ms(sc.stall) end
+      if sc.error_chunk then
+        send_event(error_body("The server had an error while processing your request. Sorry about that!",
+          "server_error", "server_error"))
+        return end_stream()
+      elseif sc.event_error then
+        write("event: error" .. eol .. "data: "
+          .. error_body("The server had an error while processing your request.", "server_error", "server_error")
+          .. eol .. eol)
+        return end_stream()
+      elseif sc.openrouter_error then
+        local p = chunk_prefix(id, model, '"provider":"sim","error":{"code":502,'
+          .. '"message":"Provider returned error: upstream disconnected","metadata":{"provider_name":"sim"}},')
+        send_event(choice_chunk(p, 0, '{"content":""}', "error"))
+        return end_stream()
+      elseif sc.eof_mid then
+        return end_stream()
+      elseif sc.reset then
+        flush_batch()
+        leave(ctx)
+        -- close the connection with the chunked body unfinished
+        return ngx.exit(444)
+      end
+    end
+  end
+  for _, ev in ipairs(tail) do send_event(ev) end
+  if not sc.no_done then send_event("[DONE]") end
+  return end_stream()
+end
+
+local function replay(ctx, name, sc)
+  if not name:match("^[%w_%.%-]+$") or name:find("..", 1, true) then
+    return send_json(400, error_body("replay: bad fixture name " .. name, "invalid_request_error", "sim_replay"))
+  end
+  local data = replay_cache[name]
+  if not data then
+    local path = repo_root .. "/tests/fixtures/openai-streams/" .. name .. ".sse"
+    local f = io.open(path, "rb")
+    if not f then
+      return send_json(404, error_body("replay: no fixture " .. path, "invalid_request_error", "sim_replay"))
+    end
+    data = f:read("*a")
+    f:close()
+    replay_cache[name] = data
+  end
+  ngx.status = 200
+  ngx.header["Content-Type"] = "text/event-stream; charset=utf-8"
+  ngx.header["Cache-Control"] = "no-cache"
+  if sc.bytewise then
+    for i = 1, #data do out(sub(data, i, i)) end
+  else
+    out(data)
+  end
+  leave(ctx)
+end
+
+-- Chat completions ------------------------------------------------------------
+
+local function header_value(h)
+  if type(h) == "table" then return concat(h, ",") end
+  return h
+end
+
+local function read_body()
+  ngx.req.read_body()
+  local raw = ngx.req.get_body_data()
+  if not raw then
+    local path = ngx.req.get_body_file()
+    if path then
+      local f = io.open(path, "rb")
+      if f then raw = f:read("*a") f:close() end
+    end
+  end
+  return raw or ""
+end
+
+local function chat(ctx)
+  enter(ctx)
+  local ok, err = ngx.on_abort(on_abort)
+  if not ok then ngx.log(ngx.WARN, "sim: on_abort: ", err) end
+
+  if ngx.req.get_method() ~= "POST" then
+    send_json(405, error_body("Method not allowed: use POST.", "invalid_request_error", "method_not_allowed"))
+    return leave(ctx)
+  end
+
+  local raw = read_body()
+  local headers = ngx.req.get_headers(0)
+  local req = decode(raw)
+  if type(req) ~= "table" then req = nil end
+  last_request = { method = "POST", uri = ngx.var.request_uri, headers = headers, body = req or null, raw_body = raw }
+
+  -- scenario: header directives, then the model name's
+  local spec = header_value(headers["x-sim-scenario"]) or ""
+  if req and type(req.model) == "string" then
+    local from_model = req.model:match("^sim:(.*)$")
+    if from_model then spec = spec == "" and from_model or (spec .. "," .. from_model) end
+  end
+  local sc, unknown = scenarios.parse(spec)
+  if #unknown > 0 then ngx.header["X-Sim-Unknown"] = concat(unknown, ",") end
+  local key = header_value(headers["x-sim-key"])
+  if not key and spec ~= "" then key = spec .. "#" .. sub(ngx.md5(raw), 1, 8) end
+  if key then
+    local attempt = shared():incr("k:" .. key, 1, 0)
+    ngx.header["X-Sim-Attempt"] = attempt
+    local fail = tonumber(sc.fail)
+    if fail and attempt > fail then sc = {} end
+  end
+
+  local seq = shared():incr("ids", 1, 0)
+  local id = "chatcmpl-sim-" .. seq
+  ngx.header["X-Request-Id"] = "req_sim_" .. seq
+
+  if sc.delay then sleep_ms(sc.delay) end
+  if sc.crash then error("sim: simulated crash (the crash directive)") end
+  if sc.close then
+    leave(ctx)
+    return ngx.exit(444)
+  end
+  if sc.auth and ngx.var.http_authorization ~= "Bearer sk-test-good" then
+    local body, h = scenario_error(401, sc, req)
+    send_json(401, body, h)
+    return leave(ctx)
+  end
+
+  if not req then
+    send_json(400, error_body("We could not parse the JSON body of your request. The API expects a JSON payload.",
+      "invalid_request_error", "invalid_json"))
+    return leave(ctx)
+  end
+  local missing = (type(req.model) ~= "string" or req.model == "") and "model"
+    or (type(req.messages) ~= "table" or next(req.messages) == nil) and "messages" or nil
+  if missing then
+    send_json(400, error_body(("Missing required parameter: '%s'."):format(missing),
+      "invalid_request_error", "missing_required_parameter", missing))
+    return leave(ctx)
+  end
+
+  local info = analyse(req)
+  local status = tonumber(sc.status)
+  if status and status ~= 200 then
+    local body, h = scenario_error(status, sc, req, info)
+    respond(status, "application/json", body, h, sc.body_delay)
+    return leave(ctx)
+  end
+
+  if sc.replay then return replay(ctx, tostring(sc.replay), sc) end
+
+  local function plain(ctype, body)
+    respond(200, ctype, body, nil, sc.body_delay)
+    return leave(ctx)
+  end
+  if sc.malformed then
+    return plain("application/json",
+      '{"id":"' .. id .. '","object":"chat.completion","created":' .. CREATED
+      .. ',"choices":[{"index":0,"message":{"role":"assistant","content":"Echo: hel')
+  elseif sc.empty then
+    return plain("application/json", "")
+  elseif sc.html then
+    return plain("text/html",
+      "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n"
+      .. "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+  elseif sc.wrong_shape then
+    return plain("application/json", '{"foo":1}')
+  end
+
+  local n = floor(tonumber(req.n) or 1)
+  if sc.n3 then n = 3 end
+  if n < 1 then n = 1 elseif n > 128 then n = 128 end
+  local model = req.model
+  local reply = decide(req, info, sc, seq)
+  local choices, completion = build_choices(req, reply, n)
+
+  if req.stream == true then
+    return stream_reply(ctx, req, id, model, info, reply, choices, completion, sc)
+  end
+  return plain("application/json",
+    completion_body(id, model, choices, usage_of(info.prompt_tokens, completion)))
+end
+
+-- Control endpoints -----------------------------------------------------------
+
+local function stats()
+  local d = shared()
+  local by_key = {}
+  for _, k in ipairs(d:get_keys(0)) do
+    if sub(k, 1, 2) == "k:" then by_key[sub(k, 3)] = d:get(k) end
+  end
+  send_json(200, encode({
+    requests = d:get("requests") or 0,
+    in_flight = d:get("in_flight") or 0,
+    max_in_flight = d:get("max_in_flight") or 0,
+    aborted = d:get("aborted") or 0,
+    by_key = by_key,
+  }))
+end
+
+-- Zero the counters. in_flight is not a counter but a fact: it is kept, and
+-- max_in_flight restarts from it.
+local function reset()
+  if ngx.req.get_method() ~= "POST" then
+    return send_json(405, error_body("Method not allowed: use POST.", "invalid_request_error", "method_not_allowed"))
+  end
+  local d = shared()
+  local in_flight = d:get("in_flight") or 0
+  d:flush_all()
+  d:flush_expired()
+  d:set("in_flight", in_flight)
+  d:set("max_in_flight", in_flight)
+  last_request = nil
+  send_json(200, '{"ok":true}')
+end
+
+local function last()
+  if not last_request then
+    return send_json(404, error_body("No chat request recorded yet.", "invalid_request_error", "sim_no_request"))
+  end
+  send_json(200, encode(last_request))
+end
+
+local MODELS = { "gpt-4o-mini", "gpt-4o", "nousresearch/hermes-3-llama-3.1-405b" }
+
+local function models()
+  local data = {}
+  for i, m in ipairs(MODELS) do data[i] = { id = m, object = "model", created = CREATED, owned_by = "sim" } end
+  send_json(200, encode({ object = "list", data = data }))
+end
+
+-- Entry points ------------------------------------------------------------------
+
+function M.handle()
+  local uri = ngx.var.uri
+  if find(uri, "/chat/completions/?$") then
+    return chat(ngx.ctx)
+  elseif uri == "/__sim/stats" then
+    return stats()
+  elseif uri == "/__sim/reset" then
+    return reset()
+  elseif uri == "/__sim/last" then
+    return last()
+  elseif find(uri, "/models/?$") then
+    return models()
+  end
+  send_json(404, error_body("Unknown endpoint " .. uri, "invalid_request_error", "unknown_url"))
+end
+
+-- log_by_lua: runs once for every request however it ended (444, abort,
+-- Lua error), so nothing stays counted as in flight.
+function M.log()
+  local ctx = ngx.ctx
+  if ctx.sim_in_flight then leave(ctx) end
+end
+
+return M
