@@ -460,9 +460,10 @@ local function stream_event(s, ev)
       { status = 200, code = code, type = serr.type, model = s.ctx.model })
   end
   if type(chs) == "table" and chs[1] ~= nil then
-    local q = s.queue
-    q[#q + 1] = text or ""
-    q[#q + 1] = chunk
+    local q, t = s.queue, s.qtail
+    q[t + 1] = text or ""
+    q[t + 2] = chunk
+    s.qtail = t + 2
     for i = 1, #chs do
       local ch = chs[i]
       if type(ch) == "table" then
@@ -497,7 +498,7 @@ local function stream_retry(s, err)
     return false
   end
   if s.conn then s.conn:cancel() end
-  s.conn, s.parser, s.acc, s.queue, s.qhead = nil, nil, nil, {}, 1
+  s.conn, s.parser, s.acc, s.queue, s.qhead, s.qtail = nil, nil, nil, {}, 1, 0
   if s.release then s.release() ; s.release = nil end
   sched.sleep(retry.delay(err, ctx.attempts - 1))
   return true
@@ -525,14 +526,16 @@ function Stream:next()
       end
       local ok, err = stream_connect(self)
       if not ok then
-        if not stream_retry(self, err) then return stream_fail(self, err) end
+        if not stream_retry(self, err) then stream_fail(self, err) end
       elseif self.whole then
         -- non-streamed reply to a stream request: deliver it as one delta
         local res = self.whole
         self.result_res = res
         self.finished = true
-        self.queue[#self.queue + 1] = res.text
-        self.queue[#self.queue + 1] = res.raw
+        local t = self.qtail
+        self.queue[t + 1] = res.text
+        self.queue[t + 2] = res.raw
+        self.qtail = t + 2
       end
     else
       local bytes = self.conn:read()
@@ -540,12 +543,13 @@ function Stream:next()
         local events, perr = self.parser:feed(bytes)
         if not events then
           local err = errors.new("protocol", perr, { status = 200, model = self.ctx.model })
-          if not stream_retry(self, err) then return stream_fail(self, err) end
+          if not stream_retry(self, err) then stream_fail(self, err) end
         else
           for i = 1, #events do
             local ok, err = stream_event(self, events[i])
             if not ok then
-              if not stream_retry(self, err) then return stream_fail(self, err) end
+              -- deltas already queued are still delivered before the error
+              if not stream_retry(self, err) then stream_fail(self, err) end
               break
             end
           end
@@ -562,7 +566,7 @@ function Stream:next()
             { status = 200, model = self.ctx.model })
         end
         if err then
-          if not stream_retry(self, err) then return stream_fail(self, err) end
+          if not stream_retry(self, err) then stream_fail(self, err) end
         else
           self.finished = true
           self.conn = nil
@@ -751,7 +755,7 @@ local function new_stream(self, body, opts, model, t0, settle)
     timeout = opts.timeout or self.timeout, t0 = t0, settle = settle,
     headers = opts.header_list,
   }
-  return setmetatable({ client = self, ctx = ctx, queue = {}, qhead = 1 }, Stream)
+  return setmetatable({ client = self, ctx = ctx, queue = {}, qhead = 1, qtail = 0 }, Stream)
 end
 
 local function stream_model(self, body, opts, model, t0)
@@ -824,7 +828,7 @@ function Client:stream(req)
   local s
   if not settle then
     s = setmetatable({ client = self, ctx = { model = model, attempts = 0, t0 = t0 },
-      queue = {}, qhead = 1, finished = true, err = perr, settled = true }, Stream)
+      queue = {}, qhead = 1, qtail = 0, finished = true, err = perr, settled = true }, Stream)
   else
     s = new_stream(self, body, opts, model, t0, settle)
   end

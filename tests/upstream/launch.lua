@@ -340,6 +340,11 @@ function M.start(opts)
   run("mkdir -p " .. q(prefix .. "/logs") .. " " .. q(prefix .. "/tmp"))
   write_file(prefix .. "/.slm-upstream", "test upstream prefix; removed by stop\n")
 
+  if opts.port and port_taken(opts.port) then
+    M.stop_prefix(prefix)
+    error(("upstream: nginx did not start: 127.0.0.1:%d is taken (Address already in use)"):format(opts.port), 0)
+  end
+
   local conf = prefix .. "/nginx.conf"
   local log = prefix .. "/logs/error.log"
   local tries = opts.port and 1 or BIND_TRIES

@@ -642,7 +642,6 @@ local function stream_reply(ctx, req, id, model, info, reply, choices, completio
       elseif sc.eof_mid then
         return end_stream()
       elseif sc.reset then
-        flush_batch()
         leave(ctx)
         -- close the connection with the chunked body unfinished
         return ngx.exit(444)
