@@ -1,0 +1,32 @@
+rockspec_format = "3.0"
+package = "lua-slm"
+version = "0.1.0-1"
+source = {
+  url = "git+file:///dev/null", -- built from a checkout: `luarocks make rockspec/lua-slm-0.1.0-1.rockspec`
+}
+description = {
+  summary = "Small language models at work in Lua: an OpenAI-compatible client with a C core",
+  detailed = [[
+    lua-slm puts small, cheap chat models (gpt-4o-mini, Hermes 3 and anything behind an
+    OpenAI-compatible chat-completions endpoint) to work from Lua 5.4 scripts, batch jobs
+    and OpenResty: non-blocking HTTP over the libcurl multi interface, an SSE stream parser
+    and an exact BPE tokenizer in C; retries, fallback, budgets, rate limits and cost in Lua.
+  ]],
+  license = "MIT",
+  labels = { "llm", "openai", "http", "sse", "tokenizer" },
+}
+dependencies = {
+  "lua >= 5.1",
+  "lua-cjson",
+}
+-- libcurl (libcurl4-openssl-dev on Debian) is found by CMake through pkg-config.
+build = {
+  type = "cmake",
+  variables = {
+    CMAKE_BUILD_TYPE = "Release",
+    CMAKE_INSTALL_PREFIX = "$(PREFIX)",
+    SLM_INSTALL_CMOD = "$(LIBDIR)",
+    SLM_INSTALL_LMOD = "$(LUADIR)",
+    SLM_WERROR = "OFF",
+  },
+}
