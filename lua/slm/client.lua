@@ -281,13 +281,13 @@ end
 ---------------------------------------------------------------------------
 
 local count_mod -- slm.count, loaded lazily (it loads tokenizers)
-local function prompt_tokens(body)
+local function prompt_tokens(body, model)
   if count_mod == nil then
     local ok, m = pcall(require, "slm.count")
     count_mod = ok and m or false
   end
   if count_mod then
-    local ok, n, info = pcall(count_mod.count, body, body.model)
+    local ok, n, info = pcall(count_mod.count, body, model or body.model)
     if ok and n then return n, info end
   end
   -- conservative fallback: one token per 3 bytes of JSON
@@ -605,8 +605,9 @@ function Stream:_settle()
   elseif res and not res.latency then
     finish_response(self.client, res, ctx)
   end
-  local usage = res and res.usage or (self.err and self.err.partial and self.err.partial.usage)
-  if ctx.settle then ctx.settle(usage) end
+  local partial = self.err and self.err.partial
+  local usage = res and res.usage or (partial and partial.usage)
+  if ctx.settle then ctx.settle(usage, partial and partial.text) end
 end
 
 --- The final Response (after the loop), or nil, err.
@@ -669,7 +670,7 @@ local function precheck(self, body, opts, model)
   local check = opts.check_context
   if check == nil then check = self.check_context end
   if not info and not budget then return function() end end
-  local prompt, cinfo = prompt_tokens(body)
+  local prompt, cinfo = prompt_tokens(body, model)
   local max_out = body.max_tokens or body.max_completion_tokens or (info and info.max_output) or 4096
   if check and info and info.context then
     local need = prompt + (body.max_tokens or body.max_completion_tokens or 0)
@@ -682,14 +683,34 @@ local function precheck(self, body, opts, model)
     end
   end
   if not budget then return function() end end
-  local worst_usage = { prompt_tokens = prompt, completion_tokens = max_out, total_tokens = prompt + max_out }
+  -- every choice of n > 1 can produce max_tokens
+  local choices = tonumber(body.n) or 1
+  if choices < 1 then choices = 1 end
+  local worst_out = max_out * choices
+  local worst_usage = { prompt_tokens = prompt, completion_tokens = worst_out, total_tokens = prompt + worst_out }
   local usd = models.cost(info or model, worst_usage)
-  local resv, berr = budget:reserve(usd or 0, prompt + max_out, model)
+  if not usd and budget.usd and budget.usd ~= math.huge then
+    return nil, errors.new("budget", format("model %s has no price, so a USD budget cannot bound it "
+      .. "(add its prices to slm.models, or use a token budget)", model), { status = 0, model = model })
+  end
+  local resv, berr = budget:reserve(usd or 0, prompt + worst_out, model)
   if not resv then
     berr.model = model
     return nil, berr
   end
-  return function(usage)
+  -- settle(usage, partial_text): with no usage (a broken or cancelled
+  -- stream) charge the counted prompt plus the tokens of what arrived,
+  -- since the provider bills them.
+  return function(usage, partial_text)
+    if not usage and partial_text then
+      local completion = 0
+      if partial_text ~= "" then
+        local ok, tok = pcall(function() return require("slm.tokenizer").get(info and info.tokenizer or model) end)
+        completion = ok and tok and tok:count(partial_text) or math.ceil(#partial_text / 4)
+      end
+      usage = { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion,
+        estimated = true }
+    end
     local real_usd = usage and models.cost(info or model, usage) or 0
     if usage and tonumber(nn(usage.cost)) and not usd then real_usd = tonumber(usage.cost) end
     budget:settle(resv, real_usd, usage and tonumber(usage.total_tokens) or 0)

@@ -67,8 +67,17 @@ function M.cost(name, usage)
 end
 
 -- The table users see: index by any known name or alias, assign new models.
+local functions = {
+  compare = function(spec) return require("slm.compare").compare(spec) end,
+  print_comparison = function(rows, write) return require("slm.compare").print(rows, write) end,
+  find = resolve,
+}
 M.table = setmetatable({}, {
-  __index = function(_, k) return (resolve(k)) end,
+  __index = function(_, k)
+    local f = functions[k]
+    if f then return f end
+    return (resolve(k))
+  end,
   __newindex = function(_, k, v)
     if type(k) ~= "string" then error("slm.models: model names are strings", 2) end
     if v ~= nil and type(v) ~= "table" then error("slm.models['" .. k .. "'] must be a table", 2) end

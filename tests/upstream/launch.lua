@@ -27,8 +27,12 @@ end
 
 -- Run a shell command; returns its output (stdout and stderr) and whether
 -- it exited 0.
+-- The test runner may preload sanitizer runtimes (LD_PRELOAD) for the Lua
+-- process under test; nginx and curl must not inherit them.
+local CLEAN = "unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS; "
+
 local function run(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1", "r"))
+  local p = assert(io.popen(CLEAN .. cmd .. " 2>&1", "r"))
   local out = p:read("a")
   local ok = p:close()
   return out, ok == true
@@ -163,7 +167,7 @@ end
 local cjson = require "cjson.safe"
 
 local function http(method, url, body)
-  local cmd = "curl -sS --max-time 10 -X " .. method
+  local cmd = CLEAN .. "curl -sS --max-time 10 -X " .. method
   if body then cmd = cmd .. " -H 'Content-Type: application/json' --data-binary " .. q(body) end
   local p = assert(io.popen(cmd .. " " .. q(url) .. " 2>&1", "r"))
   local out = p:read("a")
