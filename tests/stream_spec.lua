@@ -290,3 +290,42 @@ describe("on_delta control", function()
     assert.are.equal("Echo: other", ok_other.text)
   end)
 end)
+
+describe("recorded OpenAI streams through the client", function()
+  local json = require "cjson"
+  local f = assert(io.open("tests/fixtures/openai-streams/expected.json"))
+  local expected = json.decode(f:read("a"))
+  f:close()
+  local names = {}
+  for name in pairs(expected) do names[#names + 1] = name end
+  table.sort(names)
+  local function nn(v) if v == json.null then return nil end return v end
+
+  for _, file in ipairs(names) do
+    it("replays " .. file .. " into the expected Response", function()
+      local want = expected[file]
+      local res, err = client():chat{ messages = msgs(), stream = true,
+        model = "sim:replay=" .. file:gsub("%.sse$", "") }
+      assert.is_nil(err)
+      assert.are.equal(want.id, res.id)
+      assert.are.equal(want.model, res.model)
+      assert.are.same(nn(want.usage), res.usage)
+      assert.are.equal(#want.choices, #res.choices)
+      for i, wc in ipairs(want.choices) do
+        local rc = res.choices[i]
+        assert.are.equal(wc.index, rc.index)
+        assert.are.equal(nn(wc.content) or "", rc.text)
+        assert.are.equal(nn(wc.refusal), rc.refusal)
+        assert.are.equal(nn(wc.finish_reason), rc.finish_reason)
+        assert.are.equal(#wc.tool_calls, #rc.tool_calls)
+        for j, wt in ipairs(wc.tool_calls) do
+          local rt = rc.tool_calls[j]
+          assert.are.equal(wt.id, rt.id)
+          assert.are.equal(wt.name, rt["function"].name)
+          assert.are.equal(wt.arguments, rt["function"].arguments)
+        end
+      end
+      assert.are.equal(nn(want.choices[1].content) or "", res.text)
+    end)
+  end
+end)
