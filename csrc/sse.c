@@ -1,3 +1,622 @@
-/* sse.c - placeholder until the real implementation lands. */
+/*
+ * sse.c - incremental Server-Sent Events parser: core.sse_parser().
+ *
+ * Owns the byte-level framing of text/event-stream bodies, exactly as the
+ * WHATWG HTML "parsing an event stream" section says: BOM stripping, CR/LF/
+ * CRLF line ends (also split across chunks), comments, field parsing, data
+ * joining, event type, last event ID and retry.  It is length-based and
+ * binary-safe, never truncates (an event over max_event is an error) and
+ * never re-scans buffered bytes: each input byte is looked at by memchr and
+ * copied at most once into the parser before it becomes a Lua string.
+ *
+ * The parser itself is a small C API (sse.h) with no Lua in it, so the fuzz
+ * harness can drive it; the Lua binding is at the end of this file.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "slm.h"
-int slm_open_sse(lua_State *L) { (void)L; return 0; }
+#include "sse.h"
+
+/* Where the current line stands. */
+enum {
+  ST_START = 0, /* at the first byte of a line */
+  ST_NAME,      /* reading the field name (p->name) */
+  ST_VALUE0,    /* just after the colon: one space may follow */
+  ST_VALUE,     /* reading the value of p->field */
+  ST_SKIP       /* comment or unknown field: skip to the line end */
+};
+
+/* Fields we act on. */
+enum { F_NONE = 0, F_DATA, F_EVENT, F_ID, F_RETRY };
+
+#define RETRY_MAX 9007199254740991ULL /* 2^53 - 1: exact in every Lua */
+#define KEEP_CAP ((size_t)1 << 20)    /* larger buffers are not kept idle */
+
+static const unsigned char BOM[3] = {0xEF, 0xBB, 0xBF};
+
+/* ---- buffers ----------------------------------------------------------- */
+
+static int buf_reserve(slm_sse_buf *b, size_t extra) {
+  size_t need = b->len + extra, cap;
+  char *np;
+  if (need <= b->cap) return 0;
+  if (need < b->len) return -1; /* overflow */
+  cap = b->cap ? b->cap : 64;
+  while (cap < need) {
+    if (cap > ((size_t)-1) / 2) { cap = need; break; }
+    cap *= 2;
+  }
+  np = (char *)realloc(b->p, cap);
+  if (np == NULL) return -1;
+  b->p = np;
+  b->cap = cap;
+  return 0;
+}
+
+static void buf_free(slm_sse_buf *b) {
+  free(b->p);
+  b->p = NULL;
+  b->len = b->cap = 0;
+}
+
+/* Appends n bytes to one of the pending-event buffers, enforcing max_event
+ * on everything the pending event holds. */
+static int event_append(slm_sse *p, slm_sse_buf *b, const char *s, size_t n) {
+  size_t held;
+  if (n == 0) return 0;
+  held = p->data.len + p->type.len + p->idval.len;
+  if (n > p->max_event || held > p->max_event - n) {
+    p->err = SLM_SSE_ETOOBIG;
+    return -1;
+  }
+  if (buf_reserve(b, n) != 0) {
+    p->err = SLM_SSE_ENOMEM;
+    return -1;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+  return 0;
+}
+
+/* ---- public API -------------------------------------------------------- */
+
+void slm_sse_init(slm_sse *p, size_t max_event) {
+  memset(p, 0, sizeof *p);
+  p->max_event = max_event ? max_event : SLM_SSE_DEFAULT_MAX_EVENT;
+}
+
+void slm_sse_free(slm_sse *p) {
+  size_t max_event = p->max_event;
+  buf_free(&p->data);
+  buf_free(&p->type);
+  buf_free(&p->idval);
+  buf_free(&p->idbuf);
+  buf_free(&p->lastid);
+  slm_sse_init(p, max_event);
+}
+
+/* Per-stream state back to "start of a new stream"; the last event ID
+ * string and the retry value are kept (they survive reconnections). */
+static void stream_reset(slm_sse *p) {
+  p->data.len = p->type.len = p->idval.len = 0;
+  p->data_lines = 0;
+  p->pending = 0;
+  p->state = ST_START;
+  p->field = F_NONE;
+  p->name_len = 0;
+  p->bom = 0;
+  p->cr = 0;
+  if (p->data.cap > KEEP_CAP) buf_free(&p->data);
+  if (p->idval.cap > KEEP_CAP) buf_free(&p->idval);
+  if (p->type.cap > KEEP_CAP) buf_free(&p->type);
+  /* An id line of the dropped event was never committed: forget it. */
+  if (p->id_dirty) {
+    p->idbuf.len = 0;
+    if (p->lastid.len && buf_reserve(&p->idbuf, p->lastid.len) == 0) {
+      memcpy(p->idbuf.p, p->lastid.p, p->lastid.len);
+      p->idbuf.len = p->lastid.len;
+    }
+    p->id_dirty = 0;
+  }
+}
+
+void slm_sse_reset(slm_sse *p) {
+  stream_reset(p);
+  p->idbuf.len = p->lastid.len = 0;
+  p->id_dirty = 0;
+  p->has_retry = 0;
+  p->retry = 0;
+  p->err = SLM_SSE_OK;
+}
+
+size_t slm_sse_finish(slm_sse *p) {
+  size_t n = p->pending + (p->bom > 0 ? (size_t)p->bom : 0);
+  if (p->err) n = 0;
+  stream_reset(p);
+  return n;
+}
+
+const char *slm_sse_last_id(const slm_sse *p, size_t *len) {
+  *len = p->lastid.len;
+  return p->lastid.len ? p->lastid.p : NULL;
+}
+
+int slm_sse_retry(const slm_sse *p, long long *ms) {
+  *ms = p->retry;
+  return p->has_retry;
+}
+
+/* ---- the line machine -------------------------------------------------- */
+
+/* Finds line ends in one chunk.  The next LF and the next CR are each
+ * searched once and remembered, so a chunk is scanned at most twice
+ * (once per byte value) however many lines it holds. */
+typedef struct scan {
+  const char *end;
+  const char *lf, *cr; /* next LF / CR at or after the last query, end when
+                          none, NULL when not searched yet */
+} scan;
+
+static const char *find_eol(scan *sc, const char *s) {
+  const char *q;
+  if (sc->lf == NULL || sc->lf < s) {
+    q = (const char *)memchr(s, '\n', (size_t)(sc->end - s));
+    sc->lf = q ? q : sc->end;
+  }
+  if (sc->cr == NULL || sc->cr < s) {
+    q = (const char *)memchr(s, '\r', (size_t)(sc->end - s));
+    sc->cr = q ? q : sc->end;
+  }
+  q = sc->lf < sc->cr ? sc->lf : sc->cr;
+  return q == sc->end ? NULL : q;
+}
+
+/* Consumes the line end at q (CR, LF or CRLF); returns the next byte. */
+static const char *eat_eol(slm_sse *p, const char *q, const char *end) {
+  if (*q == '\r') {
+    if (q + 1 == end) {
+      p->cr = 1; /* a LF opening the next chunk belongs to this line end */
+      return end;
+    }
+    if (q[1] == '\n') return q + 2;
+  }
+  return q + 1;
+}
+
+/* A field name is complete (colon or line end seen). */
+static void open_field(slm_sse *p) {
+  const char *n = p->name;
+  p->field = F_NONE;
+  switch (p->name_len) {
+    case 2:
+      if (memcmp(n, "id", 2) == 0) {
+        p->field = F_ID;
+        p->idval.len = 0;
+      }
+      break;
+    case 4:
+      if (memcmp(n, "data", 4) == 0) p->field = F_DATA;
+      break;
+    case 5:
+      if (memcmp(n, "event", 5) == 0) {
+        p->field = F_EVENT;
+        p->type.len = 0;
+      } else if (memcmp(n, "retry", 5) == 0) {
+        p->field = F_RETRY;
+        p->racc = 0;
+        p->rbad = 0;
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+/* The data field opens: lines after the first are joined with LF. */
+static int open_data(slm_sse *p) {
+  p->field = F_DATA;
+  if (p->data_lines++ > 0) return event_append(p, &p->data, "\n", 1);
+  return 0;
+}
+
+static int value_bytes(slm_sse *p, const char *s, size_t n) {
+  size_t i;
+  switch (p->field) {
+    case F_DATA: return event_append(p, &p->data, s, n);
+    case F_EVENT: return event_append(p, &p->type, s, n);
+    case F_ID: return event_append(p, &p->idval, s, n);
+    case F_RETRY:
+      for (i = 0; i < n && p->rbad < 2; i++) {
+        unsigned d = (unsigned char)s[i] - (unsigned)'0';
+        if (d > 9 || p->racc > (RETRY_MAX - d) / 10) p->rbad = 2;
+        else {
+          p->racc = p->racc * 10 + d;
+          p->rbad = 1;
+        }
+      }
+      return 0;
+    default: return 0;
+  }
+}
+
+/* The line of the current field ended. */
+static void close_field(slm_sse *p) {
+  slm_sse_buf t;
+  switch (p->field) {
+    case F_ID:
+      if (p->idval.len && memchr(p->idval.p, '\0', p->idval.len)) break;
+      t = p->idbuf; /* the value becomes the last event ID buffer */
+      p->idbuf = p->idval;
+      p->idval = t;
+      p->idval.len = 0;
+      p->id_dirty = 1;
+      break;
+    case F_RETRY:
+      if (p->rbad == 1) {
+        p->retry = (long long)p->racc;
+        p->has_retry = 1;
+      }
+      break;
+    default:
+      break;
+  }
+  p->field = F_NONE;
+}
+
+/* A blank line: dispatch the pending event. */
+static int dispatch(slm_sse *p, slm_sse_on_event on_event, void *ud) {
+  if (p->id_dirty) {
+    p->lastid.len = 0;
+    if (p->idbuf.len) {
+      if (buf_reserve(&p->lastid, p->idbuf.len) != 0) {
+        p->err = SLM_SSE_ENOMEM;
+        return -1;
+      }
+      memcpy(p->lastid.p, p->idbuf.p, p->idbuf.len);
+      p->lastid.len = p->idbuf.len;
+    }
+    p->id_dirty = 0;
+  }
+  if (p->data_lines) {
+    slm_sse_event ev;
+    ev.data = p->data.len ? p->data.p : "";
+    ev.data_len = p->data.len;
+    if (p->type.len) {
+      ev.type = p->type.p;
+      ev.type_len = p->type.len;
+    } else {
+      ev.type = "message";
+      ev.type_len = 7;
+    }
+    ev.id = p->lastid.len ? p->lastid.p : NULL;
+    ev.id_len = p->lastid.len;
+    /* Reset before the callback, and mark the parser failed while it runs:
+     * if it never returns (a Lua memory error longjmps out of feed), the
+     * parser is left consistent and reports "out of memory" from then on. */
+    p->data.len = 0;
+    p->data_lines = 0;
+    p->type.len = 0;
+    if (on_event) {
+      p->err = SLM_SSE_ENOMEM;
+      on_event(ud, &ev);
+      p->err = SLM_SSE_OK;
+    }
+    /* A big buffer is kept while events are big, dropped when they shrink. */
+    if (p->data.cap > KEEP_CAP && ev.data_len < p->data.cap / 4) buf_free(&p->data);
+  }
+  p->data.len = 0;
+  p->data_lines = 0;
+  p->type.len = 0;
+  return 0;
+}
+
+/* Runs the line machine over [s, end).  Returns 0 or -1 (p->err set). */
+static int run(slm_sse *p, const char *s, const char *end,
+               slm_sse_on_event on_event, void *ud) {
+  const char *start = s, *mark = NULL, *q;
+  scan sc;
+  sc.end = end;
+  sc.lf = sc.cr = NULL;
+  if (p->cr && s < end) { /* CR ended the previous chunk: skip its LF */
+    p->cr = 0;
+    if (*s == '\n') {
+      s++;
+      if (p->pending) p->pending++;
+      start = s;
+    }
+  }
+  while (s < end) {
+    switch (p->state) {
+      case ST_START: {
+        char c = *s;
+        if (c == '\n' || c == '\r') {
+          s = eat_eol(p, s, end);
+          if (dispatch(p, on_event, ud) != 0) return -1;
+          mark = s;
+          continue;
+        }
+        if (c == ':') {
+          p->state = ST_SKIP;
+          s++;
+          continue;
+        }
+        if (end - s >= 5 && memcmp(s, "data:", 5) == 0) {
+          if (open_data(p) != 0) return -1;
+          s += 5;
+          p->state = ST_VALUE0;
+          continue;
+        }
+        p->name_len = 0;
+        p->state = ST_NAME;
+        continue;
+      }
+      case ST_NAME:
+        while (s < end) {
+          char c = *s;
+          if (c == ':') {
+            s++;
+            open_field(p);
+            if (p->field == F_DATA && open_data(p) != 0) return -1;
+            p->state = p->field == F_NONE ? ST_SKIP : ST_VALUE0;
+            break;
+          }
+          if (c == '\n' || c == '\r') { /* no colon: the value is empty */
+            open_field(p);
+            if (p->field == F_DATA && open_data(p) != 0) return -1;
+            close_field(p);
+            s = eat_eol(p, s, end);
+            p->state = ST_START;
+            break;
+          }
+          if (p->name_len == 5) { /* longer than any field we know */
+            p->state = ST_SKIP;
+            break;
+          }
+          p->name[p->name_len++] = c;
+          s++;
+        }
+        continue;
+      case ST_VALUE0:
+        if (*s == ' ') s++;
+        p->state = ST_VALUE;
+        continue;
+      case ST_VALUE: {
+        size_t n;
+        q = find_eol(&sc, s);
+        n = (size_t)((q ? q : end) - s);
+        if (n && value_bytes(p, s, n) != 0) return -1;
+        if (q == NULL) {
+          s = end;
+          continue;
+        }
+        close_field(p);
+        s = eat_eol(p, q, end);
+        p->state = ST_START;
+        continue;
+      }
+      default: /* ST_SKIP */
+        q = find_eol(&sc, s);
+        if (q == NULL) {
+          s = end;
+          continue;
+        }
+        s = eat_eol(p, q, end);
+        p->state = ST_START;
+        continue;
+    }
+  }
+  if (mark) p->pending = (size_t)(end - mark);
+  else p->pending += (size_t)(end - start);
+  return 0;
+}
+
+int slm_sse_feed(slm_sse *p, const char *buf, size_t len,
+                 slm_sse_on_event on_event, void *ud) {
+  const char *s = buf, *end = buf + len;
+  if (p->err) return p->err;
+  while (p->bom >= 0 && s < end) { /* one BOM, only at the stream start */
+    if ((unsigned char)*s == BOM[p->bom]) {
+      s++;
+      if (++p->bom == 3) p->bom = -1;
+    } else {
+      int held = p->bom;
+      p->bom = -1;
+      if (held && run(p, (const char *)BOM, (const char *)BOM + held,
+                      on_event, ud) != 0)
+        return p->err;
+    }
+  }
+  if (s < end && run(p, s, end, on_event, ud) != 0) return p->err;
+  return SLM_SSE_OK;
+}
+
+/* ---- Lua binding ------------------------------------------------------- */
+
+#define SSE_MT "slm.SSEParser"
+
+/* Stack slots used by feed: the key strings and "message" are pushed once
+ * per call, so building an event table costs no string interning. */
+enum { S_LIST = 3, S_KDATA, S_KEVENT, S_KID, S_MESSAGE };
+
+/* Event tables wait on the stack and go into the events array in batches,
+ * so the array is created at its final size instead of growing. */
+#define BATCH 512
+
+typedef struct emit_ctx {
+  lua_State *L;
+  int n;       /* events stored in the array */
+  int waiting; /* event tables on top of the stack */
+} emit_ctx;
+
+static void flush_events(emit_ctx *c) {
+  lua_State *L = c->L;
+  int i;
+  if (lua_isnil(L, S_LIST)) {
+    lua_createtable(L, c->waiting, 0);
+    lua_replace(L, S_LIST);
+  }
+  for (i = c->waiting; i >= 1; i--) slm_rawseti(L, S_LIST, c->n + i);
+  c->n += c->waiting;
+  c->waiting = 0;
+}
+
+static void emit_lua(void *ud, const slm_sse_event *ev) {
+  emit_ctx *c = (emit_ctx *)ud;
+  lua_State *L = c->L;
+  if (c->waiting == BATCH || !lua_checkstack(L, 4)) flush_events(c);
+  lua_createtable(L, 0, ev->id ? 3 : 2);
+  lua_pushvalue(L, S_KDATA);
+  lua_pushlstring(L, ev->data, ev->data_len);
+  lua_rawset(L, -3);
+  lua_pushvalue(L, S_KEVENT);
+  if (ev->type_len == 7 && memcmp(ev->type, "message", 7) == 0)
+    lua_pushvalue(L, S_MESSAGE);
+  else
+    lua_pushlstring(L, ev->type, ev->type_len);
+  lua_rawset(L, -3);
+  if (ev->id) {
+    lua_pushvalue(L, S_KID);
+    lua_pushlstring(L, ev->id, ev->id_len);
+    lua_rawset(L, -3);
+  }
+  c->waiting++;
+}
+
+static slm_sse *check_parser(lua_State *L) {
+  return (slm_sse *)luaL_checkudata(L, 1, SSE_MT);
+}
+
+/* nil, message [, events dispatched before the failure] */
+static int push_error(lua_State *L, const slm_sse *p, int events) {
+  lua_pushnil(L);
+  if (p->err == SLM_SSE_ETOOBIG) {
+    char n[32];
+    snprintf(n, sizeof n, "%llu", (unsigned long long)p->max_event);
+    lua_pushfstring(L, "sse: event exceeds max_event (%s bytes)", n);
+  } else
+    lua_pushliteral(L, "sse: out of memory");
+  if (events == 0) return 2;
+  lua_pushvalue(L, events);
+  return 3;
+}
+
+/* p:feed(bytes) -> events | nil, err, events_before_the_failure */
+static int l_feed(lua_State *L) {
+  slm_sse *p = check_parser(L);
+  size_t len;
+  const char *s;
+  emit_ctx c;
+  int rc;
+  if (lua_type(L, 2) != LUA_TSTRING)
+    return luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s",
+                                               luaL_typename(L, 2)));
+  s = lua_tolstring(L, 2, &len);
+  if (p->err) return push_error(L, p, 0);
+  lua_settop(L, 2);
+  lua_pushnil(L); /* S_LIST: the events array, made at the first flush */
+  lua_pushliteral(L, "data");
+  lua_pushliteral(L, "event");
+  lua_pushliteral(L, "id");
+  lua_pushliteral(L, "message");
+  c.L = L;
+  c.n = 0;
+  c.waiting = 0;
+  rc = slm_sse_feed(p, s, len, emit_lua, &c);
+  flush_events(&c);
+  if (rc != SLM_SSE_OK) return push_error(L, p, S_LIST);
+  lua_settop(L, S_LIST);
+  return 1;
+}
+
+/* p:finish() -> bytes discarded */
+static int l_finish(lua_State *L) {
+  slm_sse *p = check_parser(L);
+  lua_pushinteger(L, (lua_Integer)slm_sse_finish(p));
+  return 1;
+}
+
+static int l_last_id(lua_State *L) {
+  slm_sse *p = check_parser(L);
+  size_t len;
+  const char *id = slm_sse_last_id(p, &len);
+  if (id) lua_pushlstring(L, id, len);
+  else lua_pushnil(L);
+  return 1;
+}
+
+static int l_retry(lua_State *L) {
+  slm_sse *p = check_parser(L);
+  long long ms;
+  if (slm_sse_retry(p, &ms)) lua_pushinteger(L, (lua_Integer)ms);
+  else lua_pushnil(L);
+  return 1;
+}
+
+static int l_reset(lua_State *L) {
+  slm_sse_reset(check_parser(L));
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* __gc and __close: frees the buffers; the parser stays usable (empty). */
+static int l_gc(lua_State *L) {
+  slm_sse_free(check_parser(L));
+  return 0;
+}
+
+static int l_tostring(lua_State *L) {
+  lua_pushfstring(L, SSE_MT " (%p)", lua_topointer(L, 1));
+  return 1;
+}
+
+/* core.sse_parser([{ max_event = bytes }]) */
+static int l_new(lua_State *L) {
+  size_t max_event = SLM_SSE_DEFAULT_MAX_EVENT;
+  slm_sse *p;
+  if (!lua_isnoneornil(L, 1)) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+      if (k && strcmp(k, "max_event") == 0) {
+        lua_Number n = lua_tonumber(L, -1);
+        if (lua_type(L, -1) != LUA_TNUMBER || !(n >= 1 && n <= 9007199254740991.0) ||
+            n != (lua_Number)(long long)n)
+          return luaL_argerror(L, 1, "max_event must be a positive integer");
+        max_event = (size_t)n;
+      } else {
+        return luaL_argerror(L, 1, k ? lua_pushfstring(L, "unknown option '%s'", k)
+                                     : "option names must be strings");
+      }
+      lua_pop(L, 1);
+    }
+  }
+  p = (slm_sse *)slm_newuserdata(L, sizeof *p);
+  slm_sse_init(p, max_event);
+  luaL_setmetatable(L, SSE_MT);
+  return 1;
+}
+
+int slm_open_sse(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"feed", l_feed}, {"finish", l_finish}, {"last_id", l_last_id},
+    {"retry", l_retry}, {"reset", l_reset}, {"close", l_gc}, {NULL, NULL}
+  };
+  static const luaL_Reg fns[] = {{"sse_parser", l_new}, {NULL, NULL}};
+  if (luaL_newmetatable(L, SSE_MT)) {
+    lua_createtable(L, 0, 8);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, l_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+  luaL_setfuncs(L, fns, 0);
+  return 0;
+}

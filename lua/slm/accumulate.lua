@@ -14,8 +14,8 @@
 -- chunk carried besides is still accumulated, and result() keeps working.
 -- Works unchanged under Lua 5.4 and LuaJIT.
 
-local type, pairs, setmetatable, concat, sort, tostring =
-  type, pairs, setmetatable, table.concat, table.sort, tostring
+local type, pairs, pcall, setmetatable, concat, sort, tostring =
+  type, pairs, pcall, setmetatable, table.concat, table.sort, tostring
 
 local ok_cjson, cjson = pcall(require, "cjson")
 local null = ok_cjson and cjson.null or nil -- JSON null as lua-cjson decodes it
@@ -39,7 +39,6 @@ local function new_choice(self, index)
     refusal = {}, nr = 0,
     reasoning = {}, nz = 0,
     calls = nil,            -- tool call index -> call
-    ncalls = 0,
     max_call = -1,          -- highest tool call index seen
     last_call = nil,        -- target of deltas that carry no index
     finish_reason = nil,
@@ -58,7 +57,6 @@ local function new_call(st, index)
     st.calls = calls
   end
   calls[index] = call
-  st.ncalls = st.ncalls + 1
   if index > st.max_call then st.max_call = index end
   return call
 end
@@ -106,10 +104,18 @@ local function str_or_nil(v)
   return tostring(v)
 end
 
+local StreamError = {
+  __tostring = function(e)
+    local s = "stream error: " .. tostring(e.message)
+    if e.code ~= nil then s = s .. " (" .. tostring(e.code) .. ")" end
+    return s
+  end,
+}
+
 -- Builds the error table of an in-stream error from an `error` value
 -- (object or string) of a chunk or a choice.
 local function make_error(e, fallback)
-  local err = { message = nil, code = nil, type = nil, status = nil }
+  local err = setmetatable({}, StreamError)
   if type(e) == "table" then
     err.message = str_or_nil(e.message)
     local code = e.code
@@ -132,6 +138,8 @@ end
 
 -- Folds one decoded chunk.  Returns the content delta of choice 0 (nil when
 -- the chunk has none or it is empty), or nil, err for an in-stream error.
+-- Hot path: plain field reads and comparisons, type() only where a wrong
+-- shape would raise; pieces are validated once, in result().
 function Acc:add(chunk)
   if type(chunk) ~= "table" then
     error("accumulate: chunk must be a table, got " .. type(chunk), 2)
@@ -142,66 +150,69 @@ function Acc:add(chunk)
     err = make_error(e, "error in stream")
   end
 
+  local v
   if self.id == nil then
-    local v = chunk.id
-    if type(v) == "string" and v ~= "" then self.id = v end
+    v = chunk.id
+    if v ~= nil and v ~= null and v ~= "" then self.id = v end
+    v = chunk.created
+    if v ~= nil and v ~= null then self.created = v end
   end
   if self.model == nil then
-    local v = chunk.model
-    if type(v) == "string" and v ~= "" then self.model = v end
-  end
-  if self.created == nil then
-    local v = chunk.created
-    if type(v) == "number" then self.created = v end
+    v = chunk.model
+    if v ~= nil and v ~= null and v ~= "" then self.model = v end
   end
   if self.system_fingerprint == nil then
-    local v = chunk.system_fingerprint
-    if type(v) == "string" then self.system_fingerprint = v end
+    v = chunk.system_fingerprint
+    if v ~= nil and v ~= null then self.system_fingerprint = v end
   end
-  local u = chunk.usage
-  if type(u) == "table" and u ~= null then self.usage = u end
+  v = chunk.usage
+  if v ~= nil and v ~= null then self.usage = v end
 
   local text
   local choices = chunk.choices
-  if type(choices) == "table" and choices ~= null then
+  if type(choices) == "table" then
     local all = self._choices
     for i = 1, #choices do
       local c = choices[i]
       if type(c) == "table" then
         local index = c.index
-        if type(index) ~= "number" then index = i - 1 end
+        if index == nil or index == null then index = i - 1 end
         local st = all[index] or new_choice(self, index)
         local d = c.delta
-        if type(d) ~= "table" or d == null then
+        if d == nil or d == null then
           d = c.message -- a few servers send a whole message in the last chunk
         end
-        if type(d) == "table" and d ~= null then
-          local role = d.role
-          if type(role) == "string" then st.role = role end
-          local s = d.content
-          if type(s) == "string" then
+        if type(d) == "table" then
+          local s = d.role
+          if s ~= nil and s ~= null then st.role = s end
+          s = d.content
+          if s ~= nil and s ~= null then
             local n = st.nc + 1
             st.content[n] = s
             st.nc = n
             if index == 0 and s ~= "" then
-              if text then text = text .. s else text = s end
+              if text == nil then
+                text = s
+              elseif type(s) == "string" and type(text) == "string" then
+                text = text .. s -- two entries for choice 0 in one chunk
+              end
             end
           end
           s = d.refusal
-          if type(s) == "string" then
+          if s ~= nil and s ~= null then
             local n = st.nr + 1
             st.refusal[n] = s
             st.nr = n
           end
           s = d.reasoning
-          if type(s) ~= "string" then s = d.reasoning_content end
-          if type(s) == "string" then
+          if s == nil or s == null then s = d.reasoning_content end
+          if s ~= nil and s ~= null then
             local n = st.nz + 1
             st.reasoning[n] = s
             st.nz = n
           end
-          local tc = d.tool_calls
-          if type(tc) == "table" and tc ~= null then merge_tool_calls(st, tc) end
+          s = d.tool_calls
+          if s ~= nil and s ~= null and type(s) == "table" then merge_tool_calls(st, s) end
         end
         local fr = c.finish_reason
         if fr ~= nil and fr ~= null then
@@ -231,12 +242,32 @@ end
 -- Joins pieces once and keeps the joined string, so repeated result()
 -- calls (and add() after result()) stay cheap.
 local function joined(pieces, n)
-  if n == 0 then return nil end
-  if n == 1 then return pieces[1] end
-  local s = concat(pieces, "", 1, n)
+  if n == 0 then return nil, 0 end
+  local ok, s = pcall(concat, pieces, "", 1, n)
+  if not ok or type(s) ~= "string" then -- a piece was not a string: drop it
+    local k = 0
+    for j = 1, n do
+      local p = pieces[j]
+      pieces[j] = nil
+      if type(p) == "string" then
+        k = k + 1
+        pieces[k] = p
+      elseif type(p) == "number" then
+        k = k + 1
+        pieces[k] = tostring(p)
+      end
+    end
+    if k == 0 then return nil, 0 end
+    n = k
+    s = concat(pieces, "", 1, n)
+  end
   for k = n, 2, -1 do pieces[k] = nil end
   pieces[1] = s
-  return s
+  return s, 1
+end
+
+local function by_string(a, b)
+  return tostring(a) < tostring(b)
 end
 
 local function sorted_keys(t)
@@ -245,29 +276,27 @@ local function sorted_keys(t)
     n = n + 1
     keys[n] = k
   end
-  sort(keys)
+  if not pcall(sort, keys) then sort(keys, by_string) end -- odd non-numeric index
   return keys, n
 end
 
 local function choice_result(st)
-  local content = joined(st.content, st.nc)
-  if st.nc > 1 then st.nc = 1 end
-  local refusal = joined(st.refusal, st.nr)
-  if st.nr > 1 then st.nr = 1 end
-  local reasoning = joined(st.reasoning, st.nz)
-  if st.nz > 1 then st.nz = 1 end
+  local content, refusal, reasoning
+  content, st.nc = joined(st.content, st.nc)
+  refusal, st.nr = joined(st.refusal, st.nr)
+  reasoning, st.nz = joined(st.reasoning, st.nz)
 
   local tool_calls = {}
   if st.calls then
     local keys, n = sorted_keys(st.calls)
     for k = 1, n do
       local call = st.calls[keys[k]]
-      local args = joined(call.args, call.na) or ""
-      if call.na > 1 then call.na = 1 end
+      local args
+      args, call.na = joined(call.args, call.na)
       tool_calls[k] = {
         id = call.id,
         type = call.type or "function",
-        ["function"] = { name = call.name, arguments = args },
+        ["function"] = { name = call.name, arguments = args or "" },
       }
     end
   end

@@ -540,19 +540,24 @@ function Stream:next()
     else
       local bytes = self.conn:read()
       if bytes then
-        local events, perr = self.parser:feed(bytes)
+        local events, perr, before = self.parser:feed(bytes)
+        local ferr
         if not events then
-          local err = errors.new("protocol", perr, { status = 200, model = self.ctx.model })
-          if not stream_retry(self, err) then stream_fail(self, err) end
-        else
+          -- an oversized event: what completed before it is still delivered
+          ferr = errors.new("protocol", perr, { status = 200, model = self.ctx.model })
+          events = before or {}
+        end
+        do
           for i = 1, #events do
             local ok, err = stream_event(self, events[i])
             if not ok then
               -- deltas already queued are still delivered before the error
               if not stream_retry(self, err) then stream_fail(self, err) end
+              ferr = nil
               break
             end
           end
+          if ferr and not stream_retry(self, ferr) then stream_fail(self, ferr) end
         end
       else
         -- end of body

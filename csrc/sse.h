@@ -1,0 +1,84 @@
+/*
+ * sse.h - the C API of the incremental Server-Sent Events parser (sse.c).
+ *
+ * The parser follows the WHATWG HTML "parsing an event stream" rules.  It
+ * does no I/O and has no global state; the Lua binding (core.sse_parser) and
+ * the fuzz harness (tests/fuzz/fuzz_sse.c) both sit on this API.
+ *
+ *   slm_sse p;
+ *   slm_sse_init(&p, 16 << 20);                  // never allocates
+ *   rc = slm_sse_feed(&p, buf, len, on_event, ud); // any chunk boundaries
+ *   n = slm_sse_finish(&p);                       // end of input
+ *   slm_sse_free(&p);                             // idempotent
+ *
+ * on_event is called once per dispatched event, in order.  The pointers in
+ * the event are valid only during the call.  A failed parser (event larger
+ * than max_event, or out of memory) stays failed until slm_sse_reset.
+ */
+#ifndef SLM_SSE_H
+#define SLM_SSE_H
+
+#include <stddef.h>
+
+#define SLM_SSE_OK 0
+#define SLM_SSE_ETOOBIG 1  /* an event exceeded max_event bytes */
+#define SLM_SSE_ENOMEM 2   /* allocation failed */
+
+#define SLM_SSE_DEFAULT_MAX_EVENT ((size_t)16 * 1024 * 1024)
+
+typedef struct slm_sse_buf {
+  char *p;
+  size_t len, cap;
+} slm_sse_buf;
+
+typedef struct slm_sse_event {
+  const char *data;   /* data buffer, lines joined with LF (binary-safe) */
+  size_t data_len;
+  const char *type;   /* event type: the event field, or "message" */
+  size_t type_len;
+  const char *id;     /* last event ID string, NULL when empty */
+  size_t id_len;
+} slm_sse_event;
+
+typedef void (*slm_sse_on_event)(void *ud, const slm_sse_event *ev);
+
+/* Parser state.  Treat as opaque; it is public only so that callers can
+ * embed it (the Lua binding keeps it inside its userdata). */
+typedef struct slm_sse {
+  size_t max_event;
+  slm_sse_buf data;     /* data lines of the pending event, LF-joined */
+  slm_sse_buf type;     /* event type buffer */
+  slm_sse_buf idval;    /* value of the id line being read */
+  slm_sse_buf idbuf;    /* the spec's "last event ID buffer" */
+  slm_sse_buf lastid;   /* the spec's "last event ID string" */
+  size_t data_lines;    /* data fields seen in the pending event */
+  size_t pending;       /* bytes received since the last blank line */
+  unsigned long long racc; /* retry value being read */
+  long long retry;
+  int has_retry;
+  int rbad;             /* retry value so far: 0 empty, 1 digits, 2 invalid */
+  int state;            /* where the current line stands (sse.c) */
+  int field;            /* field of the current line (sse.c) */
+  int name_len;
+  char name[8];         /* start of the field name being read */
+  int bom;              /* BOM bytes matched at stream start; -1 when past it */
+  int cr;               /* the previous chunk ended with CR */
+  int id_dirty;         /* idbuf changed since it was last committed */
+  int err;              /* SLM_SSE_OK or the sticky error */
+} slm_sse;
+
+void slm_sse_init(slm_sse *p, size_t max_event);
+void slm_sse_free(slm_sse *p);    /* frees memory and re-inits (keeps max_event) */
+void slm_sse_reset(slm_sse *p);   /* forget everything, keep buffers and max_event */
+int slm_sse_feed(slm_sse *p, const char *buf, size_t len,
+                 slm_sse_on_event on_event, void *ud);
+/* End of input: drops an unterminated trailing event and returns how many
+ * bytes had been received since the last blank line (0 on a clean end).
+ * The last event ID and retry survive; the next feed starts a new stream. */
+size_t slm_sse_finish(slm_sse *p);
+/* Last event ID string (NULL when empty). */
+const char *slm_sse_last_id(const slm_sse *p, size_t *len);
+/* Last valid retry value in ms; returns 0 when none was seen. */
+int slm_sse_retry(const slm_sse *p, long long *ms);
+
+#endif /* SLM_SSE_H */
