@@ -395,9 +395,9 @@ static int multi_add(lua_State *L) {
   return 1;
 }
 
-/* Abort requests whose idle or first-byte deadline passed; return the
- * nearest future deadline (or -1 when none). */
-static double check_deadlines(lua_State *L, slm_multi *m, double now) {
+/* Abort requests whose idle or first-byte deadline passed (counted in
+ * *aborted); return the nearest future deadline (or -1 when none). */
+static double check_deadlines(lua_State *L, slm_multi *m, double now, int *aborted) {
   double nearest = -1;
   slm_req *r = m->head;
   while (r) {
@@ -416,6 +416,7 @@ static double check_deadlines(lua_State *L, slm_multi *m, double now) {
       if (now >= dl) {
         r->abort_reason = reason;
         req_finish(L, r, CURLE_OPERATION_TIMEDOUT);
+        (*aborted)++;
       } else if (nearest < 0 || dl < nearest) {
         nearest = dl;
       }
@@ -425,17 +426,22 @@ static double check_deadlines(lua_State *L, slm_multi *m, double now) {
   return nearest;
 }
 
-static void collect_done(lua_State *L, slm_multi *m) {
+/* Finish the requests libcurl reports done; returns how many. */
+static int collect_done(lua_State *L, slm_multi *m) {
   CURLMsg *msg;
-  int left;
+  int left, n = 0;
   while ((msg = curl_multi_info_read(m->multi, &left))) {
     if (msg->msg == CURLMSG_DONE) {
       slm_req *r = NULL;
       CURLcode rc = msg->data.result;
       curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
-      if (r && r->m == m) req_finish(L, r, rc);
+      if (r && r->m == m) {
+        req_finish(L, r, rc);
+        n++;
+      }
     }
   }
+  return n;
 }
 
 static int multi_step(lua_State *L) {
@@ -447,10 +453,12 @@ static int multi_step(lua_State *L) {
   if (m->in_step) return luaL_error(L, "slm.core: loop already running");
   m->in_step = 1;
   curl_multi_perform(m->multi, &running);
-  collect_done(L, m);
-  for (r = m->head; r; r = r->next) if (r->ready) { any = 1; break; }
+  /* finished requests leave the in-flight list at once: count them, or
+   * the poll below would sleep although there is news to report */
+  any = collect_done(L, m);
+  for (r = m->head; r && !any; r = r->next) if (r->ready) any = 1;
   now = slm_now();
-  nearest = check_deadlines(L, m, now);
+  nearest = check_deadlines(L, m, now, &any);
   if (!any && timeout > 0) {
     double wait = timeout;
     int numfds = 0;
@@ -459,7 +467,7 @@ static int multi_step(lua_State *L) {
     curl_multi_poll(m->multi, NULL, 0, (int)ceil(wait * 1000.0), &numfds);
     curl_multi_perform(m->multi, &running);
     collect_done(L, m);
-    check_deadlines(L, m, slm_now());
+    check_deadlines(L, m, slm_now(), &any);
   }
   m->in_step = 0;
   /* report every request with activity: in flight ones from the list, and

@@ -68,6 +68,19 @@ describe("slm.core multi", function()
     assert.is_true(seen)
   end)
 
+  it("step() returns as soon as a request finishes, not at its timeout", function()
+    local m = core.multi()
+    local r = add(m)
+    local t0 = core.now()
+    local steps = 0
+    while not r:done() do m:step(30); steps = steps + 1 end
+    -- the regression this guards: a request finished inside
+    -- curl_multi_perform left step() sleeping for its whole timeout
+    assert.is_true(core.now() - t0 < 10)
+    assert.is_true(steps <= 5)
+    assert.is_true(r:result())
+  end)
+
   it("keeps many requests in flight on one multi handle", function()
     local m = core.multi()
     local reqs = {}
