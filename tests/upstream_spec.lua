@@ -12,8 +12,12 @@ local function q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
+-- The ASan stage of bin/test preloads sanitizer runtimes into the Lua
+-- process; curl and nginx must not inherit them (curl hangs under them).
+local CLEAN = "unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS; "
+
 local function sh(cmd)
-  local p = assert(io.popen(cmd, "r"))
+  local p = assert(io.popen(CLEAN .. cmd, "r"))
   local out = p:read("a")
   local _, _, code = p:close()
   return out, code
@@ -107,7 +111,7 @@ end
 local function background(up, opts)
   local cmd, body_file = curl_args(up, opts)
   local rc_file = os.tmpname()
-  os.execute("(" .. cmd .. " >/dev/null 2>&1; echo $? > " .. q(rc_file) .. "; rm -f " .. q(body_file or "")
+  os.execute(CLEAN .. "(" .. cmd .. " >/dev/null 2>&1; echo $? > " .. q(rc_file) .. "; rm -f " .. q(body_file or "")
     .. ") >/dev/null 2>&1 &")
   return rc_file
 end
