@@ -332,6 +332,7 @@ static void load_tiktoken(lua_State *L, bpe_t *b, const unsigned char *s, size_t
     pos = e + 1;
   }
   b->blob_len = blob;
+  b->blob = xrealloc(L, b->blob, blob + 1); /* give back the base64 slack */
   build_index(L, b);
 }
 

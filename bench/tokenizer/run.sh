@@ -1,0 +1,62 @@
+#!/bin/sh
+# bench/tokenizer/run.sh - slm.tokenizer vs gpt-tokenizer, js-tiktoken and
+# @dqbd/tiktoken (WASM) under node: the same texts, the same machine, one run.
+#
+#   bench/tokenizer/run.sh            # builds slm.core into build/ if needed
+#   SLM_BUILD=/tmp/b SLM_BUILD_JIT=/tmp/b-jit bench/tokenizer/run.sh
+#
+# Prints encode throughput (MB/s, tokens/s; CPU time, best of 3) on ~10 MB of
+# English and ~2 MB of Russian/code/numbers generated from the tokenizer
+# fixture corpus, times for pathological inputs, and ratios against
+# gpt-tokenizer.  Each peer run is capped at SLM_BENCH_TIMEOUT seconds
+# (default 30; the JavaScript tokenizers are quadratic on some pathological
+# inputs), so a full run takes about 10 minutes.  Not a test: nothing here
+# gates CI.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+build=${SLM_BUILD:-$root/build}
+jitbuild=${SLM_BUILD_JIT:-}
+data=${SLM_BENCH_DATA:-${TMPDIR:-/tmp}/slm-bench-tokenizer}
+timeout_s=${SLM_BENCH_TIMEOUT:-30}
+
+if [ ! -f "$build/slm/core.so" ]; then
+  cmake -S "$root" -B "$build" >/dev/null
+fi
+cmake --build "$build" >/dev/null
+if [ -n "$jitbuild" ]; then
+  [ -f "$jitbuild/slm/core.so" ] || cmake -S "$root" -B "$jitbuild" -DSLM_LUA=luajit >/dev/null
+  cmake --build "$jitbuild" >/dev/null
+fi
+if [ ! -d "$here/node_modules/gpt-tokenizer" ]; then
+  (cd "$here" && npm install --no-audit --no-fund >/dev/null)
+fi
+
+lua5.4 "$here/gen_text.lua" "$root/tests/fixtures/tokens/corpus.txt" "$data"
+results="$data/results.jsonl"
+: > "$results"
+
+echo "machine: $(nproc) cores, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1); node $(node --version); $(lua5.4 -v 2>&1 | cut -d' ' -f1-2)" >&2
+echo "running slm (Lua 5.4)..." >&2
+LUA_PATH="$root/lua/?.lua;;" LUA_CPATH="$build/?.so;;" lua5.4 "$here/bench.lua" "$data" "slm (Lua 5.4)" >> "$results"
+if [ -n "$jitbuild" ]; then
+  echo "running slm (LuaJIT)..." >&2
+  LUA_PATH="$root/lua/?.lua;;" LUA_CPATH="$jitbuild/?.so;;" luajit "$here/bench.lua" "$data" "slm (LuaJIT)" >> "$results"
+fi
+
+for lib in gpt-tokenizer "gpt-tokenizer count" js-tiktoken @dqbd/tiktoken; do
+  for enc in o200k_base cl100k_base; do
+    echo "running $lib $enc..." >&2
+    files="english.txt mixed.txt a200k.txt spaces200k.txt letters100k.txt"
+    [ "$lib" = "gpt-tokenizer count" ] && files="english.txt mixed.txt"
+    for file in $files; do
+      reps=3
+      case $file in english.txt|mixed.txt) ;; *) reps=1 ;; esac
+      if ! (cd "$here" && timeout "$timeout_s" node --expose-gc bench.mjs "$data" "$lib" "$enc" "$file" "$reps") >> "$results"; then
+        printf '{"lib":"%s","enc":"%s","case":"%s","timeout":%s}\n' "$lib" "$enc" "$file" "$timeout_s" >> "$results"
+      fi
+    done
+  done
+done
+
+lua5.4 "$here/report.lua" "$results"
