@@ -425,10 +425,53 @@ local function stream_connect(s)
   end
   s.parser = core.sse_parser()
   s.acc = require("slm.accumulate").new()
+  s.known = 0 -- chunk fields the accumulator has (parser:feed_chat)
+  s.rbuf, s.rpos, s.evs = nil, nil, nil
   return true
 end
 
--- Turn one SSE event into queued deltas; returns nil, err on an in-stream error.
+-- The bytes of the body in slices of at most SLICE bytes: one read can hold
+-- megabytes when the server outruns us, and feeding them at once would
+-- queue thousands of deltas; slices keep that working set in cache, and let
+-- the fast path start soon after the first chunk (see stream_feed).
+local SLICE = 65536
+local function stream_read(s)
+  local buf, pos = s.rbuf, s.rpos
+  if not buf then
+    buf = s.conn:read()
+    if buf == nil or #buf <= SLICE then return buf end
+    pos = 1
+  end
+  local last = pos + SLICE - 1
+  if last >= #buf then
+    s.rbuf, s.rpos = nil, nil
+    return buf:sub(pos)
+  end
+  s.rbuf, s.rpos = buf, last + 1
+  return buf:sub(pos, last)
+end
+
+-- The chunk handed out with a fast-path delta (stream_feed) is decoded only
+-- when the caller reads it: core's feed_chat makes it as
+-- setmetatable({ __slm_raw = json }, LazyChunk), and the first read of any
+-- field (or pairs() where __pairs works) decodes it in place and drops the
+-- metatable, leaving a plain table equal to what json.decode returns.
+local RAW = "__slm_raw"
+local LazyChunk = {}
+local function materialize(t)
+  local raw = rawget(t, RAW)
+  setmetatable(t, nil)
+  t[RAW] = nil
+  for k, v in pairs(json.decode(raw)) do t[k] = v end
+  return t
+end
+LazyChunk.__index = function(t, k) return materialize(t)[k] end
+LazyChunk.__newindex = function(t, k, v) materialize(t)[k] = v end
+LazyChunk.__pairs = function(t) return next, materialize(t), nil end
+
+-- Fold one SSE event (an event table) into the stream: returns true and,
+-- for a chunk with choices, the delta to hand out (text, chunk); nil, err on
+-- an in-stream error.
 local function stream_event(s, ev)
   local data = ev.data
   if data == "[DONE]" then
@@ -460,10 +503,6 @@ local function stream_event(s, ev)
       { status = 200, code = code, type = serr.type, model = s.ctx.model })
   end
   if type(chs) == "table" and chs[1] ~= nil then
-    local q, t = s.queue, s.qtail
-    q[t + 1] = text or ""
-    q[t + 2] = chunk
-    s.qtail = t + 2
     for i = 1, #chs do
       local ch = chs[i]
       if type(ch) == "table" then
@@ -477,6 +516,7 @@ local function stream_event(s, ev)
         end
       end
     end
+    return true, text or "", chunk
   end
   return true
 end
@@ -504,9 +544,76 @@ local function stream_retry(s, err)
   return true
 end
 
+-- Feed one slice of the body.  core's feed_chat returns a pair per event:
+-- (text, lazy chunk) for a plain content-only chunk of choice 0, which
+-- needs no JSON decoding, or (false, event table) for any other event, which
+-- goes through stream_event and is replaced in place by its delta (or by
+-- false, false when it has none).  The pairs array then serves as the delta
+-- queue (s.evs, read by Stream:next); the accumulator gets the texts of a
+-- whole run of content chunks in one add_texts call.
+local function stream_feed(s, bytes)
+  local events, nslow, before = s.parser:feed_chat(bytes, s.known, LazyChunk)
+  local ferr
+  if not events then
+    -- an oversized event: what completed before it is still delivered
+    ferr = errors.new("protocol", nslow, { status = 200, model = s.ctx.model })
+    events, nslow = before or {}, nil
+  end
+  local acc, n = s.acc, #events
+  if not s.ttft then
+    for i = 1, n, 2 do
+      local text = events[i]
+      if text and text ~= "" then
+        s.ttft = now() - s.ctx.t0
+        break
+      end
+    end
+  end
+  if nslow == 0 then
+    if n > 0 then acc:add_texts(events, 1, n - 1) end
+  else
+    local from = 1 -- first content pair not yet in the accumulator
+    for i = 1, n, 2 do
+      if not events[i] then
+        if from < i then acc:add_texts(events, from, i - 2) end
+        from = i + 2
+        local ok, text, chunk = stream_event(s, events[i + 1])
+        if not ok then
+          -- the deltas before it are still delivered before the error
+          if not stream_retry(s, text) then
+            stream_fail(s, text)
+            s.evs, s.ei, s.en = events, 1, i - 1
+          end
+          return
+        end
+        events[i], events[i + 1] = text or false, chunk or false
+        s.known = acc:known()
+      end
+    end
+    if from < n then acc:add_texts(events, from, n - 1) end
+  end
+  if ferr and stream_retry(s, ferr) then return end
+  s.evs, s.ei, s.en = events, 1, n
+  if ferr then stream_fail(s, ferr) end
+end
+
 -- Pull the next delta: returns text, chunk; nil at the end (or on error).
 function Stream:next()
   while true do
+    local evs = self.evs
+    if evs then
+      local i, n = self.ei, self.en
+      while i < n do
+        local text = evs[i]
+        i = i + 2
+        if text then
+          self.ei = i
+          self.delivered = true
+          return text, evs[i - 1]
+        end
+      end
+      self.evs = nil
+    end
     local q, h = self.queue, self.qhead
     if q[h] ~= nil then
       local text, chunk = q[h], q[h + 1]
@@ -538,27 +645,9 @@ function Stream:next()
         self.qtail = t + 2
       end
     else
-      local bytes = self.conn:read()
+      local bytes = stream_read(self)
       if bytes then
-        local events, perr, before = self.parser:feed(bytes)
-        local ferr
-        if not events then
-          -- an oversized event: what completed before it is still delivered
-          ferr = errors.new("protocol", perr, { status = 200, model = self.ctx.model })
-          events = before or {}
-        end
-        do
-          for i = 1, #events do
-            local ok, err = stream_event(self, events[i])
-            if not ok then
-              -- deltas already queued are still delivered before the error
-              if not stream_retry(self, err) then stream_fail(self, err) end
-              ferr = nil
-              break
-            end
-          end
-          if ferr and not stream_retry(self, ferr) then stream_fail(self, ferr) end
-        end
+        stream_feed(self, bytes)
       else
         -- end of body
         local ok, kind, msg = self.conn:result()
@@ -617,9 +706,7 @@ end
 
 --- The final Response (after the loop), or nil, err.
 function Stream:result()
-  while not self.finished or self.queue[self.qhead] ~= nil do
-    if self:next() == nil and self.finished then break end
-  end
+  while self:next() ~= nil do end -- nil: finished, nothing left to hand out
   if not self.settled then self:_settle() end
   if self.err then return nil, self.err end
   return self.result_res
@@ -667,6 +754,41 @@ local function split_request(req, level)
   return body, opts
 end
 
+-- A byte-level BPE token covers at least one byte, so when the message
+-- strings plus the per-message overhead plus max_tokens fit in the context
+-- the exact count is not needed.  Images and tools (counted by formula, not
+-- by bytes) always take the exact path.
+local function cheap_fits(body, context)
+  if body.tools ~= nil or body.functions ~= nil then return false end
+  local n = 3 + (body.max_tokens or body.max_completion_tokens or 0)
+  local msgs = body.messages
+  for i = 1, #msgs do
+    local m = msgs[i]
+    n = n + 4
+    for k, v in pairs(m) do
+      local tv = type(v)
+      if tv == "string" then
+        n = n + #v
+      elseif k == "tool_calls" and tv == "table" then
+        local ok, js = pcall(json.encode, v)
+        if not ok then return false end
+        n = n + #js
+      elseif tv == "table" then
+        -- content parts: text only; anything else (images) counts exactly
+        for j = 1, #v do
+          local part = v[j]
+          if type(part) ~= "table" or part.type ~= "text" or type(part.text) ~= "string" then return false end
+          n = n + #part.text + 1
+        end
+      elseif v ~= null and tv ~= "number" and tv ~= "boolean" then
+        return false
+      end
+    end
+    if n > context then return false end
+  end
+  return n <= context
+end
+
 -- Check context and budget before anything is sent.  Returns a settle
 -- function (to call with the real usage) or nil, err.
 local function precheck(self, body, opts, model)
@@ -674,7 +796,8 @@ local function precheck(self, body, opts, model)
   local budget = opts.budget or self.budget
   local check = opts.check_context
   if check == nil then check = self.check_context end
-  if not info and not budget then return function() end end
+  if not budget and not (check and info and info.context) then return function() end end
+  if not budget and cheap_fits(body, info.context) then return function() end end
   local prompt, cinfo = prompt_tokens(body, model)
   local max_out = body.max_tokens or body.max_completion_tokens or (info and info.max_output) or 4096
   if check and info and info.context then

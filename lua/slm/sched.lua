@@ -137,12 +137,32 @@ local function fire_timers()
   end
 end
 
+-- Wake the tasks waiting on requests that had activity.
+local function wake(evs)
+  for i = 1, #evs do
+    local r = evs[i]
+    local w = waiting[r]
+    if w then
+      waiting[r] = nil
+      nwaiting = nwaiting - 1
+      make_ready(w)
+    end
+  end
+end
+
 local function run_ready()
+  local n = 0
   while rhead <= rtail do
     local t = ready[rhead]
     ready[rhead] = nil
     rhead = rhead + 1
     resume(t)
+    n = n + 1
+    -- with many tasks ready, let libcurl send what they have queued so far
+    -- instead of holding every new request until the whole batch ran
+    if n % 4 == 0 and rhead <= rtail and multi and multi:count() > 0 then
+      wake(multi:step(0))
+    end
   end
   rhead, rtail = 1, 0
 end
@@ -167,16 +187,7 @@ local function drive(pred)
         if timeout < 0 then timeout = 0 end
         if timeout > 1 then timeout = 1 end
       end
-      local evs = m:step(timeout)
-      for i = 1, #evs do
-        local r = evs[i]
-        local w = waiting[r]
-        if w then
-          waiting[r] = nil
-          nwaiting = nwaiting - 1
-          make_ready(w)
-        end
-      end
+      wake(m:step(timeout))
       fire_timers()
     end
     ::continue::
