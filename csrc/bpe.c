@@ -1046,18 +1046,7 @@ static const luaL_Reg bpe_methods[] = {
 };
 
 int slm_open_bpe(lua_State *L) {
-  if (luaL_newmetatable(L, BPE_MT)) {
-    luaL_setfuncs(L, bpe_methods, 0);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
-#if LUA_VERSION_NUM >= 504
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__close");
-#endif
-  }
-  lua_pop(L, 1);
+  slm_new_class(L, BPE_MT, bpe_methods, l_gc, NULL);
   lua_pushcfunction(L, l_bpe_new);
   lua_setfield(L, -2, "bpe_new");
   lua_pushcfunction(L, l_bpe_load);

@@ -729,30 +729,8 @@ int slm_open_http(lua_State *L) {
       return luaL_error(L, "slm.core: curl_global_init failed");
     inited = 1;
   }
-  if (luaL_newmetatable(L, MULTI_MT)) {
-    lua_newtable(L);
-    luaL_setfuncs(L, multi_m, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, multi_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, multi_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, multi_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
-  if (luaL_newmetatable(L, REQ_MT)) {
-    lua_newtable(L);
-    luaL_setfuncs(L, req_m, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, req_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, req_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, req_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_pop(L, 1);
+  slm_new_class(L, MULTI_MT, multi_m, multi_close, multi_tostring);
+  slm_new_class(L, REQ_MT, req_m, req_close, req_tostring);
   lua_pushcfunction(L, l_multi);
   lua_setfield(L, -2, "multi");
   {

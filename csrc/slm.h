@@ -19,4 +19,10 @@ int slm_open_bpe(lua_State *L);    /* bpe.c: byte-level BPE tokenizer */
 
 double slm_now(void);              /* monotonic seconds */
 
+/* Register a userdata class: metatable `name` whose __index holds
+ * `methods`, with `close` as __gc and __close (one idempotent function, as
+ * STYLE.md asks) and an optional __tostring. */
+void slm_new_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                   lua_CFunction close, lua_CFunction tostring);
+
 #endif
