@@ -94,6 +94,7 @@ void slm_sse_free(slm_sse *p) {
   buf_free(&p->idval);
   buf_free(&p->idbuf);
   buf_free(&p->lastid);
+  slm_sse_chat_free(&p->chat);
   slm_sse_init(p, max_event);
 }
 
@@ -111,6 +112,7 @@ static void stream_reset(slm_sse *p) {
   if (p->data.cap > KEEP_CAP) buf_free(&p->data);
   if (p->idval.cap > KEEP_CAP) buf_free(&p->idval);
   if (p->type.cap > KEEP_CAP) buf_free(&p->type);
+  if (p->chat.text.cap > KEEP_CAP) buf_free(&p->chat.text);
   /* An id line of the dropped event was never committed: forget it. */
   if (p->id_dirty) {
     p->idbuf.len = 0;
@@ -432,13 +434,465 @@ int slm_sse_feed(slm_sse *p, const char *buf, size_t len,
   return SLM_SSE_OK;
 }
 
+/* ---- the chat.completion.chunk fast path ------------------------------- */
+
+/* A strict, non-allocating, non-recursive JSON reader over one event's data;
+ * what it accepts is described in sse.h (slm_sse_chat_text).  Every function
+ * returns 0 on anything it does not accept, and the whole answer is then 0:
+ * the caller falls back to a full decoder. */
+typedef struct jcur {
+  const unsigned char *s, *e;
+} jcur;
+
+/* Byte classes: J_PLAIN bytes need no attention inside a string (all but
+ * '"', '\\' and the controls below 0x20), J_WS is JSON whitespace. */
+enum { J_PLAIN = 1, J_WS = 2 };
+#define J16(x) x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x
+static const unsigned char jclass[256] = {
+  0, 0, 0, 0, 0, 0, 0, 0, 0, J_WS, J_WS, 0, 0, J_WS, 0, 0,   /* 0x00: \t \n \r */
+  J16(0),                                                      /* 0x10 */
+  J_PLAIN | J_WS, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, /* 0x20: ' ' '"' */
+  J16(1), J16(1),                                              /* 0x30, 0x40 */
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1,              /* 0x50: '\\' */
+  J16(1), J16(1),                                              /* 0x60, 0x70 */
+  J16(1), J16(1), J16(1), J16(1), J16(1), J16(1), J16(1), J16(1) /* 0x80-0xFF */
+};
+#undef J16
+
+static void jws(jcur *c) {
+  while (c->s < c->e && (jclass[*c->s] & J_WS)) c->s++;
+}
+
+/* Whitespace, then the byte ch. */
+static int jeat(jcur *c, unsigned char ch) {
+  jws(c);
+  if (c->s < c->e && *c->s == ch) {
+    c->s++;
+    return 1;
+  }
+  return 0;
+}
+
+static int jlit(jcur *c, const char *w, size_t n) {
+  if ((size_t)(c->e - c->s) < n || memcmp(c->s, w, n) != 0) return 0;
+  c->s += n;
+  return 1;
+}
+
+static int jnull(jcur *c) {
+  jws(c);
+  return jlit(c, "null", 4);
+}
+
+static int hex4(const unsigned char *p, unsigned *v) {
+  unsigned x = 0;
+  int i;
+  for (i = 0; i < 4; i++) {
+    unsigned ch = p[i], d;
+    if (ch - '0' < 10) d = ch - '0';
+    else if ((ch | 0x20) - 'a' < 6) d = (ch | 0x20) - 'a' + 10;
+    else return 0;
+    x = x << 4 | d;
+  }
+  *v = x;
+  return 1;
+}
+
+/* The string at c->s (a '"'): checks it and moves past its closing quote;
+ * *str, *len: the bytes between the quotes; *esc: they hold an escape. */
+static int jstring(jcur *c, const unsigned char **str, size_t *len, int *esc) {
+  const unsigned char *p = c->s + 1, *e = c->e;
+  int has = 0;
+  for (;;) {
+    while (p < e && (jclass[*p] & J_PLAIN)) p++;
+    if (p == e || *p < 0x20) return 0;
+    if (*p == '"') break;
+    has = 1; /* a backslash */
+    if (e - p < 2) return 0;
+    switch (p[1]) {
+      case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+        p += 2;
+        break;
+      case 'u': {
+        unsigned u, lo;
+        if (e - p < 6 || !hex4(p + 2, &u)) return 0;
+        p += 6;
+        if (u >= 0xDC00 && u <= 0xDFFF) return 0; /* low surrogate first */
+        if (u >= 0xD800 && u <= 0xDBFF) {          /* needs its low half */
+          if (e - p < 6 || p[0] != '\\' || p[1] != 'u' || !hex4(p + 2, &lo) ||
+              lo < 0xDC00 || lo > 0xDFFF)
+            return 0;
+          p += 6;
+        }
+        break;
+      }
+      default:
+        return 0;
+    }
+  }
+  *str = c->s + 1;
+  *len = (size_t)(p - (c->s + 1));
+  *esc = has;
+  c->s = p + 1;
+  return 1;
+}
+
+static int jdigits(jcur *c) {
+  const unsigned char *p = c->s;
+  while (c->s < c->e && (unsigned)(*c->s - '0') < 10) c->s++;
+  return c->s > p;
+}
+
+/* An RFC 8259 number, nothing laxer. */
+static int jnumber(jcur *c) {
+  if (c->s < c->e && *c->s == '-') c->s++;
+  if (c->s < c->e && *c->s == '0') c->s++;
+  else if (!jdigits(c)) return 0;
+  if (c->s < c->e && *c->s == '.') {
+    c->s++;
+    if (!jdigits(c)) return 0;
+  }
+  if (c->s < c->e && (*c->s == 'e' || *c->s == 'E')) {
+    c->s++;
+    if (c->s < c->e && (*c->s == '+' || *c->s == '-')) c->s++;
+    if (!jdigits(c)) return 0;
+  }
+  return 1;
+}
+
+/* A member name (escapes allowed: it is skipped) and its colon. */
+static int jname(jcur *c) {
+  const unsigned char *str;
+  size_t n;
+  int esc;
+  jws(c);
+  return c->s < c->e && *c->s == '"' && jstring(c, &str, &n, &esc) && jeat(c, ':');
+}
+
+/* Skips one value, containers included, with an explicit stack: at most
+ * SLM_CHAT_MAX_DEPTH levels, deeper values are refused. */
+static int jskip(jcur *c) {
+  unsigned char close[SLM_CHAT_MAX_DEPTH]; /* closing byte of each open level */
+  int depth = 0;
+  const unsigned char *str;
+  size_t n;
+  int esc;
+  for (;;) {
+    jws(c); /* a value starts here */
+    if (c->s == c->e) return 0;
+    switch (*c->s) {
+      case '{':
+      case '[':
+        if (depth == SLM_CHAT_MAX_DEPTH) return 0;
+        close[depth++] = *c->s == '{' ? '}' : ']';
+        c->s++;
+        jws(c);
+        if (c->s < c->e && *c->s == close[depth - 1]) { /* empty */
+          c->s++;
+          depth--;
+          break;
+        }
+        if (close[depth - 1] == '}' && !jname(c)) return 0;
+        continue;
+      case '"':
+        if (!jstring(c, &str, &n, &esc)) return 0;
+        break;
+      case 't':
+        if (!jlit(c, "true", 4)) return 0;
+        break;
+      case 'f':
+        if (!jlit(c, "false", 5)) return 0;
+        break;
+      case 'n':
+        if (!jlit(c, "null", 4)) return 0;
+        break;
+      default:
+        if (!jnumber(c)) return 0;
+        break;
+    }
+    /* a value ended: close levels until one continues */
+    for (;;) {
+      if (depth == 0) return 1;
+      jws(c);
+      if (c->s == c->e) return 0;
+      if (*c->s == close[depth - 1]) {
+        c->s++;
+        depth--;
+        continue;
+      }
+      if (*c->s != ',') return 0;
+      c->s++;
+      if (close[depth - 1] == '}' && !jname(c)) return 0;
+      break;
+    }
+  }
+}
+
+/* The three objects whose members we look at: the opening brace (1: a
+ * member follows, 0: empty, -1: not an object), a member name without
+ * escapes and its colon, and what follows a member's value (1: another
+ * member, 0: the object closed, -1: anything else). */
+static int jobj_open(jcur *c) {
+  if (!jeat(c, '{')) return -1;
+  jws(c);
+  if (c->s < c->e && *c->s == '}') {
+    c->s++;
+    return 0;
+  }
+  return 1;
+}
+
+static int jkey(jcur *c, const unsigned char **k, size_t *kn) {
+  const unsigned char *p;
+  jws(c);
+  p = c->s;
+  if (p == c->e || *p != '"') return 0;
+  *k = ++p;
+  while (p < c->e && (jclass[*p] & J_PLAIN)) p++;
+  if (p == c->e || *p != '"') return 0; /* an escape (or worse): not ours */
+  *kn = (size_t)(p - *k);
+  c->s = p + 1;
+  return jeat(c, ':');
+}
+
+static int jobj_next(jcur *c) {
+  jws(c);
+  if (c->s < c->e) {
+    if (*c->s == ',') {
+      c->s++;
+      return 1;
+    }
+    if (*c->s == '}') {
+      c->s++;
+      return 0;
+    }
+  }
+  return -1;
+}
+
+#define KEY(lit) (kn == sizeof(lit) - 1 && memcmp(k, lit, sizeof(lit) - 1) == 0)
+
+/* What has been seen so far (jrun.state). */
+enum { S_CHOICES = 1, S_INDEX = 2, S_DELTA = 4, S_CONTENT = 8 };
+
+/* One run of the reader over a chunk.  The member loops below can start at
+ * an object's first member (after = 0) or just after a member's value
+ * (after = 1); the latter lets a run resume right after the content string
+ * (slm_sse_chat_text's prefix cache). */
+typedef struct jrun {
+  jcur c;
+  const unsigned char *data;
+  unsigned known, state;
+  size_t at;    /* offset of the content's opening quote */
+  unsigned snap; /* state just after the content */
+  const unsigned char *text;
+  size_t text_len;
+  int esc;
+} jrun;
+
+/* The bit of a top-level field the accumulator captures once, else 0. */
+static unsigned jcaptured(const unsigned char *k, size_t kn) {
+  if (KEY("id")) return SLM_CHAT_ID;
+  if (KEY("created")) return SLM_CHAT_CREATED;
+  if (KEY("model")) return SLM_CHAT_MODEL;
+  if (KEY("system_fingerprint")) return SLM_CHAT_FINGERPRINT;
+  return 0;
+}
+
+static int jcontent(jrun *r) {
+  jws(&r->c);
+  if ((r->state & S_CONTENT) || r->c.s == r->c.e || *r->c.s != '"') return 0;
+  r->at = (size_t)(r->c.s - r->data);
+  if (!jstring(&r->c, &r->text, &r->text_len, &r->esc)) return 0;
+  r->state |= S_CONTENT;
+  r->snap = r->state;
+  return 1;
+}
+
+static int jdelta(jrun *r, int after) {
+  const unsigned char *k;
+  size_t kn;
+  int m = after ? jobj_next(&r->c) : 1;
+  while (m > 0) {
+    if (!jkey(&r->c, &k, &kn)) return 0;
+    if (KEY("content")) {
+      if (!jcontent(r)) return 0;
+    } else if (KEY("role") || KEY("refusal") || KEY("tool_calls") || KEY("reasoning") ||
+               KEY("reasoning_content")) {
+      if (!jnull(&r->c)) return 0;
+    } else if (!jskip(&r->c)) {
+      return 0;
+    }
+    m = jobj_next(&r->c);
+  }
+  return m == 0 && (r->state & S_CONTENT);
+}
+
+static int jchoice(jrun *r, int after) {
+  const unsigned char *k;
+  size_t kn;
+  int m = after ? jobj_next(&r->c) : 1;
+  while (m > 0) {
+    if (!jkey(&r->c, &k, &kn)) return 0;
+    if (KEY("index")) {
+      /* the literal 0: jobj_next then refuses 0.5, 01, 0e1 */
+      if ((r->state & S_INDEX) || !jeat(&r->c, '0')) return 0;
+      r->state |= S_INDEX;
+    } else if (KEY("delta")) {
+      if ((r->state & S_DELTA) || jobj_open(&r->c) != 1 || !jdelta(r, 0)) return 0;
+      r->state |= S_DELTA;
+    } else if (KEY("finish_reason")) {
+      if (!jnull(&r->c)) return 0;
+    } else if (!jskip(&r->c)) {
+      return 0;
+    }
+    m = jobj_next(&r->c);
+  }
+  return m == 0 && (r->state & S_INDEX) && (r->state & S_DELTA);
+}
+
+static int jtop(jrun *r, int after) {
+  const unsigned char *k;
+  size_t kn;
+  unsigned bit;
+  int m = after ? jobj_next(&r->c) : 1;
+  while (m > 0) {
+    if (!jkey(&r->c, &k, &kn)) return 0;
+    if (KEY("choices")) {
+      if ((r->state & S_CHOICES) || !jeat(&r->c, '[') || jobj_open(&r->c) != 1 ||
+          !jchoice(r, 0) || !jeat(&r->c, ']'))
+        return 0;
+      r->state |= S_CHOICES;
+    } else if (KEY("usage") || KEY("error")) {
+      if (!jnull(&r->c)) return 0;
+    } else if ((bit = jcaptured(k, kn)) != 0 && !(r->known & bit)) {
+      if (!jnull(&r->c)) return 0;
+    } else if (!jskip(&r->c)) {
+      return 0;
+    }
+    m = jobj_next(&r->c);
+  }
+  if (m != 0 || !(r->state & S_CHOICES)) return 0;
+  jws(&r->c);
+  return r->c.s == r->c.e;
+}
+
+/* The rest of a chunk after its content string, in the state snap. */
+static int jresume(jrun *r) {
+  if (!jdelta(r, 1)) return 0;
+  r->state |= S_DELTA;
+  if (!jchoice(r, 1) || !jeat(&r->c, ']')) return 0;
+  r->state |= S_CHOICES;
+  return jtop(r, 1);
+}
+
+/* Decodes the escapes of an already checked string into b. */
+static int junescape(slm_sse_buf *b, const unsigned char *s, size_t n) {
+  const unsigned char *e = s + n;
+  char *o;
+  b->len = 0;
+  if (buf_reserve(b, n) != 0) return 0; /* the result is never longer */
+  o = b->p;
+  while (s < e) {
+    unsigned u = 0, lo = 0;
+    if (*s != '\\') {
+      *o++ = (char)*s++;
+      continue;
+    }
+    switch (s[1]) {
+      case 'b': *o++ = '\b'; break;
+      case 'f': *o++ = '\f'; break;
+      case 'n': *o++ = '\n'; break;
+      case 'r': *o++ = '\r'; break;
+      case 't': *o++ = '\t'; break;
+      case 'u':
+        (void)hex4(s + 2, &u);
+        if (u >= 0xD800 && u <= 0xDBFF) { /* jstring saw the low half */
+          (void)hex4(s + 8, &lo);
+          u = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
+          s += 6;
+        }
+        if (u < 0x80) {
+          *o++ = (char)u;
+        } else if (u < 0x800) {
+          *o++ = (char)(0xC0 | u >> 6);
+          *o++ = (char)(0x80 | (u & 0x3F));
+        } else if (u < 0x10000) {
+          *o++ = (char)(0xE0 | u >> 12);
+          *o++ = (char)(0x80 | (u >> 6 & 0x3F));
+          *o++ = (char)(0x80 | (u & 0x3F));
+        } else {
+          *o++ = (char)(0xF0 | u >> 18);
+          *o++ = (char)(0x80 | (u >> 12 & 0x3F));
+          *o++ = (char)(0x80 | (u >> 6 & 0x3F));
+          *o++ = (char)(0x80 | (u & 0x3F));
+        }
+        s += 4;
+        break;
+      default: /* " \ / */
+        *o++ = (char)s[1];
+        break;
+    }
+    s += 2;
+  }
+  b->len = (size_t)(o - b->p);
+  return 1;
+}
+
+void slm_sse_chat_free(slm_sse_chat *ch) {
+  buf_free(&ch->text);
+  buf_free(&ch->prefix);
+  memset(ch, 0, sizeof *ch);
+}
+
+int slm_sse_chat_text(slm_sse_chat *ch, const char *data, size_t len, unsigned known,
+                      const char **text, size_t *text_len) {
+  jrun r;
+  size_t pre = ch->prefix.len;
+  memset(&r, 0, sizeof r);
+  r.data = (const unsigned char *)data;
+  r.c.s = r.data;
+  r.c.e = r.data + len;
+  r.known = known;
+  /* The bytes before the content are those of the last chunk accepted: the
+   * reader would go through them exactly as it did then (the same known
+   * bits or more), so it resumes at the content string. */
+  if (pre && len > pre && (ch->known & ~known) == 0 && memcmp(data, ch->prefix.p, pre) == 0) {
+    r.c.s = r.data + pre - 1;
+    if (!jstring(&r.c, &r.text, &r.text_len, &r.esc)) return 0;
+    r.state = ch->state;
+    if (!jresume(&r)) return 0;
+  } else {
+    if (jobj_open(&r.c) != 1 || !jtop(&r, 0)) return 0;
+    ch->prefix.len = 0;
+    if (r.at < SLM_CHAT_MAX_PREFIX && buf_reserve(&ch->prefix, r.at + 1) == 0) {
+      memcpy(ch->prefix.p, data, r.at + 1);
+      ch->prefix.len = r.at + 1;
+      ch->known = known;
+      ch->state = r.snap;
+    }
+  }
+  if (r.esc) {
+    if (!junescape(&ch->text, r.text, r.text_len)) return 0;
+    *text = ch->text.p;
+    *text_len = ch->text.len;
+  } else {
+    *text = (const char *)r.text;
+    *text_len = r.text_len;
+  }
+  return 1;
+}
+
+#undef KEY
+
 /* ---- Lua binding ------------------------------------------------------- */
 
 #define SSE_MT "slm.SSEParser"
 
-/* Stack slots used by feed: the key strings and "message" are pushed once
- * per call, so building an event table costs no string interning. */
-enum { S_LIST = 3, S_KDATA, S_KEVENT, S_KID, S_MESSAGE };
+/* Stack slots used by feed and feed_chat: arguments 1-4 (the chunk
+ * metatable of feed_chat at 4), then the events array and the strings
+ * pushed once per call, so building an event costs no string interning. */
+enum { S_CHUNK_MT = 4, S_LIST, S_KDATA, S_KEVENT, S_KID, S_MESSAGE, S_KRAW };
 
 /* Event tables wait on the stack and go into the events array in batches,
  * so the array is created at its final size instead of growing. */
@@ -446,8 +900,12 @@ enum { S_LIST = 3, S_KDATA, S_KEVENT, S_KID, S_MESSAGE };
 
 typedef struct emit_ctx {
   lua_State *L;
-  int n;       /* events stored in the array */
-  int waiting; /* event tables on top of the stack */
+  int n;          /* events stored in the array */
+  int waiting;    /* values on top of the stack */
+  slm_sse *p;     /* feed_chat: the parser (its text buffer) */
+  unsigned known; /* feed_chat: SLM_CHAT_* bits */
+  int chunks;     /* feed_chat: make the lazy chunks */
+  int slow;       /* feed_chat: events that came as event tables */
 } emit_ctx;
 
 static void flush_events(emit_ctx *c) {
@@ -462,10 +920,15 @@ static void flush_events(emit_ctx *c) {
   c->waiting = 0;
 }
 
+/* Room for two more values on the stack. */
+static void make_room(emit_ctx *c) {
+  if (c->waiting >= BATCH - 1 || !lua_checkstack(c->L, 4)) flush_events(c);
+}
+
 static void emit_lua(void *ud, const slm_sse_event *ev) {
   emit_ctx *c = (emit_ctx *)ud;
   lua_State *L = c->L;
-  if (c->waiting == BATCH || !lua_checkstack(L, 4)) flush_events(c);
+  make_room(c);
   lua_createtable(L, 0, ev->id ? 3 : 2);
   lua_pushvalue(L, S_KDATA);
   lua_pushlstring(L, ev->data, ev->data_len);
@@ -482,6 +945,36 @@ static void emit_lua(void *ud, const slm_sse_event *ev) {
     lua_rawset(L, -3);
   }
   c->waiting++;
+}
+
+/* feed_chat: every event is a pair of values, see l_feed_chat. */
+static void emit_chat(void *ud, const slm_sse_event *ev) {
+  emit_ctx *c = (emit_ctx *)ud;
+  lua_State *L = c->L;
+  const char *text;
+  size_t len;
+  if (ev->type_len == 7 && memcmp(ev->type, "message", 7) == 0 &&
+      slm_sse_chat_text(&c->p->chat, ev->data, ev->data_len, c->known, &text, &len)) {
+    make_room(c);
+    lua_pushlstring(L, text, len);
+    if (c->chunks) {
+      lua_createtable(L, 0, 1);
+      lua_pushvalue(L, S_KRAW);
+      lua_pushlstring(L, ev->data, ev->data_len);
+      lua_rawset(L, -3);
+      lua_pushvalue(L, S_CHUNK_MT);
+      lua_setmetatable(L, -2);
+    } else {
+      lua_pushboolean(L, 0);
+    }
+    c->waiting += 2;
+  } else {
+    make_room(c);
+    lua_pushboolean(L, 0);
+    c->waiting++;
+    emit_lua(ud, ev);
+    c->slow++;
+  }
 }
 
 static slm_sse *check_parser(lua_State *L) {
@@ -502,32 +995,70 @@ static int push_error(lua_State *L, const slm_sse *p, int events) {
   return 3;
 }
 
-/* p:feed(bytes) -> events | nil, err, events_before_the_failure */
-static int l_feed(lua_State *L) {
-  slm_sse *p = check_parser(L);
-  size_t len;
-  const char *s;
-  emit_ctx c;
-  int rc;
+static void check_bytes(lua_State *L) {
   if (lua_type(L, 2) != LUA_TSTRING)
-    return luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s",
-                                               luaL_typename(L, 2)));
-  s = lua_tolstring(L, 2, &len);
+    luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s", luaL_typename(L, 2)));
+}
+
+/* Feeds the string at index 2 to p, collecting what on_event pushes into
+ * one array: events | nil, err, events_before_the_failure. */
+static int feed_with(lua_State *L, slm_sse *p, slm_sse_on_event on_event, emit_ctx *c) {
+  size_t len;
+  const char *s = lua_tolstring(L, 2, &len);
+  int rc;
   if (p->err) return push_error(L, p, 0);
-  lua_settop(L, 2);
+  lua_settop(L, S_CHUNK_MT);
   lua_pushnil(L); /* S_LIST: the events array, made at the first flush */
   lua_pushliteral(L, "data");
   lua_pushliteral(L, "event");
   lua_pushliteral(L, "id");
   lua_pushliteral(L, "message");
-  c.L = L;
-  c.n = 0;
-  c.waiting = 0;
-  rc = slm_sse_feed(p, s, len, emit_lua, &c);
-  flush_events(&c);
+  lua_pushliteral(L, "__slm_raw");
+  c->L = L;
+  c->n = 0;
+  c->waiting = 0;
+  c->p = p;
+  rc = slm_sse_feed(p, s, len, on_event, c);
+  flush_events(c);
   if (rc != SLM_SSE_OK) return push_error(L, p, S_LIST);
   lua_settop(L, S_LIST);
   return 1;
+}
+
+/* p:feed(bytes) -> events | nil, err, events_before_the_failure */
+static int l_feed(lua_State *L) {
+  slm_sse *p = check_parser(L);
+  emit_ctx c;
+  check_bytes(L);
+  memset(&c, 0, sizeof c);
+  return feed_with(L, p, emit_lua, &c);
+}
+
+/* p:feed_chat(bytes, known [, chunk_mt]) -> pairs, nslow
+ *                                         | nil, err, pairs_before_the_failure
+ * Like feed, but the array holds two values per event: a "message" event
+ * that is a plain content-only chat.completion.chunk of choice 0
+ * (slm_sse_chat_text in sse.h; known: its SLM_CHAT_* bits) as its content
+ * string and its chunk, any other event as false and its event table;
+ * nslow counts the latter.  The chunk is false, or, when chunk_mt is a
+ * table, setmetatable({ __slm_raw = data }, chunk_mt) for the caller to
+ * decode when asked. */
+static int l_feed_chat(lua_State *L) {
+  slm_sse *p = check_parser(L);
+  lua_Integer known;
+  emit_ctx c;
+  int n;
+  check_bytes(L);
+  known = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, known >= 0 && known <= 15, 3, "known must be an integer in 0..15");
+  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
+  memset(&c, 0, sizeof c);
+  c.known = (unsigned)known;
+  c.chunks = lua_istable(L, 4);
+  n = feed_with(L, p, emit_chat, &c);
+  if (n != 1) return n; /* the failure */
+  lua_pushinteger(L, c.slow);
+  return 2;
 }
 
 /* p:finish() -> bytes discarded */
@@ -601,7 +1132,7 @@ static int l_new(lua_State *L) {
 
 int slm_open_sse(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"feed", l_feed}, {"finish", l_finish}, {"last_id", l_last_id},
+    {"feed", l_feed}, {"feed_chat", l_feed_chat}, {"finish", l_finish}, {"last_id", l_last_id},
     {"retry", l_retry}, {"reset", l_reset}, {"close", l_gc}, {NULL, NULL}
   };
   static const luaL_Reg fns[] = {{"sse_parser", l_new}, {NULL, NULL}};

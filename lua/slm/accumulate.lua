@@ -3,6 +3,9 @@
 --
 --   local acc = require("slm.accumulate").new()
 --   local text, err = acc:add(chunk) -- text: choice 0 content delta or nil
+--   acc:add_text(s)                   -- content-only chunks of choice 0 (see
+--   acc:add_texts(list, i, j)         --   below): one, or many at a time
+--   local bits = acc:known()          -- top-level fields add() now ignores
 --   acc:done()                        -- on `data: [DONE]`
 --   local r = acc:result()
 --
@@ -232,6 +235,41 @@ function Acc:add(chunk)
     return nil, err
   end
   return text
+end
+
+-- Bits of the top-level chunk fields that add() ignores from now on
+-- (core's feed_chat takes them as `known`): 1 id, 2 created, 4 model,
+-- 8 system_fingerprint.  add() keeps the first non-empty id, model and
+-- system_fingerprint, and reads created only along with the id it keeps.
+function Acc:known()
+  local k = 0
+  if self.id ~= nil then k = 3 end
+  if self.model ~= nil then k = k + 4 end
+  if self.system_fingerprint ~= nil then k = k + 8 end
+  return k
+end
+
+-- The cheap form of add() for chunks that core's feed_chat recognised as
+-- plain content-only chunks of choice 0 (everything else in them null,
+-- absent, or a field that add() ignores given known()): add_text(s)
+-- appends their content s (a string) to choice 0 exactly as add() would;
+-- add_texts(list, i, j) appends list[i], list[i + 2], ..., list[j] (the
+-- texts of feed_chat's pairs) in one call.
+function Acc:add_text(s)
+  local st = self._choices[0] or new_choice(self, 0)
+  local n = st.nc + 1
+  st.content[n] = s
+  st.nc = n
+end
+
+function Acc:add_texts(list, i, j)
+  local st = self._choices[0] or new_choice(self, 0)
+  local content, n = st.content, st.nc
+  for k = i, j, 2 do
+    n = n + 1
+    content[n] = list[k]
+  end
+  st.nc = n
 end
 
 -- `data: [DONE]` was seen.
