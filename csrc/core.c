@@ -10,24 +10,6 @@
 #  define SLM_EXPORT __attribute__((visibility("default")))
 #endif
 
-void slm_new_class(lua_State *L, const char *name, const luaL_Reg *methods,
-                   lua_CFunction close, lua_CFunction tostring) {
-  if (luaL_newmetatable(L, name)) {
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, close);
-    lua_setfield(L, -2, "__close");
-    if (tostring) {
-      lua_pushcfunction(L, tostring);
-      lua_setfield(L, -2, "__tostring");
-    }
-  }
-  lua_pop(L, 1);
-}
-
 SLM_EXPORT int luaopen_slm_core(lua_State *L);
 SLM_EXPORT int luaopen_slm_core(lua_State *L) {
   lua_newtable(L);
