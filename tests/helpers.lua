@@ -1,6 +1,16 @@
 -- Shared helpers for the integration specs: one simulator per spec file.
 local M = {}
 
+-- tests/fixtures/, wherever busted runs from
+M.FIXTURES = (debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./") .. "fixtures/"
+
+function M.read_file(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
 function M.upstream()
   local launch = require "tests.upstream.launch"
   return launch.start{ quiet = true }

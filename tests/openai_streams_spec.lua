@@ -9,15 +9,9 @@ local Acc = require "slm.accumulate"
 local null = cjson.null
 local sub, concat = string.sub, table.concat
 
-local here = debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./"
-local dir = here .. "fixtures/openai-streams/"
-
-local function slurp(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local H = require "tests.helpers"
+local slurp = H.read_file
+local dir = H.FIXTURES .. "openai-streams/"
 
 local expected = cjson.decode(slurp(dir .. "expected.json"))
 local names = {}

@@ -15,15 +15,9 @@ local slm = require "slm"
 local null = json.null
 local concat, rep, char = table.concat, string.rep, string.char
 
-local here = debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./"
-local dir = here .. "fixtures/openai-streams/"
-
-local function slurp(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local H = require "tests.helpers"
+local slurp = H.read_file
+local dir = H.FIXTURES .. "openai-streams/"
 
 local function show(s)
   if #s > 200 then s = s:sub(1, 200) .. "..." end

@@ -11,12 +11,7 @@ local cjson = require "cjson"
 
 local FIX = "tests/fixtures/tokens/"
 
-local function slurp(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local slurp = require("tests.helpers").read_file
 
 local function lines_of(text)
   local t = {}
