@@ -242,9 +242,35 @@ static size_t o200k_upper(const unsigned char *s, size_t len, size_t start) {
  *   \p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
  * The optional prefix is tried present first, then absent; it can only be
  * absent-and-still-match when it is a mark (a mark is P and also U and W). */
-static size_t next_o200k(const unsigned char *s, size_t len, size_t i) {
+/* ASCII fast path for the commonest o200k pieces (" word", "Word",
+ * "HTML", "it's"): an optional ASCII prefix [^\r\n\p{L}\p{N}], then
+ * [A-Z]*[a-z]*, then the optional contraction.  On ASCII these are exactly
+ * what alternatives 1 and 2 below match (an uppercase run followed by a
+ * lowercase run is alternative 1; an uppercase run alone, alternative 2).
+ * Returns 0 whenever a byte >= 0x80 could change the answer, or the piece
+ * is not a word: the general matcher decides then. */
+static size_t o200k_ascii_word(const unsigned char *s, size_t len, size_t i) {
+  size_t j = i;
+  unsigned c = s[j];
+  if (!((c | 0x20u) >= 'a' && (c | 0x20u) <= 'z')) {
+    if (c >= 0x80 || c == '\r' || c == '\n' || (c >= '0' && c <= '9')) return 0;
+    j++;
+    if (j >= len) return 0;
+    c = s[j];
+    if (!((c | 0x20u) >= 'a' && (c | 0x20u) <= 'z')) return 0;
+  }
+  while (j < len && s[j] >= 'A' && s[j] <= 'Z') j++;
+  while (j < len && s[j] >= 'a' && s[j] <= 'z') j++;
+  if (j < len && s[j] >= 0x80) return 0;
+  return j + contraction(s, len, j);
+}
+
+/* The general o200k matcher (kind "o200k_general" selects it alone, so the
+ * tests can check the fast path against it). */
+static size_t next_o200k_general(const unsigned char *s, size_t len, size_t i) {
   size_t n0, e;
-  unsigned f0 = char_at(s, len, i, &n0);
+  unsigned f0;
+  f0 = char_at(s, len, i, &n0);
   unsigned b0 = s[i];
   int p = IS_P(f0, b0);
   int w = (f0 & (UC_U | UC_W)) != 0;
@@ -260,14 +286,22 @@ static size_t next_o200k(const unsigned char *s, size_t len, size_t i) {
   return i + n0; /* not reached */
 }
 
+static size_t next_o200k(const unsigned char *s, size_t len, size_t i) {
+  size_t e;
+  if (s[i] < 0x80 && (e = o200k_ascii_word(s, len, i)) != 0) return e;
+  return next_o200k_general(s, len, i);
+}
+
 int slm_pretok_kind(const char *name) {
   if (strcmp(name, "cl100k") == 0) return SLM_PRETOK_CL100K;
   if (strcmp(name, "o200k") == 0) return SLM_PRETOK_O200K;
+  if (strcmp(name, "o200k_general") == 0) return SLM_PRETOK_O200K_GENERAL;
   if (strcmp(name, "llama3") == 0) return SLM_PRETOK_LLAMA3;
   return -1;
 }
 
 size_t slm_pretok_next(int kind, const unsigned char *s, size_t len, size_t pos) {
   if (kind == SLM_PRETOK_O200K) return next_o200k(s, len, pos);
+  if (kind == SLM_PRETOK_O200K_GENERAL) return next_o200k_general(s, len, pos);
   return next_cl100k(s, len, pos);
 }

@@ -12,7 +12,8 @@
 enum {
   SLM_PRETOK_CL100K = 0, /* cl100k_base (and Llama 3: same split, see pretok.c) */
   SLM_PRETOK_O200K = 1,  /* o200k_base */
-  SLM_PRETOK_LLAMA3 = 2  /* Llama 3 tokenizer.py / tokenizer.json pattern */
+  SLM_PRETOK_LLAMA3 = 2, /* Llama 3 tokenizer.py / tokenizer.json pattern */
+  SLM_PRETOK_O200K_GENERAL = 3 /* o200k without its ASCII fast path (tests) */
 };
 
 /* Kind from its name ("cl100k", "o200k", "llama3"); -1 when unknown. */
