@@ -298,6 +298,14 @@ describe("options", function()
     assert.has_error(function() c:chat{ messages = msgs(), max_tokens = -1 } end)
     assert.are.equal(0, up:stats().requests)
   end)
+  it("refuses to block an nginx worker: no libcurl inside OpenResty requests", function()
+    _G.ngx = { socket = {}, get_phase = function() return "content" end }
+    local ok, err = pcall(slm.client, { base_url = up.url })
+    _G.ngx = nil
+    assert.is_false(ok)
+    assert.matches("cosocket transport", err)
+  end)
+
   it("takes base_url, api_key and model from the environment", function()
     local cmd = ("SLM_BASE_URL=%s SLM_API_KEY=sk-env-key SLM_MODEL=gpt-4o-mini LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
       .. "LUA_CPATH='%s' lua5.4 -e 'local c = require(\"slm\").client(); local r = assert(c:chat{messages={{role=\"user\",content=\"env\"}}}); print(r.text)'")

@@ -99,6 +99,9 @@ local function pick_transport()
   if ngx and ngx.socket and ngx.get_phase and ngx.get_phase() ~= "init" then
     local ok, t = pcall(require, "slm.transport.ngx")
     if ok then return t end
+    -- libcurl would block the nginx worker: refuse rather than stall it
+    error("slm.client: inside OpenResty lua-slm needs its cosocket transport "
+      .. "(slm.transport.ngx), which this version does not have yet", 3)
   end
   return require "slm.transport.curl"
 end
