@@ -156,8 +156,7 @@ describe("slm.core multi", function()
     r:cancel() -- idempotent
     local ok, kind = r:result()
     assert.is_nil(ok); assert.are.equal("cancelled", kind)
-    deadline = core.now() + 3
-    while up:stats().in_flight > 0 and core.now() < deadline do m:step(0.05) end
+    H.wait_idle(up, function() m:step(0.05) end)
     assert.are.equal(0, up:stats().in_flight)
     assert.are.equal(0, m:count())
   end)
@@ -170,8 +169,7 @@ describe("slm.core multi", function()
     assert.are.equal(1, m:count())
     collectgarbage(); collectgarbage()
     assert.are.equal(0, m:count())
-    deadline = core.now() + 3
-    while up:stats().in_flight > 0 and core.now() < deadline do m:step(0.05) end
+    H.wait_idle(up, function() m:step(0.05) end)
     assert.are.equal(0, up:stats().in_flight)
   end)
 

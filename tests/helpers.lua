@@ -36,4 +36,18 @@ function M.last(up)
   f:close()
   return require("cjson").decode(s)
 end
+-- Wait (at most `limit` seconds) until the simulator has nothing in
+-- flight, calling pump() between looks (to drive the client's loop);
+-- returns the last stats.
+function M.wait_idle(up, pump, limit)
+  local now = require("slm.core").now
+  local deadline = now() + (limit or 3)
+  local st = up:stats()
+  while st.in_flight > 0 and now() < deadline do
+    pump()
+    st = up:stats()
+  end
+  return st
+end
+
 return M

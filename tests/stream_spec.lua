@@ -221,8 +221,7 @@ describe("client:stream iterator", function()
     end
     -- the generic for closed the stream (its to-be-closed value)
     assert.are.equal(3, n)
-    local deadline = core.now() + 3
-    while up:stats().in_flight > 0 and core.now() < deadline do slm.sleep(0.05) end
+    H.wait_idle(up, function() slm.sleep(0.05) end)
     assert.are.equal(0, up:stats().in_flight)
     assert.are.equal(1, up:stats().aborted)
   end)
@@ -240,8 +239,7 @@ describe("client:stream iterator", function()
     assert.is_nil(res)
     assert.are.equal("cancelled", err.kind)
     assert.are.equal(table.concat(got), err.partial.text)
-    local deadline = core.now() + 3
-    while up:stats().in_flight > 0 and core.now() < deadline do slm.sleep(0.05) end
+    H.wait_idle(up, function() slm.sleep(0.05) end)
     assert.are.equal(0, up:stats().in_flight)
     assert.are.equal(1, up:stats().aborted)
   end)
@@ -267,8 +265,7 @@ describe("on_delta control", function()
     assert.is_nil(res)
     assert.are.equal("cancelled", err.kind)
     assert.are.equal(table.concat(got), err.partial.text)
-    local deadline = core.now() + 3
-    while up:stats().in_flight > 0 and core.now() < deadline do slm.sleep(0.05) end
+    H.wait_idle(up, function() slm.sleep(0.05) end)
     assert.are.equal(0, up:stats().in_flight)
   end)
 
