@@ -71,12 +71,10 @@ local consume = mode == "chat" and with_callback or with_iterator
 -- The breakdown ---------------------------------------------------------------
 -- Differential profile of chat{on_delta}: the same N-chunk stream, captured
 -- once with the curl CLI, is replayed from memory through a stand-in
--- transport (no libcurl, no scheduler waits), then with json.decode and
--- Accumulator.add replaced by stand-ins for the content chunks; the
+-- transport (no libcurl, no scheduler waits); the parser's feed_chat (the C
+-- fast path that returns content chunks as text) is timed alone.  The
 -- differences in CPU time (best of 5) are what each stage costs per chunk.
 local function breakdown()
-  local json = require "slm.json"
-  local Acc = require("slm.accumulate").Accumulator
   local body = '{"model":"sim:chunks=' .. N .. '","stream":true,"stream_options":{"include_usage":true},'
     .. '"messages":[{"role":"user","content":"Stream a long answer, please."}]}'
   local pipe = assert(io.popen("curl -s -N -H 'Content-Type: application/json' --data-binary '"
@@ -84,8 +82,7 @@ local function breakdown()
   local all = pipe:read("a")
   pipe:close()
   local pieces = {}
-  for i = 1, #all, 16384 do pieces[#pieces + 1] = all:sub(i, i + 16383) end
-  local L = #assert(all:match("\n\ndata: ([^\n]*)"), "no second event in the captured stream")
+  for i = 1, #all, 65536 do pieces[#pieces + 1] = all:sub(i, i + 65535) end
   local memory = { open = function()
     local i = 0
     return {
@@ -101,59 +98,33 @@ local function breakdown()
       on_delta = function(text) if text ~= "" then count = count + 1 end end }
     assert(res and count == N, tostring(err))
   end
-  local function best(c)
-    run(c)
+  local function best(fn)
+    fn()
     local b = math.huge
     for _ = 1, 5 do
       collectgarbage()
       collectgarbage()
       local c0 = cputime()
-      run(c)
+      fn()
       local t = cputime() - c0
       if t < b then b = t end
     end
     return b / N * 1e6
   end
-  local function feed_only()
-    local b = math.huge
-    for _ = 1, 5 do
-      local p = core.sse_parser()
-      collectgarbage()
-      local c0 = cputime()
-      for i = 1, #pieces do p:feed(pieces[i]) end
-      local t = cputime() - c0
-      if t < b then b = t end
-    end
-    return b / N * 1e6
-  end
-  local real_decode, real_add, null = json.decode, Acc.add, json.null
-  local net = best(client)
-  local inmem = best(mem)
-  -- content chunks (all of length L) come back as one shared table: no parsing, no garbage
-  local shared = { id = "chatcmpl-sim-1", object = "chat.completion.chunk", created = 1700000000,
-    model = "sim:chunks=" .. N, system_fingerprint = "fp_sim",
-    choices = { { index = 0, delta = { content = "tok " }, logprobs = null, finish_reason = null } } }
-  json.decode = function(s) if #s == L then return shared end return real_decode(s) end
-  local nodecode = best(mem)
-  Acc.add = function(self, chunk)
-    if chunk ~= shared then return real_add(self, chunk) end
-    local st = self._choices[0]
-    local n = st.nc + 1
-    st.content[n] = "tok "
-    st.nc = n
-    return "tok "
-  end
-  local noadd = best(mem)
-  json.decode, Acc.add = real_decode, real_add
-  local feed = feed_only()
+  local net = best(function() run(client) end)
+  local inmem = best(function() run(mem) end)
+  -- all of id, created, model and system_fingerprint known: what the
+  -- stream uses once the first chunk went through the accumulator
+  local feed = best(function()
+    local p = core.sse_parser()
+    for i = 1, #pieces do p:feed_chat(pieces[i], 15) end
+  end)
   local function row(what, us) print(("  %-62s %5.2f us  %3.0f%%"):format(what, us, us / net * 100)) end
   print(("lua-slm chat{on_delta}, %d chunks, CPU per chunk (best of 5 each; differences of runs):"):format(N))
   row("whole call over the network", net)
   row("transport: libcurl, multi step, scheduler, body copies", net - inmem)
-  row("cjson.decode of the chunk (and collecting its garbage)", inmem - nodecode)
-  row("Accumulator:add", nodecode - noadd)
-  row("SSE parser feed (C) incl. event tables", feed)
-  row("stream_event, queue, Stream:next, pcall(on_delta), the callback", noadd - feed)
+  row("SSE parser + C content fast path (feed_chat)", feed)
+  row("accumulator, lazy chunks, Stream:next, pcall(on_delta), the callback", inmem - feed)
 end
 
 if mode == "breakdown" then

@@ -8,8 +8,8 @@ local models = require "slm.models"
 local retry = require "slm.retry"
 local sched = require "slm.sched"
 
-local type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall, select =
-  type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall, select
+local type, pairs, ipairs, tostring, tonumber, setmetatable, error, pcall =
+  type, pairs, ipairs, tostring, tonumber, setmetatable, error, pcall
 local concat, now, format = table.concat, core.now, string.format
 local unpack = table.unpack or unpack
 local null = json.null
