@@ -36,6 +36,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <curl/curl.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <ctype.h>
@@ -48,6 +49,12 @@
 typedef struct slm_multi slm_multi;
 typedef struct slm_req slm_req;
 
+/* The multi is driven through curl_multi_socket_action: libcurl tells us
+ * (on_socket, on_timer) which sockets to watch and when it wants its
+ * timeout handling; step() polls those sockets itself and hands libcurl
+ * only the ones that fired.  curl_multi_perform would instead visit every
+ * transfer, with a poll() system call each, on every step: 40 us with 50
+ * requests in flight, paid again by every step(0) the scheduler makes. */
 struct slm_multi {
   CURLM *multi;
   int in_step;
@@ -55,7 +62,18 @@ struct slm_multi {
   slm_req *head;       /* requests in flight (doubly linked) */
   lua_Integer next_id;
   int count;
+  struct pollfd *pfd;  /* the sockets libcurl asked us to watch */
+  int npfd, cappfd;
+  int sock_failed;     /* on_socket could not record a socket (memory) */
+  double timer_at;     /* when libcurl wants its timeout handling; -1: never */
+  lua_Integer *rdy;    /* ids of requests with activity since the last step */
+  int nrdy, caprdy;
+  int rdy_lost;        /* an id could not be recorded: report by a full scan */
+  CURL **pool;         /* easy handles of finished requests, reset for reuse */
+  int npool;
 };
+
+#define POOL_MAX 64    /* easy handles kept for reuse per multi */
 
 enum { R_IDLE = 0, R_RUNNING = 1, R_DONE = 2 };
 enum { A_NONE = 0, A_CANCELLED, A_IDLE, A_FIRST_BYTE, A_TOO_BIG, A_NOMEM };
@@ -78,12 +96,20 @@ struct slm_req {
   sbuf head;           /* raw response header block (last response) */
   long status;
   int headers_done;
-  int ready;           /* activity since the last step */
+  int ready;           /* activity since the last step (and listed in m->rdy) */
   int abort_reason;
   CURLcode result;
   double t_start, t_last, t_first;
   double idle_timeout, first_byte_timeout;
   size_t max_body, received;
+  /* libcurl's figures, kept when the request finishes: its easy handle
+   * goes back to the multi's pool then */
+  struct {
+    int have;
+    double total_time, connect_time;
+    long new_connections, http_version;
+    char ip[48];
+  } info;
   char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -109,6 +135,22 @@ static void sbuf_free(sbuf *b) {
   b->len = b->cap = 0;
 }
 
+/* Note activity on r for the next step() to report. */
+static void mark_ready(slm_req *r) {
+  slm_multi *m = r->m;
+  if (r->ready) return;
+  r->ready = 1;
+  if (!m) return;
+  if (m->nrdy == m->caprdy) {
+    int cap = m->caprdy ? m->caprdy * 2 : 64;
+    lua_Integer *p = (lua_Integer *)realloc(m->rdy, (size_t)cap * sizeof *p);
+    if (!p) { m->rdy_lost = 1; return; }
+    m->rdy = p;
+    m->caprdy = cap;
+  }
+  m->rdy[m->nrdy++] = r->id;
+}
+
 /* ---- libcurl callbacks: pure C, no Lua ---- */
 
 static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
@@ -116,7 +158,7 @@ static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
   size_t n = size * nmemb;
   r->t_last = slm_now();
   if (r->t_first == 0) r->t_first = r->t_last;
-  r->ready = 1;
+  mark_ready(r);
   r->received += n;
   if (r->max_body && r->received > r->max_body) {
     r->abort_reason = A_TOO_BIG;
@@ -145,7 +187,7 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud) {
   if (n == 2 && ptr[0] == '\r' && ptr[1] == '\n') {
     if (r->status >= 100 && r->status < 200) return n; /* interim */
     r->headers_done = 1;
-    r->ready = 1;
+    mark_ready(r);
     return n;
   }
   if (!sbuf_add(&r->head, ptr, n)) {
@@ -153,6 +195,42 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud) {
     return 0;
   }
   return n;
+}
+
+/* Which events libcurl wants on socket s (CURL_POLL_*): kept in m->pfd. */
+static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
+  slm_multi *m = (slm_multi *)userp;
+  int i;
+  (void)easy;
+  (void)socketp;
+  for (i = 0; i < m->npfd; i++)
+    if (m->pfd[i].fd == s) break;
+  if (what == CURL_POLL_REMOVE) {
+    if (i < m->npfd) m->pfd[i] = m->pfd[--m->npfd];
+    return 0;
+  }
+  if (i == m->npfd) {
+    if (m->npfd == m->cappfd) {
+      int cap = m->cappfd ? m->cappfd * 2 : 16;
+      struct pollfd *p = (struct pollfd *)realloc(m->pfd, (size_t)cap * sizeof *p);
+      if (!p) { m->sock_failed = 1; return -1; }
+      m->pfd = p;
+      m->cappfd = cap;
+    }
+    m->pfd[i].fd = s;
+    m->pfd[i].revents = 0;
+    m->npfd++;
+  }
+  m->pfd[i].events = (short)(((what & CURL_POLL_IN) ? POLLIN : 0) | ((what & CURL_POLL_OUT) ? POLLOUT : 0));
+  return 0;
+}
+
+/* When libcurl wants curl_multi_socket_action(CURL_SOCKET_TIMEOUT). */
+static int on_timer(CURLM *multi, long ms, void *userp) {
+  slm_multi *m = (slm_multi *)userp;
+  (void)multi;
+  m->timer_at = ms < 0 ? -1 : slm_now() + (double)ms / 1000.0;
+  return 0;
 }
 
 /* ---- helpers ---- */
@@ -193,11 +271,42 @@ static void req_detach(lua_State *L, slm_req *r) {
   }
 }
 
+/* Keep libcurl's figures for info(), then give the easy handle back to
+ * the multi's pool (or free it): a finished request needs it no more. */
+static void req_release_easy(slm_multi *m, slm_req *r) {
+  double d;
+  long l;
+  char *ip = NULL;
+  CURL *e = r->easy;
+  if (!e) return;
+  r->info.have = 1;
+  if (curl_easy_getinfo(e, CURLINFO_TOTAL_TIME, &d) == CURLE_OK) r->info.total_time = d;
+  if (curl_easy_getinfo(e, CURLINFO_CONNECT_TIME, &d) == CURLE_OK) r->info.connect_time = d;
+  if (curl_easy_getinfo(e, CURLINFO_NUM_CONNECTS, &l) == CURLE_OK) r->info.new_connections = l;
+  if (curl_easy_getinfo(e, CURLINFO_HTTP_VERSION, &l) == CURLE_OK) r->info.http_version = l;
+  if (curl_easy_getinfo(e, CURLINFO_PRIMARY_IP, &ip) == CURLE_OK && ip) {
+    strncpy(r->info.ip, ip, sizeof r->info.ip - 1);
+    r->info.ip[sizeof r->info.ip - 1] = '\0';
+  }
+  r->easy = NULL;
+  if (m && m->multi && m->npool < POOL_MAX) {
+    if (!m->pool) m->pool = (CURL **)malloc(POOL_MAX * sizeof *m->pool);
+    if (m->pool) {
+      curl_easy_reset(e);
+      m->pool[m->npool++] = e;
+      return;
+    }
+  }
+  curl_easy_cleanup(e);
+}
+
 static void req_finish(lua_State *L, slm_req *r, CURLcode rc) {
+  slm_multi *m = r->m;
   r->result = rc;
   r->state = R_DONE;
-  r->ready = 1;
+  mark_ready(r);
   req_detach(L, r);
+  req_release_easy(m, r);
 }
 
 static double opt_number(lua_State *L, int t, const char *k, double def) {
@@ -233,6 +342,7 @@ static int l_multi(lua_State *L) {
   m = (slm_multi *)slm_newuserdata(L, sizeof *m);
   memset(m, 0, sizeof *m);
   m->weak_ref = LUA_NOREF;
+  m->timer_at = -1;
   luaL_setmetatable(L, MULTI_MT);
   lua_newtable(L);
   lua_newtable(L);
@@ -242,6 +352,10 @@ static int l_multi(lua_State *L) {
   m->weak_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   m->multi = curl_multi_init();
   if (!m->multi) return luaL_error(L, "slm.core: curl_multi_init failed");
+  curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+  curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, (void *)m);
+  curl_multi_setopt(m->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+  curl_multi_setopt(m->multi, CURLMOPT_TIMERDATA, (void *)m);
   curl_multi_setopt(m->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
   if (maxconn > 0) curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, maxconn);
   if (maxhost > 0) curl_multi_setopt(m->multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxhost);
@@ -260,6 +374,15 @@ static int multi_close(lua_State *L) {
     curl_multi_cleanup(m->multi);
     m->multi = NULL;
   }
+  while (m->npool > 0) curl_easy_cleanup(m->pool[--m->npool]);
+  free(m->pool);
+  m->pool = NULL;
+  free(m->pfd);
+  m->pfd = NULL;
+  m->npfd = m->cappfd = 0;
+  free(m->rdy);
+  m->rdy = NULL;
+  m->nrdy = m->caprdy = 0;
   if (m->weak_ref != LUA_NOREF) {
     luaL_unref(L, LUA_REGISTRYINDEX, m->weak_ref);
     m->weak_ref = LUA_NOREF;
@@ -335,7 +458,16 @@ static int multi_add(lua_State *L) {
   r->first_byte_timeout = opt_number(L, 2, "first_byte_timeout", 0);
   r->max_body = (size_t)opt_number(L, 2, "max_body", 0);
 
-  r->easy = curl_easy_init();
+  /* room for this request's sockets now, where failing can raise: in
+   * on_socket it would leave libcurl's multi unusable */
+  if (m->cappfd < 2 * (m->count + 1) + 8) {
+    int cap = 2 * (m->count + 1) + 8 + m->cappfd;
+    struct pollfd *p = (struct pollfd *)realloc(m->pfd, (size_t)cap * sizeof *p);
+    if (!p) return luaL_error(L, "slm.core: out of memory");
+    m->pfd = p;
+    m->cappfd = cap;
+  }
+  r->easy = m->npool > 0 ? m->pool[--m->npool] : curl_easy_init();
   if (!r->easy) return luaL_error(L, "slm.core: curl_easy_init failed");
   set_headers(L, r, 2);
 
@@ -444,53 +576,111 @@ static int collect_done(lua_State *L, slm_multi *m) {
   return n;
 }
 
-static int multi_step(lua_State *L) {
-  slm_multi *m = check_multi(L, 1);
-  double timeout = luaL_optnumber(L, 2, 0);
-  int running = 0, any = 0, n = 0;
-  double now, nearest;
-  slm_req *r;
-  if (m->in_step) return luaL_error(L, "slm.core: loop already running");
-  m->in_step = 1;
-  curl_multi_perform(m->multi, &running);
-  /* finished requests leave the in-flight list at once: count them, or
-   * the poll below would sleep although there is news to report */
-  any = collect_done(L, m);
-  for (r = m->head; r && !any; r = r->next) if (r->ready) any = 1;
-  now = slm_now();
-  nearest = check_deadlines(L, m, now, &any);
-  if (!any && timeout > 0) {
-    double wait = timeout;
-    int numfds = 0;
-    if (nearest >= 0 && nearest - now < wait) wait = nearest - now;
-    if (wait < 0) wait = 0;
-    curl_multi_poll(m->multi, NULL, 0, (int)ceil(wait * 1000.0), &numfds);
-    curl_multi_perform(m->multi, &running);
-    collect_done(L, m);
-    check_deadlines(L, m, slm_now(), &any);
+/* Run libcurl's timeout handling if it is due (new requests start there). */
+static void run_timer(slm_multi *m) {
+  int running = 0;
+  if (m->timer_at < 0 || m->timer_at > slm_now()) return;
+  m->timer_at = -1; /* on_timer sets it again if libcurl asks */
+  curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+}
+
+/* Wait up to `ms` for the watched sockets, then hand libcurl those that
+ * fired.  libcurl's callbacks edit m->pfd during the hand-over (sockets
+ * come and go), so the fired ones are taken out in batches and the scan
+ * starts over until none is left: every event is delivered once. */
+static void run_sockets(slm_multi *m, int ms) {
+  enum { BATCH = 64 };
+  curl_socket_t fd[BATCH];
+  int bits[BATCH];
+  int i, k, n, running = 0;
+  if (m->npfd == 0) {
+    if (ms > 0) poll(NULL, 0, ms);
+    return;
   }
-  m->in_step = 0;
-  /* report every request with activity: in flight ones from the list, and
-   * finished ones through the weak table (they are no longer listed) */
-  lua_newtable(L);
+  if (poll(m->pfd, (nfds_t)m->npfd, ms) <= 0) return;
+  do {
+    n = 0;
+    for (i = 0; i < m->npfd && n < BATCH; i++) {
+      short re = m->pfd[i].revents;
+      if (!re) continue;
+      m->pfd[i].revents = 0;
+      fd[n] = m->pfd[i].fd;
+      bits[n] = ((re & (POLLIN | POLLHUP)) ? CURL_CSELECT_IN : 0) |
+                ((re & POLLOUT) ? CURL_CSELECT_OUT : 0) |
+                ((re & (POLLERR | POLLNVAL)) ? CURL_CSELECT_ERR : 0);
+      n++;
+    }
+    for (k = 0; k < n; k++) curl_multi_socket_action(m->multi, fd[k], bits[k], &running);
+  } while (n == BATCH);
+}
+
+/* Push the requests with activity since the last step into the table on
+ * top of the stack: the ids noted by mark_ready, or every request the weak
+ * table holds when an id could not be noted. */
+static void report_ready(lua_State *L, slm_multi *m) {
+  int n = 0, i;
   lua_rawgeti(L, LUA_REGISTRYINDEX, m->weak_ref);
-  lua_pushnil(L);
-  while (lua_next(L, -2)) {
-    slm_req *q = (slm_req *)luaL_testudata(L, -1, REQ_MT);
+  if (m->rdy_lost) lua_pushnil(L);
+  for (i = 0;; i++) {
+    slm_req *q;
+    if (m->rdy_lost) {
+      if (!lua_next(L, -2)) break;
+    } else {
+      if (i >= m->nrdy) break;
+      lua_pushinteger(L, m->rdy[i]);
+      lua_pushvalue(L, -1);
+      lua_rawget(L, -3);
+    }
+    /* stack: ... result weak id value */
+    q = (slm_req *)luaL_testudata(L, -1, REQ_MT);
     if (q && q->ready) {
       q->ready = 0;
       lua_pushvalue(L, -1);
       slm_rawseti(L, -5, ++n);
       if (q->state == R_DONE) {
-        /* finished: drop it from the weak table (key is at -2) */
+        /* finished: it leaves the weak table (reported once) */
         lua_pushvalue(L, -2);
         lua_pushnil(L);
         lua_rawset(L, -5);
       }
     }
-    lua_pop(L, 1);
+    lua_pop(L, m->rdy_lost ? 1 : 2);
   }
   lua_pop(L, 1);
+  m->nrdy = 0;
+  m->rdy_lost = 0;
+}
+
+static int multi_step(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+  double timeout = luaL_optnumber(L, 2, 0);
+  int any = 0;
+  double now, nearest;
+  if (m->in_step) return luaL_error(L, "slm.core: loop already running");
+  m->in_step = 1;
+  run_timer(m);
+  run_sockets(m, 0);
+  run_timer(m);
+  collect_done(L, m);
+  now = slm_now();
+  nearest = check_deadlines(L, m, now, &any);
+  if (m->nrdy == 0 && !m->rdy_lost && !any && timeout > 0) {
+    double wait = timeout;
+    if (nearest >= 0 && nearest - now < wait) wait = nearest - now;
+    if (m->timer_at >= 0 && m->timer_at - now < wait) wait = m->timer_at - now;
+    if (wait < 0) wait = 0;
+    run_sockets(m, (int)ceil(wait * 1000.0));
+    run_timer(m);
+    collect_done(L, m);
+    check_deadlines(L, m, slm_now(), &any);
+  }
+  m->in_step = 0;
+  if (m->sock_failed) {
+    m->sock_failed = 0;
+    return luaL_error(L, "slm.core: out of memory watching sockets");
+  }
+  lua_createtable(L, m->nrdy, 0);
+  report_ready(L, m);
   return 1;
 }
 
@@ -664,29 +854,19 @@ static int req_info(lua_State *L) {
   }
   lua_pushinteger(L, (lua_Integer)r->received);
   lua_setfield(L, -2, "received");
-  if (r->easy && r->state == R_DONE) {
-    double d;
-    long l;
-    char *s = NULL;
-    if (curl_easy_getinfo(r->easy, CURLINFO_TOTAL_TIME, &d) == CURLE_OK) {
-      lua_pushnumber(L, d);
-      lua_setfield(L, -2, "total_time");
-    }
-    if (curl_easy_getinfo(r->easy, CURLINFO_CONNECT_TIME, &d) == CURLE_OK) {
-      lua_pushnumber(L, d);
-      lua_setfield(L, -2, "connect_time");
-    }
-    if (curl_easy_getinfo(r->easy, CURLINFO_NUM_CONNECTS, &l) == CURLE_OK) {
-      lua_pushinteger(L, l);
-      lua_setfield(L, -2, "new_connections");
-    }
-    if (curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &l) == CURLE_OK) {
-      lua_pushstring(L, l == CURL_HTTP_VERSION_2_0 ? "2" : l == CURL_HTTP_VERSION_3 ? "3" :
-                         l == CURL_HTTP_VERSION_1_0 ? "1.0" : "1.1");
-      lua_setfield(L, -2, "http_version");
-    }
-    if (curl_easy_getinfo(r->easy, CURLINFO_PRIMARY_IP, &s) == CURLE_OK && s) {
-      lua_pushstring(L, s);
+  if (r->info.have) {
+    long v = r->info.http_version;
+    lua_pushnumber(L, r->info.total_time);
+    lua_setfield(L, -2, "total_time");
+    lua_pushnumber(L, r->info.connect_time);
+    lua_setfield(L, -2, "connect_time");
+    lua_pushinteger(L, (lua_Integer)r->info.new_connections);
+    lua_setfield(L, -2, "new_connections");
+    lua_pushstring(L, v == CURL_HTTP_VERSION_2_0 ? "2" : v == CURL_HTTP_VERSION_3 ? "3" :
+                      v == CURL_HTTP_VERSION_1_0 ? "1.0" : "1.1");
+    lua_setfield(L, -2, "http_version");
+    if (r->info.ip[0]) {
+      lua_pushstring(L, r->info.ip);
       lua_setfield(L, -2, "ip");
     }
   }

@@ -103,6 +103,51 @@ describe("slm.core multi", function()
     assert.are.equal(0, r2:info().new_connections)
   end)
 
+  it("a reused easy handle carries nothing over from its previous request", function()
+    -- finished requests give their libcurl handle back to the multi, which
+    -- resets it for the next add: options set for one request (timeout,
+    -- method, headers) must not leak into the next one
+    local m = core.multi()
+    local r1 = m:add{ url = up.url .. "/chat/completions", method = "PUT", timeout = 0.4,
+      headers = { "Content-Type: application/json", "X-Leak: yes", "X-Sim-Scenario: delay=50" }, body = body() }
+    drain(m, { r1 })
+    assert.is_true(r1:result())
+    assert.are.equal(405, r1:status()) -- the simulator answers only POST
+    local r2 = m:add{ url = up.url .. "/chat/completions",
+      headers = { "Content-Type: application/json", "X-Sim-Scenario: delay=700" }, body = body() }
+    local b = drain(m, { r2 })[1]
+    assert.is_true(r2:result()) -- no 0.4 s timeout left over
+    assert.are.equal(200, r2:status())
+    assert.are.equal("Echo: ping", json.decode(b).choices[1].message.content)
+    local last = H.last(up)
+    assert.are.equal("POST", last.method)
+    assert.is_nil(last.headers["x-leak"])
+    -- libcurl's figures outlive the handle
+    local info = r1:info()
+    assert.is_number(info.total_time)
+    assert.are.equal("1.1", info.http_version)
+    assert.are.equal("127.0.0.1", info.ip)
+    m:close()
+    assert.is_true(r2:info().total_time >= 0.7)
+  end)
+
+  it("step(0) does not wait and reports requests finished since the last step", function()
+    local m = core.multi()
+    local reqs = {}
+    for i = 1, 5 do reqs[i] = add(m, { headers = { "X-Sim-Scenario: delay=" .. (100 * i) } }) end
+    local seen, order = {}, {}
+    local deadline = core.now() + 10
+    while #order < 5 and core.now() < deadline do
+      for _, r in ipairs(m:step(0)) do
+        if r:done() and not seen[r] then seen[r] = true; order[#order + 1] = r end
+      end
+    end
+    assert.are.equal(5, #order)
+    for i = 1, 5 do assert.are.equal(reqs[i], order[i]) end
+    -- nothing left: an empty report, at once
+    assert.are.same({}, m:step(0))
+  end)
+
   it("sends no Expect header and sends the body intact", function()
     local m = core.multi()
     local big = string.rep("x", 200000)
