@@ -62,6 +62,7 @@ struct slm_multi {
   slm_req *head;       /* requests in flight (doubly linked) */
   lua_Integer next_id;
   int count;
+  int ntimed;          /* of those, how many have an idle or first-byte timeout */
   struct pollfd *pfd;  /* the sockets libcurl asked us to watch */
   int npfd, cappfd;
   int sock_failed;     /* on_socket could not record a socket (memory) */
@@ -260,6 +261,7 @@ static void req_detach(lua_State *L, slm_req *r) {
   if (!m) return;
   if (m->multi && r->easy) curl_multi_remove_handle(m->multi, r->easy);
   list_remove(m, r);
+  if (r->idle_timeout > 0 || r->first_byte_timeout > 0) m->ntimed--;
   r->m = NULL;
   if (L && r->multi_ref != LUA_NOREF) {
     luaL_unref(L, LUA_REGISTRYINDEX, r->multi_ref);
@@ -517,6 +519,7 @@ static int multi_add(lua_State *L) {
   if (m->head) m->head->prev = r;
   m->head = r;
   m->count++;
+  if (r->idle_timeout > 0 || r->first_byte_timeout > 0) m->ntimed++;
   lua_pushvalue(L, 1);
   r->multi_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   /* register id -> request in the weak table */
@@ -531,7 +534,7 @@ static int multi_add(lua_State *L) {
  * *aborted); return the nearest future deadline (or -1 when none). */
 static double check_deadlines(lua_State *L, slm_multi *m, double now, int *aborted) {
   double nearest = -1;
-  slm_req *r = m->head;
+  slm_req *r = m->ntimed > 0 ? m->head : NULL; /* libcurl keeps the others' */
   while (r) {
     slm_req *next = r->next;
     double dl = -1;
@@ -770,15 +773,21 @@ static int req_headers(lua_State *L) {
     if (!eol) eol = end;
     colon = memchr(p, ':', (size_t)(eol - p));
     if (colon && !(eol - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
-      luaL_Buffer b;
-      const char *k;
+      char name[128];
+      size_t k, nlen = (size_t)(colon - p);
       v = colon + 1;
       ve = eol;
       while (v < ve && (*v == ' ' || *v == '\t')) v++;
       while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
-      luaL_buffinit(L, &b);
-      for (k = p; k < colon; k++) luaL_addchar(&b, (char)tolower((unsigned char)*k));
-      luaL_pushresult(&b);
+      if (nlen <= sizeof name) {
+        for (k = 0; k < nlen; k++) name[k] = (char)tolower((unsigned char)p[k]);
+        lua_pushlstring(L, name, nlen);
+      } else {
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        for (k = 0; k < nlen; k++) luaL_addchar(&b, (char)tolower((unsigned char)p[k]));
+        luaL_pushresult(&b);
+      }
       lua_pushlstring(L, v, (size_t)(ve - v));
       lua_rawset(L, -3);
     }
