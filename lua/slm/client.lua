@@ -175,13 +175,25 @@ local function redact(self, s)
   end
 end
 
-local function request_headers(self, extra)
+-- client -> its header list with Authorization: built once, kept out of
+-- the client table for the same reason as the key itself
+local full_headers = setmetatable({}, { __mode = "k" })
+
+local function request_headers(self, extra, stream)
+  local base = full_headers[self]
+  if not base then
+    base = {}
+    local own = self.header_list
+    for i = 1, #own do base[i] = own[i] end
+    local k = secrets[self]
+    if k and k ~= "" then base[#base + 1] = "Authorization: Bearer " .. k end
+    full_headers[self] = base
+  end
+  if not extra and not stream then return base end -- shared, never modified
   local h = {}
-  local base = self.header_list
   for i = 1, #base do h[i] = base[i] end
-  local k = secrets[self]
-  if k and k ~= "" then h[#h + 1] = "Authorization: Bearer " .. k end
   if extra then for i = 1, #extra do h[#h + 1] = extra[i] end end
+  if stream then h[#h + 1] = "Accept: text/event-stream" end
   return h
 end
 
@@ -220,7 +232,7 @@ local function response_from_json(obj)
       refusal = nn(msg.refusal),
     }
   end
-  table.sort(choices, function(a, b) return a.index < b.index end)
+  if choices[2] then table.sort(choices, function(a, b) return a.index < b.index end) end
   local first = choices[1]
   if not first then return nil, "reply has no choices" end
   local usage = nn(obj.usage)
@@ -315,12 +327,10 @@ local function read_all(conn)
 end
 
 local function open_conn(self, payload, stream, timeout, extra)
-  local hx = extra and { unpack(extra) } or {}
-  if stream then hx[#hx + 1] = "Accept: text/event-stream" end
   return self.transport.open{
     url = self.base_url .. "/chat/completions",
     method = "POST",
-    headers = request_headers(self, hx),
+    headers = request_headers(self, extra, stream),
     body = payload,
     connect_timeout = self.connect_timeout,
     timeout = (not stream) and timeout or nil,
