@@ -134,7 +134,6 @@ function M.new(opts)
   c.sem = sched.semaphore(c.max_concurrency)
   local hdrs = {
     "Content-Type: application/json",
-    "Accept: application/json",
     "User-Agent: " .. c.user_agent,
   }
   if opts.organization then hdrs[#hdrs + 1] = "OpenAI-Organization: " .. opts.organization end
@@ -175,25 +174,29 @@ local function redact(self, s)
   end
 end
 
--- client -> its header list with Authorization: built once, kept out of
--- the client table for the same reason as the key itself
+-- client -> its header lists (plain and streamed) with Authorization: built
+-- once, kept out of the client table for the same reason as the key itself
 local full_headers = setmetatable({}, { __mode = "k" })
 
 local function request_headers(self, extra, stream)
-  local base = full_headers[self]
-  if not base then
-    base = {}
-    local own = self.header_list
-    for i = 1, #own do base[i] = own[i] end
-    local k = secrets[self]
-    if k and k ~= "" then base[#base + 1] = "Authorization: Bearer " .. k end
-    full_headers[self] = base
+  local lists = full_headers[self]
+  if not lists then
+    local own, k = self.header_list, secrets[self]
+    lists = {}
+    for _, accept in ipairs{ "application/json", "text/event-stream" } do
+      local l = {}
+      for i = 1, #own do l[i] = own[i] end
+      l[#l + 1] = "Accept: " .. accept
+      if k and k ~= "" then l[#l + 1] = "Authorization: Bearer " .. k end
+      lists[#lists + 1] = l
+    end
+    full_headers[self] = lists
   end
-  if not extra and not stream then return base end -- shared, never modified
+  local base = lists[stream and 2 or 1]
+  if not extra then return base end -- shared, never modified
   local h = {}
   for i = 1, #base do h[i] = base[i] end
-  if extra then for i = 1, #extra do h[#h + 1] = extra[i] end end
-  if stream then h[#h + 1] = "Accept: text/event-stream" end
+  for i = 1, #extra do h[#h + 1] = extra[i] end
   return h
 end
 
