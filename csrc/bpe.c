@@ -37,8 +37,9 @@
 #define MAX_RANK 0x1000000u /* 16M: far above any real vocabulary */
 
 /* A hash slot keeps enough of its token to recognise it without reading
- * the token's bytes for tokens of up to 8 bytes (most lookups): the exact
- * 64-bit key of the last <= 8 bytes (see hash_bytes) and the length. */
+ * the token's bytes for tokens of up to 8 bytes (most lookups): the 64-bit
+ * key of its last 8 bytes, which is the whole token when it is shorter
+ * (see hash_bytes), and the length. */
 typedef struct {
   uint32_t taglen; /* high hash bits | min(len, 255) */
   uint32_t rank;   /* NONE: empty slot */
@@ -64,6 +65,24 @@ typedef struct {
   uint32_t tok[CACHE_TOKENS];
 } cache_t;
 
+/* Hot pieces: most pieces of most text are short, and a few thousand
+ * distinct ones make up most of it.  A piece of up to 8 bytes is looked up
+ * here first, by its bytes as one 64-bit word: a hit gives its tokens
+ * without hashing, probing the vocabulary table (megabytes, mostly not in
+ * the CPU caches) or merging.  Direct-mapped, HOT_SIZE * 32 bytes (small
+ * enough to stay in a core's own cache), allocated on first use. */
+#define HOT_BITS 12
+#define HOT_SIZE (1u << HOT_BITS)
+#define HOT_BYTES 8
+#define HOT_TOKENS 4
+typedef struct {
+  uint64_t key; /* the piece's bytes, zero-extended (see short_key) */
+  uint8_t len;  /* 0: empty */
+  uint8_t ntok;
+  uint8_t end[HOT_TOKENS]; /* token k ends at byte end[k] of the piece */
+  uint32_t tok[HOT_TOKENS];
+} hot_t;
+
 typedef struct {
   unsigned char *blob; /* bytes of every token, back to back */
   size_t blob_len;
@@ -78,12 +97,13 @@ typedef struct {
   size_t nsp;
   /* scratch, reused between calls */
   uint32_t *ids, *ends;
-  size_t out_cap;
+  size_t ids_cap, ends_cap;
   unsigned char *work;
   size_t work_cap;
   unsigned char *allow; /* one flag per special */
   unsigned char first[256]; /* first bytes of the allowed specials */
   cache_t *cache;           /* allocated on first use */
+  hot_t *hot;               /* allocated on first use */
   size_t small_max;         /* array scan up to this piece length, heap above */
   int closed;
 } bpe_t;
@@ -97,28 +117,44 @@ static inline uint64_t mix64(uint64_t h) {
   return h;
 }
 
-/* Hash of p[0, n) and, in *key, an exact encoding of its last 1..8 bytes
- * (the whole string when n <= 8, given n): 4..8 bytes as the first and
- * last 4 (overlapping), 1..3 bytes as first, middle and last. */
-static inline uint64_t hash_bytes(const unsigned char *p, size_t n, uint64_t *key) {
+/* p[0, n) for n <= 8 as a 64-bit word: its bytes, zero-extended.  `avail`
+ * >= n is how many bytes may be read from p: with 8 of them this is one
+ * 8-byte load and a mask, without a branch on the length (pieces' lengths
+ * are as good as random, and such branches are mispredicted often); near
+ * the end of a buffer the bytes are copied one by one.  Same word either
+ * way. */
+static inline uint64_t short_key(const unsigned char *p, size_t n, size_t avail) {
+  uint64_t v = 0;
+  (void)avail; /* unused on big-endian machines */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  if (avail >= 8 && n > 0) {
+    memcpy(&v, p, 8);
+    return v & (~0ull >> (64 - 8 * n));
+  }
+#endif
+  memcpy(&v, p, n);
+  return v;
+}
+
+/* Hash of p[0, n) and, in *key, an exact encoding of its last 8 bytes
+ * (short_key of the whole string when n <= 8: with the length in the slot,
+ * that identifies it).  `avail` as for short_key. */
+static inline uint64_t hash_bytes(const unsigned char *p, size_t n, size_t avail,
+                                  uint64_t *key) {
   uint64_t h = 0x9E3779B97F4A7C15ull ^ ((uint64_t)n * 0xC2B2AE3D27D4EB4Full);
   uint64_t v;
-  while (n > 8) {
-    memcpy(&v, p, 8);
-    h = (h ^ v) * 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 31;
-    p += 8;
-    n -= 8;
-  }
-  if (n >= 4) {
-    uint32_t a, c;
-    memcpy(&a, p, 4);
-    memcpy(&c, p + n - 4, 4);
-    v = ((uint64_t)a << 32) | c;
-  } else if (n > 0) {
-    v = ((uint64_t)p[0] << 16) | ((uint64_t)p[n >> 1] << 8) | p[n - 1];
+  if (n <= 8) {
+    v = short_key(p, n, avail);
   } else {
-    v = 0;
+    size_t k = n;
+    while (k > 8) {
+      memcpy(&v, p, 8);
+      h = (h ^ v) * 0xBF58476D1CE4E5B9ull;
+      h ^= h >> 31;
+      p += 8;
+      k -= 8;
+    }
+    memcpy(&v, p + k - 8, 8); /* the last 8 bytes, overlapping the previous block */
   }
   *key = v;
   return mix64((h ^ v) * 0x94D049BB133111EBull);
@@ -128,8 +164,10 @@ static inline uint32_t taglen_of(uint64_t h, size_t n) {
   return ((uint32_t)(h >> 32) & ~0xFFu) | (uint32_t)(n < 255 ? n : 255);
 }
 
-static inline uint32_t lookup(const bpe_t *b, const unsigned char *p, size_t n) {
-  uint64_t key, h = hash_bytes(p, n, &key);
+/* Rank of the token p[0, n), or NONE; `avail` as for hash_bytes. */
+static inline uint32_t lookup(const bpe_t *b, const unsigned char *p, size_t n,
+                              size_t avail) {
+  uint64_t key, h = hash_bytes(p, n, avail, &key);
   uint32_t tl = taglen_of(h, n);
   uint32_t i = (uint32_t)h & b->mask;
   for (;;) {
@@ -149,7 +187,7 @@ static void bpe_free(bpe_t *b) {
   free(b->blob); free(b->off); free(b->len); free(b->tab);
   for (i = 0; i < b->nsp; i++) free(b->sp[i].text);
   free(b->sp); free(b->ids); free(b->ends); free(b->work); free(b->allow);
-  free(b->cache);
+  free(b->cache); free(b->hot);
   memset(b, 0, sizeof *b);
   b->closed = 1;
 }
@@ -160,14 +198,14 @@ static void *xrealloc(lua_State *L, void *p, size_t n) {
   return q;
 }
 
-static void ensure_out(lua_State *L, bpe_t *b, size_t need) {
-  size_t cap;
-  if (need <= b->out_cap) return;
-  cap = b->out_cap ? b->out_cap : 1024;
-  while (cap < need) cap *= 2;
-  b->ids = xrealloc(L, b->ids, cap * sizeof *b->ids);
-  b->ends = xrealloc(L, b->ends, cap * sizeof *b->ends);
-  b->out_cap = cap;
+/* Room for `need` entries in the scratch array *a (capacity *cap). */
+static void ensure_cap(lua_State *L, uint32_t **a, size_t *cap, size_t need) {
+  size_t c;
+  if (need <= *cap) return;
+  c = *cap ? *cap : 1024;
+  while (c < need) c *= 2;
+  *a = xrealloc(L, *a, c * sizeof **a);
+  *cap = c;
 }
 
 static void ensure_work(lua_State *L, bpe_t *b, size_t bytes) {
@@ -183,7 +221,7 @@ static void ensure_work(lua_State *L, bpe_t *b, size_t bytes) {
 static int tab_insert(bpe_t *b, uint32_t r) {
   const unsigned char *p = b->blob + b->off[r];
   size_t n = b->len[r];
-  uint64_t key, h = hash_bytes(p, n, &key);
+  uint64_t key, h = hash_bytes(p, n, b->blob_len - b->off[r], &key);
   uint32_t tl = taglen_of(h, n);
   uint32_t i = (uint32_t)h & b->mask;
   for (;;) {
@@ -235,7 +273,8 @@ static void build_index(lua_State *L, bpe_t *b) {
   for (r = 0; r < b->nranks + PF; r++) {
     if (r < b->nranks && b->len[r]) {
 #if defined(__GNUC__)
-      uint64_t key, h = hash_bytes(b->blob + b->off[r], b->len[r], &key);
+      uint64_t key, h = hash_bytes(b->blob + b->off[r], b->len[r],
+                                   b->blob_len - b->off[r], &key);
       __builtin_prefetch(&b->tab[(uint32_t)h & b->mask], 1);
 #endif
     }
@@ -248,7 +287,7 @@ static void build_index(lua_State *L, bpe_t *b) {
 #undef PF
   for (i = 0; i < 256; i++) {
     unsigned char c = (unsigned char)i;
-    b->byte_rank[i] = lookup(b, &c, 1);
+    b->byte_rank[i] = lookup(b, &c, 1, 1);
     if (b->byte_rank[i] == NONE)
       luaL_error(L, "slm.BPE: vocabulary has no token for byte %d", (int)i);
   }
@@ -418,10 +457,14 @@ typedef struct {
 } sink_t;
 
 static inline void emit(sink_t *o, uint32_t id, size_t end) {
+  bpe_t *b = o->b;
   if (o->store) {
-    if (o->n >= o->b->out_cap) ensure_out(o->L, o->b, o->n + 1);
-    o->b->ids[o->n] = id;
-    if (o->store > 1) o->b->ends[o->n] = (uint32_t)end;
+    if (o->n >= b->ids_cap) ensure_cap(o->L, &b->ids, &b->ids_cap, o->n + 1);
+    b->ids[o->n] = id;
+    if (o->store > 1) { /* only truncate and chunks need the ends */
+      if (o->n >= b->ends_cap) ensure_cap(o->L, &b->ends, &b->ends_cap, o->n + 1);
+      b->ends[o->n] = (uint32_t)end;
+    }
   }
   o->n++;
 }
@@ -437,7 +480,7 @@ static size_t merge_small(const bpe_t *b, const unsigned char *p, size_t n,
     tk[i] = b->byte_rank[p[i]];
   }
   st[n] = (uint32_t)n;
-  for (i = 0; i + 1 < n; i++) rk[i] = lookup(b, p + i, 2);
+  for (i = 0; i + 1 < n; i++) rk[i] = lookup(b, p + i, 2, n - i);
   rk[n - 1] = NONE;
   for (;;) {
     uint32_t min = NONE;
@@ -450,9 +493,10 @@ static size_t merge_small(const bpe_t *b, const unsigned char *p, size_t n,
     memmove(&tk[best + 1], &tk[best + 2], (m - best - 2) * sizeof tk[0]);
     memmove(&rk[best + 1], &rk[best + 2], (m - best - 2) * sizeof rk[0]);
     m--;
-    rk[best] = best + 1 < m ? lookup(b, p + st[best], st[best + 2] - st[best]) : NONE;
+    rk[best] = best + 1 < m ? lookup(b, p + st[best], st[best + 2] - st[best], n - st[best])
+                            : NONE;
     if (best > 0)
-      rk[best - 1] = lookup(b, p + st[best - 1], st[best + 1] - st[best - 1]);
+      rk[best - 1] = lookup(b, p + st[best - 1], st[best + 1] - st[best - 1], n - st[best - 1]);
   }
   return m;
 }
@@ -501,7 +545,7 @@ static void merge_heap(sink_t *o, const unsigned char *p, size_t n, size_t base)
     nxt[i] = (uint32_t)(i + 1);
     prv[i] = i ? (uint32_t)(i - 1) : NONE;
     tk[i] = b->byte_rank[p[i]];
-    prk[i] = i + 1 < n ? lookup(b, p + i, 2) : NONE;
+    prk[i] = i + 1 < n ? lookup(b, p + i, 2, n - i) : NONE;
     if (prk[i] != NONE) heap[hn++] = ((uint64_t)prk[i] << 32) | i;
   }
   for (i = hn / 2; i-- > 0;) heap_down(heap, hn, i);
@@ -517,11 +561,11 @@ static void merge_heap(sink_t *o, const unsigned char *p, size_t n, size_t base)
     nxt[s] = nxt[t];
     if (nxt[t] < n) prv[nxt[t]] = s;
     k = nxt[s];
-    prk[s] = k < n ? lookup(b, p + s, nxt[k] - s) : NONE;
+    prk[s] = k < n ? lookup(b, p + s, nxt[k] - s, n - s) : NONE;
     if (prk[s] != NONE) heap_push(heap, &hn, ((uint64_t)prk[s] << 32) | s);
     if (prv[s] != NONE) {
       uint32_t h = prv[s];
-      prk[h] = lookup(b, p + h, nxt[s] - h);
+      prk[h] = lookup(b, p + h, nxt[s] - h, n - h);
       if (prk[h] != NONE) heap_push(heap, &hn, ((uint64_t)prk[h] << 32) | h);
     }
   }
@@ -543,14 +587,16 @@ static inline uint32_t lookup_hk(const bpe_t *b, const unsigned char *p, size_t 
   }
 }
 
-/* Tokens of one piece p[0, n) at offset base; h and key from hash_bytes. */
+/* Tokens of one piece p[0, n) at offset base, too long for the hot table
+ * (so n >= 2); `avail` as for short_key. */
 static void encode_piece(sink_t *o, const unsigned char *p, size_t n, size_t base,
-                         uint64_t h, uint64_t key) {
+                         size_t avail) {
   bpe_t *b = o->b;
   uint32_t r, st[SMALL_PIECE + 1], tk[SMALL_PIECE];
+  uint64_t key, h;
   size_t m, k;
   cache_t *c = NULL;
-  if (n == 1) { emit(o, b->byte_rank[p[0]], base + 1); return; }
+  h = hash_bytes(p, n, avail, &key);
   r = lookup_hk(b, p, n, h, key);
   if (r != NONE) { emit(o, r, base + n); return; }
   if (n > b->small_max) { merge_heap(o, p, n, base); return; }
@@ -575,32 +621,64 @@ static void encode_piece(sink_t *o, const unsigned char *p, size_t n, size_t bas
   }
 }
 
+/* Tokens of a piece of at most HOT_BYTES (and at most small_max) bytes,
+ * through the hot table; `avail` as for short_key. */
+static void encode_short(sink_t *o, const unsigned char *p, size_t n, size_t base,
+                         size_t avail) {
+  bpe_t *b = o->b;
+  uint64_t key = short_key(p, n, avail);
+  hot_t *e = &b->hot[((key ^ n) * 0x9E3779B97F4A7C15ull) >> (64 - HOT_BITS)];
+  uint32_t st[HOT_BYTES + 1], tk[HOT_BYTES];
+  size_t m, k;
+  if (e->len == n && e->key == key) {
+    for (k = 0; k < e->ntok; k++) emit(o, e->tok[k], base + e->end[k]);
+    return;
+  }
+  /* a miss: the piece's tokens as encode_piece finds them */
+  m = 1;
+  st[1] = (uint32_t)n;
+  if (n == 1) {
+    tk[0] = b->byte_rank[p[0]];
+  } else {
+    uint64_t hkey, h = hash_bytes(p, n, avail, &hkey);
+    tk[0] = lookup_hk(b, p, n, h, hkey);
+    if (tk[0] == NONE) m = merge_small(b, p, n, st, tk);
+  }
+  for (k = 0; k < m; k++) emit(o, tk[k], base + st[k + 1]);
+  if (m <= HOT_TOKENS) {
+    e->key = key;
+    e->len = (uint8_t)n;
+    e->ntok = (uint8_t)m;
+    for (k = 0; k < m; k++) { e->tok[k] = tk[k]; e->end[k] = (uint8_t)st[k + 1]; }
+  }
+}
+
 /* Encode s[from, to) as ordinary text (the split regex sees only that
- * span).  Stops after the piece that takes the count past `limit`. */
+ * span).  Stops after the piece that takes the count past `limit`.
+ * Pieces come from the pre-tokenizer PIECES at a time (one call per batch,
+ * with its ASCII fast paths inlined in its own loop); those of up to
+ * HOT_BYTES bytes go through the hot table. */
+#define PIECES 32
 static void encode_ordinary(sink_t *o, const unsigned char *s, size_t from,
                             size_t to, size_t limit) {
-  const bpe_t *b = o->b;
-  int kind = b->kind;
-  size_t pos = from, e;
-  uint64_t h, key;
+  bpe_t *b = o->b;
+  const unsigned char *t = s + from; /* offsets below are relative to from */
+  size_t pos = 0, len = to - from, ends[PIECES];
+  size_t short_max = b->small_max < HOT_BYTES ? b->small_max : HOT_BYTES;
   if (from >= to) return;
-  /* one piece of lookahead: the next piece's slot is prefetched while
-   * this one is encoded (the table is far larger than the caches) */
-  e = from + slm_pretok_next(kind, s + from, to - from, 0);
-  h = hash_bytes(s + pos, e - pos, &key);
-  for (;;) {
-    size_t e2 = e;
-    uint64_t h2 = 0, key2 = 0;
-    if (e < to) {
-      e2 = from + slm_pretok_next(kind, s + from, to - from, e - from);
-      h2 = hash_bytes(s + e, e2 - e, &key2);
-#if defined(__GNUC__)
-      __builtin_prefetch(&b->tab[(uint32_t)h2 & b->mask]);
-#endif
+  if (!b->hot) {
+    b->hot = calloc(HOT_SIZE, sizeof *b->hot);
+    if (!b->hot) luaL_error(o->L, "slm.BPE: out of memory");
+  }
+  while (pos < len) {
+    size_t m = slm_pretok_split(b->kind, t, len, pos, ends, PIECES), k, at;
+    for (k = 0, at = pos; k < m; at = ends[k++]) {
+      size_t n = ends[k] - at;
+      if (n <= short_max) encode_short(o, t + at, n, from + at, len - at);
+      else encode_piece(o, t + at, n, from + at, len - at);
+      if (o->n > limit) return;
     }
-    encode_piece(o, s + pos, e - pos, pos, h, key);
-    if (e >= to || o->n > limit) break;
-    pos = e; e = e2; h = h2; key = key2;
+    pos = ends[m - 1];
   }
 }
 

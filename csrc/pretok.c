@@ -178,6 +178,131 @@ static size_t digits3(const unsigned char *s, size_t len, size_t i, size_t n) {
   return i;
 }
 
+/* ------------------------------------------------------ ASCII fast paths
+ *
+ * Most pieces of most text are ASCII: " word", "Word", ",", " ", "123".
+ * The fast paths below decide such a piece from a few byte comparisons and
+ * the ASCII part of the class table, and return 0 whenever a byte >= 0x80
+ * could change the answer (a non-ASCII letter continuing a word, a
+ * non-ASCII space continuing a run, ...): the general matcher decides then.
+ * The tests and the fuzzer check them against the general matchers (kinds
+ * "o200k_general" and "cl100k_general"). */
+
+#define A_FLAGS(c) (slm_uc_stage2[(c)]) /* class flags of an ASCII byte */
+#define A_LETTER(c) ((unsigned)((c) | 0x20u) - 'a' < 26u)
+#define A_DIGIT(c) ((unsigned)(c) - '0' < 10u)
+#define A_O(c) (!(A_FLAGS(c) & (UC_S | UC_L | UC_N))) /* ASCII O */
+
+/* The fast paths are inlined into slm_pretok_split's loop (the compiler
+ * would otherwise keep some of them as calls). */
+#if defined(__GNUC__)
+#define FAST_PATH static inline __attribute__((always_inline))
+#else
+#define FAST_PATH static inline
+#endif
+
+/* End of the run from j of bytes that are in [lo, hi] (ASCII) once OR-ed
+ * with the low byte of `fold` (repeated in each of its bytes).  Words are
+ * scanned eight bytes at a time where the compiler lets us count trailing
+ * zeros: one data-dependent exit per run instead of a branch per byte,
+ * which a CPU mispredicts at the end of nearly every word. */
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define SWAR_ONES 0x0101010101010101ull
+#define SWAR_HIGH 0x8080808080808080ull
+/* High bit of each byte of v set iff that byte is in [lo, hi] (< 0x80):
+ * adding 0x80 - lo (or 0x7F - hi) to its low 7 bits never carries out of
+ * the byte and sets the high bit iff it is >= lo (> hi). */
+static inline uint64_t swar_in(uint64_t v, unsigned lo, unsigned hi) {
+  uint64_t x = v & ~SWAR_HIGH;
+  uint64_t ge = x + SWAR_ONES * (0x80u - lo), gt = x + SWAR_ONES * (0x7Fu - hi);
+  return ge & ~gt & ~v & SWAR_HIGH;
+}
+FAST_PATH size_t ascii_run(const unsigned char *s, size_t len, size_t j,
+                           unsigned lo, unsigned hi, uint64_t fold) {
+  while (j + 8 <= len) {
+    uint64_t v, out;
+    memcpy(&v, s + j, 8);
+    out = ~swar_in(v | fold, lo, hi) & SWAR_HIGH;
+    if (out) return j + ((size_t)__builtin_ctzll(out) >> 3);
+    j += 8;
+  }
+  while (j < len && (unsigned)(s[j] | (unsigned)(fold & 0xFF)) - lo <= hi - lo) j++;
+  return j;
+}
+#else
+FAST_PATH size_t ascii_run(const unsigned char *s, size_t len, size_t j,
+                           unsigned lo, unsigned hi, uint64_t fold) {
+  while (j < len && (unsigned)(s[j] | (unsigned)(fold & 0xFF)) - lo <= hi - lo) j++;
+  return j;
+}
+#endif
+/* fold 0x20 in every byte: [A-Za-z] becomes [a-z] and no other byte does */
+#define ASCII_LETTERS(s, len, j) ascii_run((s), (len), (j), 'a', 'z', 0x2020202020202020ull)
+#define ASCII_UPPERS(s, len, j) ascii_run((s), (len), (j), 'A', 'Z', 0)
+#define ASCII_LOWERS(s, len, j) ascii_run((s), (len), (j), 'a', 'z', 0)
+
+/* End of [A-Z]*[a-z]* from j.  Both runs of most words lie within the
+ * eight bytes at j: one load gives both masks, and the end is two
+ * trailing-zero counts away, with no branch on the word's shape. */
+FAST_PATH size_t ascii_upper_lower(const unsigned char *s, size_t len, size_t j) {
+#ifdef SWAR_HIGH
+  if (j + 8 <= len) {
+    uint64_t v, not_up, not_low;
+    memcpy(&v, s + j, 8);
+    not_up = ~swar_in(v, 'A', 'Z') & SWAR_HIGH;
+    if (not_up) {
+      /* bytes from the first non-uppercase one on that are not lowercase */
+      not_low = ~swar_in(v, 'a', 'z') & SWAR_HIGH & (~0ull << __builtin_ctzll(not_up));
+      if (not_low) return j + ((size_t)__builtin_ctzll(not_low) >> 3);
+      return ASCII_LOWERS(s, len, j + 8);
+    }
+  }
+#endif
+  return ASCII_LOWERS(s, len, ASCII_UPPERS(s, len, j));
+}
+
+/* \p{N}{1,3} at i (an ASCII digit). */
+FAST_PATH size_t ascii_digits(const unsigned char *s, size_t len, size_t i) {
+  size_t j = i + 1;
+  while (j < len && j < i + 3 && A_DIGIT(s[j])) j++;
+  if (j < i + 3 && j < len && s[j] >= 0x80) return 0; /* a non-ASCII digit? */
+  return j;
+}
+
+/* [^\s\p{L}\p{N}]+ from j (an ASCII O byte), then [\r\n]* or [\r\n/]*. */
+FAST_PATH size_t ascii_punct(const unsigned char *s, size_t len, size_t j, int slash) {
+  while (j < len && s[j] < 0x80 && A_O(s[j])) j++;
+  if (j < len && s[j] >= 0x80) return 0; /* a non-ASCII symbol? */
+  while (j < len && (s[j] == '\r' || s[j] == '\n' || (slash && s[j] == '/'))) j++;
+  return j;
+}
+
+/* space_run() over ASCII: i is an ASCII \s byte. */
+FAST_PATH size_t ascii_space(const unsigned char *s, size_t len, size_t i) {
+  size_t j = i, last = i, nl = 0;
+  int have_nl = 0;
+  while (j < len && s[j] < 0x80 && (A_FLAGS(s[j]) & UC_S)) {
+    if (s[j] == '\r' || s[j] == '\n') { nl = j; have_nl = 1; }
+    last = j++;
+  }
+  if (j < len && s[j] >= 0x80) return 0; /* a non-ASCII space? */
+  if (have_nl) return nl + 1;
+  if (j >= len) return j;
+  if (last > i) return last;
+  return j;
+}
+
+/* What every ASCII piece that is not a word becomes, for both encodings:
+ * digits, an optionally space-led punctuation run, or a space run.  c is
+ * s[i] (ASCII, not a letter); d is s[i + 1] (ASCII, not a letter). */
+FAST_PATH size_t ascii_other(const unsigned char *s, size_t len, size_t i,
+                             unsigned c, unsigned d, int slash) {
+  if (A_DIGIT(c)) return ascii_digits(s, len, i);
+  if (c == ' ' && i + 1 < len && A_O(d)) return ascii_punct(s, len, i + 1, slash);
+  if (A_O(c)) return ascii_punct(s, len, i, slash);
+  return ascii_space(s, len, i);
+}
+
 /* cl100k_base:
  *   '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|
  *   ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+
@@ -187,7 +312,7 @@ static size_t digits3(const unsigned char *s, size_t len, size_t i, size_t n) {
  * The two match the same pieces: the possessive forms cannot change the
  * outcome (the prefix is never a letter; punctuation never includes \r\n),
  * and \s*[\r\n]+ stops at the same last newline as \s*[\r\n]. */
-static size_t next_cl100k(const unsigned char *s, size_t len, size_t i) {
+static size_t next_cl100k_general(const unsigned char *s, size_t len, size_t i) {
   size_t n0, n, e;
   unsigned f0 = char_at(s, len, i, &n0);
   unsigned b0 = s[i];
@@ -200,6 +325,31 @@ static size_t next_cl100k(const unsigned char *s, size_t len, size_t i) {
   if ((e = punct_run(s, len, i, f0, n0, 0)) != 0) return e;
   if (f0 & UC_S) return space_run(s, len, i);
   return i + n0; /* not reached: every character is L, N, O or \s */
+}
+
+/* cl100k on ASCII (s[i] < 0x80): a contraction; a letter run with an
+ * optional one-character prefix; else ascii_other().  0: not decided. */
+FAST_PATH size_t cl100k_ascii(const unsigned char *s, size_t len, size_t i) {
+  unsigned c = s[i], d = 0;
+  size_t j = i + 1, e;
+  if (c == '\'' && (e = contraction(s, len, i)) != 0) return i + e;
+  if (!A_LETTER(c)) {
+    if (j >= len) return 0; /* the last byte: rare, left to the general matcher */
+    d = s[j];
+    if (d >= 0x80) return 0;
+    if (!A_LETTER(d) || A_DIGIT(c) || c == '\r' || c == '\n')
+      return ascii_other(s, len, i, c, d, 0);
+    j++; /* c is the prefix */
+  }
+  j = ASCII_LETTERS(s, len, j);
+  if (j < len && s[j] >= 0x80) return 0; /* more letters? */
+  return j;
+}
+
+static size_t next_cl100k(const unsigned char *s, size_t len, size_t i) {
+  size_t e;
+  if (s[i] < 0x80 && (e = cl100k_ascii(s, len, i)) != 0) return e;
+  return next_cl100k_general(s, len, i);
 }
 
 /* o200k alternative 1 with the word starting at `start`:
@@ -242,29 +392,6 @@ static size_t o200k_upper(const unsigned char *s, size_t len, size_t start) {
  *   \p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
  * The optional prefix is tried present first, then absent; it can only be
  * absent-and-still-match when it is a mark (a mark is P and also U and W). */
-/* ASCII fast path for the commonest o200k pieces (" word", "Word",
- * "HTML", "it's"): an optional ASCII prefix [^\r\n\p{L}\p{N}], then
- * [A-Z]*[a-z]*, then the optional contraction.  On ASCII these are exactly
- * what alternatives 1 and 2 below match (an uppercase run followed by a
- * lowercase run is alternative 1; an uppercase run alone, alternative 2).
- * Returns 0 whenever a byte >= 0x80 could change the answer, or the piece
- * is not a word: the general matcher decides then. */
-static size_t o200k_ascii_word(const unsigned char *s, size_t len, size_t i) {
-  size_t j = i;
-  unsigned c = s[j];
-  if (!((c | 0x20u) >= 'a' && (c | 0x20u) <= 'z')) {
-    if (c >= 0x80 || c == '\r' || c == '\n' || (c >= '0' && c <= '9')) return 0;
-    j++;
-    if (j >= len) return 0;
-    c = s[j];
-    if (!((c | 0x20u) >= 'a' && (c | 0x20u) <= 'z')) return 0;
-  }
-  while (j < len && s[j] >= 'A' && s[j] <= 'Z') j++;
-  while (j < len && s[j] >= 'a' && s[j] <= 'z') j++;
-  if (j < len && s[j] >= 0x80) return 0;
-  return j + contraction(s, len, j);
-}
-
 /* The general o200k matcher (kind "o200k_general" selects it alone, so the
  * tests can check the fast path against it). */
 static size_t next_o200k_general(const unsigned char *s, size_t len, size_t i) {
@@ -286,9 +413,30 @@ static size_t next_o200k_general(const unsigned char *s, size_t len, size_t i) {
   return i + n0; /* not reached */
 }
 
+/* o200k on ASCII (s[i] < 0x80): a word, optionally prefixed, is
+ * [A-Z]*[a-z]* and an optional contraction (on ASCII that is exactly what
+ * alternatives 1 and 2 match: an uppercase run followed by a lowercase run
+ * is alternative 1, an uppercase run alone alternative 2); anything else is
+ * ascii_other().  0: not decided. */
+FAST_PATH size_t o200k_ascii(const unsigned char *s, size_t len, size_t i) {
+  unsigned c = s[i], d = 0;
+  size_t j = i;
+  if (!A_LETTER(c)) {
+    j = i + 1;
+    if (j >= len) return 0; /* the last byte: rare, left to the general matcher */
+    d = s[j];
+    if (d >= 0x80) return 0;
+    if (!A_LETTER(d) || A_DIGIT(c) || c == '\r' || c == '\n')
+      return ascii_other(s, len, i, c, d, 1);
+  }
+  j = ascii_upper_lower(s, len, j);
+  if (j < len && s[j] >= 0x80) return 0; /* more letters or marks? */
+  return j + contraction(s, len, j);
+}
+
 static size_t next_o200k(const unsigned char *s, size_t len, size_t i) {
   size_t e;
-  if (s[i] < 0x80 && (e = o200k_ascii_word(s, len, i)) != 0) return e;
+  if (s[i] < 0x80 && (e = o200k_ascii(s, len, i)) != 0) return e;
   return next_o200k_general(s, len, i);
 }
 
@@ -296,6 +444,7 @@ int slm_pretok_kind(const char *name) {
   if (strcmp(name, "cl100k") == 0) return SLM_PRETOK_CL100K;
   if (strcmp(name, "o200k") == 0) return SLM_PRETOK_O200K;
   if (strcmp(name, "o200k_general") == 0) return SLM_PRETOK_O200K_GENERAL;
+  if (strcmp(name, "cl100k_general") == 0) return SLM_PRETOK_CL100K_GENERAL;
   if (strcmp(name, "llama3") == 0) return SLM_PRETOK_LLAMA3;
   return -1;
 }
@@ -303,5 +452,28 @@ int slm_pretok_kind(const char *name) {
 size_t slm_pretok_next(int kind, const unsigned char *s, size_t len, size_t pos) {
   if (kind == SLM_PRETOK_O200K) return next_o200k(s, len, pos);
   if (kind == SLM_PRETOK_O200K_GENERAL) return next_o200k_general(s, len, pos);
+  if (kind == SLM_PRETOK_CL100K_GENERAL) return next_cl100k_general(s, len, pos);
   return next_cl100k(s, len, pos);
+}
+
+/* One loop per kind, with the ASCII fast path inlined into it and the
+ * general matcher called when it does not decide. */
+#define SPLIT_LOOP(fast, general)                                            \
+  while (k < max && pos < len) {                                             \
+    size_t e = s[pos] < 0x80 ? fast(s, len, pos) : 0;                        \
+    pos = e ? e : general(s, len, pos);                                      \
+    ends[k++] = pos;                                                         \
+  }
+#define NO_FAST(s, len, pos) 0
+
+size_t slm_pretok_split(int kind, const unsigned char *s, size_t len, size_t pos,
+                        size_t *ends, size_t max) {
+  size_t k = 0;
+  switch (kind) {
+  case SLM_PRETOK_O200K: SPLIT_LOOP(o200k_ascii, next_o200k_general); break;
+  case SLM_PRETOK_O200K_GENERAL: SPLIT_LOOP(NO_FAST, next_o200k_general); break;
+  case SLM_PRETOK_CL100K_GENERAL: SPLIT_LOOP(NO_FAST, next_cl100k_general); break;
+  default: SPLIT_LOOP(cl100k_ascii, next_cl100k_general); break;
+  }
+  return k;
 }

@@ -8,7 +8,8 @@
  *
  * Input layout: byte 0 picks the encoding and pre-tokenizer, byte 1 the
  * token limit for truncate/chunks, the rest is the text (any bytes).
- * Checked: every pre-tokenizer tiles the input with non-empty pieces;
+ * Checked: every pre-tokenizer tiles the input with non-empty pieces, the
+ * same with and without its ASCII fast path and one at a time or batched;
  * decode(encode(x)) == x, with and without special tokens allowed; merging
  * every piece on the heap gives the same ids as the array scan;
  * count(x) == #encode(x); truncate gives a prefix within the limit; chunks
@@ -180,20 +181,30 @@ static int check(lua_State *l) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   const unsigned char *s;
-  size_t len, pos;
-  int which, kind;
+  size_t len, pos, batch[7], nb, at;
+  int which, kind, general;
   if (size < 2) return 0;
   which = data[0] % 3; /* 0: o200k, 1: cl100k, 2: cl100k vocab + llama3 rules */
   kind = which == 0 ? SLM_PRETOK_O200K : which == 1 ? SLM_PRETOK_CL100K : SLM_PRETOK_LLAMA3;
   s = data + 2;
   len = size - 2;
 
-  /* every pre-tokenizer tiles the input */
-  for (pos = 0; pos < len;) {
+  /* every pre-tokenizer tiles the input, its ASCII fast path agrees with
+   * the general matcher, and the batch splitter with both */
+  general = kind == SLM_PRETOK_O200K ? SLM_PRETOK_O200K_GENERAL : SLM_PRETOK_CL100K_GENERAL;
+  for (pos = 0, nb = 0, at = 0; pos < len;) {
     size_t e = slm_pretok_next(kind, s, len, pos);
     if (e <= pos || e > len) die("pre-tokenizer piece out of range");
+    if (slm_pretok_next(general, s, len, pos) != e) die("fast path and general matcher differ");
+    if (at == nb) {
+      nb = slm_pretok_split(kind, s, len, pos, batch, sizeof batch / sizeof batch[0]);
+      at = 0;
+      if (nb == 0) die("split stopped early");
+    }
+    if (batch[at++] != e) die("split and next differ");
     pos = e;
   }
+  if (at != nb || slm_pretok_split(kind, s, len, len, batch, 1) != 0) die("split went past the end");
   for (pos = 0; pos <= len; pos++) {
     size_t f = slm_utf8_floor(s, len, pos);
     if (f > pos || (pos < len && f + slm_utf8_len(s, len, f) <= pos && f != pos))
