@@ -116,7 +116,9 @@ struct slm_req {
 
 static int sbuf_add(sbuf *b, const char *s, size_t n) {
   if (b->len + n + 1 > b->cap) {
-    size_t cap = b->cap ? b->cap : 4096;
+    /* first block under 1 KB: glibc serves those from its small bins,
+     * larger first requests made it consolidate its fast bins each time */
+    size_t cap = b->cap ? b->cap : 992;
     char *p;
     while (cap < b->len + n + 1) cap *= 2;
     p = (char *)realloc(b->p, cap);
