@@ -1,7 +1,10 @@
--- bench.lua DATADIR LABEL - slm.tokenizer throughput, one JSON line per
--- measurement (run.sh collects them; report.lua prints the table).
--- Needs slm.tokenizer and slm.core on LUA_PATH / LUA_CPATH.
+-- bench.lua DATADIR LABEL [ENC FILE] - slm.tokenizer throughput, one JSON
+-- line per measurement (run.sh collects them; report.lua prints the table).
+-- With ENC and FILE: only `encode` of that file with that encoding (the
+-- head-to-head rounds of run.sh).  Needs slm.tokenizer and slm.core on
+-- LUA_PATH / LUA_CPATH.
 local data, label = arg[1], arg[2] or ("slm (" .. (jit and jit.version or _VERSION) .. ")")
+local only_enc, only_file = arg[3], arg[4]
 local T = require "slm.tokenizer"
 local clock = os.clock -- CPU time of this process
 
@@ -33,6 +36,14 @@ local function best(reps, fn)
     if t < b then b = t end
   end
   return b, r
+end
+
+if only_enc then
+  local tok = T.get(only_enc)
+  local s = slurp(only_file)
+  local t, ids = best(3, function() return tok:encode(s) end)
+  emit { lib = label, enc = only_enc, case = only_file, op = "encode", ms = t * 1e3, bytes = #s, tokens = #ids }
+  return
 end
 
 for _, enc in ipairs { "o200k_base", "cl100k_base" } do

@@ -14,7 +14,7 @@ end
 
 local libs, seen = {}, {}
 for _, r in ipairs(rows) do
-  if not seen[r.lib] then seen[r.lib] = true; libs[#libs + 1] = r.lib end
+  if not seen[r.lib] and not r.lib:match("^h2h ") then seen[r.lib] = true; libs[#libs + 1] = r.lib end
 end
 
 local function fmt_ratio(x) return x and string.format("%.2fx", x) or "-" end
@@ -70,5 +70,30 @@ for _, enc in ipairs { "o200k_base", "cl100k_base" } do
   for _, lib in ipairs(libs) do
     local r = find(lib, enc, "load")
     if r then print(string.format("  %-26s %10.1f", lib, r.ms)) end
+  end
+end
+
+-- head-to-head rounds (run.sh): slm and gpt-tokenizer alternating
+local any_h2h = false
+for _, r in ipairs(rows) do if r.lib:match("^h2h ") then any_h2h = true break end end
+if any_h2h then
+  print("\nhead to head, english.txt, encode (lua-slm Lua 5.4 and gpt-tokenizer run alternately)")
+  print(string.format("  %-12s %6s %14s %18s %8s", "encoding", "round", "lua-slm MB/s", "gpt-tokenizer MB/s", "ratio"))
+  for _, enc in ipairs { "o200k_base", "cl100k_base" } do
+    local ratios = {}
+    for round = 1, 99 do
+      local a, b = find("h2h slm " .. round, enc, "english.txt"), find("h2h gpt " .. round, enc, "english.txt")
+      if not a and not b then break end
+      if a and b then
+        local ra, rb = a.bytes / 1e3 / a.ms, b.bytes / 1e3 / b.ms
+        ratios[#ratios + 1] = ra / rb
+        print(string.format("  %-12s %6d %14.1f %18.1f %7.2fx", enc, round, ra, rb, ra / rb))
+      end
+    end
+    if #ratios > 0 then
+      table.sort(ratios)
+      print(string.format("  %-12s median ratio %.2fx (min %.2fx, max %.2fx)", enc,
+        ratios[(#ratios + 1) // 2], ratios[1], ratios[#ratios]))
+    end
   end
 end

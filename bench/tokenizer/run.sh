@@ -59,4 +59,17 @@ for lib in gpt-tokenizer "gpt-tokenizer count" js-tiktoken @dqbd/tiktoken; do
   done
 done
 
+# Head to head: lua-slm (Lua 5.4) and gpt-tokenizer encoding the English
+# text, alternating process by process, so that a change in the machine's
+# speed during the run (it varies by up to a third here) cannot land on one
+# side of the ratio only.  report.lua prints each round's ratio.
+rounds=${SLM_BENCH_ROUNDS:-3}
+for enc in o200k_base cl100k_base; do
+  for r in $(seq "$rounds"); do
+    echo "head to head $enc, round $r..." >&2
+    LUA_PATH="$root/lua/?.lua;;" LUA_CPATH="$build/?.so;;" lua5.4 "$here/bench.lua" "$data" "h2h slm $r" "$enc" english.txt >> "$results"
+    (cd "$here" && timeout "$timeout_s" node --expose-gc bench.mjs "$data" gpt-tokenizer "$enc" english.txt 3) \
+      | sed "s/\"lib\":\"gpt-tokenizer\"/\"lib\":\"h2h gpt $r\"/" | grep '"op"' >> "$results" || true
+  done
+done
 lua5.4 "$here/report.lua" "$results"
