@@ -11,7 +11,6 @@ local sched = require "slm.sched"
 local type, pairs, ipairs, tostring, tonumber, setmetatable, error, pcall =
   type, pairs, ipairs, tostring, tonumber, setmetatable, error, pcall
 local concat, now, format = table.concat, core.now, string.format
-local unpack = table.unpack or unpack
 local null = json.null
 local getenv = os.getenv
 
