@@ -777,12 +777,7 @@ static int read_allowed(lua_State *L, bpe_t *b, int i) {
 }
 
 static void push_ids(lua_State *L, const bpe_t *b, size_t n) {
-  size_t i;
-  lua_createtable(L, n > INT32_MAX ? INT32_MAX : (int)n, 0);
-  for (i = 0; i < n; i++) {
-    lua_pushinteger(L, (lua_Integer)b->ids[i]);
-    slm_rawseti(L, -2, i + 1);
-  }
+  slm_push_intlist(L, b->ids, n);
 }
 
 /* Common part of bpe_new / bpe_load: check kind and specials, push a new

@@ -457,6 +457,95 @@ describe("slm.tokenizer", function()
     end)
   end)
 
+  -- csrc/intlist.c writes long id lists straight into Lua 5.4's table
+  -- array after checking the layout; everything else uses the C API.
+  describe("id lists", function()
+    local tok = T.get("o200k_base")
+
+    -- the interpreter running this spec, and the cpath it loads slm.core by
+    local function interpreter()
+      local i = -1
+      while arg and arg[i - 1] do i = i - 1 end
+      return arg and arg[i] or "lua5.4"
+    end
+    local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+    -- encode `s` in a fresh process with SLM_INTLIST=api: path, ids
+    local function encode_elsewhere(s)
+      local tmp = os.tmpname()
+      local f = assert(io.open(tmp, "wb"))
+      f:write(s)
+      f:close()
+      local code = ([[package.path = %q; package.cpath = %q
+        local core = require "slm.core"
+        local f = assert(io.open(%q, "rb")); local s = f:read("a"); f:close()
+        local ids = require("slm.tokenizer").get("o200k_base"):encode(s)
+        io.write(core.intlist_path(), "\n", table.concat(ids, ","))]]):format(
+        package.path, package.cpath, tmp)
+      local p = assert(io.popen("SLM_INTLIST=api " .. q(interpreter()) .. " -e " .. q(code)))
+      local out = p:read("a")
+      p:close()
+      os.remove(tmp)
+      return out:match("^(%a+)\n(.*)$")
+    end
+
+    it("are written directly on Lua 5.4 and through the API elsewhere", function()
+      if _VERSION == "Lua 5.4" and not jit then
+        assert.are.equal("direct", core.intlist_path())
+      else
+        assert.are.equal("api", core.intlist_path())
+      end
+    end)
+
+    it("hold the same ids either way", function()
+      local s = random_text(20000)
+      local ids = tok:encode(s)
+      assert.is_true(#ids > 10000)
+      local path, other = encode_elsewhere(s)
+      assert.are.equal("api", path)
+      local want, first_diff = {}, nil
+      for v in other:gmatch("%d+") do want[#want + 1] = math.tointeger(v) end
+      for i = 1, math.max(#want, #ids) do
+        if want[i] ~= ids[i] then first_diff = i break end
+      end
+      assert.is_nil(first_diff, ("first differing id at %s of %d/%d"):format(first_diff, #ids, #want))
+    end)
+
+    it("are ordinary lists of integers at every length around the fast-path threshold", function()
+      for n = 60, 70 do
+        -- "a" then " a" n - 1 times: n tokens in o200k_base
+        local s = "a" .. string.rep(" a", n - 1)
+        local ids = tok:encode(s)
+        assert.are.equal(n, #ids)
+        assert.are.equal(n, rawlen(ids))
+        local seen = 0
+        for i, v in ipairs(ids) do
+          seen = i
+          assert.are.equal("integer", math.type(v))
+        end
+        assert.are.equal(n, seen)
+        local keys = 0
+        for _ in pairs(ids) do keys = keys + 1 end
+        assert.are.equal(n, keys)
+        assert.is_nil(ids[0])
+        assert.is_nil(ids[n + 1])
+        assert.are.equal(s, tok:decode(ids))
+      end
+      local ids = tok:encode(random_text(3000))
+      local n = #ids
+      collectgarbage("collect")
+      ids[n + 1] = 42
+      table.insert(ids, 1, 7)
+      assert.are.equal(n + 2, #ids)
+      assert.are.equal(7, ids[1])
+      assert.are.equal(42, table.remove(ids))
+      assert.are.equal(7, table.remove(ids, 1))
+      assert.are.equal(n, #ids)
+      collectgarbage("collect")
+      assert.are.equal("integer", math.type(ids[n]))
+    end)
+  end)
+
   describe("API", function()
     it("maps model names to encodings", function()
       assert.are.equal("o200k_base", T.get("gpt-4o-mini").name)
