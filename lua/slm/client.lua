@@ -318,9 +318,13 @@ M.prompt_tokens = prompt_tokens
 ---------------------------------------------------------------------------
 
 local function read_all(conn)
-  local parts, n = {}, 0
+  local first = conn:read()
+  if not first then return "" end
+  local b = conn:read()
+  if not b then return first end -- the usual case: the whole body at once
+  local parts, n = { first, b }, 2
   while true do
-    local b = conn:read()
+    b = conn:read()
     if not b then break end
     n = n + 1
     parts[n] = b

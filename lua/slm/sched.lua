@@ -74,13 +74,12 @@ function M.current()
   return by_co[co]
 end
 
-local function finish(t, ok, ...)
+-- t.results is set by the task's own body (see spawn) when it returns.
+local function finish(t, ok, err)
   t.status = "done"
   live = live - 1
-  if ok then
-    t.results = pack(...)
-  else
-    t.error = ...
+  if not ok then
+    t.error = err
     t.failed = true
     orphans[#orphans + 1] = t
   end
@@ -88,18 +87,25 @@ local function finish(t, ok, ...)
   t.waiters = nil
 end
 
+-- Runs once per wake-up of every task: no tables made here (the first
+-- resume passes the spawn arguments; the body stores its own results).
 local function resume(t)
   t.queued = false
   t.status = "running"
-  local co = t.co
-  local res = pack(co_resume(co, unpack(t.args or {}, 1, t.args and t.args.n or 0)))
-  t.args = nil
+  local co, args = t.co, t.args
+  local ok, err
+  if args then
+    t.args = nil
+    ok, err = co_resume(co, unpack(args, 1, args.n))
+  else
+    ok, err = co_resume(co)
+  end
   if co_status(co) == "dead" then
-    if res[1] then
-      finish(t, true, unpack(res, 2, res.n))
+    if ok then
+      finish(t, true)
     else
-      t.traceback = traceback(co, tostring(res[2]))
-      finish(t, false, res[2])
+      t.traceback = traceback(co, tostring(err))
+      finish(t, false, err)
     end
   elseif t.status == "running" then
     -- yielded by something other than the scheduler (a user coroutine
@@ -114,7 +120,7 @@ function M.spawn(fn, ...)
   if type(fn) ~= "function" then error("slm.spawn: expected a function, got " .. type(fn), 2) end
   next_id = next_id + 1
   local t = setmetatable({ id = next_id, status = "ready", waiters = {}, args = pack(...) }, Task)
-  t.co = co_create(fn)
+  t.co = co_create(function(...) t.results = pack(fn(...)) end)
   by_co[t.co] = t
   live = live + 1
   make_ready(t)
