@@ -33,15 +33,28 @@
  *   Request:info() -> table of timings etc.
  *   Request:id() -> integer
  *   Request:last_activity() -> monotonic time of the last byte received
+ *   core.events -> "epoll" | "poll"          (how step() waits for sockets)
  */
 #define _POSIX_C_SOURCE 200809L
 #include <curl/curl.h>
-#include <poll.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <ctype.h>
 #include <math.h>
 #include "slm.h"
+
+/* How step() waits for the sockets libcurl wants watched: an epoll set on
+ * Linux (unless the build asks for poll: cmake -DSLM_EVENTS=poll), poll()
+ * elsewhere.  See run_sockets for why. */
+#if defined(__linux__) && !defined(SLM_EVENTS_POLL)
+#  define SLM_EPOLL 1
+#  include <sys/epoll.h>
+#  include <unistd.h>
+#else
+#  define SLM_EPOLL 0
+#  include <poll.h>
+#endif
 
 #define MULTI_MT "slm.Multi"
 #define REQ_MT "slm.Request"
@@ -54,7 +67,9 @@ typedef struct slm_req slm_req;
  * timeout handling; step() polls those sockets itself and hands libcurl
  * only the ones that fired.  curl_multi_perform would instead visit every
  * transfer, with a poll() system call each, on every step: 40 us with 50
- * requests in flight, paid again by every step(0) the scheduler makes. */
+ * requests in flight, paid again by every step(0) the scheduler makes.
+ * The sockets are mirrored into an epoll set where there is one, so that a
+ * step costs what is ready, not what is watched (run_sockets). */
 struct slm_multi {
   CURLM *multi;
   int in_step;
@@ -63,9 +78,17 @@ struct slm_multi {
   lua_Integer next_id;
   int count;
   int ntimed;          /* of those, how many have an idle or first-byte timeout */
+#if SLM_EPOLL
+  int epfd;            /* epoll set of the sockets libcurl asked us to watch; -1: none */
+  int nwatch;          /* sockets in the set (FD_IN/FD_OUT set in fdst) */
+  unsigned char *fdst; /* per socket number: FD_* bits (see on_socket) */
+  int capfd;
+#else
   struct pollfd *pfd;  /* the sockets libcurl asked us to watch */
   int npfd, cappfd;
-  int sock_failed;     /* on_socket could not record a socket (memory) */
+#endif
+  int sock_failed;     /* on_socket could not watch a socket ... */
+  int sock_errno;      /* ... and why (errno) */
   double timer_at;     /* when libcurl wants its timeout handling; -1: never */
   lua_Integer *rdy;    /* ids of requests with activity since the last step */
   int nrdy, caprdy;
@@ -200,6 +223,105 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud) {
   return n;
 }
 
+/* on_socket could not watch a socket: step() raises (libcurl's multi is
+ * unusable once the callback returned -1). */
+static int watch_failed(slm_multi *m, int err) {
+  m->sock_failed = 1;
+  m->sock_errno = err;
+  return -1;
+}
+
+#if SLM_EPOLL
+/* The epoll set, kept lazily.  libcurl stops watching a connection's socket
+ * when a transfer ends (CURL_POLL_REMOVE) and watches it again, for the same
+ * event, when the next request reuses the connection: mirrored literally that
+ * is an EPOLL_CTL_ADD and a DEL per request, 4,400 system calls for 2,000
+ * requests, and it made epoll cost 20 % more CPU than poll() at 200 in
+ * flight.  So a socket stays in the set after CURL_POLL_REMOVE, marked as
+ * not wanted (FD_WANT clear):
+ *  - watched again for the same events: no system call at all;
+ *  - an event on it while not wanted (the server closed an idle
+ *    connection): run_sockets deletes it then and tells libcurl nothing;
+ *  - closed by libcurl: on_close_socket forgets it (the kernel removes a
+ *    closed socket from the set by itself), so a new socket that gets the
+ *    same number starts from "not in the set".
+ * fdst[] covers every socket libcurl created through this multi: on_open_
+ * socket (CURLOPT_SOCKOPTFUNCTION, run for each new socket) makes room, where
+ * failing only fails that transfer. */
+#define FD_IN 1u
+#define FD_OUT 2u
+#define FD_WANT 4u
+
+static int fd_room(slm_multi *m, curl_socket_t s) {
+  if (s < 0) return 0;
+  if (s >= m->capfd) {
+    int cap = m->capfd ? m->capfd : 64;
+    unsigned char *p;
+    while (cap <= s) cap *= 2;
+    p = (unsigned char *)realloc(m->fdst, (size_t)cap);
+    if (!p) return 0;
+    memset(p + m->capfd, 0, (size_t)(cap - m->capfd));
+    m->fdst = p;
+    m->capfd = cap;
+  }
+  return 1;
+}
+
+static int on_open_socket(void *clientp, curl_socket_t s, curlsocktype purpose) {
+  slm_multi *m = (slm_multi *)clientp;
+  (void)purpose;
+  if (!fd_room(m, s)) return CURL_SOCKOPT_ERROR;
+  m->fdst[s] = 0; /* a new socket is in no set, whatever its number was */
+  return CURL_SOCKOPT_OK;
+}
+
+static int on_close_socket(void *clientp, curl_socket_t s) {
+  slm_multi *m = (slm_multi *)clientp;
+  if (s >= 0 && s < m->capfd) {
+    if (m->fdst[s] & (FD_IN | FD_OUT)) m->nwatch--; /* close() takes it out */
+    m->fdst[s] = 0;
+  }
+  return close(s);
+}
+
+/* Which events libcurl wants on socket s (CURL_POLL_*). */
+static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
+  slm_multi *m = (slm_multi *)userp;
+  struct epoll_event ev;
+  unsigned want, st;
+  int op, rc;
+  (void)easy;
+  (void)socketp;
+  if (!fd_room(m, s)) return watch_failed(m, ENOMEM); /* a socket on_open_socket did not see */
+  st = m->fdst[s];
+  if (what == CURL_POLL_REMOVE) {
+    m->fdst[s] = (unsigned char)(st & ~FD_WANT); /* stays in the set: see above */
+    return 0;
+  }
+  want = ((what & CURL_POLL_IN) ? FD_IN : 0) | ((what & CURL_POLL_OUT) ? FD_OUT : 0);
+  if ((st & (FD_IN | FD_OUT)) == want) { /* already in the set for exactly that */
+    m->fdst[s] = (unsigned char)(want | FD_WANT);
+    return 0;
+  }
+  memset(&ev, 0, sizeof ev);
+  /* level-triggered, as poll(): what libcurl leaves unread is reported
+   * again.  No EPOLLRDHUP: a peer's shutdown makes the socket readable,
+   * and EPOLLHUP and EPOLLERR are always reported. */
+  ev.events = ((want & FD_IN) ? EPOLLIN : 0) | ((want & FD_OUT) ? EPOLLOUT : 0);
+  ev.data.fd = s;
+  op = (st & (FD_IN | FD_OUT)) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+  rc = epoll_ctl(m->epfd, op, s, &ev);
+  /* the fallbacks keep the set right should fdst ever be wrong about s */
+  if (rc < 0 && op == EPOLL_CTL_ADD && errno == EEXIST)
+    rc = epoll_ctl(m->epfd, EPOLL_CTL_MOD, s, &ev);
+  else if (rc < 0 && op == EPOLL_CTL_MOD && errno == ENOENT)
+    rc = epoll_ctl(m->epfd, EPOLL_CTL_ADD, s, &ev);
+  if (rc < 0) return watch_failed(m, errno); /* ENOMEM, ENOSPC (max_user_watches) */
+  if (!(st & (FD_IN | FD_OUT))) m->nwatch++;
+  m->fdst[s] = (unsigned char)(want | FD_WANT);
+  return 0;
+}
+#else
 /* Which events libcurl wants on socket s (CURL_POLL_*): kept in m->pfd. */
 static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
   slm_multi *m = (slm_multi *)userp;
@@ -216,7 +338,7 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     if (m->npfd == m->cappfd) {
       int cap = m->cappfd ? m->cappfd * 2 : 16;
       struct pollfd *p = (struct pollfd *)realloc(m->pfd, (size_t)cap * sizeof *p);
-      if (!p) { m->sock_failed = 1; return -1; }
+      if (!p) return watch_failed(m, ENOMEM);
       m->pfd = p;
       m->cappfd = cap;
     }
@@ -227,6 +349,7 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
   m->pfd[i].events = (short)(((what & CURL_POLL_IN) ? POLLIN : 0) | ((what & CURL_POLL_OUT) ? POLLOUT : 0));
   return 0;
 }
+#endif
 
 /* When libcurl wants curl_multi_socket_action(CURL_SOCKET_TIMEOUT). */
 static int on_timer(CURLM *multi, long ms, void *userp) {
@@ -347,6 +470,9 @@ static int l_multi(lua_State *L) {
   memset(m, 0, sizeof *m);
   m->weak_ref = LUA_NOREF;
   m->timer_at = -1;
+#if SLM_EPOLL
+  m->epfd = -1;
+#endif
   luaL_setmetatable(L, MULTI_MT);
   lua_newtable(L);
   lua_newtable(L);
@@ -354,6 +480,15 @@ static int l_multi(lua_State *L) {
   lua_setfield(L, -2, "__mode");
   lua_setmetatable(L, -2);
   m->weak_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+#if SLM_EPOLL
+  /* before the multi: libcurl's callbacks may use it as soon as that exists */
+  m->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (m->epfd < 0) {
+    int err = errno;
+    m->epfd = -1;
+    return luaL_error(L, "slm.core: epoll_create1 failed: %s", strerror(err));
+  }
+#endif
   m->multi = curl_multi_init();
   if (!m->multi) return luaL_error(L, "slm.core: curl_multi_init failed");
   curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
@@ -381,9 +516,21 @@ static int multi_close(lua_State *L) {
   while (m->npool > 0) curl_easy_cleanup(m->pool[--m->npool]);
   free(m->pool);
   m->pool = NULL;
+  /* only now: curl_multi_cleanup closes connections, through on_socket */
+#if SLM_EPOLL
+  if (m->epfd >= 0) {
+    close(m->epfd);
+    m->epfd = -1;
+  }
+  m->nwatch = 0;
+  free(m->fdst);
+  m->fdst = NULL;
+  m->capfd = 0;
+#else
   free(m->pfd);
   m->pfd = NULL;
   m->npfd = m->cappfd = 0;
+#endif
   free(m->rdy);
   m->rdy = NULL;
   m->nrdy = m->caprdy = 0;
@@ -462,8 +609,10 @@ static int multi_add(lua_State *L) {
   r->first_byte_timeout = opt_number(L, 2, "first_byte_timeout", 0);
   r->max_body = (size_t)opt_number(L, 2, "max_body", 0);
 
+#if !SLM_EPOLL
   /* room for this request's sockets now, where failing can raise: in
-   * on_socket it would leave libcurl's multi unusable */
+   * on_socket it would leave libcurl's multi unusable (the epoll set's
+   * memory is the kernel's: nothing to reserve there) */
   if (m->cappfd < 2 * (m->count + 1) + 8) {
     int cap = 2 * (m->count + 1) + 8 + m->cappfd;
     struct pollfd *p = (struct pollfd *)realloc(m->pfd, (size_t)cap * sizeof *p);
@@ -471,6 +620,7 @@ static int multi_add(lua_State *L) {
     m->pfd = p;
     m->cappfd = cap;
   }
+#endif
   r->easy = m->npool > 0 ? m->pool[--m->npool] : curl_easy_init();
   if (!r->easy) return luaL_error(L, "slm.core: curl_easy_init failed");
   set_headers(L, r, 2);
@@ -486,6 +636,13 @@ static int multi_add(lua_State *L) {
   curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, r->hdrs);
   curl_easy_setopt(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
   curl_easy_setopt(r->easy, CURLOPT_TCP_NODELAY, 1L);
+#if SLM_EPOLL
+  /* every socket of this multi's connections passes here: see on_socket */
+  curl_easy_setopt(r->easy, CURLOPT_SOCKOPTFUNCTION, on_open_socket);
+  curl_easy_setopt(r->easy, CURLOPT_SOCKOPTDATA, (void *)m);
+  curl_easy_setopt(r->easy, CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
+  curl_easy_setopt(r->easy, CURLOPT_CLOSESOCKETDATA, (void *)m);
+#endif
   /* Wait for a pending connection that may multiplex (HTTP/2) rather than
    * open another - only where HTTP/2 is possible: over TLS (ALPN) or with
    * prior knowledge.  On plain HTTP/1.1 it would serialise new requests
@@ -589,6 +746,49 @@ static void run_timer(slm_multi *m) {
   curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &running);
 }
 
+#if SLM_EPOLL
+/* Wait up to `ms` for the watched sockets, then hand libcurl those that
+ * fired.  The kernel keeps the set (on_socket edits it as libcurl's wishes
+ * change), so a step costs the sockets that are ready, not every socket
+ * watched as poll() does: the scheduler calls step(0) after every task it
+ * resumes, and at hundreds of requests in flight poll()'s scan of them all
+ * (sock_poll, tcp_poll per socket) would be most of the client's CPU.
+ * libcurl's callbacks may edit the set during the hand-over; ev[] is ours,
+ * so that is safe.  A full batch is followed by more at timeout 0: epoll
+ * hands out ready sockets round-robin (one reported goes to the back of its
+ * ready list), so stopping once as many events as watched sockets have been
+ * delivered gives each ready socket its turn and cannot loop for ever on
+ * sockets that keep becoming ready. */
+static void run_sockets(slm_multi *m, int ms) {
+  enum { BATCH = 64 };
+  struct epoll_event ev[BATCH];
+  int i, n, running = 0, seen = 0, limit = m->nwatch;
+  if (limit == 0 && ms == 0) return; /* nothing watched: no system call */
+  do {
+    /* an empty set sleeps `ms` too; -1 is EINTR (a signal): no events */
+    n = epoll_wait(m->epfd, ev, BATCH, ms);
+    if (n <= 0) return;
+    for (i = 0; i < n; i++) {
+      unsigned e = (unsigned)ev[i].events;
+      int fd = ev[i].data.fd, bits;
+      if (fd >= 0 && fd < m->capfd && !(m->fdst[fd] & FD_WANT)) {
+        /* in the set but not watched by libcurl (an idle connection the
+         * server closed, say): out of the set now, libcurl is not told */
+        if (m->fdst[fd] & (FD_IN | FD_OUT)) m->nwatch--;
+        m->fdst[fd] = 0;
+        epoll_ctl(m->epfd, EPOLL_CTL_DEL, fd, NULL);
+        continue;
+      }
+      bits = ((e & (EPOLLIN | EPOLLHUP | EPOLLRDHUP)) ? CURL_CSELECT_IN : 0) |
+             ((e & EPOLLOUT) ? CURL_CSELECT_OUT : 0) |
+             ((e & EPOLLERR) ? CURL_CSELECT_ERR : 0);
+      curl_multi_socket_action(m->multi, fd, bits, &running);
+    }
+    seen += n;
+    ms = 0;
+  } while (n == BATCH && seen < limit);
+}
+#else
 /* Wait up to `ms` for the watched sockets, then hand libcurl those that
  * fired.  libcurl's callbacks edit m->pfd during the hand-over (sockets
  * come and go), so the fired ones are taken out in batches and the scan
@@ -618,6 +818,7 @@ static void run_sockets(slm_multi *m, int ms) {
     for (k = 0; k < n; k++) curl_multi_socket_action(m->multi, fd[k], bits[k], &running);
   } while (n == BATCH);
 }
+#endif
 
 /* Push the requests with activity since the last step into the table on
  * top of the stack: the ids noted by mark_ready, or every request the weak
@@ -681,8 +882,10 @@ static int multi_step(lua_State *L) {
   }
   m->in_step = 0;
   if (m->sock_failed) {
+    int err = m->sock_errno;
     m->sock_failed = 0;
-    return luaL_error(L, "slm.core: out of memory watching sockets");
+    return luaL_error(L, "slm.core: cannot watch a socket: %s%s", strerror(err),
+                      err == ENOSPC ? " (fs.epoll.max_user_watches reached)" : "");
   }
   lua_createtable(L, m->nrdy, 0);
   report_ready(L, m);
@@ -931,5 +1134,7 @@ int slm_open_http(lua_State *L) {
     lua_pushboolean(L, (vi->features & CURL_VERSION_HTTP2) != 0);
     lua_setfield(L, -2, "http2");
   }
+  lua_pushstring(L, SLM_EPOLL ? "epoll" : "poll");
+  lua_setfield(L, -2, "events");
   return 0;
 }

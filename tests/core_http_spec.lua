@@ -25,6 +25,49 @@ local function add(m, opts)
   }
 end
 
+-- A request whose reply names it: "Echo: <text>".
+local function echo(m, text, scenario)
+  return add(m, { body = body{ messages = { { role = "user", content = text } } },
+    headers = scenario and { "X-Sim-Scenario: " .. scenario } or nil })
+end
+
+local function reply_text(b)
+  return json.decode(b).choices[1].message.content
+end
+
+-- The event backend this build of slm.core should have: what the runner
+-- says (SLM_EXPECT_EVENTS), else poll when the build tree it was loaded
+-- from was configured with -DSLM_EVENTS=poll, else epoll on Linux.
+local function expected_events()
+  local want = os.getenv("SLM_EXPECT_EVENTS")
+  if want then return want end
+  local so = package.searchpath("slm.core", package.cpath)
+  local dir = so and so:match("^(.*)/slm/core%.so$")
+  local f = dir and io.open(dir .. "/CMakeCache.txt", "rb")
+  if f then
+    local cache = f:read("a")
+    f:close()
+    if cache:match("\nSLM_EVENTS:STRING=poll\n") then return "poll" end
+  end
+  f = io.open("/proc/sys/kernel/ostype", "rb")
+  local os_name = f and f:read("l")
+  if f then f:close() end
+  return os_name == "Linux" and "epoll" or "poll"
+end
+
+-- How many descriptors this process has open (Linux), else nil.
+local function open_fds()
+  local f = io.open("/proc/self/stat", "rb")
+  if not f then return nil end
+  local pid = f:read("a"):match("^(%d+)")
+  f:close()
+  local p = io.popen("env -u LD_PRELOAD ls /proc/" .. pid .. "/fd")
+  local n = 0
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n
+end
+
 local function drain(m, reqs, limit)
   local deadline = core.now() + (limit or 10)
   local bodies = {}
@@ -235,6 +278,166 @@ describe("slm.core multi", function()
       "slm.core: option 'timeout' must be a number")
     assert.has_error(function() m:add{ url = "http://x", headers = { "A: b\r\nEvil: 1" } } end)
     assert.has_error(function() m:add("x") end)
+  end)
+
+  it("names the socket event backend compiled in", function()
+    assert.are.equal(expected_events(), core.events)
+  end)
+
+  it("keeps a few hundred requests in flight at once, each with its own reply", function()
+    -- more sockets than one batch of events: replies that arrive together
+    -- take several rounds of the event loop, each must reach its request
+    local m = core.multi()
+    local n, reqs = 300, {}
+    for i = 1, n do reqs[i] = echo(m, "many " .. i, "delay=1000") end
+    assert.are.equal(n, m:count())
+    local bodies = drain(m, reqs, 60)
+    for i = 1, n do
+      assert.is_true(reqs[i]:result())
+      assert.are.equal("Echo: many " .. i, reply_text(bodies[i]))
+    end
+    assert.are.equal(n, up:stats().max_in_flight)
+    assert.are.equal(0, m:count())
+    m:close()
+  end)
+
+  it("reuses connections round after round: their sockets leave the event set and come back", function()
+    -- a finished request's connection is no longer watched; a later request
+    -- on it must be watched again, whether driven by step(0) or step(t)
+    local m = core.multi{ max_connections = 200 }
+    local function round(n, tag, busy)
+      local reqs = {}
+      for i = 1, n do reqs[i] = echo(m, tag .. i, "delay=200") end
+      local bodies, new = {}, 0
+      if busy then
+        local deadline = core.now() + 10
+        local left = n
+        while left > 0 and core.now() < deadline do
+          for _, r in ipairs(m:step(0)) do if r:done() then left = left - 1 end end
+        end
+        for i = 1, n do bodies[i] = reqs[i]:read() end
+      else
+        bodies = drain(m, reqs)
+      end
+      for i = 1, n do
+        assert.is_true(reqs[i]:result())
+        assert.are.equal("Echo: " .. tag .. i, reply_text(bodies[i]))
+        new = new + reqs[i]:info().new_connections
+      end
+      return new
+    end
+    assert.are.equal(20, round(20, "a"))
+    assert.are.equal(0, round(20, "b", true))
+    assert.are.equal(20, round(40, "c")) -- 20 reused, 20 new
+    assert.are.equal(0, round(40, "d", true))
+    assert.are.equal(0, m:count())
+    m:close()
+  end)
+
+  it("runs more requests on a multi after some were cancelled in flight", function()
+    -- a cancelled transfer's socket is closed and leaves the set; the new
+    -- requests' sockets get the same descriptor numbers again
+    local m = core.multi()
+    local slow = {}
+    for i = 1, 10 do slow[i] = echo(m, "slow " .. i, "delay=1500") end
+    local deadline = core.now() + 5
+    while up:stats().in_flight < 10 and core.now() < deadline do m:step(0.05) end
+    assert.are.equal(10, up:stats().in_flight)
+    for i = 1, 10, 2 do slow[i]:cancel() end
+    assert.are.equal(5, m:count())
+    local fast = {}
+    for i = 1, 10 do fast[i] = echo(m, "fast " .. i, "delay=50") end
+    local fb = drain(m, fast)
+    for i = 1, 10 do
+      assert.is_true(fast[i]:result())
+      assert.are.equal("Echo: fast " .. i, reply_text(fb[i]))
+    end
+    local kept = {}
+    for i = 2, 10, 2 do kept[#kept + 1] = slow[i] end
+    local sb = drain(m, kept)
+    for k, r in ipairs(kept) do
+      assert.is_true(r:result())
+      assert.are.equal("Echo: slow " .. (2 * k), reply_text(sb[k]))
+    end
+    for i = 1, 10, 2 do
+      local ok, kind = slow[i]:result()
+      assert.is_nil(ok)
+      assert.are.equal("cancelled", kind)
+    end
+    assert.are.equal(0, m:count())
+    m:close()
+  end)
+
+  it("an idle multi: step(0) returns at once, step(t) sleeps", function()
+    local m = core.multi()
+    local t0 = core.now()
+    assert.are.same({}, m:step(0))
+    assert.is_true(core.now() - t0 < 0.1)
+    t0 = core.now()
+    assert.are.same({}, m:step(0.2))
+    local dt = core.now() - t0
+    assert.is_true(dt >= 0.19 and dt < 1.5, "slept " .. dt .. " s")
+    -- and again once a request has come and gone
+    local r = add(m)
+    drain(m, { r })
+    assert.is_true(r:result())
+    t0 = core.now()
+    assert.are.same({}, m:step(0.2))
+    dt = core.now() - t0
+    assert.is_true(dt >= 0.19 and dt < 1.5, "slept " .. dt .. " s")
+    m:close()
+  end)
+
+  it("an idle connection the server closes: no busy loop, and the next request reconnects", function()
+    -- the epoll backend keeps a finished request's socket in its set while
+    -- libcurl keeps the connection for reuse; when the server closes it the
+    -- socket turns readable for good, and a step that kept reporting it
+    -- would never sleep again
+    local m = core.multi()
+    local url = up.url:gsub("/v1$", "/short-keepalive/v1") .. "/chat/completions"
+    local r = add(m, { url = url })
+    drain(m, { r })
+    assert.is_true(r:result())
+    assert.are.equal(1, r:info().new_connections)
+    -- nginx closes it after 300 ms; then every step(t) must really wait
+    local t0 = core.now()
+    while core.now() - t0 < 0.6 do m:step(0.1) end
+    local waits = {}
+    for i = 1, 3 do
+      local t1 = core.now()
+      assert.are.same({}, m:step(0.15))
+      waits[i] = core.now() - t1
+    end
+    for i = 1, 3 do assert.is_true(waits[i] >= 0.14, "step(0.15) returned after " .. waits[i] .. " s") end
+    -- the closed connection is not reused: a new one is made
+    local r2 = add(m, { url = url, body = body{ messages = { { role = "user", content = "again" } } } })
+    local b = drain(m, { r2 })
+    assert.is_true(r2:result())
+    assert.are.equal("Echo: again", reply_text(b[1]))
+    assert.are.equal(1, r2:info().new_connections)
+    m:close()
+  end)
+
+  it("gives back its descriptors when closed or collected", function()
+    collectgarbage() -- what earlier specs left behind closes its files now
+    collectgarbage()
+    local before = open_fds()
+    if not before then
+      pending("needs /proc")
+      return
+    end
+    for i = 1, 20 do
+      local m = core.multi()
+      if i % 3 == 0 then
+        local r = add(m) -- a connection left in libcurl's cache
+        drain(m, { r })
+        assert.is_true(r:result())
+      end
+      if i % 2 == 0 then m:close() end
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.are.equal(before, open_fds())
   end)
 
   it("has a monotonic clock", function()

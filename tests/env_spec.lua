@@ -1,6 +1,7 @@
 -- The test runner (bin/test) runs the suite against several builds of
--- slm.core (plain, ASan+UBSan); this checks that the build it asked for is
--- the one that loads, so a stage cannot silently test another build.
+-- slm.core (plain, poll() events, ASan+UBSan); this checks that the build it
+-- asked for is the one that loads, so a stage cannot silently test another
+-- build.
 describe("test environment", function()
   it("loads slm.core from the build the runner asked for", function()
     local want = os.getenv("SLM_EXPECT_CORE")
