@@ -19,6 +19,9 @@
 #                   no sanitizers, warnings not fatal, so that nobody's
 #                   flags or half-done build in build/ are what gets measured)
 #        SKIP_SETUP=1 (no bin/setup-deps)
+#        KEEP_AWAKE=1: during the runs, one SCHED_IDLE busy loop per core
+#                    keeps the cores from idling (see README.md, "Idle
+#                    cores"): the machine, not a contender, is what changes
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd -P)
@@ -69,7 +72,7 @@ BASE=${URL%/v1}
 stop_sim() { [ -n "${PREFIX:-}" ] && lua5.4 tests/upstream/launch.lua stop "$PREFIX" || true; PREFIX=; }
 child=
 trap stop_sim EXIT
-trap '[ -n "$child" ] && kill "$child" 2>/dev/null; stop_sim; exit 130' INT TERM
+trap '[ -n "$child" ] && kill "$child" 2>/dev/null; stop_spinners; stop_sim; exit 130' INT TERM
 say "simulator at $URL"
 
 sim_reset() { curl -s -m 5 -X POST "$BASE/__sim/reset" >/dev/null; }
@@ -88,11 +91,29 @@ busy_now() {  # processes that used >= 20% of a core over the last second
 busy=$(busy_now | head -c 300)
 [ -n "$busy" ] && say "warning: other processes are using CPU: $busy"
 
+# --- idle cores (KEEP_AWAKE=1) --------------------------------------------------
+# SCHED_IDLE threads run only when nothing else wants the core, so they take
+# no CPU from the contenders or the simulator; they only stop a core from
+# halting between two events (in this VM, waking a halted core costs tens of
+# microseconds per event).  Started after the load check above.
+spinners=()
+stop_spinners() { [ ${#spinners[@]} -gt 0 ] && kill "${spinners[@]}" 2>/dev/null; spinners=(); }
+awake="no (cores idle normally)"
+if [ "${KEEP_AWAKE:-}" = 1 ]; then
+  if command -v chrt >/dev/null; then
+    for _ in $(seq "$(nproc)"); do chrt -i 0 sh -c 'while :; do :; done' & spinners+=($!); done
+    awake="yes: $(nproc) SCHED_IDLE busy loops keep the cores from idling"
+    say "KEEP_AWAKE: ${#spinners[@]} SCHED_IDLE busy loops started"
+  else
+    say "KEEP_AWAKE: chrt is missing: cores idle normally"
+  fi
+fi
+
 # --- contenders -----------------------------------------------------------------
 results=$(mktemp /tmp/slm-bench-conc.XXXXXX)
 logs=$(mktemp -d /tmp/slm-bench-conc-logs.XXXXXX)
 keep_logs=0
-trap 'stop_sim; rm -f "$results"; [ $keep_logs = 1 ] || rm -rf "$logs"' EXIT
+trap 'stop_spinners; stop_sim; rm -f "$results"; [ $keep_logs = 1 ] || rm -rf "$logs"' EXIT
 failed=0
 
 # run_one KEY LABEL command...
@@ -157,6 +178,7 @@ for round in $(seq "$REPEAT"); do
     run_one node "(c)_openai-node_c=$CONC" node "$here/openai_bench.mjs" "$URL"
   fi
 done
+stop_spinners
 
 # --- the table --------------------------------------------------------------------
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), $(free -g | awk '/^Mem:/ {print $2}') GiB"
@@ -171,6 +193,7 @@ echo "bench/concurrency: $N requests (after $WARMUP warm-up), server delay ${DEL
 echo "machine: $machine"
 echo "tree: $commit (+$dirty uncommitted paths); $vers"
 echo "load average (1/5/15 min) at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg)${busy:+; busy at start: $busy}"
+echo "cores kept awake (KEEP_AWAKE): $awake"
 [ "$REPEAT" -gt 1 ] && echo "each figure: median of $REPEAT runs"
 awk -v N="$N" -v CONC="$CONC" -v DELAY="$DELAY_MS" -v REPEAT="$REPEAT" '
 function kv(line, k,   m) { if (match(line, " " k "=[^ ]*")) return substr(line, RSTART + length(k) + 2, RLENGTH - length(k) - 2); return "" }
