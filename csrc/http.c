@@ -268,9 +268,14 @@ static int fd_room(slm_multi *m, curl_socket_t s) {
 }
 
 static int on_open_socket(void *clientp, curl_socket_t s, curlsocktype purpose) {
-  slm_multi *m = (slm_multi *)clientp;
+  slm_req *r = (slm_req *)clientp; /* attached to its multi while it runs */
+  slm_multi *m = r->m;
   (void)purpose;
-  if (!fd_room(m, s)) return CURL_SOCKOPT_ERROR;
+  if (!m) return CURL_SOCKOPT_OK; /* not attached (cannot happen): on_socket copes */
+  if (!fd_room(m, s)) {
+    r->abort_reason = A_NOMEM; /* this transfer fails, kind "memory" */
+    return CURL_SOCKOPT_ERROR;
+  }
   m->fdst[s] = 0; /* a new socket is in no set, whatever its number was */
   return CURL_SOCKOPT_OK;
 }
@@ -639,7 +644,7 @@ static int multi_add(lua_State *L) {
 #if SLM_EPOLL
   /* every socket of this multi's connections passes here: see on_socket */
   curl_easy_setopt(r->easy, CURLOPT_SOCKOPTFUNCTION, on_open_socket);
-  curl_easy_setopt(r->easy, CURLOPT_SOCKOPTDATA, (void *)m);
+  curl_easy_setopt(r->easy, CURLOPT_SOCKOPTDATA, (void *)r);
   curl_easy_setopt(r->easy, CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
   curl_easy_setopt(r->easy, CURLOPT_CLOSESOCKETDATA, (void *)m);
 #endif

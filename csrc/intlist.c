@@ -72,7 +72,7 @@ static view_table *view_of(lua_State *L, size_t n) {
 
 /* Does this file's view of a table agree with what the API stores? */
 static int layout_matches(lua_State *L) {
-  static const lua_Integer probe[PROBE_N] = { 0x5a17, -2, (lua_Integer)1 << 40 };
+  static const lua_Integer probe[PROBE_N] = { 0x5a17, -2, LUA_MAXINTEGER - 6 };
   view_table *t;
   int i, ok = 1;
   lua_createtable(L, PROBE_N, 0);
