@@ -97,11 +97,13 @@ busy=$(busy_now | head -c 300)
 # halting between two events (in this VM, waking a halted core costs tens of
 # microseconds per event).  Started after the load check above.
 spinners=()
+spinners_started=()  # kept after stop_spinners, for the report
 stop_spinners() { [ ${#spinners[@]} -gt 0 ] && kill "${spinners[@]}" 2>/dev/null; spinners=(); }
 awake="no (cores idle normally)"
 if [ "${KEEP_AWAKE:-}" = 1 ]; then
   if command -v chrt >/dev/null; then
     for _ in $(seq "$(nproc)"); do chrt -i 0 sh -c 'while :; do :; done' & spinners+=($!); done
+    spinners_started=("${spinners[@]}")
     awake="yes: $(nproc) SCHED_IDLE busy loops keep the cores from idling"
     say "KEEP_AWAKE: ${#spinners[@]} SCHED_IDLE busy loops started"
   else
@@ -195,7 +197,7 @@ echo "tree: $commit (+$dirty uncommitted paths); $vers"
 echo "load average (1/5/15 min) at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg)${busy:+; busy at start: $busy}"
 echo "cores kept awake (KEEP_AWAKE): $awake"
 [ "$REPEAT" -gt 1 ] && echo "each figure: median of $REPEAT runs"
-awk -v N="$N" -v CONC="$CONC" -v DELAY="$DELAY_MS" -v REPEAT="$REPEAT" '
+awk -v N="$N" -v CONC="$CONC" -v DELAY="$DELAY_MS" -v REPEAT="$REPEAT" -v AWAKE="${#spinners_started[@]}" '
 function kv(line, k,   m) { if (match(line, " " k "=[^ ]*")) return substr(line, RSTART + length(k) + 2, RLENGTH - length(k) - 2); return "" }
 function median(list, n,   i, j, t, a) {
   split(list, a, " "); n = 0; for (i in a) if (a[i] != "") n++
@@ -246,6 +248,7 @@ END {
     print ""
     printf "goal 1, lua-slm throughput within 10%% of ideal (>= 90%%): %.1f%% -> %s\n", tput["slm"], (tput["slm"] >= 90 ? "MET" : "MISSED")
     if (cal_ms != "") printf "        (lua-slm reaches %.1f%% of the calibrated attainable throughput)\n", att / median(secs["slm"]) * 100
+    if (AWAKE == 0) printf "        (cores idled between events: on a VM that costs every contender; KEEP_AWAKE=1, README.md \"Idle cores\")\n"
     cheap = ""; cheapv = 0
     if ("luacurl" in cpk) { cheap = "(b)"; cheapv = cpk["luacurl"] }
     if (("node" in cpk) && (cheap == "" || cpk["node"] < cheapv)) { cheap = "(c)"; cheapv = cpk["node"] }
