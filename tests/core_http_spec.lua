@@ -301,8 +301,9 @@ describe("slm.core multi", function()
     m:close()
   end)
 
-  it("reuses connections round after round: their sockets leave the event set and come back", function()
-    -- a finished request's connection is no longer watched; a later request
+  it("reuses connections round after round: libcurl stops and starts watching their sockets", function()
+    -- libcurl stops watching a finished request's connection (the epoll
+    -- backend keeps the socket in its set, marked unwanted); a later request
     -- on it must be watched again, whether driven by step(0) or step(t)
     local m = core.multi{ max_connections = 200 }
     local function round(n, tag, busy)
