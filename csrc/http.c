@@ -784,7 +784,7 @@ static void run_sockets(slm_multi *m, int ms) {
         epoll_ctl(m->epfd, EPOLL_CTL_DEL, fd, NULL);
         continue;
       }
-      bits = ((e & (EPOLLIN | EPOLLHUP | EPOLLRDHUP)) ? CURL_CSELECT_IN : 0) |
+      bits = ((e & (EPOLLIN | EPOLLHUP)) ? CURL_CSELECT_IN : 0) |
              ((e & EPOLLOUT) ? CURL_CSELECT_OUT : 0) |
              ((e & EPOLLERR) ? CURL_CSELECT_ERR : 0);
       curl_multi_socket_action(m->multi, fd, bits, &running);

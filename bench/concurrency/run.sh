@@ -97,13 +97,13 @@ busy=$(busy_now | head -c 300)
 # halting between two events (in this VM, waking a halted core costs tens of
 # microseconds per event).  Started after the load check above.
 spinners=()
-spinners_started=()  # kept after stop_spinners, for the report
+kept_awake=0
 stop_spinners() { [ ${#spinners[@]} -gt 0 ] && kill "${spinners[@]}" 2>/dev/null; spinners=(); }
 awake="no (cores idle normally)"
 if [ "${KEEP_AWAKE:-}" = 1 ]; then
   if command -v chrt >/dev/null; then
     for _ in $(seq "$(nproc)"); do chrt -i 0 sh -c 'while :; do :; done' & spinners+=($!); done
-    spinners_started=("${spinners[@]}")
+    kept_awake=1
     awake="yes: $(nproc) SCHED_IDLE busy loops keep the cores from idling"
     say "KEEP_AWAKE: ${#spinners[@]} SCHED_IDLE busy loops started"
   else
@@ -197,7 +197,7 @@ echo "tree: $commit (+$dirty uncommitted paths); $vers"
 echo "load average (1/5/15 min) at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg)${busy:+; busy at start: $busy}"
 echo "cores kept awake (KEEP_AWAKE): $awake"
 [ "$REPEAT" -gt 1 ] && echo "each figure: median of $REPEAT runs"
-awk -v N="$N" -v CONC="$CONC" -v DELAY="$DELAY_MS" -v REPEAT="$REPEAT" -v AWAKE="${#spinners_started[@]}" '
+awk -v N="$N" -v CONC="$CONC" -v DELAY="$DELAY_MS" -v REPEAT="$REPEAT" -v AWAKE="$kept_awake" '
 function kv(line, k,   m) { if (match(line, " " k "=[^ ]*")) return substr(line, RSTART + length(k) + 2, RLENGTH - length(k) - 2); return "" }
 function median(list, n,   i, j, t, a) {
   split(list, a, " "); n = 0; for (i in a) if (a[i] != "") n++
