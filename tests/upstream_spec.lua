@@ -188,6 +188,10 @@ describe("test upstream", function()
       assert.is_nil(io.open(prefix .. "/.slm-upstream", "rb"))
       local _, bad = sh("lua5.4 tests/upstream/launch.lua stop /tmp 2>&1")
       assert.equal(1, bad)
+      local msg, usage = sh("lua5.4 tests/upstream/launch.lua start --workers none 2>&1")
+      assert.equal(2, usage)
+      assert.matches("--workers needs a positive integer", msg, 1, true)
+      assert.has_error(function() upstream.start { workers = 0 } end, "upstream.start: workers must be an integer in 1..64")
     end)
   end)
 
@@ -494,6 +498,32 @@ describe("test upstream", function()
       assert.equal(1, s.aborted)
       assert.equal(0, s.in_flight)
       assert.equal(1, s.requests)
+    end)
+
+    it("counts right with several workers, and refuses /__sim/last there", function()
+      local multi = upstream.start { quiet = true, workers = 2 }
+      local ok, err = pcall(function()
+        local kids = io.open("/proc/" .. multi.pid .. "/task/" .. multi.pid .. "/children", "rb")
+        local list = kids and kids:read("a") or ""
+        if kids then kids:close() end
+        local n = 0
+        for _ in list:gmatch("%d+") do n = n + 1 end
+        assert.equal(2, n, "nginx worker processes")
+        local rcs = {}
+        for i = 1, 8 do rcs[i] = background(multi, { body = chat_body("w" .. i), scenario = "delay=1500" }) end
+        local st = wait_stats(multi, function(x) return x.in_flight == 8 end, 3)
+        assert.equal(8, st.max_in_flight)
+        for i = 1, 8 do assert.equal(0, wait_rc(rcs[i], 5)) end
+        st = multi:stats()
+        assert.same({ 0, 8, 8 }, { st.in_flight, st.max_in_flight, st.requests })
+        local res = request(multi, { path = "/__sim/last", method = "GET" })
+        assert.equal(409, res.status)
+        assert.equal("sim_many_workers", cjson.decode(res.body).error.code)
+        multi:reset()
+        assert.same({ 0, 0 }, { multi:stats().max_in_flight, multi:stats().requests })
+      end)
+      multi:stop()
+      assert(ok, err)
     end)
 
     it("reset zeroes the counters", function()

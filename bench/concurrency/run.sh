@@ -19,6 +19,10 @@
 #                   no sanitizers, warnings not fatal, so that nobody's
 #                   flags or half-done build in build/ are what gets measured)
 #        SKIP_SETUP=1 (no bin/setup-deps)
+#        SIM_WORKERS (nproc): nginx workers of the simulator, one per core
+#                    as nginx is deployed; 1 serialises the simulator's own
+#                    work for all 50 requests in flight on one core (README.md,
+#                    "The simulator")
 #        KEEP_AWAKE=1: during the runs, one SCHED_IDLE busy loop per core
 #                    keeps the cores from idling (see README.md, "Idle
 #                    cores"): the machine, not a contender, is what changes
@@ -65,7 +69,8 @@ bin/build "$BUILD_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSLM_SANITIZE=OFF -DSL
   || { say "build failed"; exit 2; }
 
 # --- the simulator ------------------------------------------------------------
-sim=$(lua5.4 tests/upstream/launch.lua start 2>/dev/null) || { say "simulator did not start"; exit 2; }
+SIM_WORKERS=${SIM_WORKERS:-$(nproc)}
+sim=$(lua5.4 tests/upstream/launch.lua start --workers "$SIM_WORKERS" 2>/dev/null) || { say "simulator did not start"; exit 2; }
 URL=$(echo "$sim" | sed -n 1p)
 PREFIX=$(echo "$sim" | sed -n 2p)
 BASE=${URL%/v1}
@@ -73,7 +78,7 @@ stop_sim() { [ -n "${PREFIX:-}" ] && lua5.4 tests/upstream/launch.lua stop "$PRE
 child=
 trap stop_sim EXIT
 trap '[ -n "$child" ] && kill "$child" 2>/dev/null; stop_spinners; stop_sim; exit 130' INT TERM
-say "simulator at $URL"
+say "simulator at $URL ($SIM_WORKERS nginx workers)"
 
 sim_reset() { curl -s -m 5 -X POST "$BASE/__sim/reset" >/dev/null; }
 sim_requests() { curl -s -m 5 "$BASE/__sim/stats" | grep -o '"requests":[0-9]*' | grep -o '[0-9]*$' || echo 0; }
@@ -195,6 +200,7 @@ echo "bench/concurrency: $N requests (after $WARMUP warm-up), server delay ${DEL
 echo "machine: $machine"
 echo "tree: $commit (+$dirty uncommitted paths); $vers"
 echo "load average (1/5/15 min) at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg)${busy:+; busy at start: $busy}"
+echo "simulator: nginx with $SIM_WORKERS worker process(es) (SIM_WORKERS)"
 echo "cores kept awake (KEEP_AWAKE): $awake"
 [ "$REPEAT" -gt 1 ] && echo "each figure: median of $REPEAT runs"
 awk -v N="$N" -v CONC="$CONC" -v DELAY="$DELAY_MS" -v REPEAT="$REPEAT" -v AWAKE="$kept_awake" '

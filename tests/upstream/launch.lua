@@ -8,7 +8,8 @@
 --   up:reset()      -- POST /__sim/reset
 --   up:stop()       -- stop nginx, wait for it, remove the prefix directory
 --
---   lua5.4 tests/upstream/launch.lua start [port]   -- prints url and prefix
+--   lua5.4 tests/upstream/launch.lua start [port] [--workers N]
+--                                                   -- prints url and prefix
 --   lua5.4 tests/upstream/launch.lua stop <prefix>
 --
 -- Needs: the nginx binary with ndk + lua-nginx-module (as Debian's
@@ -326,11 +327,17 @@ end
 
 -- Start a simulator. opts: port (fixed; default random in 20000-45000,
 -- retried when taken), quiet (no message on stderr), timeout (seconds to
--- wait for it to answer, default 5), nginx (binary path).
+-- wait for it to answer, default 5), nginx (binary path), workers (nginx
+-- worker processes, default 1; with more, GET /__sim/last is refused: each
+-- worker only knows its own last request).
 function M.start(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("upstream.start: opts must be a table", 2) end
   if opts.port ~= nil and not math.tointeger(opts.port) then error("upstream.start: port must be an integer", 2) end
+  local workers = opts.workers == nil and 1 or math.tointeger(opts.workers)
+  if not workers or workers < 1 or workers > 64 then
+    error("upstream.start: workers must be an integer in 1..64", 2)
+  end
   local where = locate()
   local info = probe_nginx(opts.nginx)
   local template = read_file(where.upstream .. "/nginx.conf.in")
@@ -361,6 +368,7 @@ function M.start(opts)
       MODULES = info.modules_conf,
       PREFIX = prefix,
       PORT = tostring(port),
+      WORKERS = tostring(workers),
       UPSTREAM_DIR = where.upstream,
       LUA_ROOT = ("%q"):format(where.root),
     })
@@ -411,12 +419,30 @@ end
 local function cli(argv)
   local cmd = argv[1]
   if cmd == "start" then
-    local port = argv[2] and math.tointeger(tonumber(argv[2]))
-    if argv[2] and not port then
-      io.stderr:write("launch.lua: bad port ", argv[2], "\n")
-      return 2
+    local port, workers
+    local i = 2
+    while argv[i] do
+      local a = argv[i]
+      if a == "--workers" then
+        workers = math.tointeger(tonumber(argv[i + 1]))
+        if not workers or workers < 1 then
+          io.stderr:write("launch.lua: --workers needs a positive integer, got ", tostring(argv[i + 1]), "\n")
+          return 2
+        end
+        i = i + 2
+      elseif not port then
+        port = math.tointeger(tonumber(a))
+        if not port then
+          io.stderr:write("launch.lua: bad port ", a, "\n")
+          return 2
+        end
+        i = i + 1
+      else
+        io.stderr:write("launch.lua: unexpected argument ", a, "\n")
+        return 2
+      end
     end
-    local ok, up = pcall(M.start, { port = port, quiet = true })
+    local ok, up = pcall(M.start, { port = port, workers = workers, quiet = true })
     if not ok then
       io.stderr:write(tostring(up), "\n")
       return 1
@@ -433,7 +459,7 @@ local function cli(argv)
     end
     return 0
   end
-  io.stderr:write("usage: lua5.4 tests/upstream/launch.lua start [port]\n",
+  io.stderr:write("usage: lua5.4 tests/upstream/launch.lua start [port] [--workers N]\n",
     "       lua5.4 tests/upstream/launch.lua stop <prefix>\n")
   return 2
 end

@@ -42,12 +42,19 @@ end
 
 -- Counters ------------------------------------------------------------------
 
+-- max_in_flight must stay right with several workers (launch.lua's
+-- `workers`), and the shared dict has no compare-and-set: a get-then-set
+-- could lower the maximum another worker has just raised. So every level
+-- in_flight reaches is marked ("lvl:<n>", added once): in_flight moves in
+-- steps of one, so the highest level marked is the maximum.
+local function mark_level(d, n)
+  if n > 0 then d:add("lvl:" .. n, true) end
+end
+
 local function enter(ctx)
   local d = shared()
   d:incr("requests", 1, 0)
-  local now = d:incr("in_flight", 1, 0)
-  -- one worker, no yield between get and set: this is atomic
-  if now > (d:get("max_in_flight") or 0) then d:set("max_in_flight", now) end
+  mark_level(d, d:incr("in_flight", 1, 0))
   ctx.sim_in_flight = true
 end
 
@@ -807,14 +814,20 @@ end
 
 local function stats()
   local d = shared()
-  local by_key = {}
+  local by_key, max_in_flight = {}, 0
   for _, k in ipairs(d:get_keys(0)) do
-    if sub(k, 1, 2) == "k:" then by_key[sub(k, 3)] = d:get(k) end
+    local p = sub(k, 1, 2)
+    if p == "k:" then
+      by_key[sub(k, 3)] = d:get(k)
+    elseif p == "lv" then
+      local n = tonumber(sub(k, 5))
+      if n and n > max_in_flight then max_in_flight = n end
+    end
   end
   send_json(200, encode({
     requests = d:get("requests") or 0,
     in_flight = d:get("in_flight") or 0,
-    max_in_flight = d:get("max_in_flight") or 0,
+    max_in_flight = max_in_flight,
     aborted = d:get("aborted") or 0,
     by_key = by_key,
   }))
@@ -831,12 +844,16 @@ local function reset()
   d:flush_all()
   d:flush_expired()
   d:set("in_flight", in_flight)
-  d:set("max_in_flight", in_flight)
+  for n = 1, in_flight do mark_level(d, n) end
   last_request = nil
   send_json(200, '{"ok":true}')
 end
 
 local function last()
+  if ngx.worker.count() > 1 then
+    return send_json(409, error_body("/__sim/last needs a simulator with one worker: each of the "
+      .. ngx.worker.count() .. " workers only sees its own requests.", "invalid_request_error", "sim_many_workers"))
+  end
   if not last_request then
     return send_json(404, error_body("No chat request recorded yet.", "invalid_request_error", "sim_no_request"))
   end
