@@ -8,11 +8,13 @@
 --   env: BENCH_N (1000 timed requests), BENCH_WARMUP (50), BENCH_CONC (50)
 --
 -- Prints one line:
---   RESULT name=... mode=... n=... conc=... seconds=... cpu=... rss_kb=... ok=... errors=...
+--   RESULT name=... mode=... n=... conc=... seconds=... cpu=... rss_kb=... ok=... errors=... mean_ms=...
 -- seconds: wall time of the timed requests; cpu: user+sys CPU seconds of
 -- this process over the same span (core.cputime, CLOCK_PROCESS_CPUTIME_ID);
 -- rss_kb: VmHWM (peak RSS) at the end; ok: replies with the expected
--- content; errors: everything else.
+-- content; errors: everything else; mean_ms: mean time a client:chat call
+-- took (core.now before and after it), the figure to hold against the
+-- curl CLI calibration's mean latency.
 local slm = require "slm"
 local json = require "slm.json"
 local core = slm.core
@@ -53,6 +55,7 @@ local function ask(i)
 end
 
 local ok, errors, first_err = 0, 0, nil
+local lat_sum = 0.0
 
 local function check(i, res, err)
   local want = "Echo: Ticket #" .. i .. ":"
@@ -69,13 +72,17 @@ local function batch(first, count)
     local list = {}
     for k = 1, count do list[k] = first + k - 1 end
     slm.map(list, function(i)
+      local t = core.now()
       local res, err = ask(i)
+      lat_sum = lat_sum + (core.now() - t)
       check(i, res, err)
       return true
     end, { concurrency = CONC })
   else
     for i = first, first + count - 1 do
+      local t = core.now()
       local res, err = ask(i)
+      lat_sum = lat_sum + (core.now() - t)
       check(i, res, err)
     end
   end
@@ -92,7 +99,7 @@ end
 -- warm-up: connections, allocator, lazily loaded modules
 batch(1, WARMUP)
 local wok, werr = ok, errors
-ok, errors = 0, 0
+ok, errors, lat_sum = 0, 0, 0.0
 collectgarbage()
 
 local t0, c0 = core.now(), core.cputime()
@@ -101,6 +108,6 @@ local secs, cpu = core.now() - t0, core.cputime() - c0
 
 if first_err then io.stderr:write("slm_bench: first error: ", first_err, "\n") end
 if werr > 0 then io.stderr:write("slm_bench: warm-up had ", werr, " errors (", wok, " ok)\n") end
-print(("RESULT name=%s mode=%s n=%d conc=%d seconds=%.4f cpu=%.4f rss_kb=%d ok=%d errors=%d"):format(
+print(("RESULT name=%s mode=%s n=%d conc=%d seconds=%.4f cpu=%.4f rss_kb=%d ok=%d errors=%d mean_ms=%.3f"):format(
   mode == "map" and "lua-slm" or "lua-slm-seq", mode, N, mode == "map" and CONC or 1,
-  secs, cpu, peak_rss_kb(), ok, errors))
+  secs, cpu, peak_rss_kb(), ok, errors, lat_sum / N * 1000))
