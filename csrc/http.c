@@ -20,7 +20,7 @@
  *   Multi:add{ url=, method=, headers={"K: v", ...}, body=,
  *              connect_timeout=, timeout=, idle_timeout=,
  *              first_byte_timeout=, http_version="1.1"|"2",
- *              max_body= } -> Request
+ *              ca_file=, max_body= } -> Request
  *   Multi:step(timeout_s) -> { Request, ... } (requests with new activity)
  *   Multi:count() -> number of requests in flight
  *   Multi:close()
@@ -34,12 +34,15 @@
  *   Request:id() -> integer
  *   Request:last_activity() -> monotonic time of the last byte received
  *   core.events -> "epoll" | "poll"          (how step() waits for sockets)
+ *   core.h2c_reuse -> boolean                (http_version "2" on http://
+ *                                             reuses connections: libcurl 8+)
  */
 #define _POSIX_C_SOURCE 200809L
 #include <curl/curl.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <ctype.h>
 #include <math.h>
 #include "slm.h"
@@ -58,6 +61,10 @@
 
 #define MULTI_MT "slm.Multi"
 #define REQ_MT "slm.Request"
+
+/* Whether this libcurl can reuse a cleartext HTTP/2 connection made with
+ * prior knowledge (8.0 and newer; see multi_add).  Set at module load. */
+static int h2c_reuse = 0;
 
 typedef struct slm_multi slm_multi;
 typedef struct slm_req slm_req;
@@ -577,7 +584,7 @@ static void set_headers(lua_State *L, slm_req *r, int t) {
 static int multi_add(lua_State *L) {
   slm_multi *m = check_multi(L, 1);
   slm_req *r;
-  const char *url, *method = NULL, *httpv = NULL;
+  const char *url, *method = NULL, *httpv = NULL, *ca_file = NULL;
   size_t bodylen = 0;
   const char *body = NULL;
   double connect_timeout, timeout;
@@ -599,7 +606,17 @@ static int multi_add(lua_State *L) {
     method = lua_tostring(L, -1);
   }
   lua_pop(L, 1);
-  if (slm_getfield(L, 2, "http_version") != LUA_TNIL) httpv = lua_tostring(L, -1);
+  if (slm_getfield(L, 2, "http_version") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TSTRING ||
+        (strcmp(lua_tostring(L, -1), "1.1") != 0 && strcmp(lua_tostring(L, -1), "2") != 0))
+      return luaL_error(L, "slm.core: option 'http_version' must be \"1.1\" or \"2\"");
+    httpv = lua_tostring(L, -1);
+  }
+  lua_pop(L, 1);
+  if (slm_getfield(L, 2, "ca_file") != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "slm.core: option 'ca_file' must be a string");
+    ca_file = lua_tostring(L, -1);
+  }
   lua_pop(L, 1);
   if (slm_getfield(L, 2, "body") != LUA_TNIL) {
     if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "slm.core: option 'body' must be a string");
@@ -649,11 +666,25 @@ static int multi_add(lua_State *L) {
   curl_easy_setopt(r->easy, CURLOPT_CLOSESOCKETDATA, (void *)m);
 #endif
   /* Wait for a pending connection that may multiplex (HTTP/2) rather than
-   * open another - only where HTTP/2 is possible: over TLS (ALPN) or with
-   * prior knowledge.  On plain HTTP/1.1 it would serialise new requests
-   * behind the first one. */
-  if (strncmp(url, "https://", 8) == 0 || (httpv && strcmp(httpv, "2") == 0))
-    curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
+   * open another - only where HTTP/2 is possible: over TLS (ALPN) unless
+   * HTTP/1.1 is asked for, or with prior knowledge.  On HTTP/1.1 it would
+   * serialise new requests behind the first one.  Prior knowledge on
+   * http:// ("h2c") with a libcurl older than 8.0: a reused connection
+   * fails with "Error in the HTTP2 framing layer" (libcurl's own bug, fixed
+   * in 8.0; Debian 12 ships 7.88, whose curl CLI fails the same way), so
+   * there every request gets a connection of its own. */
+  {
+    int https = strncasecmp(url, "https://", 8) == 0;
+    int h2 = httpv && strcmp(httpv, "2") == 0;
+    if (h2 && !https && !h2c_reuse) {
+      curl_easy_setopt(r->easy, CURLOPT_FRESH_CONNECT, 1L);
+      curl_easy_setopt(r->easy, CURLOPT_FORBID_REUSE, 1L);
+    } else if (https ? !(httpv && strcmp(httpv, "1.1") == 0) : h2) {
+      curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
+    }
+  }
+  /* a private CA (a self-hosted server); libcurl copies the string */
+  if (ca_file) curl_easy_setopt(r->easy, CURLOPT_CAINFO, ca_file);
   curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
   curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https");
   if (httpv && strcmp(httpv, "1.1") == 0)
@@ -1138,6 +1169,9 @@ int slm_open_http(lua_State *L) {
     lua_setfield(L, -2, "curl_version");
     lua_pushboolean(L, (vi->features & CURL_VERSION_HTTP2) != 0);
     lua_setfield(L, -2, "http2");
+    h2c_reuse = vi->version_num >= 0x080000;
+    lua_pushboolean(L, h2c_reuse);
+    lua_setfield(L, -2, "h2c_reuse");
   }
   lua_pushstring(L, SLM_EPOLL ? "epoll" : "poll");
   lua_setfield(L, -2, "events");

@@ -70,6 +70,8 @@ local CLIENT_OPTIONS = {
   user_agent = { function(v) return type(v) == "string" end, "a string" },
   check_context = { function(v) return type(v) == "boolean" end, "a boolean" },
   max_body = { pos_int, "a positive integer (bytes)" },
+  ca_file = { function(v) return type(v) == "string" and v ~= "" end, "a path string (PEM CA certificates)" },
+  http_version = { function(v) return v == "1.1" or v == "2" end, '"1.1" or "2"' },
   transport = { function(v) return type(v) == "table" and type(v.open) == "function" end, "a transport module" },
 }
 M.OPTIONS = CLIENT_OPTIONS
@@ -125,6 +127,7 @@ function M.new(opts)
     rpm = opts.rpm, tpm = opts.tpm,
     check_context = opts.check_context ~= false,
     max_body = opts.max_body or 64 * 1024 * 1024,
+    ca_file = opts.ca_file, http_version = opts.http_version,
     transport = opts.transport or pick_transport(),
     user_agent = opts.user_agent or ("lua-slm/" .. VERSION),
     stats = { requests = 0, attempts = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0, errors = 0 },
@@ -343,6 +346,8 @@ local function open_conn(self, payload, stream, timeout, extra)
     first_byte_timeout = stream and timeout or nil,
     idle_timeout = stream and self.stall_timeout or nil,
     max_body = self.max_body,
+    ca_file = self.ca_file,
+    http_version = self.http_version,
   }
 end
 

@@ -13,7 +13,7 @@
 --   lua5.4 tests/upstream/launch.lua stop <prefix>
 --
 -- Needs: the nginx binary with ndk + lua-nginx-module (as Debian's
--- libnginx-mod-http-lua provides), the curl CLI, lua-cjson.
+-- libnginx-mod-http-lua provides), the curl CLI, lua-cjson; the openssl CLI for tls.
 
 local M = {}
 
@@ -329,7 +329,10 @@ end
 -- retried when taken), quiet (no message on stderr), timeout (seconds to
 -- wait for it to answer, default 5), nginx (binary path), workers (nginx
 -- worker processes, default 1; with more, GET /__sim/last is refused: each
--- worker only knows its own last request).
+-- worker only knows its own last request), tls (also serve HTTPS with
+-- HTTP/2 on port + 1, with a fresh self-signed certificate, and cleartext
+-- HTTP/2 with prior knowledge on port + 2: up.tls_url, up.ca_file,
+-- up.h2c_url).
 function M.start(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("upstream.start: opts must be a table", 2) end
@@ -338,6 +341,7 @@ function M.start(opts)
   if not workers or workers < 1 or workers > 64 then
     error("upstream.start: workers must be an integer in 1..64", 2)
   end
+  local tls = opts.tls and true or false
   local where = locate()
   local info = probe_nginx(opts.nginx)
   local template = read_file(where.upstream .. "/nginx.conf.in")
@@ -351,7 +355,27 @@ function M.start(opts)
   run("mkdir -p " .. q(prefix .. "/logs") .. " " .. q(prefix .. "/tmp"))
   write_file(prefix .. "/.slm-upstream", "test upstream prefix; removed by stop\n")
 
-  if opts.port and port_taken(opts.port) then
+  local cert, key = prefix .. "/cert.pem", prefix .. "/key.pem"
+  if tls then
+    -- an EC key: a few milliseconds, where RSA would take a tenth of a second
+    local out_tls, made = run("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+      .. " -keyout " .. q(key) .. " -out " .. q(cert) .. " -days 2 -subj /CN=127.0.0.1"
+      .. " -addext subjectAltName=IP:127.0.0.1")
+    if not made then
+      M.stop_prefix(prefix)
+      error("upstream: openssl could not make a certificate: " .. tail(out_tls, 10), 0)
+    end
+  end
+  local function extra_listen(p)
+    if not tls then return "" end
+    return ("listen 127.0.0.1:%d ssl http2;\n        listen 127.0.0.1:%d http2;\n"
+      .. "        ssl_certificate %s;\n        ssl_certificate_key %s;"):format(p + 1, p + 2, cert, key)
+  end
+  local function ports_taken(p)
+    return port_taken(p) or (tls and (port_taken(p + 1) or port_taken(p + 2)))
+  end
+
+  if opts.port and ports_taken(opts.port) then
     M.stop_prefix(prefix)
     error(("upstream: nginx did not start: 127.0.0.1:%d is taken (Address already in use)"):format(opts.port), 0)
   end
@@ -362,13 +386,14 @@ function M.start(opts)
   local port, last_out
   for _ = 1, tries do
     port = opts.port or random_port()
-    while not opts.port and port_taken(port) do port = random_port() end
+    while not opts.port and ports_taken(port) do port = random_port() end
     local rendered, rerr = pcall(render, template, {
       USER = info.root and "user root root;" or "",
       MODULES = info.modules_conf,
       PREFIX = prefix,
       PORT = tostring(port),
       WORKERS = tostring(workers),
+      EXTRA_LISTEN = extra_listen(port),
       UPSTREAM_DIR = where.upstream,
       LUA_ROOT = ("%q"):format(where.root),
     })
@@ -410,6 +435,11 @@ function M.start(opts)
     prefix = prefix,
     pid = tonumber((read_file(prefix .. "/nginx.pid") or ""):match("%d+")),
   }, Upstream)
+  if tls then
+    up.tls_url = ("https://127.0.0.1:%d/v1"):format(port + 1)
+    up.h2c_url = ("http://127.0.0.1:%d/v1"):format(port + 2)
+    up.ca_file = cert
+  end
   if not opts.quiet then io.stderr:write("upstream: ", up.url, " (prefix ", prefix, ")\n") end
   return up
 end

@@ -54,6 +54,8 @@ end
 local function enter(ctx)
   local d = shared()
   d:incr("requests", 1, 0)
+  -- the connections chat requests came on (HTTP/2 streams share one)
+  d:add("c:" .. ngx.var.connection, true)
   mark_level(d, d:incr("in_flight", 1, 0))
   ctx.sim_in_flight = true
 end
@@ -814,11 +816,13 @@ end
 
 local function stats()
   local d = shared()
-  local by_key, max_in_flight = {}, 0
+  local by_key, max_in_flight, connections = {}, 0, 0
   for _, k in ipairs(d:get_keys(0)) do
     local p = sub(k, 1, 2)
     if p == "k:" then
       by_key[sub(k, 3)] = d:get(k)
+    elseif p == "c:" then
+      connections = connections + 1
     elseif p == "lv" then
       local n = tonumber(sub(k, 5))
       if n and n > max_in_flight then max_in_flight = n end
@@ -828,6 +832,7 @@ local function stats()
     requests = d:get("requests") or 0,
     in_flight = d:get("in_flight") or 0,
     max_in_flight = max_in_flight,
+    connections = connections,
     aborted = d:get("aborted") or 0,
     by_key = by_key,
   }))

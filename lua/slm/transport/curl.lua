@@ -4,7 +4,8 @@
 --
 -- Interface shared with slm.transport.ngx:
 --   local conn = transport.open{ url, method, headers = {"K: v"}, body,
---     connect_timeout, timeout, first_byte_timeout, idle_timeout }
+--     connect_timeout, timeout, first_byte_timeout, idle_timeout, max_body,
+--     ca_file, http_version }
 --   conn:response() -> status, headers | nil, kind, message   (waits for headers)
 --   conn:read()     -> bytes | nil                             (nil at the end)
 --   conn:result()   -> true | nil, kind, message               (after the end)
