@@ -438,7 +438,11 @@ describe("slm.core multi", function()
     end
     collectgarbage()
     collectgarbage()
-    assert.are.equal(before, open_fds())
+    -- a leak adds descriptors (20 multis: epoll sets, cached connections);
+    -- one fewer has been seen once, when a connection an earlier spec left
+    -- behind went away during this one: that is no leak
+    local after = open_fds()
+    assert.is_true(after <= before, ("%d descriptors before, %d after"):format(before, after))
   end)
 
   it("has a monotonic clock", function()
