@@ -125,6 +125,35 @@ describe("slm.client over HTTPS", function()
     assert.equal(1, st.connections)
   end)
 
+  it("streams over HTTP/2, several streams on one connection, and a stream left early frees its own", function()
+    local client = slm.client{ base_url = up.tls_url, api_key = "k", ca_file = up.ca_file }
+    local texts = slm.map({ "one two three", "four five", "six" }, function(x)
+      local s = client:stream{ messages = { { role = "user", content = x } }, model = "sim:slow_chunks=20" }
+      local parts = {}
+      for text in s do parts[#parts + 1] = text end
+      local res = assert(s:result())
+      assert.equal(res.text, table.concat(parts))
+      return table.concat(parts)
+    end, { concurrency = 3 })
+    assert.same({ "Echo: one two three", "Echo: four five", "Echo: six" }, texts)
+    local st = up:stats()
+    assert.equal(3, st.max_in_flight)
+    assert.equal(1, st.connections)
+    -- leaving a stream early cancels its transfer at once (an HTTP/2
+    -- RST_STREAM: nginx's lua module does not report that as an abort, so
+    -- the server's count cannot show it), and the connection lives on
+    local n = 0
+    for _ in client:stream{ messages = { { role = "user", content = "a b c d e f g h" } }, model = "sim:slow_chunks=50" } do
+      n = n + 1
+      if n == 2 then break end
+    end
+    assert.equal(2, n)
+    assert.equal(0, require("slm.sched").stats().inflight)
+    local res = assert(client:chat{ messages = { { role = "user", content = "after" } } })
+    assert.equal("Echo: after", res.text)
+    assert.equal(1, up:stats().connections)
+  end)
+
   it("reports an unknown certificate as a connect error without the key", function()
     local client = slm.client{ base_url = up.tls_url, api_key = "sk-tls-secret", max_retries = 0 }
     local res, err = client:chat{ messages = { { role = "user", content = "hi" } } }
