@@ -50,4 +50,24 @@ function M.wait_idle(up, pump, limit)
   return st
 end
 
+-- Shell-quote a string.
+function M.q(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Run Lua `code` in a fresh process of the interpreter running the specs,
+-- with this process's package.path and package.cpath (so the same build of
+-- slm.core); `env` ("NAME=value ...", optional) goes before the command.
+-- Returns what the process wrote (stdout and stderr).
+function M.run_lua(code, env)
+  local i = -1
+  while arg and arg[i - 1] do i = i - 1 end
+  local lua = arg and arg[i] or "lua5.4"
+  code = ("package.path = %q; package.cpath = %q\n"):format(package.path, package.cpath) .. code
+  local p = assert(io.popen((env and env .. " " or "") .. M.q(lua) .. " -e " .. M.q(code) .. " 2>&1"))
+  local out = p:read("a")
+  p:close()
+  return out
+end
+
 return M

@@ -462,29 +462,17 @@ describe("slm.tokenizer", function()
   describe("id lists", function()
     local tok = T.get("o200k_base")
 
-    -- the interpreter running this spec, and the cpath it loads slm.core by
-    local function interpreter()
-      local i = -1
-      while arg and arg[i - 1] do i = i - 1 end
-      return arg and arg[i] or "lua5.4"
-    end
-    local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-
     -- encode `s` in a fresh process with SLM_INTLIST=api: path, ids
     local function encode_elsewhere(s)
       local tmp = os.tmpname()
       local f = assert(io.open(tmp, "wb"))
       f:write(s)
       f:close()
-      local code = ([[package.path = %q; package.cpath = %q
+      local out = require("tests.helpers").run_lua(([[
         local core = require "slm.core"
         local f = assert(io.open(%q, "rb")); local s = f:read("a"); f:close()
         local ids = require("slm.tokenizer").get("o200k_base"):encode(s)
-        io.write(core.intlist_path(), "\n", table.concat(ids, ","))]]):format(
-        package.path, package.cpath, tmp)
-      local p = assert(io.popen("SLM_INTLIST=api " .. q(interpreter()) .. " -e " .. q(code)))
-      local out = p:read("a")
-      p:close()
+        io.write(core.intlist_path(), "\n", table.concat(ids, ","))]]):format(tmp), "SLM_INTLIST=api")
       os.remove(tmp)
       return out:match("^(%a+)\n(.*)$")
     end

@@ -8,9 +8,7 @@ local upstream = require "tests.upstream.launch"
 
 -- Helpers ---------------------------------------------------------------------
 
-local function q(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local q = require("tests.helpers").q
 
 -- The ASan stage of bin/test preloads sanitizer runtimes into the Lua
 -- process; curl and nginx must not inherit them (curl hangs under them).
