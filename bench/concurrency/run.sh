@@ -19,8 +19,12 @@
 #                   no sanitizers, warnings not fatal, so that nobody's
 #                   flags or half-done build in build/ are what gets measured)
 #        SKIP_SETUP=1 (no bin/setup-deps)
-#        SIM_WORKERS (nproc): nginx workers of the simulator, one per core
-#                    as nginx is deployed; 1 serialises the simulator's own
+#        PIN (1 on a machine with 2 cores or more): the simulator runs on
+#                    core 0 and every contender (and the calibration) on the
+#                    other cores, as a provider runs on machines of its own;
+#                    PIN=0: everything shares every core (README.md, "Cores")
+#        SIM_WORKERS (1 with PIN=1, else nproc): nginx workers of the
+#                    simulator; with PIN=0, 1 serialises the simulator's own
 #                    work for all 50 requests in flight on one core (README.md,
 #                    "The simulator")
 #        KEEP_AWAKE=1: during the runs, one SCHED_IDLE busy loop per core
@@ -68,9 +72,29 @@ say "building slm.core ($BUILD_DIR)"
 bin/build "$BUILD_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSLM_SANITIZE=OFF -DSLM_WERROR=OFF \
   || { say "build failed"; exit 2; }
 
+# --- cores (PIN) --------------------------------------------------------------
+# The simulator stands in for a provider, whose CPU is not the client's: with
+# PIN=1 it gets core 0 (nginx inherits the launcher's affinity) and the
+# contenders get the others, so no contender's figures include the
+# simulator's work on its core or waits for it.
+NCPU=$(nproc)
+PIN=${PIN:-1}
+if [ "$PIN" = 1 ] && { [ "$NCPU" -lt 2 ] || ! command -v taskset >/dev/null; }; then
+  say "PIN: needs 2 cores and taskset: everything shares every core"
+  PIN=0
+fi
+SIM_ON=(); CLIENT_ON=()
+if [ "$PIN" = 1 ]; then
+  SIM_ON=(taskset -c 0); CLIENT_ON=(taskset -c "1-$((NCPU - 1))")
+  cores="simulator on core 0, contenders and calibration on cores 1-$((NCPU - 1)) (PIN=1)"
+  SIM_WORKERS=${SIM_WORKERS:-1}
+else
+  cores="shared by the simulator and the contenders (PIN=0)"
+  SIM_WORKERS=${SIM_WORKERS:-$NCPU}
+fi
+
 # --- the simulator ------------------------------------------------------------
-SIM_WORKERS=${SIM_WORKERS:-$(nproc)}
-sim=$(lua5.4 tests/upstream/launch.lua start --workers "$SIM_WORKERS" 2>/dev/null) || { say "simulator did not start"; exit 2; }
+sim=$(${SIM_ON[@]+"${SIM_ON[@]}"} lua5.4 tests/upstream/launch.lua start --workers "$SIM_WORKERS" 2>/dev/null) || { say "simulator did not start"; exit 2; }
 URL=$(echo "$sim" | sed -n 1p)
 PREFIX=$(echo "$sim" | sed -n 2p)
 BASE=${URL%/v1}
@@ -130,7 +154,7 @@ run_one() {
   sim_reset
   say "round $round/$REPEAT: $label"
   # in the background + wait, so that a signal to this script acts at once
-  "$@" >"$out" 2>"$err" &
+  ${CLIENT_ON[@]+"${CLIENT_ON[@]}"} "$@" >"$out" 2>"$err" &
   child=$!
   if ! wait "$child"; then
     say "$label exited with an error:"; tail -n 5 "$err" >&2; failed=1
@@ -168,7 +192,7 @@ calibrate() {
   [ $have_calib = 1 ] || return 0
   sim_reset
   say "round $round/$REPEAT: calibration (curl CLI)"
-  curl -s -Z --parallel-max "$CONC" -H 'Content-Type: application/json' -H "X-Sim-Scenario: delay=$DELAY_MS" \
+  ${CLIENT_ON[@]+"${CLIENT_ON[@]}"} curl -s -Z --parallel-max "$CONC" -H 'Content-Type: application/json' -H "X-Sim-Scenario: delay=$DELAY_MS" \
       --data-binary @"$body" -w '%{time_total} %{num_connects} %{http_code}\n' -K "$cfg" 2>/dev/null \
     | awk '$2 == 0 && $3 == 200 { n++; s += $1 } END { if (n) printf "CALIB n=%d mean_ms=%.3f\n", n, s / n * 1000 }' \
     >>"$results" || true
@@ -200,7 +224,7 @@ echo "bench/concurrency: $N requests (after $WARMUP warm-up), server delay ${DEL
 echo "machine: $machine"
 echo "tree: $commit (+$dirty uncommitted paths); $vers"
 echo "load average (1/5/15 min) at start: $load_start, at end: $(cut -d' ' -f1-3 /proc/loadavg)${busy:+; busy at start: $busy}"
-echo "simulator: nginx with $SIM_WORKERS worker process(es) (SIM_WORKERS)"
+echo "simulator: nginx with $SIM_WORKERS worker process(es) (SIM_WORKERS); cores: $cores"
 echo "cores kept awake (KEEP_AWAKE): $awake"
 [ "$REPEAT" -gt 1 ] && echo "each figure: median of $REPEAT runs"
 awk -v N="$N" -v CONC="$CONC" -v DELAY="$DELAY_MS" -v REPEAT="$REPEAT" -v AWAKE="$kept_awake" '
@@ -255,6 +279,11 @@ END {
     if ("slmseq" in cpk) printf "concurrency gain, lua-slm c=%d vs sequential: %.1fx the throughput\n", CONC, median(secs["slmseq"]) / median(secs["slm"])
     print ""
     printf "goal 1, lua-slm throughput within 10%% of ideal (>= 90%%): %.2f%% -> %s\n", tput["slm"], (tput["slm"] >= 90 ? "MET" : "MISSED")
+    if (REPEAT > 1) {
+      nr = split(secs["slm"], rs, " "); line = ""
+      for (i = 1; i <= nr; i++) if (rs[i] != "") line = line sprintf(" %.1f%%", ideal / rs[i] * 100)
+      printf "        (rounds:%s)\n", line
+    }
     if (cal_ms != "") printf "        (lua-slm reaches %.1f%% of the calibrated attainable throughput)\n", att / median(secs["slm"]) * 100
     if (AWAKE == 0) printf "        (cores idled between events: on a VM that costs every contender; KEEP_AWAKE=1, README.md \"Idle cores\")\n"
     cheap = ""; cheapv = 0

@@ -3,9 +3,10 @@
 -- it, and its figures are read, not judged.  See README.md, "Latest
 -- numbers" and "Where lua-slm's time goes".
 --
---   lua5.4 tests/upstream/launch.lua start --workers 2     # prints URL, prefix
+--   taskset -c 0 lua5.4 tests/upstream/launch.lua start --workers 1   # URL, prefix
 --   LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build-bench/?.so;;" \
---     lua5.4 bench/concurrency/trace.lua URL
+--     taskset -c 1 lua5.4 bench/concurrency/trace.lua URL
+--   (the cores as run.sh's PIN=1 sets them: README.md, "Cores")
 --   env: BENCH_N (1000), BENCH_WARMUP (50), BENCH_CONC (50),
 --        TRACE_BURN_US (0): busy-wait that many microseconds before each
 --        request, to see how throughput follows the client's work per task
