@@ -286,14 +286,15 @@ END {
       printf "        (rounds:%s)\n", line
     }
     if (cal_ms != "") printf "        (lua-slm reaches %.1f%% of the calibrated attainable throughput)\n", att / median(secs["slm"]) * 100
-    # Rounds on a quiet machine: the curl CLI, run right after lua-slm in the
-    # same round, waited at most 5% longer than the nominal delay.  In the
-    # slow phases of the host every contender loses (README.md, "What runs").
+    # A diagnostic, not a second goal: the rounds in which the curl CLI, run
+    # right after lua-slm, waited at most 5% longer than the nominal delay.
+    # In the slow phases of the host every contender loses, but a slow CPU
+    # costs lua-slm more than the calibration (README.md, "Latest numbers").
     if (cal_ms != "" && REPEAT > 1) {
       q = ""; nq = 0
       for (r in slm_r) if ((r in cal_r) && cal_r[r] <= DELAY * 1.05) { q = q " " ideal / slm_r[r] * 100; nq++ }
-      if (nq) printf "        rounds on a quiet machine (calibration <= %.1f ms): %d of %d, lua-slm median %.2f%% -> %s\n", DELAY * 1.05, nq, REPEAT, median(q), (median(q) >= 90 ? "MET" : "MISSED")
-      else printf "        rounds on a quiet machine (calibration <= %.1f ms): none of %d\n", DELAY * 1.05, REPEAT
+      if (nq) printf "        (rounds whose calibration was within 5%% of the delay, <= %.1f ms: %d of %d, lua-slm median %.2f%%)\n", DELAY * 1.05, nq, REPEAT, median(q)
+      else printf "        (rounds whose calibration was within 5%% of the delay, <= %.1f ms: none of %d)\n", DELAY * 1.05, REPEAT
     }
     if (AWAKE == 0) printf "        (cores idled between events: on a VM that costs every contender; KEEP_AWAKE=1, README.md \"Idle cores\")\n"
     cheap = ""; cheapv = 0
