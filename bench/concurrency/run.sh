@@ -26,7 +26,7 @@
 #        SIM_WORKERS (1 with PIN=1, else nproc): nginx workers of the
 #                    simulator; with PIN=0, 1 serialises the simulator's own
 #                    work for all 50 requests in flight on one core (README.md,
-#                    "The simulator")
+#                    "Cores")
 #        KEEP_AWAKE=1: during the runs, one SCHED_IDLE busy loop per core
 #                    keeps the cores from idling (see README.md, "Idle
 #                    cores"): the machine, not a contender, is what changes
