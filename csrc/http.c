@@ -26,7 +26,9 @@
  *   Multi:close()
  *   Request:read() -> string | nil          (body bytes since last read)
  *   Request:status() -> integer             (0 until the status line)
- *   Request:headers() -> table | nil        (lowercase name -> value)
+ *   Request:headers() -> table, complete | nil (lowercase name -> value;
+ *                                            complete: false when the reply
+ *                                            ended inside its header block)
  *   Request:done() -> boolean
  *   Request:result() -> true | nil, kind, message, curl_code
  *   Request:cancel()                         (idempotent)
@@ -1005,7 +1007,9 @@ static int req_headers(lua_State *L) {
     return 1;
   }
   lua_newtable(L);
-  if (!r->head.p) return 1;
+  lua_pushboolean(L, r->headers_done); /* false: the reply ended inside its headers */
+  if (!r->head.p) return 2;
+  lua_insert(L, -2);
   p = r->head.p;
   end = p + r->head.len;
   while (p < end) {
@@ -1034,7 +1038,8 @@ static int req_headers(lua_State *L) {
     }
     p = eol + 1;
   }
-  return 1;
+  lua_insert(L, -2);
+  return 2;
 }
 
 static int req_done(lua_State *L) {

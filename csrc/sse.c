@@ -87,8 +87,13 @@ void slm_sse_init(slm_sse *p, size_t max_event) {
   p->max_event = max_event ? max_event : SLM_SSE_DEFAULT_MAX_EVENT;
 }
 
+void slm_sse_error_field(slm_sse *p, int on) {
+  p->error_field = on != 0;
+}
+
 void slm_sse_free(slm_sse *p) {
   size_t max_event = p->max_event;
+  int error_field = p->error_field;
   buf_free(&p->data);
   buf_free(&p->type);
   buf_free(&p->idval);
@@ -96,6 +101,7 @@ void slm_sse_free(slm_sse *p) {
   buf_free(&p->lastid);
   slm_sse_chat_free(&p->chat);
   slm_sse_init(p, max_event);
+  p->error_field = error_field;
 }
 
 /* Per-stream state back to "start of a new stream"; the last event ID
@@ -103,6 +109,7 @@ void slm_sse_free(slm_sse *p) {
 static void stream_reset(slm_sse *p) {
   p->data.len = p->type.len = p->idval.len = 0;
   p->data_lines = 0;
+  p->error_event = 0;
   p->pending = 0;
   p->state = ST_START;
   p->field = F_NONE;
@@ -209,6 +216,9 @@ static void open_field(slm_sse *p) {
         p->field = F_RETRY;
         p->racc = 0;
         p->rbad = 0;
+      } else if (p->error_field && memcmp(n, "error", 5) == 0) {
+        p->field = F_DATA; /* read as data; the event becomes an "error" one */
+        p->error_event = 1;
       }
       break;
     default:
@@ -285,7 +295,10 @@ static int dispatch(slm_sse *p, slm_sse_on_event on_event, void *ud) {
     slm_sse_event ev;
     ev.data = p->data.len ? p->data.p : "";
     ev.data_len = p->data.len;
-    if (p->type.len) {
+    if (p->error_event) {
+      ev.type = "error";
+      ev.type_len = 5;
+    } else if (p->type.len) {
       ev.type = p->type.p;
       ev.type_len = p->type.len;
     } else {
@@ -300,6 +313,7 @@ static int dispatch(slm_sse *p, slm_sse_on_event on_event, void *ud) {
     p->data.len = 0;
     p->data_lines = 0;
     p->type.len = 0;
+    p->error_event = 0;
     if (on_event) {
       p->err = SLM_SSE_ENOMEM;
       on_event(ud, &ev);
@@ -311,6 +325,7 @@ static int dispatch(slm_sse *p, slm_sse_on_event on_event, void *ud) {
   p->data.len = 0;
   p->data_lines = 0;
   p->type.len = 0;
+  p->error_event = 0;
   return 0;
 }
 
@@ -741,7 +756,8 @@ static int jchoice(jrun *r, int after) {
     } else if (KEY("delta")) {
       if ((r->state & S_DELTA) || jobj_open(&r->c) != 1 || !jdelta(r, 0)) return 0;
       r->state |= S_DELTA;
-    } else if (KEY("finish_reason")) {
+    } else if (KEY("finish_reason") || KEY("logprobs")) {
+      /* logprobs are folded by the accumulator: such a chunk goes there */
       if (!jnull(&r->c)) return 0;
     } else if (!jskip(&r->c)) {
       return 0;
@@ -1102,9 +1118,10 @@ static int l_tostring(lua_State *L) {
   return 1;
 }
 
-/* core.sse_parser([{ max_event = bytes }]) */
+/* core.sse_parser([{ max_event = bytes, error_field = bool }]) */
 static int l_new(lua_State *L) {
   size_t max_event = SLM_SSE_DEFAULT_MAX_EVENT;
+  int error_field = 0;
   slm_sse *p;
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -1117,6 +1134,9 @@ static int l_new(lua_State *L) {
             n != (lua_Number)(long long)n)
           return luaL_argerror(L, 1, "max_event must be a positive integer");
         max_event = (size_t)n;
+      } else if (k && strcmp(k, "error_field") == 0) {
+        if (lua_type(L, -1) != LUA_TBOOLEAN) return luaL_argerror(L, 1, "error_field must be a boolean");
+        error_field = lua_toboolean(L, -1);
       } else {
         return luaL_argerror(L, 1, k ? lua_pushfstring(L, "unknown option '%s'", k)
                                      : "option names must be strings");
@@ -1126,6 +1146,7 @@ static int l_new(lua_State *L) {
   }
   p = (slm_sse *)slm_newuserdata(L, sizeof *p);
   slm_sse_init(p, max_event);
+  slm_sse_error_field(p, error_field);
   luaL_setmetatable(L, SSE_MT);
   return 1;
 }

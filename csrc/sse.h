@@ -75,12 +75,19 @@ typedef struct slm_sse {
   int name_len;
   char name[8];         /* start of the field name being read */
   int bom;              /* BOM bytes matched at stream start; -1 when past it */
+  int error_field;      /* option: "error" lines are data of an "error" event */
+  int error_event;      /* the pending event had an "error" line */
   int cr;               /* the previous chunk ended with CR */
   int id_dirty;         /* idbuf changed since it was last committed */
   int err;              /* SLM_SSE_OK or the sticky error */
 } slm_sse;
 
 void slm_sse_init(slm_sse *p, size_t max_event);
+/* An extension for llama.cpp's llama-server, which reports a failure inside
+ * a stream as "error: {...}" lines (a field the standard ignores): with it
+ * on, an "error" field is read as a data line and its event is dispatched
+ * with type "error".  Off after init; kept by reset and free. */
+void slm_sse_error_field(slm_sse *p, int on);
 void slm_sse_free(slm_sse *p);    /* frees memory and re-inits (keeps max_event) */
 void slm_sse_reset(slm_sse *p);   /* forget everything, keep buffers and max_event */
 int slm_sse_feed(slm_sse *p, const char *buf, size_t len,
@@ -113,8 +120,8 @@ int slm_sse_retry(const slm_sse *p, long long *ms);
  *           "role", "refusal", "reasoning", "reasoning_content",
  *           "tool_calls": null (any number of times) or absent,
  *           any other member: any valid JSON value (skipped),
- *       "finish_reason": null or absent,
- *       any other member ("logprobs", ...): any valid JSON value (skipped);
+ *       "finish_reason", "logprobs": null or absent,
+ *       any other member: any valid JSON value (skipped);
  *   - "usage", "error": null or absent;
  *   - "id", "created", "model", "system_fingerprint": null or absent,
  *     unless the field's bit is set in `known` (SLM_CHAT_*): then any valid

@@ -59,7 +59,13 @@ describe("streamed chat", function()
     assert.are.equal("text/event-stream", H.last(up).headers.accept)
     local res = stream(nil, { stream_options = { include_usage = false } })
     assert.are.same({ include_usage = false }, H.last(up).body.stream_options)
-    assert.is_nil(res.usage)
+    -- no usage from the provider: counted by us (the budget and cost need it), and flagged
+    assert.is_true(res.usage.estimated)
+    assert.matches("no usage", res.usage_problem)
+    local tok = slm.tokenizer("gpt-4o-mini")
+    assert.are.equal(tok:count(res.text), res.usage.completion_tokens)
+    assert.are.equal(slm.count({ messages = msgs() }, "gpt-4o-mini"), res.usage.prompt_tokens)
+    assert.is_true(res.cost > 0)
   end)
 
   for _, sc in ipairs{ "bytewise", "cr", "crlf", "comments", "bom", "multiline", "slow_chunks=5" } do

@@ -148,7 +148,7 @@ describe("slm.client over HTTPS", function()
       if n == 2 then break end
     end
     assert.equal(2, n)
-    assert.equal(0, require("slm.sched").stats().inflight)
+    assert.equal(0, require("slm.transport.sched").stats().inflight)
     local res = assert(client:chat{ messages = { { role = "user", content = "after" } } })
     assert.equal("Echo: after", res.text)
     assert.equal(1, up:stats().connections)

@@ -25,6 +25,8 @@ local null = ok_cjson and cjson.null or nil -- JSON null as lua-cjson decodes it
 
 local M = {}
 local Acc = {}
+local ipairs = ipairs
+local LOGPROB_LISTS = { "content", "refusal" }
 Acc.__index = Acc
 
 function M.new()
@@ -97,6 +99,24 @@ local function merge_tool_calls(st, list)
           call.na = n
         end
       end
+    end
+  end
+end
+
+-- Logprobs arrive per chunk as { content = {token entries}, refusal = {...} }:
+-- the entries of each list are appended in order.
+local function merge_logprobs(st, lp)
+  local acc = st.logprobs
+  if not acc then
+    acc = {}
+    st.logprobs = acc
+  end
+  for _, k in ipairs(LOGPROB_LISTS) do
+    local list = lp[k]
+    if type(list) == "table" then
+      local into = acc[k]
+      if not into then into = {}; acc[k] = into end
+      for j = 1, #list do into[#into + 1] = list[j] end
     end
   end
 end
@@ -217,6 +237,8 @@ function Acc:add(chunk)
           s = d.tool_calls
           if s ~= nil and s ~= null and type(s) == "table" then merge_tool_calls(st, s) end
         end
+        local lp = c.logprobs
+        if lp ~= nil and lp ~= null and type(lp) == "table" then merge_logprobs(st, lp) end
         local fr = c.finish_reason
         if fr ~= nil and fr ~= null then
           st.finish_reason = fr
@@ -361,6 +383,7 @@ local function choice_result(st)
     finish_reason = st.finish_reason,
     refusal = refusal,
     reasoning = reasoning,
+    logprobs = st.logprobs,
   }
 end
 
@@ -395,6 +418,7 @@ function Acc:result()
     r.message = first.message
     r.tool_calls = first.tool_calls
     r.reasoning = first.reasoning
+    r.logprobs = first.logprobs
   else
     r.text = ""
     r.message = { role = "assistant", content = "" }

@@ -7,14 +7,73 @@
 -- sent.  When the reply arrives the reservation is settled with the real
 -- usage.  Reservations count against the budget, so concurrent requests
 -- can never overspend it together.
+--
+-- Where the numbers live is a backend's business, behind one interface, so
+-- that a budget is not tied to one Lua state:
+--
+--   backend:reserve(usd, tokens, limit_usd, limit_tokens)
+--       -> id | nil, left_usd, left_tokens      atomically: hold the amounts
+--                                               only if spent + held + them
+--                                               stays within the limits
+--   backend:settle(id, usd, tokens)             the hold is replaced by the
+--                                               amounts really spent
+--   backend:totals() -> spent_usd, spent_tokens, held_usd, held_tokens
+--
+-- slm.budget.memory() is the in-process backend (the default).  Backends
+-- shared by the workers of one nginx (lua_shared_dict) and by many hosts
+-- (Redis: reserve before sending, settle after, reservations that expire
+-- when their holder dies) implement the same three calls.
 local errors = require "slm.errors"
-local type, format, setmetatable, huge = type, string.format, setmetatable, math.huge
+local type, pairs, tostring, format, setmetatable, huge = type, pairs, tostring, string.format, setmetatable, math.huge
+
+local M = {}
+
+------------------------------------------------------------------ in-process backend
+
+local Memory = {}
+Memory.__index = Memory
+Memory.__name = "slm.budget.memory"
+
+--- The in-process backend: plain numbers in this Lua state.
+function M.memory()
+  return setmetatable({ spent_usd = 0, spent_tokens = 0, held_usd = 0, held_tokens = 0,
+    holds = {}, next_id = 0 }, Memory)
+end
+
+local EPS = 1e-12 -- float dust of adding and removing the same prices
+
+function Memory:reserve(usd, tokens, limit_usd, limit_tokens)
+  local left_usd = limit_usd - self.spent_usd - self.held_usd
+  local left_tok = limit_tokens - self.spent_tokens - self.held_tokens
+  if usd > left_usd + EPS or tokens > left_tok then return nil, left_usd, left_tok end
+  self.held_usd = self.held_usd + usd
+  self.held_tokens = self.held_tokens + tokens
+  self.next_id = self.next_id + 1
+  local id = self.next_id
+  self.holds[id] = { usd, tokens }
+  return id
+end
+
+function Memory:settle(id, usd, tokens)
+  local h = self.holds[id]
+  if not h then return end -- settled already
+  self.holds[id] = nil
+  self.held_usd = self.held_usd - h[1]
+  self.held_tokens = self.held_tokens - h[2]
+  if self.held_usd < EPS then self.held_usd = 0 end
+  self.spent_usd = self.spent_usd + usd
+  self.spent_tokens = self.spent_tokens + tokens
+end
+
+function Memory:totals()
+  return self.spent_usd, self.spent_tokens, self.held_usd, self.held_tokens
+end
+
+------------------------------------------------------------------ Budget
 
 local Budget = {}
 Budget.__index = Budget
 Budget.__name = "slm.Budget"
-
-local M = {}
 
 local function check_limit(v, name)
   if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then
@@ -22,36 +81,55 @@ local function check_limit(v, name)
   end
 end
 
---- slm.budget{ usd = n, tokens = n } (either or both)
+local function is_backend(b)
+  return type(b) == "table" and type(b.reserve) == "function" and type(b.settle) == "function"
+    and type(b.totals) == "function"
+end
+
+--- slm.budget{ usd = n, tokens = n, backend = b } (usd and/or tokens)
 function M.new(opts)
   if type(opts) ~= "table" then error("slm.budget: expected an options table", 2) end
   for k in pairs(opts) do
-    if k ~= "usd" and k ~= "tokens" then error(format("slm.budget: unknown option '%s'", tostring(k)), 2) end
+    if k ~= "usd" and k ~= "tokens" and k ~= "backend" then
+      error(format("slm.budget: unknown option '%s'", tostring(k)), 2)
+    end
   end
   check_limit(opts.usd, "usd")
   check_limit(opts.tokens, "tokens")
+  if opts.backend ~= nil and not is_backend(opts.backend) then
+    error("slm.budget: option 'backend' must have reserve, settle and totals methods", 2)
+  end
   return setmetatable({
     usd = opts.usd or huge, tokens = opts.tokens or huge,
-    spent_usd = 0, spent_tokens = 0, held_usd = 0, held_tokens = 0,
-    requests = 0, refused = 0,
+    backend = opts.backend or M.memory(),
+    requests = 0, refused = 0, rejected_amounts = 0,
   }, Budget)
 end
 
 function Budget:__tostring()
+  local su, st = self:spent()
   local u, t = self:remaining()
-  return format("slm.budget(spent $%.6f, %d tokens; remaining $%s, %s tokens)", self.spent_usd,
-    self.spent_tokens, u == huge and "inf" or format("%.6f", u), t == huge and "inf" or tostring(t))
+  return format("slm.budget(spent $%.6f, %d tokens; remaining $%s, %s tokens)", su, st,
+    u == huge and "inf" or format("%.6f", u), t == huge and "inf" or tostring(t))
+end
+
+-- A finite, non-negative amount, else nil.
+local function amount(v)
+  if type(v) == "number" and v == v and v >= 0 and v < huge then return v end
+  return nil
 end
 
 --- Reserve the worst case of a request; -> reservation | nil, err
 function Budget:reserve(usd, tokens, model)
-  usd, tokens = usd or 0, tokens or 0
-  local left_usd = self.usd - self.spent_usd - self.held_usd
-  local left_tok = self.tokens - self.spent_tokens - self.held_tokens
-  if usd > left_usd + 1e-12 or tokens > left_tok then
+  usd, tokens = amount(usd or 0), amount(tokens or 0)
+  if not usd or not tokens then
+    error("slm.budget: reserve needs finite non-negative amounts", 2)
+  end
+  local id, left_usd, left_tok = self.backend:reserve(usd, tokens, self.usd, self.tokens)
+  if not id then
     self.refused = self.refused + 1
     local what
-    if usd > left_usd + 1e-12 then
+    if usd > left_usd + EPS then
       what = format("worst case $%.6f exceeds the $%.6f left", usd, left_usd < 0 and 0 or left_usd)
     else
       what = format("worst case %d tokens exceeds the %d left", tokens, left_tok < 0 and 0 or left_tok)
@@ -61,33 +139,43 @@ function Budget:reserve(usd, tokens, model)
       remaining_usd = left_usd, remaining_tokens = left_tok,
     })
   end
-  self.held_usd = self.held_usd + usd
-  self.held_tokens = self.held_tokens + tokens
   self.requests = self.requests + 1
-  return { usd = usd, tokens = tokens }
+  return { id = id, usd = usd, tokens = tokens }
 end
 
---- Settle a reservation with what the request really cost.
+--- Settle a reservation with what the request really cost (idempotent).
+-- An amount that is not a finite non-negative number (a provider's NaN,
+-- infinity or negative usage that got this far) is charged as the
+-- reservation's worst case: it can neither switch the budget off nor
+-- refill it.
 function Budget:settle(r, usd, tokens)
   if r.settled then return end
   r.settled = true
-  self.held_usd = self.held_usd - r.usd
-  self.held_tokens = self.held_tokens - r.tokens
-  if self.held_usd < 1e-12 then self.held_usd = 0 end
-  self.spent_usd = self.spent_usd + (usd or 0)
-  self.spent_tokens = self.spent_tokens + (tokens or 0)
+  local u, t = amount(usd or 0), amount(tokens or 0)
+  if not u or not t then
+    self.rejected_amounts = self.rejected_amounts + 1
+    u, t = u or r.usd, t or r.tokens
+  end
+  self.backend:settle(r.id, u, t)
 end
 
 --- -> usd, tokens spent so far (settled requests)
-function Budget:spent() return self.spent_usd, self.spent_tokens end
+function Budget:spent()
+  local su, st = self.backend:totals()
+  return su, st
+end
 
 --- -> usd, tokens still available (limits minus spent minus reserved)
 function Budget:remaining()
-  return self.usd - self.spent_usd - self.held_usd, self.tokens - self.spent_tokens - self.held_tokens
+  local su, st, hu, ht = self.backend:totals()
+  return self.usd - su - hu, self.tokens - st - ht
 end
 
 --- -> usd, tokens reserved by requests in flight
-function Budget:reserved() return self.held_usd, self.held_tokens end
+function Budget:reserved()
+  local _, _, hu, ht = self.backend:totals()
+  return hu, ht
+end
 
 M.Budget = Budget
 return M

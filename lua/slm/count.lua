@@ -135,6 +135,7 @@ local function image_part(ctx, p)
       tostring(ctx.model)))
   end
   ctx.images = ctx.images + n
+  ctx.images_min = ctx.images_min + info.min
   ctx.image_count = ctx.image_count + 1
   return n
 end
@@ -382,7 +383,7 @@ end
 -- message's content is wrapped in <tool_response>\n...\n</tool_response>.
 -- Text parts of a message are joined with "\n"; images are not text.
 function M.render_chatml(messages, tools)
-  local ctx = { images = 0, image_count = 0, image_costs = {}, model = "?" }
+  local ctx = { images = 0, images_min = 0, image_count = 0, image_costs = {}, model = "?" }
   local C = M.CHATML
   local out = { C.bos }
   if type(tools) == "table" and tools[1] ~= nil then
@@ -468,7 +469,7 @@ end
 
 local function new_ctx(name)
   local ctx = context_for(name)
-  ctx.images, ctx.image_count = 0, 0
+  ctx.images, ctx.images_min, ctx.image_count = 0, 0, 0
   return ctx
 end
 
@@ -484,11 +485,13 @@ local function fixed_tokens(ctx, req)
   return M.REPLY_PRIMING, openai_tools(ctx, fns)
 end
 
-local function info_of(ctx, nmsg, ntools)
+local function info_of(ctx, nmsg, ntools, total)
   return {
     estimate = ctx.estimate, reason = ctx.reason, model = ctx.model, tokenizer = ctx.tokenizer_name,
     format = ctx.format, messages = nmsg, tools = ntools, images = ctx.images,
     image_count = ctx.image_count, warnings = ctx.warnings,
+    -- the least the request can count: images of unknown size at one tile
+    min = total - ctx.images + ctx.images_min,
   }
 end
 
@@ -503,7 +506,8 @@ function M.count(x, model)
   local nmsg = 0
   for _, m in ipairs(msgs) do nmsg = nmsg + message_tokens(ctx, m) end
   local fixed, ntools = fixed_tokens(ctx, req)
-  return nmsg + fixed + ntools, info_of(ctx, nmsg, ntools)
+  local total = nmsg + fixed + ntools
+  return total, info_of(ctx, nmsg, ntools, total)
 end
 
 ------------------------------------------------------------------ fit

@@ -11,6 +11,8 @@ local KINDS = {
   timeout = true, connect = true, rate_limit = true, server = true, auth = true,
   invalid_request = true, context_length = true, budget = true, protocol = true,
   cancelled = true, http = true,
+  -- the task layer's
+  validation = true, length = true,
 }
 M.KINDS = KINDS
 
@@ -19,13 +21,31 @@ Error.__index = Error
 Error.__name = "slm.Error"
 M.Error = Error
 
-function Error.__tostring(e)
-  local s = "slm: " .. e.kind
-  if e.status and e.status > 0 then s = s .. format(" (HTTP %d)", e.status) end
-  if e.model then s = s .. " [" .. e.model .. "]" end
-  if e.message and e.message ~= "" then s = s .. ": " .. e.message end
-  if e.attempts and e.attempts > 1 then s = s .. format(" (after %d attempts)", e.attempts) end
+-- "rate_limit (HTTP 429) [gpt-4o-mini]: message (after 3 attempts)"
+local function describe(e, with_model)
+  local s = tostring(e.kind)
+  if type(e.status) == "number" and e.status > 0 then s = s .. format(" (HTTP %d)", e.status) end
+  if with_model and e.model then s = s .. " [" .. tostring(e.model) .. "]" end
+  if e.message and e.message ~= "" then s = s .. ": " .. tostring(e.message) end
+  if type(e.attempts) == "number" and e.attempts > 1 then s = s .. format(" (after %d attempts)", e.attempts) end
   return s
+end
+
+-- When the requested model and its fallbacks all failed, the error names
+-- the requested model and says how each one failed.
+function Error.__tostring(e)
+  local fb = e.fallback_errors
+  if type(fb) == "table" and #fb > 1 then
+    local parts = {}
+    for i = 1, #fb do
+      local f = fb[i]
+      parts[i] = tostring(f.model or "?") .. ": " .. describe(f, false)
+    end
+    return format("slm: %s: %s and its %d fallback model%s failed: %s", tostring(e.kind),
+      tostring(e.requested_model or fb[1].model or "?"), #fb - 1, #fb > 2 and "s" or "",
+      table.concat(parts, "; "))
+  end
+  return "slm: " .. describe(e, true)
 end
 
 --- Make an error: M.new(kind, message, fields)

@@ -304,25 +304,27 @@ function M.worst_tokens(costs)
 end
 
 --- Tokens of the image a URL names, with info:
--- { estimate, width, height, format, tiles, detail, reason }.
+-- { estimate, min, width, height, format, tiles, detail, reason }.
 -- Low detail is exact whatever the source.  An unknown size counts as the
--- worst case (info.estimate = true, info.reason says why).
+-- worst case (info.estimate = true, info.reason says why) and info.min is
+-- the least it can cost (one tile); for a known size info.min is the count.
 function M.count(url, detail, costs)
   detail = detail or "auto"
   if detail == "low" then
     local t = M.tokens(1, 1, "low", costs)
-    return t, { estimate = false, detail = "low", tiles = 0 }
+    return t, { estimate = false, detail = "low", tiles = 0, min = t }
   end
   local w, h, fmt = nil, nil, nil
   if type(url) == "string" then w, h, fmt = M.size_of_url(url) end
   if not w then
     local t, tiles = M.tokens(M.WORST_W, M.WORST_H, "high", costs)
     local why = type(url) == "string" and tostring(h) or "image part without a URL"
-    return t, { estimate = true, detail = detail, tiles = tiles, reason = why, source = M.source(url) }
+    return t, { estimate = true, detail = detail, tiles = tiles, reason = why, source = M.source(url),
+      min = (M.tokens(1, 1, "high", costs)) }
   end
   local t, tiles, sw, sh = M.tokens(w, h, detail, costs)
   return t, { estimate = false, detail = detail, width = w, height = h, format = fmt,
-    tiles = tiles, scaled_width = sw, scaled_height = sh }
+    tiles = tiles, scaled_width = sw, scaled_height = sh, min = t }
 end
 
 return M

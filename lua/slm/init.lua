@@ -6,10 +6,11 @@
 --
 -- Everything public is reachable from this table; see README.md.
 local client = require "slm.client"
-local sched = require "slm.sched"
 local models = require "slm.models"
 local errors = require "slm.errors"
 local budget = require "slm.budget"
+local runtime = require "slm.runtime"
+local json = require "slm.json"
 
 local slm = {
   VERSION = client.VERSION,
@@ -17,16 +18,25 @@ local slm = {
 }
 
 slm.client = client.new
-slm.run = sched.run
-slm.spawn = sched.spawn
-slm.map = sched.map
-slm.sleep = sched.sleep
 slm.models = models.table
 slm.cost = models.cost
 slm.budget = budget.new
 slm.error = errors.new
 slm.is_error = errors.is
 slm.errors = errors
+slm.json = json
+slm.array = json.array
+
+-- Concurrency goes through the runtime of this process (libcurl's
+-- scheduler in plain Lua, cosockets and nginx threads under OpenResty).
+function slm.run(fn, ...) return runtime.default().run(fn, ...) end
+function slm.spawn(fn, ...) return runtime.default().spawn(fn, ...) end
+function slm.sleep(s)
+  if type(s) ~= "number" then error("slm.sleep: expected seconds, got " .. type(s), 2) end
+  return runtime.default().sleep(s)
+end
+slm.map = require("slm.map").map
+slm.runtime = runtime
 
 -- Modules that may be absent in a partial install load lazily.
 local lazy = {

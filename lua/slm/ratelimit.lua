@@ -1,21 +1,23 @@
 -- slm.ratelimit: a token bucket for client-side rpm/tpm limits.  take(n)
--- waits (yielding inside tasks) until n units are available.
-local core = require "slm.core"
-local sched = require "slm.sched"
-local now, min, setmetatable = core.now, math.min, setmetatable
+-- waits (yielding inside tasks) until n units are available, through the
+-- runtime it was made with (rt.sleep, rt.now): the libcurl scheduler's or
+-- OpenResty's.
+local min, setmetatable = math.min, setmetatable
 
 local Bucket = {}
 Bucket.__index = Bucket
 
 local M = {}
 
---- new(limit, per_seconds): at most `limit` units per `per_seconds`.
-function M.new(limit, per)
-  return setmetatable({ cap = limit, level = limit, rate = limit / per, t = now() }, Bucket)
+--- new(limit, per_seconds, runtime): at most `limit` units per `per_seconds`.
+function M.new(limit, per, rt)
+  rt = rt or require("slm.runtime").default()
+  return setmetatable({ cap = limit, level = limit, rate = limit / per, now = rt.now, sleep = rt.sleep,
+    t = rt.now() }, Bucket)
 end
 
 function Bucket:refill()
-  local t = now()
+  local t = self.now()
   self.level = min(self.cap, self.level + (t - self.t) * self.rate)
   self.t = t
 end
@@ -28,7 +30,7 @@ function Bucket:take(n)
       self.level = self.level - n
       return
     end
-    sched.sleep((n - self.level) / self.rate)
+    self.sleep((n - self.level) / self.rate)
   end
 end
 

@@ -354,7 +354,7 @@ static int reference(const char *data, size_t len, unsigned known, const char **
   if (ch->type != 'o') return 0;
   index = get(ch, "index");
   if (!index || index->type != 'd' || strtod(index->s, NULL) != 0.0) return 0;
-  if (!absent(get(ch, "finish_reason"))) return 0;
+  if (!absent(get(ch, "finish_reason")) || !absent(get(ch, "logprobs"))) return 0;
   delta = get(ch, "delta");
   if (!delta || delta->type != 'o') return 0;
   content = get(delta, "content");
@@ -386,7 +386,9 @@ static const char CJSON_CHECK[] =
   "  local chs = c.choices\n"
   "  if type(chs) ~= 'table' or chs[1] == nil or next(chs, next(chs)) ~= nil then return nil, 'choices' end\n"
   "  local ch = chs[1]\n"
-  "  if type(ch) ~= 'table' or ch.index ~= 0 or not absent(ch.finish_reason) then return nil, 'choice' end\n"
+  "  if type(ch) ~= 'table' or ch.index ~= 0 or not absent(ch.finish_reason) or not absent(ch.logprobs) then\n"
+  "    return nil, 'choice'\n"
+  "  end\n"
   "  local d = ch.delta\n"
   "  if type(d) ~= 'table' or type(d.content) ~= 'string' then return nil, 'delta' end\n"
   "  for _, k in ipairs{ 'role', 'refusal', 'reasoning', 'reasoning_content', 'tool_calls' } do\n"

@@ -1,19 +1,57 @@
--- slm.transport.curl: how bytes move in plain Lua 5.4 and batch jobs:
--- one libcurl multi handle (slm.core) shared by every request of the
--- process, driven by slm.sched.
+-- slm.transport.curl: the libcurl runtime.  Plain Lua 5.4 scripts and batch
+-- jobs move their bytes over one libcurl multi handle (slm.core) shared by
+-- every request of the process, driven by the scheduler of
+-- slm.transport.sched.
 --
--- Interface shared with slm.transport.ngx:
---   local conn = transport.open{ url, method, headers = {"K: v"}, body,
+-- A transport module returns a runtime; the client, rate limits, budgets
+-- and slm.map use nothing else, so the cosocket runtime (slm.transport.ngx)
+-- plugs in without touching them:
+--
+--   local conn = rt.open{ url, method, headers = {"K: v"}, body,
 --     connect_timeout, timeout, first_byte_timeout, idle_timeout, max_body,
---     ca_file, http_version }
---   conn:response() -> status, headers | nil, kind, message   (waits for headers)
+--     ca_file, http_version, fresh_connect }
+--   conn:response() -> status, headers | nil, kind, message   (waits for the headers)
 --   conn:read()     -> bytes | nil                             (nil at the end)
 --   conn:result()   -> true | nil, kind, message               (after the end)
---   conn:cancel()
+--   conn:cancel()   -- idempotent; a task blocked in response()/read() of
+--                   -- this conn wakes and sees the end (kind "cancelled")
 --   conn:info()     -> { ttfb, total_time, new_connections, ... }
-local sched = require "slm.sched"
+--   rt.sleep(s); rt.now(); rt.semaphore(n) -> sem (sem:acquire(), sem:release())
+--   rt.spawn(fn, ...) -> task (task:wait() -> fn's results or raises; task:join())
+--   rt.run(fn, ...)   -- fn and everything it spawns, to completion
+--   rt.current()      -- the running task, or nil outside any task
+--
+-- Kinds are lua-slm's: "timeout", "connect" (refused, reset, closed before
+-- or while replying, TLS), "cancelled", "protocol" (a reply larger than
+-- max_body; no memory to buffer it).  libcurl's own distinctions stay here.
+local core = require "slm.core"
+local sched = require "slm.transport.sched"
 
-local M = { name = "curl" }
+local setmetatable = setmetatable
+
+local M = {
+  name = "curl",
+  now = core.now,
+  sleep = sched.sleep,
+  semaphore = sched.semaphore,
+  spawn = sched.spawn,
+  run = sched.run,
+  current = sched.current,
+  -- an outer event loop drives this runtime with these (examples/luv_loop.lua)
+  step = sched.step,
+  timeout = sched.timeout,
+  fd = sched.fd,
+}
+
+-- slm.core's result kinds -> lua-slm's
+local KIND = {
+  timeout = "timeout", connect = "connect", cancelled = "cancelled",
+  broken = "connect",     -- reset or closed mid-reply, HTTP/2 framing
+  reused = "connect",     -- a kept-alive connection was dead: libcurl's re-send stopped
+  transport = "connect",  -- anything else libcurl reports about the exchange
+  protocol = "protocol",  -- larger than max_body
+  memory = "protocol",    -- no memory to buffer the reply or track its socket
+}
 
 local Conn = {}
 Conn.__index = Conn
@@ -23,15 +61,24 @@ function M.open(opts)
   return setmetatable({ req = req }, Conn)
 end
 
+local function failure(req)
+  local _, kind, msg = req:result()
+  local k = KIND[kind] or "connect"
+  if kind == "broken" and req:status() > 0 then msg = "connection broken mid-reply: " .. tostring(msg) end
+  return nil, k, msg
+end
+
 function Conn:response()
   local req = self.req
   while true do
-    local h = req:headers()
-    if h and req:status() > 0 then return req:status(), h end
+    local h, complete = req:headers()
+    if complete and req:status() > 0 then return req:status(), h end
     if req:done() then
-      local ok, kind, msg = req:result()
-      if ok then return nil, "protocol", "reply ended without an HTTP status" end
-      return nil, kind, msg
+      -- a reply cut inside its header block (a reset after "HTTP/1.1 401"
+      -- and one header) is a broken connection, not a 401
+      if not req:result() then return failure(req) end
+      if h and req:status() > 0 then return req:status(), h end
+      return nil, "protocol", "reply ended without an HTTP status"
     end
     sched.await(req)
   end
@@ -48,12 +95,15 @@ function Conn:read()
 end
 
 function Conn:result()
-  return self.req:result()
+  local req = self.req
+  if req:result() then return true end
+  return failure(req)
 end
 
 function Conn:cancel()
-  sched.forget(self.req)
-  self.req:cancel()
+  local req = self.req
+  req:cancel()
+  sched.wake(req)
 end
 
 function Conn:info()

@@ -1,5 +1,8 @@
--- slm.sched: a small scheduler running Lua coroutines over one libcurl
--- multi handle (slm.core).
+-- slm.transport.sched: a small scheduler running Lua coroutines over one
+-- libcurl multi handle (slm.core).  Part of the libcurl runtime
+-- (slm.transport.curl): nothing above lua/slm/transport/ requires it; the
+-- client, rate limits, budgets and slm.map get its functions through the
+-- runtime.
 --
 -- A blocking-looking call made inside a task (started by run/spawn/map)
 -- yields to the scheduler while its bytes are in flight; made outside any
@@ -316,59 +319,56 @@ function Sem:release()
   end
 end
 
---- Cancel hook for a request in flight: stop waiting on it.
-function M.forget(req)
-  if waiting[req] ~= nil then
+--- A request was cancelled (or otherwise finished) outside step(): wake
+-- whoever waits on it, so that it sees the request done.  A task blocked in
+-- a read of a stream that another task closes must not sleep for ever.
+function M.wake(req)
+  local w = waiting[req]
+  if w ~= nil then
     waiting[req] = nil
     nwaiting = nwaiting - 1
+    make_ready(w)
   end
 end
 
---- map(list, fn, opts): fn(item, i) over a list with at most
--- opts.concurrency (default 16) calls in flight.  Returns results in input
--- order and a table of per-item errors (errs[i]: what fn returned as its
--- second value with a nil first, or the error it raised).  A raised error
--- is reported for its item and does not stop the others.
-function M.map(list, fn, opts)
-  if type(list) ~= "table" then error("slm.map: expected a list, got " .. type(list), 2) end
-  if type(fn) ~= "function" then error("slm.map: expected a function, got " .. type(fn), 2) end
-  opts = opts or {}
-  if type(opts) ~= "table" then error("slm.map: options must be a table", 2) end
-  local conc = opts.concurrency or 16
-  if type(conc) ~= "number" or conc < 1 or conc % 1 ~= 0 then
-    error("slm.map: option 'concurrency' must be a positive integer", 2)
+--- One turn of the loop that never blocks, for an outer event loop (luv,
+-- cqueues, ...) that watches M.fd() and wakes up after M.timeout(): runs
+-- the ready tasks, hands libcurl what the sockets have, fires due timers,
+-- and runs the tasks that woke.  Returns the number of live tasks.
+-- Code running in the outer loop's callbacks (outside any task) starts
+-- work with spawn(); a blocking-looking call made there instead would
+-- drive this loop itself and block the outer one until it is done.
+function M.step()
+  run_ready()
+  fire_timers()
+  if multi and multi:count() > 0 then wake(multi:step(0)) end
+  fire_timers()
+  run_ready()
+  return live
+end
+
+--- Seconds until step() has work to do even without socket activity: 0
+-- when a task is ready, else the nearest of the scheduler's timers and the
+-- multi's own timeout (libcurl's timer, first-byte and stall deadlines);
+-- nil when nothing is pending at all.
+function M.timeout()
+  if rhead <= rtail then return 0 end
+  local t
+  if timers[1] then
+    t = timers[1].at - now()
+    if t < 0 then t = 0 end
   end
-  local n = #list
-  local results, errs = {}, {}
-  local nerr = 0
-  local bar
-  if opts.progress then
-    bar = require("slm.progress").new(n, type(opts.progress) == "table" and opts.progress or nil)
+  if multi then
+    local mt = multi:timeout()
+    if mt and mt >= 0 and (t == nil or mt < t) then t = mt end
   end
-  local nexti = 1
-  local function worker()
-    while nexti <= n do
-      local i = nexti
-      nexti = i + 1
-      local ok, r, e = pcall(fn, list[i], i)
-      if not ok then
-        errs[i] = r; nerr = nerr + 1
-      elseif r == nil and e ~= nil then
-        errs[i] = e; nerr = nerr + 1
-      else
-        results[i] = r
-      end
-      if bar then bar:tick(errs[i] ~= nil) end
-    end
-  end
-  local body = function()
-    local workers = {}
-    for w = 1, math.min(conc, n) do workers[w] = M.spawn(worker) end
-    for w = 1, #workers do workers[w]:wait() end
-  end
-  if M.current() then body() else M.run(body) end
-  if bar then bar:finish() end
-  return results, errs, nerr
+  return t
+end
+
+--- The descriptor an outer loop watches for readability (the multi's epoll
+-- set), or nil where the core waits with poll() (then poll M.timeout()).
+function M.fd()
+  return M.multi():fd()
 end
 
 function M.stats()

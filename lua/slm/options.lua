@@ -1,0 +1,177 @@
+-- slm.options: the client's and the requests' options: what each one
+-- accepts, checked at once (misuse raises, naming the option), and the
+-- header lists they turn into.
+local type, pairs, ipairs, tostring, error, format, sort, huge =
+  type, pairs, ipairs, tostring, error, string.format, table.sort, math.huge
+
+local M = {}
+
+------------------------------------------------------------------ checkers
+
+-- A string that may go into an HTTP header line or a URL: no CR, LF or NUL
+-- (libcurl would cut a NUL silently, and a line break would inject headers).
+local function header_safe(v) return type(v) == "string" and not v:find("[%z\r\n]") end
+M.header_safe = header_safe
+
+local function is_list_of_strings(v)
+  if type(v) ~= "table" then return false end
+  for k, x in pairs(v) do
+    if type(k) ~= "number" or type(x) ~= "string" then return false end
+  end
+  for i = 1, #v do if v[i] == nil then return false end end
+  return true
+end
+
+-- RFC 9110 token characters for header names
+local function token(k) return type(k) == "string" and k ~= "" and not k:find("[^%w!#$%%&'*+%-.^_`|~]") end
+
+local function header_map(v)
+  if type(v) ~= "table" then return false end
+  for k, x in pairs(v) do
+    if not token(k) then return false, format("header name %q is not a token", tostring(k)) end
+    if type(x) == "number" then x = tostring(x) end
+    if not header_safe(x) then
+      return false, format("header '%s' must be a string without CR, LF or NUL", k)
+    end
+  end
+  return true
+end
+
+-- finite: math.huge would reach libcurl as a negative or wrapped number
+local function seconds(v) return type(v) == "number" and v > 0 and v < huge end
+local function nonneg_int(v) return type(v) == "number" and v >= 0 and v < huge and v % 1 == 0 end
+local function pos_int(v) return type(v) == "number" and v >= 1 and v < huge and v % 1 == 0 end
+local function positive(v) return type(v) == "number" and v > 0 and v < huge end
+local function boolean(v) return type(v) == "boolean" end
+local function is_budget(v) return type(v) == "table" and type(v.reserve) == "function" and type(v.settle) == "function" end
+local function base_url(v)
+  return header_safe(v) and v:match("^https?://[^/%s]") ~= nil and not v:find("%s")
+end
+local function runtime(v)
+  if type(v) == "string" then return v == "curl" or v == "ngx" end
+  return type(v) == "table" and type(v.open) == "function" and type(v.sleep) == "function"
+    and type(v.semaphore) == "function" and type(v.now) == "function" and type(v.spawn) == "function"
+end
+
+local SECONDS = "a positive finite number of seconds"
+local TEXT = "a string without CR, LF or NUL"
+
+M.CLIENT = {
+  base_url = { base_url, "an http(s) URL without spaces, CR, LF or NUL" },
+  api_key = { header_safe, TEXT },
+  model = { function(v) return type(v) == "string" and v ~= "" end, "a model name string" },
+  timeout = { seconds, SECONDS },
+  connect_timeout = { seconds, SECONDS },
+  stall_timeout = { seconds, SECONDS },
+  max_retries = { nonneg_int, "a non-negative integer" },
+  fallback = { is_list_of_strings, "a list of model names" },
+  budget = { is_budget, "a slm.budget" },
+  max_concurrency = { pos_int, "a positive integer" },
+  rpm = { positive, "a positive number (requests per minute)" },
+  tpm = { positive, "a positive number (tokens per minute)" },
+  headers = { header_map, "a table of header name -> string value" },
+  organization = { header_safe, TEXT },
+  project = { header_safe, TEXT },
+  user_agent = { header_safe, TEXT },
+  check_context = { boolean, "a boolean" },
+  max_body = { pos_int, "a positive integer (bytes)" },
+  ca_file = { function(v) return type(v) == "string" and v ~= "" and not v:find("%z") end,
+    "a path string (PEM CA certificates)" },
+  http_version = { function(v) return v == "1.1" or v == "2" end, '"1.1" or "2"' },
+  transport = { runtime, 'a runtime (a table with open, sleep, semaphore, now, spawn) or "curl" / "ngx"' },
+}
+
+-- Request options that are ours, not part of the chat-completions body.
+M.REQUEST = {
+  stream = { boolean, "a boolean" },
+  on_delta = { function(v) return type(v) == "function" end, "a function" },
+  timeout = { seconds, SECONDS },
+  budget = { is_budget, "a slm.budget" },
+  max_retries = { nonneg_int, "a non-negative integer" },
+  fallback = { function(v) return v == false or is_list_of_strings(v) end, "a list of model names or false" },
+  check_context = { boolean, "a boolean" },
+  headers = { header_map, "a table of header name -> string value" },
+}
+
+--- Raise (at `level` above the caller) unless option k = v is known and valid.
+function M.check(where, spec, k, v, level)
+  local c = spec[k]
+  if not c then error(format("%s: unknown option '%s'", where, tostring(k)), level + 1) end
+  local ok, why = c[1](v)
+  if not ok then
+    local got = type(v)
+    if got == "number" and (v ~= v or v == huge or v == -huge) then got = tostring(v) end
+    error(format("%s: option '%s' must be %s, got %s%s", where, k, c[2], got,
+      why and " (" .. why .. ")" or ""), level + 1)
+  end
+end
+
+--- "Name: value" lines of a header map, sorted by name.
+function M.header_lines(map)
+  local names, list = {}, {}
+  for k in pairs(map) do names[#names + 1] = k end
+  sort(names)
+  for i, k in ipairs(names) do list[i] = k .. ": " .. tostring(map[k]) end
+  return list
+end
+
+-- Header names whose values are secrets (Azure's api-key, x-api-key, ...).
+function M.secret_header(name)
+  local n = name:lower()
+  return n == "authorization" or n == "proxy-authorization" or n:find("key", 1, true) ~= nil
+    or n:find("token", 1, true) ~= nil or n:find("secret", 1, true) ~= nil
+    or n:find("password", 1, true) ~= nil or n == "cookie"
+end
+
+--- The password of a URL's userinfo (http://user:pass@host/...), or nil.
+function M.url_password(url)
+  return url:match("^%a[%w+.-]*://[^/@]-:([^/@]*)@")
+end
+
+--- The URL with its password replaced (for tostring(client) and errors).
+function M.url_display(url)
+  local scheme, user, rest = url:match("^(%a[%w+.-]*://)([^/@:]*):[^/@]*@(.*)$")
+  if scheme then return scheme .. user .. ":<redacted>@" .. rest end
+  return url
+end
+
+--- Split a request table into the chat-completions body and our options;
+-- raises (naming the field) on misuse.
+function M.request(req, where, level)
+  if type(req) ~= "table" then
+    error(format("%s expects a request table, got %s", where, type(req)), level + 1)
+  end
+  local body, opts = {}, {}
+  for k, v in pairs(req) do
+    if M.REQUEST[k] then
+      M.check(where, M.REQUEST, k, v, level + 1)
+      opts[k] = v
+    else
+      body[k] = v
+    end
+  end
+  local msgs = body.messages
+  if type(msgs) ~= "table" or msgs[1] == nil then
+    error(where .. ": 'messages' must be a non-empty list of messages", level + 1)
+  end
+  for i, m in ipairs(msgs) do
+    if type(m) ~= "table" or type(m.role) ~= "string" then
+      error(format("%s: messages[%d] must be a table with a string 'role'", where, i), level + 1)
+    end
+  end
+  if body.model ~= nil and (type(body.model) ~= "string" or body.model == "") then
+    error(where .. ": 'model' must be a non-empty string", level + 1)
+  end
+  for _, k in ipairs{ "max_tokens", "max_completion_tokens" } do
+    if body[k] ~= nil and not pos_int(body[k]) then
+      error(format("%s: '%s' must be a positive integer", where, k), level + 1)
+    end
+  end
+  if body.n ~= nil and not pos_int(body.n) then
+    error(where .. ": 'n' must be a positive integer", level + 1)
+  end
+  if opts.headers then opts.header_list = M.header_lines(opts.headers) end
+  return body, opts
+end
+
+return M

@@ -1,0 +1,397 @@
+-- slm.pipeline: the attempts of one call, for plain and streamed calls
+-- alike: the models to try (the requested one, then its fallbacks), per
+-- model the guard (context check, budget reservation), per attempt the rate
+-- limits, the concurrency slot and the HTTP exchange, and after a failure
+-- the one decision: retry the same model, move to the next one, or fail.
+--
+--   local call = pipeline.new(client, body, opts, stream)
+--   local conn, err = call:open()        -- one attempt on the current model
+--   ... read the reply ...
+--   return call:succeeded(res)           -- usage checked, cost, budget settled
+--   if call:failed(err, delivered) then  -- true: try again (it slept the backoff
+--     ... loop ...                       --   or moved to the next model)
+--   else return nil, call:error() end    -- the call's error, secrets removed
+--
+-- Resources are released explicitly on every path (never only by __gc or
+-- __close, which LuaJIT lacks): the slot after each attempt, the budget
+-- reservation when a model is done (succeeded, failed for good, cancelled,
+-- or an error raised through the call: call:abort()).
+local json = require "slm.json"
+local errors = require "slm.errors"
+local models = require "slm.models"
+local retry = require "slm.retry"
+local redact = require "slm.redact"
+local decode = require "slm.decode"
+local guard = require "slm.guard"
+
+local type, ipairs, tostring, setmetatable, pcall, error, next =
+  type, ipairs, tostring, setmetatable, pcall, error, next
+local ceil = math.ceil
+
+local M = {}
+
+local Call = {}
+Call.__index = Call
+
+-- client -> its header lists (plain and streamed, with Authorization),
+-- built once and kept out of the client table, like the key itself
+local header_cache = setmetatable({}, { __mode = "k" })
+
+local function request_headers(client, extra, stream)
+  local lists = header_cache[client]
+  if not lists then
+    local own, key = client.header_list, client:_secret()
+    lists = {}
+    for i, accept in ipairs{ "application/json", "text/event-stream" } do
+      local l = {}
+      for j = 1, #own do l[j] = own[j] end
+      l[#l + 1] = "Accept: " .. accept
+      if key and key ~= "" then l[#l + 1] = "Authorization: Bearer " .. key end
+      lists[i] = l
+    end
+    header_cache[client] = lists
+  end
+  local base = lists[stream and 2 or 1]
+  if not extra then return base end -- shared, never modified
+  local h = {}
+  for i = 1, #base do h[i] = base[i] end
+  for i = 1, #extra do h[#h + 1] = extra[i] end
+  return h
+end
+
+-- Fields that are arrays in the API: empty ones are not sent (`tools: {}`
+-- would go out as an object, and an empty array is invalid there anyway).
+local function drop_empty(body)
+  local t = body.tools
+  if type(t) == "table" and next(t) == nil then
+    body.tools, body.tool_choice, body.parallel_tool_calls = nil, nil, nil
+  end
+  for _, k in ipairs{ "stop", "functions", "modalities" } do
+    local v = body[k]
+    if type(v) == "table" and next(v) == nil then body[k] = nil end
+  end
+end
+
+function M.new(client, body, opts, stream)
+  local chain = { body.model or client.model }
+  local fb = opts.fallback
+  if fb == nil then fb = client.fallback end
+  if fb then
+    for i = 1, #fb do if fb[i] ~= chain[1] then chain[#chain + 1] = fb[i] end end
+  end
+  drop_empty(body)
+  if stream then
+    body.stream = true
+    if type(body.stream_options) ~= "table" then body.stream_options = { include_usage = true } end
+  end
+  local rt = client.runtime
+  client.stats.requests = client.stats.requests + 1
+  return setmetatable({
+    client = client, rt = rt, body = body, opts = opts, stream = stream, chain = chain,
+    mi = 1, errs = {}, attempts = 0, model_attempts = 0, t0 = rt.now(),
+    max_retries = opts.max_retries or client.max_retries,
+    timeout = opts.timeout or client.timeout,
+    bill_usd = 0, bill_tokens = 0, priced = true,
+  }, Call)
+end
+
+function Call:model() return self.chain[self.mi] end
+
+local function cancelled_error(model)
+  return errors.new("cancelled", "cancelled by the caller", { status = 0, model = model })
+end
+
+--- Start one attempt on the current model: -> conn | nil, err (nothing was
+-- sent; give err to failed()).  May wait: rate limits, the slot, nothing else.
+function Call:open()
+  local client, model = self.client, self.chain[self.mi]
+  if self.cancelled then return nil, cancelled_error(model) end
+  if not self.guard then
+    if client.key_missing then
+      return nil, errors.new("auth", "no API key for " .. client.base_url_display .. ": set SLM_API_KEY or "
+        .. "OPENAI_API_KEY (or pass api_key to slm.client); for a local server set SLM_BASE_URL",
+        { status = 0, model = model })
+    end
+    local g, err = guard.open(client, self.body, self.opts, model)
+    if not g then return nil, err end
+    self.guard = g
+    self.body.model = model
+    self.payload = json.encode(self.body)
+  end
+  self.attempts = self.attempts + 1
+  self.model_attempts = self.model_attempts + 1
+  client.stats.attempts = client.stats.attempts + 1
+  if client.rpm_bucket then client.rpm_bucket:take(1) end
+  if client.tpm_bucket then
+    client.tpm_bucket:take((self.guard.prompt or ceil(#self.payload / 4)) + (guard.max_out(self.body) or 0))
+  end
+  if client.sem then
+    client.sem:acquire()
+    self.slot = true
+  end
+  if self.cancelled then
+    self:release()
+    return nil, cancelled_error(model)
+  end
+  local stream = self.stream
+  local ok, conn = pcall(self.rt.open, {
+    url = client:_url(),
+    method = "POST",
+    headers = request_headers(client, self.opts.header_list, stream),
+    body = self.payload,
+    connect_timeout = client.connect_timeout,
+    timeout = (not stream) and self.timeout or nil,
+    first_byte_timeout = stream and self.timeout or nil,
+    idle_timeout = stream and client.stall_timeout or nil,
+    max_body = client.max_body,
+    ca_file = client.ca_file,
+    http_version = client.http_version,
+    fresh_connect = self.fresh or nil,
+  })
+  if not ok then
+    self:abort()
+    error(conn, 0)
+  end
+  return conn
+end
+
+--- Give the concurrency slot back (after each attempt; idempotent).
+function Call:release()
+  if self.slot then
+    self.slot = false
+    self.client.sem:release()
+  end
+end
+
+-- Add what the provider billed for one attempt to this model's bill and
+-- the client's stats.
+function Call:bill(usage, cost)
+  local st = self.client.stats
+  st.prompt_tokens = st.prompt_tokens + usage.prompt_tokens
+  st.completion_tokens = st.completion_tokens + usage.completion_tokens
+  if cost then
+    st.cost = st.cost + cost
+    self.bill_usd = self.bill_usd + cost
+  else
+    st.unpriced = st.unpriced + 1
+    self.priced = false
+  end
+  self.bill_tokens = self.bill_tokens + usage.total_tokens
+end
+
+-- This model is done: its reservation becomes what it was billed.
+function Call:settle()
+  local g = self.guard
+  if g then
+    g:settle(self.priced and self.bill_usd or nil, self.bill_tokens)
+  end
+  self.bill_usd, self.bill_tokens, self.priced = 0, 0, true
+end
+
+--- An error is being raised through the call: release everything it holds.
+function Call:abort()
+  self:release()
+  self:settle()
+  self.guard = nil
+end
+
+-- Tokens of what the model produced, counted by us.
+local function completion_tokens(res, model)
+  local info = models.find(model)
+  local ok, tok = pcall(function() return require("slm.tokenizer").get(info and info.tokenizer or "o200k_base") end)
+  local function n(s)
+    if type(s) ~= "string" or s == "" then return 0 end
+    return ok and tok:count(s) or ceil(#s / 4)
+  end
+  local total = 0
+  for _, ch in ipairs(res.choices or {}) do
+    total = total + n(ch.text) + n(ch.refusal)
+    for _, tc in ipairs(ch.tool_calls or {}) do
+      local f = type(tc) == "table" and tc["function"]
+      if type(f) == "table" then total = total + n(f.name) + n(f.arguments) end
+    end
+  end
+  return total
+end
+
+--- USD of a usage for the model that answered (when the price table knows
+-- it: dated snapshots map to their alias), else the requested model, else
+-- the provider's own figure; nil when none is known.
+function M.price(answered, requested, usage)
+  return models.cost(answered, usage) or models.cost(requested, usage) or usage.cost
+end
+
+-- The usage a Response reports: the provider's, checked (decode.usage);
+-- counted by us where it is missing or not to be trusted (flagged).
+function Call:usage_of(res)
+  local model = self.chain[self.mi]
+  local info = models.find(model)
+  local usage, problem = decode.usage(res.raw_usage, info and info.context)
+  if usage and not problem then return usage end
+  usage = usage or {}
+  if not usage.prompt_tokens then usage.prompt_tokens = (self.guard:prompt_tokens()) end
+  if not usage.completion_tokens then usage.completion_tokens = completion_tokens(res, model) end
+  usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+  usage.estimated = true
+  res.usage_problem = problem and ("the provider's usage was not used (" .. problem .. "): counted instead")
+    or "the reply carried no usage: counted"
+  return usage
+end
+
+-- Usage, cost, attempts and timings of a Response of the current model.
+function Call:finish(res)
+  local model = self.chain[self.mi]
+  local usage = self:usage_of(res)
+  res.usage = usage
+  res.cost = M.price(res.model, model, usage)
+  res.provider_cost = usage.cost
+  res.attempts = self.attempts
+  res.latency = self.rt.now() - self.t0
+  res.requested_model = self.chain[1]
+  if res.headers and not res.request_id then res.request_id = res.headers["x-request-id"] end
+  return res
+end
+
+--- The current model answered: -> res (finished, billed, settled).
+function Call:succeeded(res)
+  self:release()
+  self:finish(res)
+  self:bill(res.usage, res.cost)
+  self:settle()
+  if self.mi > 1 then res.fallback_errors = self.errs end
+  return res
+end
+
+--- An attempt that got a 2xx reply failed (a broken or cut stream, a
+-- malformed body): the provider bills what it generated, so the counted
+-- prompt plus the tokens of what arrived is billed.  `partial` is the
+-- Response of what arrived (nil for a plain reply): it gets usage and cost.
+function Call:bill_failed(partial)
+  local res = partial or { choices = {} }
+  self:finish(res)
+  self:bill(res.usage, res.cost)
+  return partial
+end
+
+--- The attempt failed with err.  delivered: the caller already has output
+-- (a stream), so neither a retry nor a fallback is possible.
+-- -> true: try again (the backoff was slept, or the next model is current);
+--    false: the call failed (call:error()).
+function Call:failed(err, delivered)
+  self:release()
+  local model = self.chain[self.mi]
+  err.attempts = self.model_attempts
+  err.model = err.model or model
+  if not delivered and not self.cancelled and self.model_attempts > 0
+      and self.model_attempts <= self.max_retries and retry.should_retry(err) then
+    -- a dead kept-alive connection must not be picked again from the pool
+    self.fresh = err.kind == "connect" or nil
+    self.rt.sleep(retry.delay(err, self.model_attempts - 1))
+    if not self.cancelled then return true end
+    err = cancelled_error(model)
+  end
+  self:settle()
+  self.guard = nil
+  self.errs[#self.errs + 1] = err
+  if delivered or self.cancelled or err.kind == "cancelled" or not M.fallback_ok(err)
+      or self.mi >= #self.chain then
+    return false
+  end
+  self.mi = self.mi + 1
+  self.model_attempts = 0
+  return true
+end
+
+--- The kinds after which the next fallback model is tried: the model or
+-- its provider failed, not the request or the caller.
+function M.fallback_ok(err)
+  local k = err.kind
+  return k == "rate_limit" or k == "server" or k == "timeout" or k == "connect" or k == "protocol"
+    or k == "http" or k == "context_length" or k == "budget"
+    or (k == "invalid_request" and (err.status == 404 or err.code == "model_not_found"))
+end
+
+--- The call's error: the last model's, naming the requested model and
+-- listing every model's failure when fallbacks were tried; every secret
+-- of the client removed from it (message, body, headers, partial, ...).
+function Call:error()
+  local errs = self.errs
+  local last = errs[#errs]
+  if #errs > 1 then
+    last.fallback_errors = errs
+    last.requested_model = self.chain[1]
+  end
+  self.client.stats.errors = self.client.stats.errors + 1
+  return redact.deep(last, self.client:_secrets())
+end
+
+------------------------------------------------------------------ plain calls
+
+local function read_all(conn)
+  local first = conn:read()
+  if not first then return "" end
+  local b = conn:read()
+  if not b then return first end -- the usual case: the whole body at once
+  local parts, n = { first, b }, 2
+  while true do
+    b = conn:read()
+    if not b then break end
+    n = n + 1
+    parts[n] = b
+  end
+  return table.concat(parts, "", 1, n)
+end
+M.read_all = read_all
+
+-- One non-streamed exchange: -> res | nil, err, billed (a 2xx reply that
+-- could not be used: the provider has billed it).
+local function exchange(call, conn)
+  local model, set = call.chain[call.mi], call.client:_secrets()
+  local status, headers, msg = conn:response()
+  if not status then return nil, decode.transport_error(headers, msg, model, set) end
+  local body = read_all(conn)
+  local ok, kind, m = conn:result()
+  local good = status >= 200 and status < 300
+  if not ok then return nil, decode.transport_error(kind, m, model, set), good end
+  if not good then return nil, decode.provider_error(status, body, headers, model, set) end
+  local dok, obj = pcall(json.decode, body)
+  if not dok or type(obj) ~= "table" then
+    return nil, decode.protocol_error("reply is not valid JSON", body, status, headers, model, set), true
+  end
+  if decode.nn(obj.error) ~= nil then
+    -- some gateways answer 200 with an error object
+    return nil, decode.provider_error(status, obj, headers, model, set)
+  end
+  if type(obj.choices) ~= "table" then
+    return nil, decode.protocol_error("reply is not a chat completion (no 'choices')", body, status, headers,
+      model, set), true
+  end
+  local res, why = decode.response(obj)
+  if not res then
+    return nil, decode.protocol_error("malformed chat completion: " .. why, nil, status, headers, model, set), true
+  end
+  res.headers = headers
+  return res
+end
+
+--- A non-streamed call, every attempt: -> Response | nil, err
+function M.plain(call)
+  while true do
+    local conn, err = call:open()
+    if conn then
+      local ok, res, e, billed = pcall(exchange, call, conn)
+      if not ok then
+        conn:cancel()
+        call:abort()
+        error(res, 0)
+      end
+      if res then return call:succeeded(res) end
+      if billed then call:bill_failed(nil) end
+      err = e
+    end
+    if not call:failed(err, false) then return nil, call:error() end
+  end
+end
+
+M.Call = Call
+return M

@@ -1,0 +1,117 @@
+-- slm.redact: keeps secrets (API keys, passwords in URLs, secret-looking
+-- header values) out of everything a user can see or log.
+--
+--   local set = redact.set{ "sk-...", "hunter2" }   -- strings shorter than 4 are ignored
+--   redact.string(s, set)    -> s with every secret replaced by "<redacted>"
+--   redact.snippet(s, n, set) -> at most n bytes of s, redacted BEFORE cutting
+--   redact.deep(v, set)      -> v, every string in it (tables walked, keys too) redacted in place
+--
+-- Replaced: each secret itself, its JSON-escaped form ("/" as "\/"), and a
+-- piece of it left at either end of a text by a cut elsewhere (a prefix of
+-- the secret ending the text, a suffix starting it; at least 6 bytes or
+-- half the secret), so that half a key never shows either.
+local type, pairs, find, sub, gsub, min, max, floor =
+  type, pairs, string.find, string.sub, string.gsub, math.min, math.max, math.floor
+local setmetatable = setmetatable
+
+local M = {}
+M.MARK = "<redacted>"
+local MARK = M.MARK
+
+local Set = {}
+Set.__index = Set
+
+--- A set of secrets (a list of strings; nil and short entries are skipped).
+function M.set(list)
+  local s = setmetatable({ n = 0 }, Set)
+  for _, v in pairs(list or {}) do
+    if type(v) == "string" and #v >= 4 then
+      s.n = s.n + 1
+      s[s.n] = v
+      local esc = gsub(v, "/", "\\/")
+      if esc ~= v then s.n = s.n + 1; s[s.n] = esc end
+    end
+  end
+  return s
+end
+
+local function replace_all(s, secret)
+  local i = 1
+  while true do
+    local a, b = find(s, secret, i, true)
+    if not a then return s end
+    s = sub(s, 1, a - 1) .. MARK .. sub(s, b + 1)
+    i = a + #MARK
+  end
+end
+
+-- The shortest fragment of a secret worth hiding at a text's edge.
+local function edge_min(secret) return max(6, min(#secret, floor((#secret + 1) / 2))) end
+
+-- A prefix of `secret` that ends `s`, or a suffix that starts it.
+local function hide_edges(s, secret)
+  local lo = edge_min(secret)
+  for k = min(#secret - 1, #s), lo, -1 do
+    if sub(s, -k) == sub(secret, 1, k) then s = sub(s, 1, #s - k) .. MARK; break end
+  end
+  for k = min(#secret - 1, #s), lo, -1 do
+    if sub(s, 1, k) == sub(secret, -k) then s = MARK .. sub(s, k + 1); break end
+  end
+  return s
+end
+
+--- s with every secret of `set` replaced; anything else is returned as is.
+function M.string(s, set)
+  if type(s) ~= "string" or not set or set.n == 0 then return s end
+  for i = 1, set.n do
+    local k = set[i]
+    if find(s, k, 1, true) then s = replace_all(s, k) end
+  end
+  for i = 1, set.n do s = hide_edges(s, set[i]) end
+  return s
+end
+
+-- Cut at most n bytes, never inside a UTF-8 character.
+local function cut(s, n)
+  if #s <= n then return s end
+  local j = n
+  while j > 0 do
+    local c = s:byte(j + 1)
+    if not c or c < 0x80 or c >= 0xC0 then break end
+    j = j - 1
+  end
+  return sub(s, 1, j) .. "…"
+end
+
+--- A short excerpt of untrusted text for a message: whitespace runs
+-- collapsed, secrets replaced, then cut to n bytes.
+function M.snippet(s, n, set)
+  if type(s) ~= "string" then return s end
+  s = gsub(s, "%s+", " ")
+  return cut(M.string(s, set), n)
+end
+
+--- Walk v (tables, including keys; cycles are visited once) and redact
+-- every string in place; returns v (or the redacted string).
+function M.deep(v, set, seen)
+  if type(v) == "string" then return M.string(v, set) end
+  if type(v) ~= "table" or not set or set.n == 0 then return v end
+  seen = seen or {}
+  if seen[v] then return v end
+  seen[v] = true
+  local fix
+  for k, x in pairs(v) do
+    local nx = M.deep(x, set, seen)
+    if nx ~= x then v[k] = nx end
+    if type(k) == "string" then
+      local nk = M.string(k, set)
+      if nk ~= k then fix = fix or {}; fix[k] = nk end
+    end
+  end
+  if fix then
+    for k, nk in pairs(fix) do v[nk] = v[k]; v[k] = nil end
+  end
+  return v
+end
+
+return M
