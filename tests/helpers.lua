@@ -11,6 +11,15 @@ function M.read_file(path)
   return s
 end
 
+-- Write `data` to a fresh temporary file; returns its path.
+function M.write_tmp(data)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+  return path
+end
+
 function M.upstream()
   local launch = require "tests.upstream.launch"
   return launch.start{ quiet = true }

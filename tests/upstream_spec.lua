@@ -21,13 +21,7 @@ local function sh(cmd)
   return out, code
 end
 
-local function write_tmp(data)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-  return path
-end
+local write_tmp = require("tests.helpers").write_tmp
 
 local function curl_args(up, opts)
   local args = { "curl -s -N --max-time " .. (opts.max_time or 10) }
