@@ -139,12 +139,25 @@ describe("retries", function()
   end
 
   for _, st in ipairs{ 400, 401, 402, 403, 404, 422 } do
-    it("never retries status " .. st, function()
-      local res, err, _, key = scenario(client(), "status=" .. st .. ",retry_after_ms=10,should_retry=true,fail=1")
+    it("does not retry status " .. st .. " by default", function()
+      local res, err, _, key = scenario(client(), "status=" .. st .. ",retry_after_ms=10,fail=1")
       assert.is_nil(res); assert.are.equal(1, err.attempts); assert.are.equal(1, seen(key))
       assert.are.equal(st, err.status)
     end)
   end
+
+  it("x-should-retry: true retries even a 400 (as openai-python and -node do)", function()
+    local res, err, _, key = scenario(client(), "status=400,should_retry=true,retry_after_ms=10,fail=1")
+    assert.is_nil(err); assert.are.equal(2, res.attempts); assert.are.equal(2, seen(key))
+  end)
+
+  it("a retry-after of 0 or one that is not digits falls back to backoff", function()
+    for _, v in ipairs{ "0", "0x3" } do
+      local res, err, dt = scenario(client(), "status=429,retry_after=" .. v .. ",fail=1")
+      assert.is_nil(err); assert.are.equal(2, res.attempts)
+      assert.is_true(dt >= 0.375 and dt < 2.5, v .. " took " .. dt) -- 0.5 s less up to 25 % jitter
+    end
+  end)
 
   it("x-should-retry: false stops a retry", function()
     local _, err, _, key = scenario(client(), "status=503,should_retry=false,fail=1")

@@ -14,11 +14,21 @@ describe("slm.retry.should_retry", function()
       assert.is_true(retry.should_retry(http(s)), "status " .. s)
     end
   end)
-  it("never retries 400, 401, 402, 403, 404, 422", function()
+  it("does not retry 400, 401, 402, 403, 404, 422 by default", function()
     for _, s in ipairs{ 400, 401, 402, 403, 404, 422 } do
       assert.is_false(retry.should_retry(http(s)), "status " .. s)
-      assert.is_false(retry.should_retry(http(s, { ["x-should-retry"] = "true" })), "forced " .. s)
     end
+  end)
+  it("x-should-retry: true retries any status, false none (as openai-python and -node do)", function()
+    for _, s in ipairs{ 400, 401, 402, 403, 404, 418, 422, 301 } do
+      assert.is_true(retry.should_retry(http(s, { ["x-should-retry"] = "true" })), "forced " .. s)
+    end
+    for _, s in ipairs{ 408, 409, 429, 500, 503 } do
+      assert.is_false(retry.should_retry(http(s, { ["x-should-retry"] = "false" })), "refused " .. s)
+    end
+    -- even a connection-level error carrying the header (an in-stream error)
+    assert.is_false(retry.should_retry(errors.new("server", "x", { status = 200,
+      headers = { ["x-should-retry"] = "false" } })))
   end)
   it("does not retry other 4xx by default", function()
     assert.is_false(retry.should_retry(http(405)))
@@ -54,11 +64,20 @@ describe("slm.retry.retry_after", function()
   it("reads retry-after as an HTTP date", function()
     local now = retry.utc_epoch(2015, 10, 21, 7, 28, 0)
     assert.are.equal(30, retry.retry_after({ ["retry-after"] = "Wed, 21 Oct 2015 07:28:30 GMT" }, now))
-    assert.are.equal(0, retry.retry_after({ ["retry-after"] = "Wed, 21 Oct 2015 07:28:00 GMT" }, now))
+    assert.is_nil(retry.retry_after({ ["retry-after"] = "Wed, 21 Oct 2015 07:28:00 GMT" }, now))
+    assert.is_nil(retry.retry_after({ ["retry-after"] = "Wed, 21 Oct 2015 07:27:00 GMT" }, now))
   end)
   it("returns nil without a usable header", function()
     assert.is_nil(retry.retry_after{})
     assert.is_nil(retry.retry_after{ ["retry-after"] = "soon" })
+  end)
+  it("takes only digits (RFC 9110 delay-seconds, plus a fraction), and only above 0", function()
+    for _, v in ipairs{ "0x3", "1e2", " 3", "3 ", "-1", "+2", "inf", "nan", "0", "0.0", "", "3s" } do
+      assert.is_nil(retry.retry_after{ ["retry-after"] = v }, v)
+      assert.is_nil(retry.retry_after{ ["retry-after-ms"] = v }, "ms " .. v)
+    end
+    -- a useless retry-after-ms does not hide a good retry-after
+    assert.are.equal(2, retry.retry_after{ ["retry-after-ms"] = "0x10", ["retry-after"] = "2" })
   end)
   it("computes UTC epochs correctly", function()
     assert.are.equal(0, retry.utc_epoch(1970, 1, 1, 0, 0, 0))
@@ -69,10 +88,12 @@ end)
 
 describe("slm.retry.delay", function()
   local function fixed(x) return function() return x end end
-  it("uses the server's delay when within 0..60 s", function()
+  it("uses the server's delay when above 0 and at most 60 s", function()
     assert.are.equal(2, retry.delay({ retry_after = 2 }, 0, fixed(0.5)))
-    assert.are.equal(0, retry.delay({ retry_after = 0 }, 3, fixed(0.5)))
     assert.are.equal(60, retry.delay({ retry_after = 60 }, 0, fixed(0.5)))
+  end)
+  it("falls back to backoff for a delay of 0", function()
+    assert.are.equal(4, retry.delay({ retry_after = 0 }, 3, fixed(0)))
   end)
   it("falls back to exponential backoff with jitter outside 0..60 s", function()
     assert.are.equal(0.5, retry.delay({ retry_after = 61 }, 0, fixed(0)))

@@ -8,8 +8,8 @@
 --
 -- Replaced: each secret itself, its JSON-escaped form ("/" as "\/"), and a
 -- piece of it left at either end of a text by a cut elsewhere (a prefix of
--- the secret ending the text, a suffix starting it; at least 6 bytes or
--- half the secret), so that half a key never shows either.
+-- the secret ending the text, a suffix starting it; at least 6 bytes or a
+-- quarter of the secret), so that half a key never shows either.
 local type, pairs, find, sub, gsub, min, max, floor =
   type, pairs, string.find, string.sub, string.gsub, math.min, math.max, math.floor
 local setmetatable = setmetatable
@@ -46,7 +46,7 @@ local function replace_all(s, secret)
 end
 
 -- The shortest fragment of a secret worth hiding at a text's edge.
-local function edge_min(secret) return max(6, min(#secret, floor((#secret + 1) / 2))) end
+local function edge_min(secret) return max(6, min(#secret, floor(#secret / 4))) end
 
 -- A prefix of `secret` that ends `s`, or a suffix that starts it.
 local function hide_edges(s, secret)

@@ -22,6 +22,11 @@ M.known = {
   bytewise = "flag", cr = "flag", crlf = "flag", comments = "flag", bom = "flag", multiline = "flag",
   usage_null_choices = "flag", error_chunk = "flag", openrouter_error = "flag", event_error = "flag",
   no_done = "flag", eof_mid = "flag", reset = "flag",
+  -- hostile and third-party servers
+  echo_key = "json|text|event|chunk|llama", llama_error = "server|context", choices_empty = "flag",
+  done_only = "flag",
+  usage = "nan|inf|neg|float|huge|string|missing", usage_cost = "number|nan|neg",
+  raw = "401_cut|json_cut", reply_model = "model name",
 }
 
 -- "a=1, b ,c=x" -> { a = "1", b = true, c = "x" }, plus a list of the

@@ -19,6 +19,8 @@ local encode, decode, null = cjson.encode, cjson.decode, cjson.null
 
 local M = {}
 
+local raw_reply, echo_key_error, llama_error, filtered_stream -- defined below
+
 local CREATED = 1700000000          -- fixed, so replies are reproducible
 local FINGERPRINT = "fp_sim"
 local REFUSAL = "I'm sorry, but I can't help with that request."
@@ -390,35 +392,6 @@ local function build_choices(req, reply, n)
   return choices, completion
 end
 
-local function usage_of(prompt, completion)
-  return { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion }
-end
-
-local function completion_body(id, model, choices, usage)
-  local list = {}
-  for i, c in ipairs(choices) do
-    local msg = { role = "assistant", content = null, refusal = null }
-    if c.kind == "tools" then
-      local tcs = {}
-      for j, call in ipairs(c.calls) do
-        tcs[j] = { id = call.id, type = "function", ["function"] = { name = call.name, arguments = call.arguments } }
-      end
-      msg.tool_calls = tcs
-    elseif c.kind == "refusal" then
-      msg.refusal = c.text
-    else
-      msg.content = c.text
-    end
-    list[i] = { index = c.index, message = msg, logprobs = null, finish_reason = c.finish }
-  end
-  return encode({
-    id = id, object = "chat.completion", created = CREATED, model = model,
-    system_fingerprint = FINGERPRINT, choices = list, usage = usage,
-  })
-end
-
--- Streaming -------------------------------------------------------------------
-
 -- Split s into pieces of about `size` bytes, never inside a UTF-8 char.
 local function pieces(s, size)
   local list, i, n = {}, 1, #s
@@ -438,6 +411,96 @@ local function pieces(s, size)
   return list
 end
 
+local function usage_of(prompt, completion)
+  return { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion }
+end
+
+-- The usage member as JSON text; `usage=` makes it hostile (numbers no
+-- provider should send: lua-cjson reads NaN and Infinity), `usage_cost=`
+-- adds OpenRouter's usage.cost.
+local function usage_json(sc, prompt, completion)
+  local u = sc.usage
+  local p, c, t = tostring(prompt), tostring(completion), tostring(prompt + completion)
+  if u == "nan" then p, t = "NaN", "NaN"
+  elseif u == "inf" then c, t = "Infinity", "Infinity"
+  elseif u == "neg" then p, t = "-1000000", tostring(completion - 1000000)
+  elseif u == "float" then p, c, t = "12.5", "3.25", "15.75"
+  elseif u == "huge" then p, t = "1e15", "1e15"
+  elseif u == "string" then p = '"12"'
+  elseif u == "missing" then return nil end
+  local extra = ""
+  local cost = sc.usage_cost
+  if cost == "nan" then extra = ',"cost":NaN'
+  elseif cost == "neg" then extra = ',"cost":-5'
+  elseif cost then extra = ',"cost":' .. (tonumber(cost) or 0) end
+  return '{"prompt_tokens":' .. p .. ',"completion_tokens":' .. c .. ',"total_tokens":' .. t .. extra .. "}"
+end
+
+-- The API key the request carried (after "Bearer "), for echo_key.
+local function the_key()
+  local auth = ngx.var.http_authorization
+  return type(auth) == "string" and auth:match("^[Bb]earer%s+(.+)$") or ""
+end
+
+-- A deterministic logprob entry for one piece of text (logprobs = true),
+-- with `top` alternatives (top_logprobs).
+local function logprob_entry(piece, k, top)
+  local bytes = {}
+  for i = 1, #piece do bytes[i] = byte(piece, i) end
+  local lp = -0.01 * ((k * 7) % 13 + 1)
+  local alts = {}
+  for j = 1, top do
+    local tok = j == 1 and piece or (piece .. "~" .. j)
+    local tb = {}
+    for i = 1, #tok do tb[i] = byte(tok, i) end
+    alts[j] = { token = tok, logprob = j == 1 and lp or (lp - j), bytes = tb }
+  end
+  return { token = piece, logprob = lp, bytes = bytes, top_logprobs = alts }
+end
+
+local function top_of(req)
+  local n = floor(tonumber(req.top_logprobs) or 0)
+  if n < 0 then n = 0 elseif n > 20 then n = 20 end
+  return n
+end
+
+local function completion_body(id, model, choices, usage, req)
+  local list = {}
+  local want_lp = req and req.logprobs == true
+  for i, c in ipairs(choices) do
+    local msg = { role = "assistant", content = null, refusal = null }
+    if c.kind == "tools" then
+      local tcs = {}
+      for j, call in ipairs(c.calls) do
+        tcs[j] = { id = call.id, type = "function", ["function"] = { name = call.name, arguments = call.arguments } }
+      end
+      msg.tool_calls = tcs
+    elseif c.kind == "refusal" then
+      msg.refusal = c.text
+    else
+      msg.content = c.text
+    end
+    local lp = null
+    if want_lp and c.text and c.kind == "text" then
+      local content = {}
+      for k, piece in ipairs(pieces(c.text, PIECE)) do content[k] = logprob_entry(piece, k, top_of(req)) end
+      lp = { content = content, refusal = null }
+    end
+    list[i] = { index = c.index, message = msg, logprobs = lp, finish_reason = c.finish }
+  end
+  -- lua-cjson writes an empty table as {}: the empty choices list goes in as text
+  local body = encode({
+    id = id, object = "chat.completion", created = CREATED, model = model,
+    system_fingerprint = FINGERPRINT, choices = #list > 0 and list or "__SIM_CHOICES__",
+    usage = usage and "__SIM_USAGE__" or nil,
+  })
+  body = body:gsub('"__SIM_CHOICES__"', "[]")
+  if usage then body = body:gsub('"__SIM_USAGE__"', function() return usage end) end
+  return body
+end
+
+-- Streaming -------------------------------------------------------------------
+
 -- Everything of a chunk up to its choices; `extra` is more members.
 local function chunk_prefix(id, model, extra)
   return '{"id":' .. encode(id) .. ',"object":"chat.completion.chunk","created":' .. CREATED
@@ -445,9 +508,9 @@ local function chunk_prefix(id, model, extra)
     .. (extra or "") .. '"choices":'
 end
 
-local function choice_chunk(prefix, index, delta, finish)
-  return prefix .. '[{"index":' .. index .. ',"delta":' .. delta .. ',"logprobs":null,"finish_reason":'
-    .. (finish and ('"' .. finish .. '"') or "null") .. "}]}"
+local function choice_chunk(prefix, index, delta, finish, logprobs)
+  return prefix .. '[{"index":' .. index .. ',"delta":' .. delta .. ',"logprobs":' .. (logprobs or "null")
+    .. ',"finish_reason":' .. (finish and ('"' .. finish .. '"') or "null") .. "}]}"
 end
 
 -- The delta sequence of one choice (role first, no finish).
@@ -496,7 +559,11 @@ local function choice_deltas(c, reply, noindex)
     elseif reply.whole then
       if c.text ~= "" then d[2] = '{"content":' .. encode(c.text) .. "}" end
     else
-      for _, p in ipairs(pieces(c.text, PIECE)) do d[#d + 1] = '{"content":' .. encode(p) .. "}" end
+      d.pieces = {}
+      for _, p in ipairs(pieces(c.text, PIECE)) do
+        d[#d + 1] = '{"content":' .. encode(p) .. "}"
+        d.pieces[#d] = p
+      end
     end
   end
   return d
@@ -535,13 +602,19 @@ local function stream_reply(ctx, req, id, model, info, reply, choices, completio
     if #seqs[i] > longest then longest = #seqs[i] end
   end
   local last_content, prev_delta, prev_event = 0, {}, {}
+  local want_lp, top = req.logprobs == true, top_of(req)
   for r = 1, longest do
     for i, c in ipairs(choices) do
       local delta = seqs[i][r]
       if delta then
         -- a repeated delta (chunks=N) reuses its event string: no new work
         local ev = prev_event[i]
-        if delta ~= prev_delta[i] then
+        local piece = want_lp and seqs[i].pieces and seqs[i].pieces[r]
+        if piece then
+          ev = choice_chunk(prefix, c.index, delta, nil,
+            encode({ content = { logprob_entry(piece, r - 1, top) }, refusal = null }))
+          prev_delta[i], prev_event[i] = nil, nil
+        elseif delta ~= prev_delta[i] then
           ev = choice_chunk(prefix, c.index, delta, nil)
           prev_delta[i], prev_event[i] = delta, ev
         end
@@ -558,12 +631,12 @@ local function stream_reply(ctx, req, id, model, info, reply, choices, completio
   for _, c in ipairs(choices) do
     tail[#tail + 1] = choice_chunk(prefix, c.index, "{}", c.finish)
   end
-  local usage_json = encode(usage_of(info.prompt_tokens, completion))
+  local uj = usage_json(sc, info.prompt_tokens, completion)
   local so = type(req.stream_options) == "table" and req.stream_options or {}
-  if sc.usage_null_choices then
-    tail[#tail + 1] = prefix .. 'null,"usage":' .. usage_json .. "}"
-  elseif so.include_usage == true then
-    tail[#tail + 1] = prefix .. '[],"usage":' .. usage_json .. "}"
+  if uj and sc.usage_null_choices then
+    tail[#tail + 1] = prefix .. 'null,"usage":' .. uj .. "}"
+  elseif uj and so.include_usage == true then
+    tail[#tail + 1] = prefix .. '[],"usage":' .. uj .. "}"
   end
 
   ngx.status = 200
@@ -648,6 +721,17 @@ local function stream_reply(ctx, req, id, model, info, reply, choices, completio
           .. '"message":"Provider returned error: upstream disconnected","metadata":{"provider_name":"sim"}},')
         send_event(choice_chunk(p, 0, '{"content":""}', "error"))
         return end_stream()
+      elseif sc.echo_key == "event" then
+        write("event: error" .. eol .. "data: " .. error_body("upstream rejected key " .. the_key() .. " mid-stream",
+          "server_error", "server_error") .. eol .. eol)
+        return end_stream()
+      elseif sc.echo_key == "chunk" then
+        write("data: <html>proxy error for key " .. the_key() .. "</html>" .. eol .. eol)
+        return end_stream()
+      elseif sc.echo_key == "llama" then
+        write("error: " .. encode({ code = 500, message = "slot failed for key " .. the_key(), type = "server_error" })
+          .. eol .. eol)
+        return end_stream()
       elseif sc.eof_mid then
         return end_stream()
       elseif sc.reset then
@@ -688,6 +772,88 @@ local function replay(ctx, name, sc)
   leave(ctx)
 end
 
+-- Hostile and third-party servers --------------------------------------------
+
+-- raw=<name>: bytes written on the raw connection, then it is closed: a
+-- reply cut inside its header block (401_cut), or a JSON reply to a stream
+-- request cut mid-body (json_cut).
+local RAW = {
+  ["401_cut"] = "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n",
+  json_cut = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+    .. '{"id":"chatcmpl-sim-raw","object":"chat.completion","choices":[{"index":0,"message":{"role":"assi',
+}
+
+raw_reply = function(ctx, name)
+  local bytes = RAW[name]
+  if not bytes then
+    send_json(400, error_body("raw: unknown reply " .. tostring(name), "invalid_request_error", "sim_raw"))
+    return leave(ctx)
+  end
+  local sock, err = ngx.req.socket(true)
+  if not sock then
+    ngx.log(ngx.ERR, "sim: raw socket: ", err)
+    return ngx.exit(500)
+  end
+  sock:send(bytes)
+  leave(ctx)
+  return ngx.exit(444)
+end
+
+-- echo_key=json|text: an error reply that echoes the request's API key
+-- verbatim (json: in the message, param, a header and the body; text: a
+-- non-JSON body long enough that the key straddles a 300-byte cut).
+echo_key_error = function(ctx, sc)
+  local key = the_key()
+  local status = tonumber(sc.status) or (sc.echo_key == "json" and 401 or 502)
+  if sc.echo_key == "json" then
+    send_json(status, encode({ error = { message = "Incorrect API key provided: " .. key .. ".",
+      type = "invalid_request_error", param = key, code = "invalid_api_key", detail = { key = key } } }),
+      { ["X-Echo-Key"] = key })
+  else
+    local pad = rep("x", 300 - 20 - floor(#key / 2))
+    respond(status, "text/plain", "upstream failure:   " .. pad .. key .. " and more text after the key", nil)
+  end
+  return leave(ctx)
+end
+
+-- llama_error=server|context: llama.cpp's llama-server failing a request:
+-- streamed, 200 and an event stream with only an `error:` line, then
+-- [DONE]; not streamed, its JSON error with the code as the status.
+llama_error = function(ctx, sc)
+  local e
+  if sc.llama_error == "context" then
+    e = { code = 400, message = "the request exceeds the available context size, try increasing it",
+      type = "exceed_context_size_error", n_prompt_tokens = 9000, n_ctx = 4096 }
+  else
+    e = { code = 500, message = "slot unavailable", type = "server_error" }
+  end
+  local req = ngx.ctx.sim_req
+  if not (type(req) == "table" and req.stream == true) then
+    -- not streamed: llama-server's JSON error, with the code as status
+    send_json(e.code, encode({ error = e }))
+    return leave(ctx)
+  end
+  ngx.status = 200
+  ngx.header["Content-Type"] = "text/event-stream"
+  out("error: " .. encode(e) .. "\n\n")
+  out("data: [DONE]\n\n")
+  return leave(ctx)
+end
+
+-- choices_empty, streamed: what Azure sends when a content filter took
+-- every choice: chunks with `choices: []`, usage, [DONE].
+filtered_stream = function(ctx, req, id, model, info, sc)
+  ngx.status = 200
+  ngx.header["Content-Type"] = "text/event-stream"
+  local prefix = chunk_prefix(id, model, '"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}],')
+  out("data: " .. prefix .. "[]}\n\n")
+  local so = type(req.stream_options) == "table" and req.stream_options or {}
+  local uj = usage_json(sc, info.prompt_tokens, 0)
+  if uj and so.include_usage == true then out("data: " .. chunk_prefix(id, model) .. '[],"usage":' .. uj .. "}\n\n") end
+  out("data: [DONE]\n\n")
+  return leave(ctx)
+end
+
 -- Chat completions ------------------------------------------------------------
 
 local function header_value(h)
@@ -723,6 +889,7 @@ local function chat(ctx)
   local req = decode(raw)
   if type(req) ~= "table" then req = nil end
   last_request = { method = "POST", uri = ngx.var.request_uri, headers = headers, body = req or null, raw_body = raw }
+  ctx.sim_req = req
 
   -- scenario: header directives, then the model name's
   local spec = header_value(headers["x-sim-scenario"]) or ""
@@ -771,6 +938,15 @@ local function chat(ctx)
   end
 
   local info = analyse(req)
+  if sc.raw then return raw_reply(ctx, sc.raw) end
+  if sc.echo_key == "json" or sc.echo_key == "text" then return echo_key_error(ctx, sc) end
+  if sc.llama_error then return llama_error(ctx, sc) end
+  if sc.done_only then
+    ngx.status = 200
+    ngx.header["Content-Type"] = "text/event-stream"
+    out("data: [DONE]\n\n")
+    return leave(ctx)
+  end
   local status = tonumber(sc.status)
   if status and status ~= 200 then
     local body, h = scenario_error(status, sc, req, info)
@@ -801,15 +977,17 @@ local function chat(ctx)
   local n = floor(tonumber(req.n) or 1)
   if sc.n3 then n = 3 end
   if n < 1 then n = 1 elseif n > 128 then n = 128 end
-  local model = req.model
+  local model = sc.reply_model or req.model
   local reply = decide(req, info, sc, seq)
   local choices, completion = build_choices(req, reply, n)
+  if sc.choices_empty then choices, completion = {}, 0 end
 
   if req.stream == true then
+    if sc.choices_empty then return filtered_stream(ctx, req, id, model, info, sc) end
     return stream_reply(ctx, req, id, model, info, reply, choices, completion, sc)
   end
   return plain("application/json",
-    completion_body(id, model, choices, usage_of(info.prompt_tokens, completion)))
+    completion_body(id, model, choices, usage_json(sc, info.prompt_tokens, completion), req))
 end
 
 -- Control endpoints -----------------------------------------------------------

@@ -77,7 +77,9 @@ function Conn:response()
       -- a reply cut inside its header block (a reset after "HTTP/1.1 401"
       -- and one header) is a broken connection, not a 401
       if not req:result() then return failure(req) end
-      if h and req:status() > 0 then return req:status(), h end
+      -- libcurl takes a close inside the header block as the end of a
+      -- reply without a body: it is a broken connection all the same
+      if req:status() > 0 then return nil, "connect", "the connection closed inside the reply's headers" end
       return nil, "protocol", "reply ended without an HTTP status"
     end
     sched.await(req)
