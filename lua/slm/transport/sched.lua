@@ -186,7 +186,10 @@ local function drive(pred)
     do
       local m = M.multi()
       local inflight = m:count()
-      if nwaiting == 0 and inflight == 0 and not timers[1] then
+      -- nothing in flight, no timer, nobody ready: whoever waits (on a
+      -- task, a semaphore, or a request that ended without a word) waits
+      -- for ever
+      if inflight == 0 and not timers[1] then
         error("slm: nothing left to run but the awaited work is not done "
           .. "(a task waits on itself, or on work that was never started)", 0)
       end
