@@ -34,8 +34,16 @@
  *   Request:id() -> integer
  *   Request:last_activity() -> monotonic time of the last byte received
  *   core.events -> "epoll" | "poll"          (how step() waits for sockets)
+ *   core.http_initialized() -> boolean       (whether this process has run
+ *                                             curl_global_init; see curl_init)
+ * Fields that describe libcurl; reading one sets libcurl up (curl_init):
+ *   core.curl_version -> "7.88.1"            (the libcurl loaded at run time)
+ *   core.http2 -> boolean                    (libcurl built with HTTP/2)
  *   core.h2c_reuse -> boolean                (http_version "2" on http://
  *                                             reuses connections: libcurl 8+)
+ * core.multi() and those fields raise "slm.core: cannot initialise libcurl:
+ * ..." when curl_global_init fails; nothing is recorded then, and the next
+ * call tries again.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <curl/curl.h>
@@ -45,6 +53,7 @@
 #include <strings.h>
 #include <ctype.h>
 #include <math.h>
+#include <pthread.h>
 #include "slm.h"
 
 /* How step() waits for the sockets libcurl wants watched: an epoll set on
@@ -62,9 +71,67 @@
 #define MULTI_MT "slm.Multi"
 #define REQ_MT "slm.Request"
 
+/* ---- libcurl's global state: set up on first use ----
+ *
+ * Loading slm.core calls nothing of libcurl.  A process that only uses the
+ * tokenizer or the SSE parser (an nginx worker counting tokens, a CLI
+ * `count`) never runs curl_global_init, which initialises OpenSSL and the
+ * other libraries libcurl is built with.  The first call that needs libcurl
+ * does it: core.multi(), or reading one of the module's fields that describe
+ * libcurl (curl_version, http2, h2c_reuse: see curl_field).
+ * curl_version_info is called only then, right after curl_global_init,
+ * because (a) it too reaches into libcurl and its TLS library, (b) it fills
+ * static buffers of libcurl's, which threads must not do at once, and (c)
+ * libcurl's maintainers say its answer (feature bits of a MultiSSL build) is
+ * stable only after curl_global_init.
+ *
+ * Threads: several Lua states, each in its own thread, may load slm.core in
+ * one process.  Our own mutex serialises them around curl_global_init and
+ * the facts below, whatever libcurl says of itself: it costs one lock per
+ * core.multi().  What it cannot do is keep another library of the process
+ * from calling curl_global_init at the same moment; libcurl makes that safe
+ * itself only from 7.84 on, in builds with CURL_VERSION_THREADSAFE.  Before
+ * that, libcurl's rule (no other thread running) is the application's.
+ * A failure is raised by the call that needed libcurl and nothing is
+ * recorded, so a later call tries again.  curl_global_cleanup is never
+ * called: other Lua states of the process may still use libcurl. */
+static pthread_mutex_t curl_lock = PTHREAD_MUTEX_INITIALIZER;
+static int curl_ready = 0;     /* curl_global_init succeeded (under curl_lock) */
+static struct {
+  char version[32];            /* "7.88.1" */
+  unsigned version_num;        /* 0x075801 */
+  int http2;                   /* built with HTTP/2 */
+} curl_facts;
 /* Whether this libcurl can reuse a cleartext HTTP/2 connection made with
- * prior knowledge (8.0 and newer; see multi_add).  Set at module load. */
+ * prior knowledge (8.0 and newer; see multi_add).  Set by curl_init: every
+ * reader holds a multi, which needed curl_init first. */
 static int h2c_reuse = 0;
+
+static CURLcode curl_init(void) {
+  CURLcode rc = CURLE_OK;
+  pthread_mutex_lock(&curl_lock);
+  if (!curl_ready) {
+    rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (rc == CURLE_OK) {
+      curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
+      strncpy(curl_facts.version, vi->version, sizeof curl_facts.version - 1);
+      curl_facts.version_num = vi->version_num;
+      curl_facts.http2 = (vi->features & CURL_VERSION_HTTP2) != 0;
+      h2c_reuse = vi->version_num >= 0x080000;
+      curl_ready = 1;
+    }
+  }
+  pthread_mutex_unlock(&curl_lock);
+  return rc;
+}
+
+/* Initialise libcurl for the call that needs it, or raise saying why. */
+static void need_curl(lua_State *L) {
+  CURLcode rc = curl_init();
+  if (rc != CURLE_OK)
+    luaL_error(L, "slm.core: cannot initialise libcurl: curl_global_init: %s (%d)",
+               curl_easy_strerror(rc), (int)rc);
+}
 
 typedef struct slm_multi slm_multi;
 typedef struct slm_req slm_req;
@@ -477,6 +544,7 @@ static int l_multi(lua_State *L) {
     maxconn = (long)opt_number(L, 1, "max_connections", 0);
     maxhost = (long)opt_number(L, 1, "max_host_connections", 0);
   }
+  need_curl(L);
   /* safe closed state first, then acquire */
   m = (slm_multi *)slm_newuserdata(L, sizeof *m);
   memset(m, 0, sizeof *m);
@@ -1142,6 +1210,40 @@ static int req_tostring(lua_State *L) {
   return 1;
 }
 
+/* core.http_initialized() -> whether this process has set libcurl up */
+static int l_http_initialized(lua_State *L) {
+  int ready;
+  pthread_mutex_lock(&curl_lock);
+  ready = curl_ready;
+  pthread_mutex_unlock(&curl_lock);
+  lua_pushboolean(L, ready);
+  return 1;
+}
+
+/* __index of the module table: the fields that describe libcurl, computed
+ * once libcurl is set up, then stored in the table (no second lookup). */
+static int curl_field(lua_State *L) {
+  const char *k;
+  if (lua_type(L, 2) != LUA_TSTRING) return 0;
+  k = lua_tostring(L, 2);
+  if (strcmp(k, "curl_version") == 0) {
+    need_curl(L);
+    lua_pushstring(L, curl_facts.version);
+  } else if (strcmp(k, "http2") == 0) {
+    need_curl(L);
+    lua_pushboolean(L, curl_facts.http2);
+  } else if (strcmp(k, "h2c_reuse") == 0) {
+    need_curl(L);
+    lua_pushboolean(L, h2c_reuse);
+  } else {
+    return 0; /* nil, as for any absent field */
+  }
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, 1);
+  return 1;
+}
+
 int slm_open_http(lua_State *L) {
   static const luaL_Reg multi_m[] = {
     {"add", multi_add}, {"step", multi_step}, {"count", multi_count},
@@ -1153,26 +1255,18 @@ int slm_open_http(lua_State *L) {
     {"info", req_info}, {"id", req_id}, {"last_activity", req_last_activity},
     {"close", req_close}, {NULL, NULL}
   };
-  static int inited = 0;
-  if (!inited) {
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-      return luaL_error(L, "slm.core: curl_global_init failed");
-    inited = 1;
-  }
+  static const luaL_Reg fns[] = {
+    {"multi", l_multi}, {"http_initialized", l_http_initialized}, {NULL, NULL}
+  };
   slm_new_class(L, MULTI_MT, multi_m, multi_close, multi_tostring);
   slm_new_class(L, REQ_MT, req_m, req_close, req_tostring);
-  lua_pushcfunction(L, l_multi);
-  lua_setfield(L, -2, "multi");
-  {
-    curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
-    lua_pushstring(L, vi->version);
-    lua_setfield(L, -2, "curl_version");
-    lua_pushboolean(L, (vi->features & CURL_VERSION_HTTP2) != 0);
-    lua_setfield(L, -2, "http2");
-    h2c_reuse = vi->version_num >= 0x080000;
-    lua_pushboolean(L, h2c_reuse);
-    lua_setfield(L, -2, "h2c_reuse");
-  }
+  luaL_setfuncs(L, fns, 0);
+  /* the fields that describe libcurl are read through the module's
+   * metatable: reading one is a use of libcurl (see curl_init) */
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, curl_field);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
   lua_pushstring(L, SLM_EPOLL ? "epoll" : "poll");
   lua_setfield(L, -2, "events");
   return 0;

@@ -462,6 +462,36 @@ describe("slm.core multi", function()
     assert.are.equal(6, up:stats().requests) -- the child really made its requests (i = 3, 6, ... 18)
   end)
 
+  it("sets libcurl up on first use, not when slm.core loads", function()
+    -- in a fresh process: this one made multis long ago.  A worker that
+    -- only counts tokens or parses streams must never initialise libcurl
+    -- (nor, through it, OpenSSL); the first multi does.
+    local out = H.run_lua([[
+      local core = require "slm.core"
+      local said = {}
+      local function note(what) said[#said + 1] = what .. "=" .. tostring(core.http_initialized()) end
+      note("loaded")
+      local p = core.sse_parser()
+      assert(#p:feed("data: {\"x\":1}\n\n") == 1)
+      local slm = require "slm"
+      assert(slm.tokenizer("gpt-4o-mini"):count("hello world") == 2)
+      assert(core.events == "epoll" or core.events == "poll")
+      note("parsed+counted")
+      local m = core.multi()
+      note("multi")
+      m:close()
+      io.write(table.concat(said, " "))]])
+    assert.are.equal("loaded=false parsed+counted=false multi=true", out)
+    -- reading a field that describes libcurl is a use of it, too
+    out = H.run_lua([[
+      local core = require "slm.core"
+      local before = core.http_initialized()
+      local v = core.curl_version
+      io.write(tostring(before), " ", tostring(core.http_initialized()), " ", type(v), " ",
+        type(core.h2c_reuse), " ", type(core.http2), " ", tostring(core.no_such_field))]])
+    assert.are.equal("false true string boolean boolean nil", out)
+  end)
+
   it("has a monotonic clock", function()
     local a = core.now()
     local b = core.now()
