@@ -45,6 +45,17 @@
  * ..." when curl_global_init fails; nothing is recorded then, and the next
  * call tries again.
  */
+/* libcurl versions: the oldest this builds against is 7.81.0 (Ubuntu
+ * 22.04's; tests/build/curl781.sh checks it on machines that have a newer
+ * one).  What is newer than that is guarded by LIBCURL_VERSION_NUM:
+ * CURLOPT_PROTOCOLS_STR (7.85; CURLOPT_PROTOCOLS before).  Everything else
+ * is older, by libcurl's symbols-in-versions: CURL_HTTP_VERSION_3 (7.66),
+ * CURLE_WEIRD_SERVER_REPLY (7.51), CURLINFO_HTTP_VERSION (7.50),
+ * CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE and CURLE_HTTP2_STREAM (7.49),
+ * CURL_HTTP_VERSION_2TLS (7.47), CURLOPT_PIPEWAIT and CURLPIPE_MULTIPLEX
+ * (7.43), CURLE_HTTP2 (7.38), CURL_VERSION_HTTP2 (7.33),
+ * CURLMOPT_MAX_HOST_CONNECTIONS (7.30), CURLOPT_TCP_KEEPALIVE (7.25),
+ * CURLOPT_CLOSESOCKETFUNCTION (7.21.7), the rest 7.21.5 or older. */
 #define _POSIX_C_SOURCE 200809L
 #include <curl/curl.h>
 #include <errno.h>
@@ -754,7 +765,11 @@ static int multi_add(lua_State *L) {
   /* a private CA (a self-hosted server); libcurl copies the string */
   if (ca_file) curl_easy_setopt(r->easy, CURLOPT_CAINFO, ca_file);
   curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85 */
   curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+#else /* the bit mask, deprecated from 7.85 on */
+  curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
   if (httpv && strcmp(httpv, "1.1") == 0)
     curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
   else if (httpv && strcmp(httpv, "2") == 0)
