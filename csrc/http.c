@@ -23,6 +23,11 @@
  *              ca_file=, max_body= } -> Request
  *   Multi:step(timeout_s) -> { Request, ... } (requests with new activity)
  *   Multi:count() -> number of requests in flight
+ *   Multi:fd() -> integer | nil              (descriptor for an outer event
+ *                                             loop; nil on the poll() backend)
+ *   Multi:timeout() -> seconds | nil         (when step() is due without
+ *                                             socket activity; 0: now; nil:
+ *                                             only on socket activity)
  *   Multi:close()
  *   Request:read() -> string | nil          (body bytes since last read)
  *   Request:status() -> integer             (0 until the status line)
@@ -44,6 +49,26 @@
  * core.multi() and those fields raise "slm.core: cannot initialise libcurl:
  * ..." when curl_global_init fails; nothing is recorded then, and the next
  * call tries again.
+ *
+ * Driving a multi from another event loop (luv, cqueues, ...), the shape of
+ * luv's loop:backend_fd()/backend_timeout():
+ *   1. wait until m:fd() is readable or m:timeout() seconds have passed
+ *      (nil: no timer needed; round up to the loop's clock, e.g.
+ *      math.ceil(t * 1000) ms: waking early only costs a step() that finds
+ *      nothing due);
+ *   2. call m:step(0) (never a positive timeout: that would block the outer
+ *      loop) and handle the requests it returns; every request finished
+ *      during the step is among them;
+ *   3. read m:timeout() again and re-arm the timer; do so too after every
+ *      add() and cancel() (a request just added makes it 0: libcurl starts
+ *      it from its timer), then back to 1.
+ * The descriptor is the epoll set, level-triggered: it stays readable while
+ * a watched socket has events libcurl has not consumed, so watch it
+ * level-triggered too (poll(), luv's uv_poll, an epoll set without
+ * EPOLLET); it may also wake for an idle pooled connection the server
+ * closed, which the next step() drops.  With the poll() backend (-DSLM_EVENTS
+ * =poll, non-Linux) there is no such descriptor: fd() is nil, and the
+ * multi is driven by step(timeout) itself.
  */
 /* libcurl versions: the oldest this builds against is 7.81.0 (Ubuntu
  * 22.04's; tests/build/curl781.sh checks it on machines that have a newer
@@ -521,7 +546,10 @@ static void req_finish(lua_State *L, slm_req *r, CURLcode rc) {
   slm_multi *m = r->m;
   r->result = rc;
   r->state = R_DONE;
-  mark_ready(r);
+  /* finished by step(): it reports the request.  Finished outside it
+   * (cancel, close, the multi closed) the caller knows already, and a
+   * note left for the next step() would keep it from waiting */
+  if (m && m->in_step) mark_ready(r);
   req_detach(L, r);
   req_release_easy(m, r);
 }
@@ -809,7 +837,9 @@ static int multi_add(lua_State *L) {
 }
 
 /* Abort requests whose idle or first-byte deadline passed (counted in
- * *aborted); return the nearest future deadline (or -1 when none). */
+ * *aborted); return the nearest future deadline (or -1 when none).  With L
+ * NULL it only looks (Multi:timeout): a passed deadline is then the
+ * nearest, and nothing is aborted. */
 static double check_deadlines(lua_State *L, slm_multi *m, double now, int *aborted) {
   double nearest = -1;
   slm_req *r = m->ntimed > 0 ? m->head : NULL; /* libcurl keeps the others' */
@@ -826,7 +856,7 @@ static double check_deadlines(lua_State *L, slm_multi *m, double now, int *abort
       if (dl < 0 || d2 < dl) { dl = d2; reason = A_IDLE; }
     }
     if (dl >= 0) {
-      if (now >= dl) {
+      if (L && now >= dl) {
         r->abort_reason = reason;
         req_finish(L, r, CURLE_OPERATION_TIMEDOUT);
         (*aborted)++;
@@ -1011,6 +1041,42 @@ static int multi_step(lua_State *L) {
   return 1;
 }
 
+/* Multi:fd() -> the descriptor an outer event loop waits on for
+ * readability (the epoll set: readable while a socket libcurl watches has
+ * events), or nil where there is none (the poll() backend). */
+static int multi_fd(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+#if SLM_EPOLL
+  lua_pushinteger(L, m->epfd);
+#else
+  (void)m;
+  lua_pushnil(L);
+#endif
+  return 1;
+}
+
+/* Multi:timeout() -> seconds until step() is due even without socket
+ * activity: libcurl's timer (where added requests start, and its own
+ * timeouts) or the nearest first-byte/idle deadline, which step() checks
+ * itself.  0: due now (a request was just added, or has a result that no
+ * step() has reported yet, or a deadline passed); nil: nothing pending but
+ * sockets.  See "Driving a multi from another event loop" above. */
+static int multi_timeout(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+  double due = m->timer_at, dl, now;
+  int none = 0;
+  if (m->nrdy > 0 || m->rdy_lost || m->sock_failed) {
+    lua_pushnumber(L, 0);
+    return 1;
+  }
+  now = slm_now();
+  dl = check_deadlines(NULL, m, now, &none);
+  if (dl >= 0 && (due < 0 || dl < due)) due = dl;
+  if (due < 0) lua_pushnil(L);
+  else lua_pushnumber(L, due > now ? due - now : 0);
+  return 1;
+}
+
 static int multi_count(lua_State *L) {
   slm_multi *m = (slm_multi *)luaL_checkudata(L, 1, MULTI_MT);
   lua_pushinteger(L, m->count);
@@ -1054,9 +1120,7 @@ static int req_cancel(lua_State *L) {
   if (r->state == R_RUNNING) {
     if (r->m && r->m->in_step) return luaL_error(L, "slm.core: cannot cancel while the loop runs");
     r->abort_reason = A_CANCELLED;
-    req_finish(L, r, CURLE_ABORTED_BY_CALLBACK);
-    /* a cancelled request is reported once more by the next step() */
-    if (r->m == NULL) r->ready = 0;
+    req_finish(L, r, CURLE_ABORTED_BY_CALLBACK); /* step() will not report it */
   }
   return 0;
 }
@@ -1262,7 +1326,7 @@ static int curl_field(lua_State *L) {
 int slm_open_http(lua_State *L) {
   static const luaL_Reg multi_m[] = {
     {"add", multi_add}, {"step", multi_step}, {"count", multi_count},
-    {"close", multi_close}, {NULL, NULL}
+    {"fd", multi_fd}, {"timeout", multi_timeout}, {"close", multi_close}, {NULL, NULL}
   };
   static const luaL_Reg req_m[] = {
     {"read", req_read}, {"status", req_status}, {"headers", req_headers},

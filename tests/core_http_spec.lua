@@ -462,6 +462,150 @@ describe("slm.core multi", function()
     assert.are.equal(6, up:stats().requests) -- the child really made its requests (i = 3, 6, ... 18)
   end)
 
+  it("timeout() says when step() is due without socket activity", function()
+    local m = core.multi()
+    assert.is_nil(m:timeout()) -- nothing at all
+    local r = add(m)
+    assert.are.equal(0, m:timeout()) -- libcurl starts it from its timer
+    drain(m, { r })
+    assert.is_true(r:result())
+    assert.is_nil(m:timeout()) -- done and reported: nothing pending
+    -- a first-byte deadline is step()'s own: timeout() counts it
+    local slow = add(m, { first_byte_timeout = 0.5, headers = { "X-Sim-Scenario: delay=3000" } })
+    local deadline = core.now() + 3
+    while up:stats().in_flight < 1 and core.now() < deadline do m:step(0.02) end
+    local t = m:timeout()
+    assert.is_number(t)
+    assert.is_true(t > 0 and t <= 0.5, "timeout " .. tostring(t))
+    -- cancelled: nothing is pending any more, and step() does not report
+    -- it (the caller knows); step(t) then really waits
+    slow:cancel()
+    assert.is_nil(m:timeout())
+    local t0 = core.now()
+    assert.are.same({}, m:step(0.2))
+    local dt = core.now() - t0
+    assert.is_true(dt >= 0.19, "step(0.2) after a cancel returned after " .. dt .. " s")
+    m:close()
+    assert.has_error(function() m:timeout() end)
+  end)
+
+  it("names its descriptor for an outer loop: the epoll set, or nil on the poll() backend", function()
+    local m = core.multi()
+    if expected_events() == "epoll" then
+      assert.is_true(math.type(m:fd()) == "integer" and m:fd() >= 0)
+      assert.are.equal(m:fd(), m:fd())
+    else
+      assert.is_nil(m:fd())
+    end
+    m:close()
+    assert.has_error(function() m:fd() end)
+  end)
+
+  it("an outer event loop (luv) drives plain requests and SSE streams to completion without spinning", function()
+    local ok, uv = pcall(require, "luv")
+    if not ok then
+      pending("needs lua-luv")
+      return
+    end
+    local m = core.multi()
+    if not m:fd() then
+      pending("the poll() backend has no descriptor for an outer loop")
+      return
+    end
+    local reqs, want = {}, {}
+    for i = 1, 4 do -- replies after a silent 300 ms
+      reqs[#reqs + 1] = echo(m, "plain " .. i, "delay=300")
+      want[#reqs] = "plain"
+    end
+    for i = 1, 3 do -- events 20 ms apart, each flushed on its own
+      reqs[#reqs + 1] = add(m, { body = body{ stream = true,
+        messages = { { role = "user", content = "stream " .. i .. " one two three four five" } } },
+        headers = { "X-Sim-Scenario: slow_chunks=20" } })
+      want[#reqs] = "stream"
+    end
+    -- deadlines with no socket activity: libcurl's timer, and step()'s own
+    -- (the last thing to happen: nothing else would wake the loop for it)
+    reqs[#reqs + 1] = add(m, { first_byte_timeout = 1.0, headers = { "X-Sim-Scenario: delay=3000" } })
+    want[#reqs] = "first_byte"
+    reqs[#reqs + 1] = add(m, { timeout = 0.5, headers = { "X-Sim-Scenario: delay=3000" } })
+    want[#reqs] = "total"
+    local n = #reqs
+    local index, bodies, done_at = {}, {}, {}
+    for i, r in ipairs(reqs) do index[r] = i; bodies[i] = "" end
+
+    local wakeups, idle, reported, finished, timers = 0, 0, 0, 0, 0
+    local poll, timer, guard = uv.new_poll(m:fd()), uv.new_timer(), uv.new_timer()
+    local function stop()
+      for _, h in ipairs({ poll, timer, guard }) do if not h:is_closing() then h:close() end end
+    end
+    local function wake()
+      wakeups = wakeups + 1
+      local got = m:step(0)
+      if #got == 0 then idle = idle + 1 end
+      for _, r in ipairs(got) do
+        reported = reported + 1
+        local i = index[r]
+        bodies[i] = bodies[i] .. (r:read() or "")
+        if r:done() then finished = finished + 1; done_at[i] = core.now() end
+      end
+      if finished == n then return stop() end
+      timer:stop()
+      local t = m:timeout()
+      if t then timer:start(math.ceil(t * 1000), 0, function() timers = timers + 1; wake() end) end
+    end
+    poll:start("r", function(err)
+      assert.is_nil(err)
+      wake()
+    end)
+    -- just added: due at once, from the timer
+    assert.are.equal(0, m:timeout())
+    timer:start(0, 0, wake)
+    guard:start(10000, 0, stop) -- a lost wake-up fails the spec instead of hanging it
+    local t0 = core.now()
+    uv.run()
+    local took = core.now() - t0
+    for i = 1, n do done_at[i] = done_at[i] and done_at[i] - t0 end
+
+    assert.are.equal(n, finished, "requests finished by the outer loop")
+    -- the deadlines (0.5 s, 1 s) were met on time, not when the server
+    -- finally answered at 3 s
+    assert.is_true(took >= 0.99 and took < 2.5, "the outer loop took " .. took .. " s")
+    for i = 1, n do
+      local r, ok2, kind, msg = reqs[i], reqs[i]:result()
+      if want[i] == "plain" then
+        assert.is_true(ok2, msg)
+        assert.are.equal("Echo: plain " .. i, reply_text(bodies[i]))
+      elseif want[i] == "stream" then
+        assert.is_true(ok2, msg)
+        local text = {}
+        for data in bodies[i]:gmatch("data: (%b{})") do
+          local c = json.decode(data).choices[1]
+          text[#text + 1] = c and c.delta and c.delta.content or ""
+        end
+        assert.are.equal("Echo: stream " .. (i - 4) .. " one two three four five", table.concat(text))
+        assert.matches("data: %[DONE%]", bodies[i])
+      else
+        assert.is_nil(ok2)
+        assert.are.equal("timeout", kind)
+        if want[i] == "first_byte" then
+          assert.matches("first byte", msg)
+        else -- libcurl's own timeout, woken by its timer
+          assert.is_true(done_at[i] >= 0.49 and done_at[i] < 0.9, "timed out at " .. done_at[i] .. " s")
+        end
+      end
+      assert.are.equal("number", type(r:id()))
+    end
+    -- no busy loop: a wake-up that reports nothing happens for a socket
+    -- event libcurl handles by itself (connected, request sent) or a
+    -- timer; a loop that spun through the silent 300 ms-3 s would count
+    -- them by the thousand
+    assert.is_true(idle <= 2 * n + 4, ("%d wake-ups, %d of them idle, %d timers, %d reports")
+      :format(wakeups, idle, timers, reported))
+    assert.is_true(wakeups <= reported + idle)
+    assert.is_nil(m:timeout())
+    m:close()
+  end)
+
   it("sets libcurl up on first use, not when slm.core loads", function()
     -- in a fresh process: this one made multis long ago.  A worker that
     -- only counts tokens or parses streams must never initialise libcurl
