@@ -20,7 +20,10 @@
  *   Multi:add{ url=, method=, headers={"K: v", ...}, body=,
  *              connect_timeout=, timeout=, idle_timeout=,
  *              first_byte_timeout=, http_version="1.1"|"2",
- *              ca_file=, max_body= } -> Request
+ *              ca_file=, max_body=, fresh_connect=bool } -> Request
+ *     fresh_connect = true: this request opens a new connection instead of
+ *     reusing a pooled one (CURLOPT_FRESH_CONNECT); the connection is
+ *     pooled afterwards as usual.  For a retry after kind "reused".
  *   Multi:step(timeout_s) -> { Request, ... } (requests with new activity)
  *   Multi:count() -> number of requests in flight
  *   Multi:fd() -> integer | nil              (descriptor for an outer event
@@ -34,6 +37,25 @@
  *   Request:headers() -> table | nil        (lowercase name -> value)
  *   Request:done() -> boolean
  *   Request:result() -> true | nil, kind, message, curl_code
+ *     (nil, "running" while in flight).  kind is one of:
+ *       "connect"   no connection (refused, DNS, TLS handshake, bad URL)
+ *       "timeout"   connect/total timeout (libcurl's), first_byte_timeout
+ *                   or idle_timeout (step()'s)
+ *       "broken"    the connection failed during the exchange (nothing or
+ *                   part of a reply; HTTP/2 stream errors)
+ *       "reused"    the request went out on a reused keep-alive connection
+ *                   that closed before replying, and libcurl was about to
+ *                   send it again on another one by itself: stopped, so the
+ *                   server may have seen it once and never twice; message
+ *                   "the reused connection closed before replying;
+ *                   libcurl's re-send was stopped", curl_code 42.  Resend
+ *                   with fresh_connect = true if the request may be
+ *                   repeated.  Only with core.resend_guard (libcurl 7.80+):
+ *                   older libcurl re-sends silently, up to 5 times.
+ *       "protocol"  reply larger than max_body
+ *       "memory"    out of memory buffering the reply
+ *       "cancelled" cancel(), close(), the multi closed, or collected
+ *       "transport" any other libcurl failure (message says which)
  *   Request:cancel()                         (idempotent)
  *   Request:info() -> table of timings etc.
  *   Request:id() -> integer
@@ -46,6 +68,9 @@
  *   core.http2 -> boolean                    (libcurl built with HTTP/2)
  *   core.h2c_reuse -> boolean                (http_version "2" on http://
  *                                             reuses connections: libcurl 8+)
+ *   core.resend_guard -> boolean             (libcurl never re-sends a
+ *                                             request by itself: kind
+ *                                             "reused"; libcurl 7.80+)
  * core.multi() and those fields raise "slm.core: cannot initialise libcurl:
  * ..." when curl_global_init fails; nothing is recorded then, and the next
  * call tries again.
@@ -114,7 +139,7 @@
  * `count`) never runs curl_global_init, which initialises OpenSSL and the
  * other libraries libcurl is built with.  The first call that needs libcurl
  * does it: core.multi(), or reading one of the module's fields that describe
- * libcurl (curl_version, http2, h2c_reuse: see curl_field).
+ * libcurl (curl_version, http2, h2c_reuse, resend_guard: see curl_field).
  * curl_version_info is called only then, right after curl_global_init,
  * because (a) it too reaches into libcurl and its TLS library, (b) it fills
  * static buffers of libcurl's, which threads must not do at once, and (c)
@@ -210,7 +235,11 @@ struct slm_multi {
 #define POOL_MAX 64    /* easy handles kept for reuse per multi */
 
 enum { R_IDLE = 0, R_RUNNING = 1, R_DONE = 2 };
-enum { A_NONE = 0, A_CANCELLED, A_IDLE, A_FIRST_BYTE, A_TOO_BIG, A_NOMEM };
+enum { A_NONE = 0, A_CANCELLED, A_IDLE, A_FIRST_BYTE, A_TOO_BIG, A_NOMEM, A_REUSED };
+
+/* libcurl 7.80 has CURLOPT_PREREQFUNCTION, with which on_prereq stops
+ * libcurl's own re-send of a request (see there); older ones cannot. */
+#define SLM_PREREQ (LIBCURL_VERSION_NUM >= 0x075000)
 
 typedef struct {
   char *p;
@@ -236,6 +265,7 @@ struct slm_req {
   double t_start, t_last, t_first;
   double idle_timeout, first_byte_timeout;
   size_t max_body, received;
+  int sends;           /* times libcurl was about to send it (on_prereq) */
   /* libcurl's figures, kept when the request finishes: its easy handle
    * goes back to the multi's pool then */
   struct {
@@ -332,6 +362,27 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud) {
   }
   return n;
 }
+
+#if SLM_PREREQ
+/* Called by libcurl right before it sends the request on a connection,
+ * once per attempt.  A second attempt is libcurl re-sending the request on
+ * its own: when a reused keep-alive connection dies before any byte of the
+ * reply, Curl_retry_request (lib/transfer.c, 7.81 to 8.x) sends it again
+ * on another connection, up to 5 times, and a POST the server had already
+ * read would be processed again.  So the second attempt is refused: the
+ * request finishes with kind "reused", and whether to send it again (with
+ * fresh_connect) is the client's choice. */
+static int on_prereq(void *clientp, char *remote_ip, char *local_ip, int remote_port, int local_port) {
+  slm_req *r = (slm_req *)clientp;
+  (void)remote_ip;
+  (void)local_ip;
+  (void)remote_port;
+  (void)local_port;
+  if (r->sends++ == 0) return CURL_PREREQFUNC_OK;
+  r->abort_reason = A_REUSED;
+  return CURL_PREREQFUNC_ABORT;
+}
+#endif
 
 /* on_socket could not watch a socket: step() raises (libcurl's multi is
  * unusable once the callback returned -1). */
@@ -567,6 +618,17 @@ static double opt_number(lua_State *L, int t, const char *k, double def) {
   return v;
 }
 
+static int opt_bool(lua_State *L, int t, const char *k) {
+  int v = 0;
+  if (slm_getfield(L, t, k) != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TBOOLEAN)
+      luaL_error(L, "slm.core: option '%s' must be a boolean", k);
+    v = lua_toboolean(L, -1);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
 static long secs_to_ms(double s) {
   double ms = ceil(s * 1000.0);
   if (ms > 2147483647.0) ms = 2147483647.0;
@@ -695,6 +757,7 @@ static int multi_add(lua_State *L) {
   size_t bodylen = 0;
   const char *body = NULL;
   double connect_timeout, timeout;
+  int fresh_connect;
   CURLMcode mc;
   luaL_checktype(L, 2, LUA_TTABLE);
   if (m->in_step) return luaL_error(L, "slm.core: cannot add requests while the loop runs");
@@ -737,6 +800,7 @@ static int multi_add(lua_State *L) {
   r->idle_timeout = opt_number(L, 2, "idle_timeout", 0);
   r->first_byte_timeout = opt_number(L, 2, "first_byte_timeout", 0);
   r->max_body = (size_t)opt_number(L, 2, "max_body", 0);
+  fresh_connect = opt_bool(L, 2, "fresh_connect");
 
 #if !SLM_EPOLL
   /* room for this request's sockets now, where failing can raise: in
@@ -790,6 +854,13 @@ static int multi_add(lua_State *L) {
       curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
     }
   }
+  /* a new connection for this request (the client's retry after "reused") */
+  if (fresh_connect) curl_easy_setopt(r->easy, CURLOPT_FRESH_CONNECT, 1L);
+#if SLM_PREREQ
+  /* libcurl never sends the request twice by itself (see on_prereq) */
+  curl_easy_setopt(r->easy, CURLOPT_PREREQFUNCTION, on_prereq);
+  curl_easy_setopt(r->easy, CURLOPT_PREREQDATA, (void *)r);
+#endif
   /* a private CA (a self-hosted server); libcurl copies the string */
   if (ca_file) curl_easy_setopt(r->easy, CURLOPT_CAINFO, ca_file);
   curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
@@ -1196,6 +1267,7 @@ static const char *curl_kind(CURLcode rc, int reason) {
     case A_IDLE: case A_FIRST_BYTE: return "timeout";
     case A_TOO_BIG: return "protocol";
     case A_NOMEM: return "memory";
+    case A_REUSED: return "reused";
     default: break;
   }
   switch (rc) {
@@ -1232,6 +1304,9 @@ static int req_result(lua_State *L) {
     case A_FIRST_BYTE: lua_pushfstring(L, "no first byte within %f s", r->first_byte_timeout); break;
     case A_TOO_BIG: lua_pushfstring(L, "reply larger than max_body (%d bytes)", (int)r->max_body); break;
     case A_NOMEM: lua_pushliteral(L, "out of memory buffering the reply"); break;
+    case A_REUSED:
+      lua_pushliteral(L, "the reused connection closed before replying; libcurl's re-send was stopped");
+      break;
     default:
       msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
       lua_pushstring(L, msg);
@@ -1314,6 +1389,9 @@ static int curl_field(lua_State *L) {
   } else if (strcmp(k, "h2c_reuse") == 0) {
     need_curl(L);
     lua_pushboolean(L, h2c_reuse);
+  } else if (strcmp(k, "resend_guard") == 0) {
+    need_curl(L); /* built and running with 7.80 or newer: see on_prereq */
+    lua_pushboolean(L, SLM_PREREQ && curl_facts.version_num >= 0x075000);
   } else {
     return 0; /* nil, as for any absent field */
   }

@@ -22,6 +22,7 @@ local function add(m, opts)
     url = opts.url or (up.url .. "/chat/completions"), body = opts.body or body(),
     headers = hdrs, timeout = opts.timeout, idle_timeout = opts.idle_timeout,
     first_byte_timeout = opts.first_byte_timeout, connect_timeout = opts.connect_timeout,
+    fresh_connect = opts.fresh_connect,
   }
 end
 
@@ -404,6 +405,55 @@ describe("slm.core multi", function()
     assert.is_true(r2:result())
     assert.are.equal("Echo: again", reply_text(b[1]))
     assert.are.equal(1, r2:info().new_connections)
+    m:close()
+  end)
+
+  it("never lets libcurl send a request twice by itself: kind 'reused', then fresh_connect", function()
+    if not core.resend_guard then
+      pending("libcurl before 7.80 re-sends a request on a dead reused connection by itself")
+      return
+    end
+    -- the simulator drops every request that comes on a reused connection
+    -- after reading it; libcurl used to send it again on the next pooled
+    -- connection, and the next (6 POSTs for one request, then failed)
+    local m = core.multi()
+    local url = up.base .. "/reset-reused/v1/chat/completions"
+    local warm = {}
+    for i = 1, 6 do warm[i] = add(m, { url = url, headers = { "X-Sim-Scenario: delay=200" } }) end
+    drain(m, warm)
+    for i = 1, 6 do
+      assert.is_true(warm[i]:result())
+      assert.are.equal(1, warm[i]:info().new_connections)
+    end
+    up:reset()
+    local r = add(m, { url = url, body = body{ messages = { { role = "user", content = "once" } } } })
+    drain(m, { r })
+    local ok, kind, msg, code = r:result()
+    assert.are.equal(1, up:stats().requests, "POSTs the server saw")
+    assert.are.equal("once", H.last(up).body.messages[1].content)
+    assert.is_nil(ok)
+    assert.are.equal("reused", kind)
+    assert.are.equal("the reused connection closed before replying; libcurl's re-send was stopped", msg)
+    assert.are.equal(42, code) -- CURLE_ABORTED_BY_CALLBACK
+    assert.are.equal(0, r:status())
+    -- the caller's own retry, on a connection of its own
+    up:reset()
+    local r2 = add(m, { url = url, fresh_connect = true, body = body{ messages = { { role = "user", content = "once" } } } })
+    local b = drain(m, { r2 })
+    assert.is_true(r2:result())
+    assert.are.equal("Echo: once", reply_text(b[1]))
+    assert.are.equal(1, r2:info().new_connections)
+    assert.are.equal(1, up:stats().requests)
+    -- a connection that dies on its first request is "broken", as before:
+    -- libcurl re-sends only on reused connections
+    up:reset()
+    local r3 = add(m, { fresh_connect = true, headers = { "X-Sim-Scenario: close" } })
+    drain(m, { r3 })
+    local ok3, kind3 = r3:result()
+    assert.is_nil(ok3)
+    assert.are.equal("broken", kind3)
+    assert.are.equal(1, up:stats().requests)
+    assert.has_error(function() add(m, { fresh_connect = "yes" }) end, "slm.core: option 'fresh_connect' must be a boolean")
     m:close()
   end)
 
