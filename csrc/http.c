@@ -1129,9 +1129,10 @@ static int multi_fd(lua_State *L) {
 /* Multi:timeout() -> seconds until step() is due even without socket
  * activity: libcurl's timer (where added requests start, and its own
  * timeouts) or the nearest first-byte/idle deadline, which step() checks
- * itself.  0: due now (a request was just added, or has a result that no
- * step() has reported yet, or a deadline passed); nil: nothing pending but
- * sockets.  See "Driving a multi from another event loop" above. */
+ * itself.  0: due now (a request was just added, a deadline passed, or
+ * the last step() raised before it could report what it had seen); nil:
+ * nothing pending but sockets.  See "Driving a multi from another event
+ * loop" at the top of this file. */
 static int multi_timeout(lua_State *L) {
   slm_multi *m = check_multi(L, 1);
   double due = m->timer_at, dl, now;
