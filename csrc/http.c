@@ -20,9 +20,17 @@
  *   Multi:add{ url=, method=, headers={"K: v", ...}, body=,
  *              connect_timeout=, timeout=, idle_timeout=,
  *              first_byte_timeout=, http_version="1.1"|"2",
- *              ca_file=, max_body= } -> Request
+ *              ca_file=, max_body=, fresh_connect=bool } -> Request
+ *     fresh_connect = true: this request opens a new connection instead of
+ *     reusing a pooled one (CURLOPT_FRESH_CONNECT); the connection is
+ *     pooled afterwards as usual.  For a retry after kind "reused".
  *   Multi:step(timeout_s) -> { Request, ... } (requests with new activity)
  *   Multi:count() -> number of requests in flight
+ *   Multi:fd() -> integer | nil              (descriptor for an outer event
+ *                                             loop; nil on the poll() backend)
+ *   Multi:timeout() -> seconds | nil         (when step() is due without
+ *                                             socket activity; 0: now; nil:
+ *                                             only on socket activity)
  *   Multi:close()
  *   Request:read() -> string | nil          (body bytes since last read)
  *   Request:status() -> integer             (0 until the status line)
@@ -31,14 +39,75 @@
  *                                            ended inside its header block)
  *   Request:done() -> boolean
  *   Request:result() -> true | nil, kind, message, curl_code
+ *     (nil, "running" while in flight).  kind is one of:
+ *       "connect"   no connection (refused, DNS, TLS handshake, bad URL)
+ *       "timeout"   connect/total timeout (libcurl's), first_byte_timeout
+ *                   or idle_timeout (step()'s)
+ *       "broken"    the connection failed during the exchange (nothing or
+ *                   part of a reply; HTTP/2 stream errors)
+ *       "reused"    the request went out on a reused keep-alive connection
+ *                   that closed before replying, and libcurl was about to
+ *                   send it again on another one by itself: stopped, so the
+ *                   server may have seen it once and never twice; message
+ *                   "the reused connection closed before replying;
+ *                   libcurl's re-send was stopped", curl_code 42.  Resend
+ *                   with fresh_connect = true if the request may be
+ *                   repeated.  Only with core.resend_guard (libcurl 7.80+):
+ *                   older libcurl re-sends silently, up to 5 times.
+ *       "protocol"  reply larger than max_body
+ *       "memory"    out of memory buffering the reply
+ *       "cancelled" cancel(), close(), the multi closed, or collected
+ *       "transport" any other libcurl failure (message says which)
  *   Request:cancel()                         (idempotent)
  *   Request:info() -> table of timings etc.
  *   Request:id() -> integer
  *   Request:last_activity() -> monotonic time of the last byte received
  *   core.events -> "epoll" | "poll"          (how step() waits for sockets)
+ *   core.http_initialized() -> boolean       (whether this process has run
+ *                                             curl_global_init; see curl_init)
+ * Fields that describe libcurl; reading one sets libcurl up (curl_init):
+ *   core.curl_version -> "7.88.1"            (the libcurl loaded at run time)
+ *   core.http2 -> boolean                    (libcurl built with HTTP/2)
  *   core.h2c_reuse -> boolean                (http_version "2" on http://
  *                                             reuses connections: libcurl 8+)
+ *   core.resend_guard -> boolean             (libcurl never re-sends a
+ *                                             request by itself: kind
+ *                                             "reused"; libcurl 7.80+)
+ * core.multi() and those fields raise "slm.core: cannot initialise libcurl:
+ * ..." when curl_global_init fails; nothing is recorded then, and the next
+ * call tries again.
+ *
+ * Driving a multi from another event loop (luv, cqueues, ...), the shape of
+ * luv's loop:backend_fd()/backend_timeout():
+ *   1. wait until m:fd() is readable or m:timeout() seconds have passed
+ *      (nil: no timer needed; round up to the loop's clock, e.g.
+ *      math.ceil(t * 1000) ms: waking early only costs a step() that finds
+ *      nothing due);
+ *   2. call m:step(0) (never a positive timeout: that would block the outer
+ *      loop) and handle the requests it returns; every request finished
+ *      during the step is among them;
+ *   3. read m:timeout() again and re-arm the timer; do so too after every
+ *      add() and cancel() (a request just added makes it 0: libcurl starts
+ *      it from its timer), then back to 1.
+ * The descriptor is the epoll set, level-triggered: it stays readable while
+ * a watched socket has events libcurl has not consumed, so watch it
+ * level-triggered too (poll(), luv's uv_poll, an epoll set without
+ * EPOLLET); it may also wake for an idle pooled connection the server
+ * closed, which the next step() drops.  With the poll() backend (-DSLM_EVENTS
+ * =poll, non-Linux) there is no such descriptor: fd() is nil, and the
+ * multi is driven by step(timeout) itself.
  */
+/* libcurl versions: the oldest this builds against is 7.81.0 (Ubuntu
+ * 22.04's; tests/build/curl781.sh checks it on machines that have a newer
+ * one).  What is newer than that is guarded by LIBCURL_VERSION_NUM:
+ * CURLOPT_PROTOCOLS_STR (7.85; CURLOPT_PROTOCOLS before).  Everything else
+ * is older, by libcurl's symbols-in-versions: CURL_HTTP_VERSION_3 (7.66),
+ * CURLE_WEIRD_SERVER_REPLY (7.51), CURLINFO_HTTP_VERSION (7.50),
+ * CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE and CURLE_HTTP2_STREAM (7.49),
+ * CURL_HTTP_VERSION_2TLS (7.47), CURLOPT_PIPEWAIT and CURLPIPE_MULTIPLEX
+ * (7.43), CURLE_HTTP2 (7.38), CURL_VERSION_HTTP2 (7.33),
+ * CURLMOPT_MAX_HOST_CONNECTIONS (7.30), CURLOPT_TCP_KEEPALIVE (7.25),
+ * CURLOPT_CLOSESOCKETFUNCTION (7.21.7), the rest 7.21.5 or older. */
 #define _POSIX_C_SOURCE 200809L
 #include <curl/curl.h>
 #include <errno.h>
@@ -47,6 +116,7 @@
 #include <strings.h>
 #include <ctype.h>
 #include <math.h>
+#include <pthread.h>
 #include "slm.h"
 
 /* How step() waits for the sockets libcurl wants watched: an epoll set on
@@ -64,9 +134,67 @@
 #define MULTI_MT "slm.Multi"
 #define REQ_MT "slm.Request"
 
+/* ---- libcurl's global state: set up on first use ----
+ *
+ * Loading slm.core calls nothing of libcurl.  A process that only uses the
+ * tokenizer or the SSE parser (an nginx worker counting tokens, a CLI
+ * `count`) never runs curl_global_init, which initialises OpenSSL and the
+ * other libraries libcurl is built with.  The first call that needs libcurl
+ * does it: core.multi(), or reading one of the module's fields that describe
+ * libcurl (curl_version, http2, h2c_reuse, resend_guard: see curl_field).
+ * curl_version_info is called only then, right after curl_global_init,
+ * because (a) it too reaches into libcurl and its TLS library, (b) it fills
+ * static buffers of libcurl's, which threads must not do at once, and (c)
+ * libcurl's maintainers say its answer (feature bits of a MultiSSL build) is
+ * stable only after curl_global_init.
+ *
+ * Threads: several Lua states, each in its own thread, may load slm.core in
+ * one process.  Our own mutex serialises them around curl_global_init and
+ * the facts below, whatever libcurl says of itself: it costs one lock per
+ * core.multi().  What it cannot do is keep another library of the process
+ * from calling curl_global_init at the same moment; libcurl makes that safe
+ * itself only from 7.84 on, in builds with CURL_VERSION_THREADSAFE.  Before
+ * that, libcurl's rule (no other thread running) is the application's.
+ * A failure is raised by the call that needed libcurl and nothing is
+ * recorded, so a later call tries again.  curl_global_cleanup is never
+ * called: other Lua states of the process may still use libcurl. */
+static pthread_mutex_t curl_lock = PTHREAD_MUTEX_INITIALIZER;
+static int curl_ready = 0;     /* curl_global_init succeeded (under curl_lock) */
+static struct {
+  char version[32];            /* "7.88.1" */
+  unsigned version_num;        /* 0x075801 */
+  int http2;                   /* built with HTTP/2 */
+} curl_facts;
 /* Whether this libcurl can reuse a cleartext HTTP/2 connection made with
- * prior knowledge (8.0 and newer; see multi_add).  Set at module load. */
+ * prior knowledge (8.0 and newer; see multi_add).  Set by curl_init: every
+ * reader holds a multi, which needed curl_init first. */
 static int h2c_reuse = 0;
+
+static CURLcode curl_init(void) {
+  CURLcode rc = CURLE_OK;
+  pthread_mutex_lock(&curl_lock);
+  if (!curl_ready) {
+    rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (rc == CURLE_OK) {
+      curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
+      strncpy(curl_facts.version, vi->version, sizeof curl_facts.version - 1);
+      curl_facts.version_num = vi->version_num;
+      curl_facts.http2 = (vi->features & CURL_VERSION_HTTP2) != 0;
+      h2c_reuse = vi->version_num >= 0x080000;
+      curl_ready = 1;
+    }
+  }
+  pthread_mutex_unlock(&curl_lock);
+  return rc;
+}
+
+/* Initialise libcurl for the call that needs it, or raise saying why. */
+static void need_curl(lua_State *L) {
+  CURLcode rc = curl_init();
+  if (rc != CURLE_OK)
+    luaL_error(L, "slm.core: cannot initialise libcurl: curl_global_init: %s (%d)",
+               curl_easy_strerror(rc), (int)rc);
+}
 
 typedef struct slm_multi slm_multi;
 typedef struct slm_req slm_req;
@@ -109,7 +237,11 @@ struct slm_multi {
 #define POOL_MAX 64    /* easy handles kept for reuse per multi */
 
 enum { R_IDLE = 0, R_RUNNING = 1, R_DONE = 2 };
-enum { A_NONE = 0, A_CANCELLED, A_IDLE, A_FIRST_BYTE, A_TOO_BIG, A_NOMEM };
+enum { A_NONE = 0, A_CANCELLED, A_IDLE, A_FIRST_BYTE, A_TOO_BIG, A_NOMEM, A_REUSED };
+
+/* libcurl 7.80 has CURLOPT_PREREQFUNCTION, with which on_prereq stops
+ * libcurl's own re-send of a request (see there); older ones cannot. */
+#define SLM_PREREQ (LIBCURL_VERSION_NUM >= 0x075000)
 
 typedef struct {
   char *p;
@@ -135,6 +267,7 @@ struct slm_req {
   double t_start, t_last, t_first;
   double idle_timeout, first_byte_timeout;
   size_t max_body, received;
+  int sends;           /* times libcurl was about to send it (on_prereq) */
   /* libcurl's figures, kept when the request finishes: its easy handle
    * goes back to the multi's pool then */
   struct {
@@ -231,6 +364,27 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud) {
   }
   return n;
 }
+
+#if SLM_PREREQ
+/* Called by libcurl right before it sends the request on a connection,
+ * once per attempt.  A second attempt is libcurl re-sending the request on
+ * its own: when a reused keep-alive connection dies before any byte of the
+ * reply, Curl_retry_request (lib/transfer.c, 7.81 to 8.x) sends it again
+ * on another connection, up to 5 times, and a POST the server had already
+ * read would be processed again.  So the second attempt is refused: the
+ * request finishes with kind "reused", and whether to send it again (with
+ * fresh_connect) is the client's choice. */
+static int on_prereq(void *clientp, char *remote_ip, char *local_ip, int remote_port, int local_port) {
+  slm_req *r = (slm_req *)clientp;
+  (void)remote_ip;
+  (void)local_ip;
+  (void)remote_port;
+  (void)local_port;
+  if (r->sends++ == 0) return CURL_PREREQFUNC_OK;
+  r->abort_reason = A_REUSED;
+  return CURL_PREREQFUNC_ABORT;
+}
+#endif
 
 /* on_socket could not watch a socket: step() raises (libcurl's multi is
  * unusable once the callback returned -1). */
@@ -445,7 +599,10 @@ static void req_finish(lua_State *L, slm_req *r, CURLcode rc) {
   slm_multi *m = r->m;
   r->result = rc;
   r->state = R_DONE;
-  mark_ready(r);
+  /* finished by step(): it reports the request.  Finished outside it
+   * (cancel, close, the multi closed) the caller knows already, and a
+   * note left for the next step() would keep it from waiting */
+  if (m && m->in_step) mark_ready(r);
   req_detach(L, r);
   req_release_easy(m, r);
 }
@@ -458,6 +615,17 @@ static double opt_number(lua_State *L, int t, const char *k, double def) {
     v = lua_tonumber(L, -1);
     if (!(v >= 0) || isinf(v))
       luaL_error(L, "slm.core: option '%s' must be a non-negative number", k);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+static int opt_bool(lua_State *L, int t, const char *k) {
+  int v = 0;
+  if (slm_getfield(L, t, k) != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TBOOLEAN)
+      luaL_error(L, "slm.core: option '%s' must be a boolean", k);
+    v = lua_toboolean(L, -1);
   }
   lua_pop(L, 1);
   return v;
@@ -479,6 +647,7 @@ static int l_multi(lua_State *L) {
     maxconn = (long)opt_number(L, 1, "max_connections", 0);
     maxhost = (long)opt_number(L, 1, "max_host_connections", 0);
   }
+  need_curl(L);
   /* safe closed state first, then acquire */
   m = (slm_multi *)slm_newuserdata(L, sizeof *m);
   memset(m, 0, sizeof *m);
@@ -590,6 +759,7 @@ static int multi_add(lua_State *L) {
   size_t bodylen = 0;
   const char *body = NULL;
   double connect_timeout, timeout;
+  int fresh_connect;
   CURLMcode mc;
   luaL_checktype(L, 2, LUA_TTABLE);
   if (m->in_step) return luaL_error(L, "slm.core: cannot add requests while the loop runs");
@@ -632,6 +802,7 @@ static int multi_add(lua_State *L) {
   r->idle_timeout = opt_number(L, 2, "idle_timeout", 0);
   r->first_byte_timeout = opt_number(L, 2, "first_byte_timeout", 0);
   r->max_body = (size_t)opt_number(L, 2, "max_body", 0);
+  fresh_connect = opt_bool(L, 2, "fresh_connect");
 
 #if !SLM_EPOLL
   /* room for this request's sockets now, where failing can raise: in
@@ -685,10 +856,21 @@ static int multi_add(lua_State *L) {
       curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
     }
   }
+  /* a new connection for this request (the client's retry after "reused") */
+  if (fresh_connect) curl_easy_setopt(r->easy, CURLOPT_FRESH_CONNECT, 1L);
+#if SLM_PREREQ
+  /* libcurl never sends the request twice by itself (see on_prereq) */
+  curl_easy_setopt(r->easy, CURLOPT_PREREQFUNCTION, on_prereq);
+  curl_easy_setopt(r->easy, CURLOPT_PREREQDATA, (void *)r);
+#endif
   /* a private CA (a self-hosted server); libcurl copies the string */
   if (ca_file) curl_easy_setopt(r->easy, CURLOPT_CAINFO, ca_file);
   curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85 */
   curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+#else /* the bit mask, deprecated from 7.85 on */
+  curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
   if (httpv && strcmp(httpv, "1.1") == 0)
     curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
   else if (httpv && strcmp(httpv, "2") == 0)
@@ -728,7 +910,9 @@ static int multi_add(lua_State *L) {
 }
 
 /* Abort requests whose idle or first-byte deadline passed (counted in
- * *aborted); return the nearest future deadline (or -1 when none). */
+ * *aborted); return the nearest future deadline (or -1 when none).  With L
+ * NULL it only looks (Multi:timeout): a passed deadline is then the
+ * nearest, and nothing is aborted. */
 static double check_deadlines(lua_State *L, slm_multi *m, double now, int *aborted) {
   double nearest = -1;
   slm_req *r = m->ntimed > 0 ? m->head : NULL; /* libcurl keeps the others' */
@@ -745,7 +929,7 @@ static double check_deadlines(lua_State *L, slm_multi *m, double now, int *abort
       if (dl < 0 || d2 < dl) { dl = d2; reason = A_IDLE; }
     }
     if (dl >= 0) {
-      if (now >= dl) {
+      if (L && now >= dl) {
         r->abort_reason = reason;
         req_finish(L, r, CURLE_OPERATION_TIMEDOUT);
         (*aborted)++;
@@ -930,6 +1114,43 @@ static int multi_step(lua_State *L) {
   return 1;
 }
 
+/* Multi:fd() -> the descriptor an outer event loop waits on for
+ * readability (the epoll set: readable while a socket libcurl watches has
+ * events), or nil where there is none (the poll() backend). */
+static int multi_fd(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+#if SLM_EPOLL
+  lua_pushinteger(L, m->epfd);
+#else
+  (void)m;
+  lua_pushnil(L);
+#endif
+  return 1;
+}
+
+/* Multi:timeout() -> seconds until step() is due even without socket
+ * activity: libcurl's timer (where added requests start, and its own
+ * timeouts) or the nearest first-byte/idle deadline, which step() checks
+ * itself.  0: due now (a request was just added, a deadline passed, or
+ * the last step() raised before it could report what it had seen); nil:
+ * nothing pending but sockets.  See "Driving a multi from another event
+ * loop" at the top of this file. */
+static int multi_timeout(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+  double due = m->timer_at, dl, now;
+  int none = 0;
+  if (m->nrdy > 0 || m->rdy_lost || m->sock_failed) {
+    lua_pushnumber(L, 0);
+    return 1;
+  }
+  now = slm_now();
+  dl = check_deadlines(NULL, m, now, &none);
+  if (dl >= 0 && (due < 0 || dl < due)) due = dl;
+  if (due < 0) lua_pushnil(L);
+  else lua_pushnumber(L, due > now ? due - now : 0);
+  return 1;
+}
+
 static int multi_count(lua_State *L) {
   slm_multi *m = (slm_multi *)luaL_checkudata(L, 1, MULTI_MT);
   lua_pushinteger(L, m->count);
@@ -973,9 +1194,7 @@ static int req_cancel(lua_State *L) {
   if (r->state == R_RUNNING) {
     if (r->m && r->m->in_step) return luaL_error(L, "slm.core: cannot cancel while the loop runs");
     r->abort_reason = A_CANCELLED;
-    req_finish(L, r, CURLE_ABORTED_BY_CALLBACK);
-    /* a cancelled request is reported once more by the next step() */
-    if (r->m == NULL) r->ready = 0;
+    req_finish(L, r, CURLE_ABORTED_BY_CALLBACK); /* step() will not report it */
   }
   return 0;
 }
@@ -1054,6 +1273,7 @@ static const char *curl_kind(CURLcode rc, int reason) {
     case A_IDLE: case A_FIRST_BYTE: return "timeout";
     case A_TOO_BIG: return "protocol";
     case A_NOMEM: return "memory";
+    case A_REUSED: return "reused";
     default: break;
   }
   switch (rc) {
@@ -1090,6 +1310,9 @@ static int req_result(lua_State *L) {
     case A_FIRST_BYTE: lua_pushfstring(L, "no first byte within %f s", r->first_byte_timeout); break;
     case A_TOO_BIG: lua_pushfstring(L, "reply larger than max_body (%d bytes)", (int)r->max_body); break;
     case A_NOMEM: lua_pushliteral(L, "out of memory buffering the reply"); break;
+    case A_REUSED:
+      lua_pushliteral(L, "the reused connection closed before replying; libcurl's re-send was stopped");
+      break;
     default:
       msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result);
       lua_pushstring(L, msg);
@@ -1147,10 +1370,47 @@ static int req_tostring(lua_State *L) {
   return 1;
 }
 
+/* core.http_initialized() -> whether this process has set libcurl up */
+static int l_http_initialized(lua_State *L) {
+  int ready;
+  pthread_mutex_lock(&curl_lock);
+  ready = curl_ready;
+  pthread_mutex_unlock(&curl_lock);
+  lua_pushboolean(L, ready);
+  return 1;
+}
+
+/* __index of the module table: the fields that describe libcurl, computed
+ * once libcurl is set up, then stored in the table (no second lookup). */
+static int curl_field(lua_State *L) {
+  const char *k;
+  if (lua_type(L, 2) != LUA_TSTRING) return 0;
+  k = lua_tostring(L, 2);
+  if (strcmp(k, "curl_version") == 0) {
+    need_curl(L);
+    lua_pushstring(L, curl_facts.version);
+  } else if (strcmp(k, "http2") == 0) {
+    need_curl(L);
+    lua_pushboolean(L, curl_facts.http2);
+  } else if (strcmp(k, "h2c_reuse") == 0) {
+    need_curl(L);
+    lua_pushboolean(L, h2c_reuse);
+  } else if (strcmp(k, "resend_guard") == 0) {
+    need_curl(L); /* built and running with 7.80 or newer: see on_prereq */
+    lua_pushboolean(L, SLM_PREREQ && curl_facts.version_num >= 0x075000);
+  } else {
+    return 0; /* nil, as for any absent field */
+  }
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, 1);
+  return 1;
+}
+
 int slm_open_http(lua_State *L) {
   static const luaL_Reg multi_m[] = {
     {"add", multi_add}, {"step", multi_step}, {"count", multi_count},
-    {"close", multi_close}, {NULL, NULL}
+    {"fd", multi_fd}, {"timeout", multi_timeout}, {"close", multi_close}, {NULL, NULL}
   };
   static const luaL_Reg req_m[] = {
     {"read", req_read}, {"status", req_status}, {"headers", req_headers},
@@ -1158,26 +1418,18 @@ int slm_open_http(lua_State *L) {
     {"info", req_info}, {"id", req_id}, {"last_activity", req_last_activity},
     {"close", req_close}, {NULL, NULL}
   };
-  static int inited = 0;
-  if (!inited) {
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-      return luaL_error(L, "slm.core: curl_global_init failed");
-    inited = 1;
-  }
+  static const luaL_Reg fns[] = {
+    {"multi", l_multi}, {"http_initialized", l_http_initialized}, {NULL, NULL}
+  };
   slm_new_class(L, MULTI_MT, multi_m, multi_close, multi_tostring);
   slm_new_class(L, REQ_MT, req_m, req_close, req_tostring);
-  lua_pushcfunction(L, l_multi);
-  lua_setfield(L, -2, "multi");
-  {
-    curl_version_info_data *vi = curl_version_info(CURLVERSION_NOW);
-    lua_pushstring(L, vi->version);
-    lua_setfield(L, -2, "curl_version");
-    lua_pushboolean(L, (vi->features & CURL_VERSION_HTTP2) != 0);
-    lua_setfield(L, -2, "http2");
-    h2c_reuse = vi->version_num >= 0x080000;
-    lua_pushboolean(L, h2c_reuse);
-    lua_setfield(L, -2, "h2c_reuse");
-  }
+  luaL_setfuncs(L, fns, 0);
+  /* the fields that describe libcurl are read through the module's
+   * metatable: reading one is a use of libcurl (see curl_init) */
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, curl_field);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
   lua_pushstring(L, SLM_EPOLL ? "epoll" : "poll");
   lua_setfield(L, -2, "events");
   return 0;

@@ -22,6 +22,7 @@ local function add(m, opts)
     url = opts.url or (up.url .. "/chat/completions"), body = opts.body or body(),
     headers = hdrs, timeout = opts.timeout, idle_timeout = opts.idle_timeout,
     first_byte_timeout = opts.first_byte_timeout, connect_timeout = opts.connect_timeout,
+    fresh_connect = opts.fresh_connect,
   }
 end
 
@@ -407,6 +408,55 @@ describe("slm.core multi", function()
     m:close()
   end)
 
+  it("never lets libcurl send a request twice by itself: kind 'reused', then fresh_connect", function()
+    if not core.resend_guard then
+      pending("libcurl before 7.80 re-sends a request on a dead reused connection by itself")
+      return
+    end
+    -- the simulator drops every request that comes on a reused connection
+    -- after reading it; libcurl used to send it again on the next pooled
+    -- connection, and the next (6 POSTs for one request, then failed)
+    local m = core.multi()
+    local url = up.base .. "/reset-reused/v1/chat/completions"
+    local warm = {}
+    for i = 1, 6 do warm[i] = add(m, { url = url, headers = { "X-Sim-Scenario: delay=200" } }) end
+    drain(m, warm)
+    for i = 1, 6 do
+      assert.is_true(warm[i]:result())
+      assert.are.equal(1, warm[i]:info().new_connections)
+    end
+    up:reset()
+    local r = add(m, { url = url, body = body{ messages = { { role = "user", content = "once" } } } })
+    drain(m, { r })
+    local ok, kind, msg, code = r:result()
+    assert.are.equal(1, up:stats().requests, "POSTs the server saw")
+    assert.are.equal("once", H.last(up).body.messages[1].content)
+    assert.is_nil(ok)
+    assert.are.equal("reused", kind)
+    assert.are.equal("the reused connection closed before replying; libcurl's re-send was stopped", msg)
+    assert.are.equal(42, code) -- CURLE_ABORTED_BY_CALLBACK
+    assert.are.equal(0, r:status())
+    -- the caller's own retry, on a connection of its own
+    up:reset()
+    local r2 = add(m, { url = url, fresh_connect = true, body = body{ messages = { { role = "user", content = "once" } } } })
+    local b = drain(m, { r2 })
+    assert.is_true(r2:result())
+    assert.are.equal("Echo: once", reply_text(b[1]))
+    assert.are.equal(1, r2:info().new_connections)
+    assert.are.equal(1, up:stats().requests)
+    -- a connection that dies on its first request is "broken", as before:
+    -- libcurl re-sends only on reused connections
+    up:reset()
+    local r3 = add(m, { fresh_connect = true, headers = { "X-Sim-Scenario: close" } })
+    drain(m, { r3 })
+    local ok3, kind3 = r3:result()
+    assert.is_nil(ok3)
+    assert.are.equal("broken", kind3)
+    assert.are.equal(1, up:stats().requests)
+    assert.has_error(function() add(m, { fresh_connect = "yes" }) end, "slm.core: option 'fresh_connect' must be a boolean")
+    m:close()
+  end)
+
   it("gives back its descriptors when closed or collected", function()
     local proc = io.open("/proc/self/stat", "rb")
     if not proc then
@@ -460,6 +510,180 @@ describe("slm.core multi", function()
     assert.are.equal(owned(before), owned(after), "descriptors before:\n" .. before .. "\nafter:\n" .. after)
     assert.is_true(#before > 0)
     assert.are.equal(6, up:stats().requests) -- the child really made its requests (i = 3, 6, ... 18)
+  end)
+
+  it("timeout() says when step() is due without socket activity", function()
+    local m = core.multi()
+    assert.is_nil(m:timeout()) -- nothing at all
+    local r = add(m)
+    assert.are.equal(0, m:timeout()) -- libcurl starts it from its timer
+    drain(m, { r })
+    assert.is_true(r:result())
+    assert.is_nil(m:timeout()) -- done and reported: nothing pending
+    -- a first-byte deadline is step()'s own: timeout() counts it
+    local slow = add(m, { first_byte_timeout = 0.5, headers = { "X-Sim-Scenario: delay=3000" } })
+    local deadline = core.now() + 3
+    while up:stats().in_flight < 1 and core.now() < deadline do m:step(0.02) end
+    local t = m:timeout()
+    assert.is_number(t)
+    assert.is_true(t > 0 and t <= 0.5, "timeout " .. tostring(t))
+    -- cancelled: nothing is pending any more, and step() does not report
+    -- it (the caller knows); step(t) then really waits
+    slow:cancel()
+    assert.is_nil(m:timeout())
+    local t0 = core.now()
+    assert.are.same({}, m:step(0.2))
+    local dt = core.now() - t0
+    assert.is_true(dt >= 0.19, "step(0.2) after a cancel returned after " .. dt .. " s")
+    m:close()
+    assert.has_error(function() m:timeout() end)
+  end)
+
+  it("names its descriptor for an outer loop: the epoll set, or nil on the poll() backend", function()
+    local m = core.multi()
+    if expected_events() == "epoll" then
+      assert.is_true(math.type(m:fd()) == "integer" and m:fd() >= 0)
+      assert.are.equal(m:fd(), m:fd())
+    else
+      assert.is_nil(m:fd())
+    end
+    m:close()
+    assert.has_error(function() m:fd() end)
+  end)
+
+  it("an outer event loop (luv) drives plain requests and SSE streams to completion without spinning", function()
+    local ok, uv = pcall(require, "luv")
+    if not ok then
+      pending("needs lua-luv")
+      return
+    end
+    local m = core.multi()
+    if not m:fd() then
+      pending("the poll() backend has no descriptor for an outer loop")
+      return
+    end
+    local reqs, want = {}, {}
+    local t0 = core.now() -- before the adds: the deadlines count from there
+    for i = 1, 4 do -- replies after a silent 300 ms
+      reqs[#reqs + 1] = echo(m, "plain " .. i, "delay=300")
+      want[#reqs] = "plain"
+    end
+    for i = 1, 3 do -- events 20 ms apart, each flushed on its own
+      reqs[#reqs + 1] = add(m, { body = body{ stream = true,
+        messages = { { role = "user", content = "stream " .. i .. " one two three four five" } } },
+        headers = { "X-Sim-Scenario: slow_chunks=20" } })
+      want[#reqs] = "stream"
+    end
+    -- deadlines with no socket activity: libcurl's timer, and step()'s own
+    -- (the last thing to happen: nothing else would wake the loop for it)
+    reqs[#reqs + 1] = add(m, { first_byte_timeout = 1.0, headers = { "X-Sim-Scenario: delay=3000" } })
+    want[#reqs] = "first_byte"
+    reqs[#reqs + 1] = add(m, { timeout = 0.5, headers = { "X-Sim-Scenario: delay=3000" } })
+    want[#reqs] = "total"
+    local n = #reqs
+    local index, bodies, done_at = {}, {}, {}
+    for i, r in ipairs(reqs) do index[r] = i; bodies[i] = "" end
+
+    local wakeups, idle, reported, finished, timers = 0, 0, 0, 0, 0
+    local poll, timer, guard = uv.new_poll(m:fd()), uv.new_timer(), uv.new_timer()
+    local function stop()
+      for _, h in ipairs({ poll, timer, guard }) do if not h:is_closing() then h:close() end end
+    end
+    local function wake()
+      wakeups = wakeups + 1
+      local got = m:step(0)
+      if #got == 0 then idle = idle + 1 end
+      for _, r in ipairs(got) do
+        reported = reported + 1
+        local i = index[r]
+        bodies[i] = bodies[i] .. (r:read() or "")
+        if r:done() then finished = finished + 1; done_at[i] = core.now() end
+      end
+      if finished == n then return stop() end
+      timer:stop()
+      local t = m:timeout()
+      if t then timer:start(math.ceil(t * 1000), 0, function() timers = timers + 1; wake() end) end
+    end
+    poll:start("r", function(err)
+      assert.is_nil(err)
+      wake()
+    end)
+    -- just added: due at once, from the timer
+    assert.are.equal(0, m:timeout())
+    timer:start(0, 0, wake)
+    guard:start(10000, 0, stop) -- a lost wake-up fails the spec instead of hanging it
+    uv.run()
+    local took = core.now() - t0
+    for i = 1, n do done_at[i] = done_at[i] and done_at[i] - t0 end
+
+    assert.are.equal(n, finished, "requests finished by the outer loop")
+    -- the deadlines (0.5 s, 1 s) were met on time, not when the server
+    -- finally answered at 3 s
+    assert.is_true(took >= 0.99 and took < 2.5, "the outer loop took " .. took .. " s")
+    for i = 1, n do
+      local r, ok2, kind, msg = reqs[i], reqs[i]:result()
+      if want[i] == "plain" then
+        assert.is_true(ok2, msg)
+        assert.are.equal("Echo: plain " .. i, reply_text(bodies[i]))
+      elseif want[i] == "stream" then
+        assert.is_true(ok2, msg)
+        local text = {}
+        for data in bodies[i]:gmatch("data: (%b{})") do
+          local c = json.decode(data).choices[1]
+          text[#text + 1] = c and c.delta and c.delta.content or ""
+        end
+        assert.are.equal("Echo: stream " .. (i - 4) .. " one two three four five", table.concat(text))
+        assert.matches("data: %[DONE%]", bodies[i])
+      else
+        assert.is_nil(ok2)
+        assert.are.equal("timeout", kind)
+        if want[i] == "first_byte" then
+          assert.matches("first byte", msg)
+        else -- libcurl's own timeout, woken by its timer
+          assert.is_true(done_at[i] >= 0.49 and done_at[i] < 0.9, "timed out at " .. done_at[i] .. " s")
+        end
+      end
+      assert.are.equal("number", type(r:id()))
+    end
+    -- no busy loop: a wake-up that reports nothing happens for a socket
+    -- event libcurl handles by itself (connected, request sent) or a
+    -- timer; a loop that spun through the silent 300 ms-3 s would count
+    -- them by the thousand
+    assert.is_true(idle <= 2 * n + 4, ("%d wake-ups, %d of them idle, %d timers, %d reports")
+      :format(wakeups, idle, timers, reported))
+    assert.is_true(wakeups <= reported + idle)
+    assert.is_nil(m:timeout())
+    m:close()
+  end)
+
+  it("sets libcurl up on first use, not when slm.core loads", function()
+    -- in a fresh process: this one made multis long ago.  A worker that
+    -- only counts tokens or parses streams must never initialise libcurl
+    -- (nor, through it, OpenSSL); the first multi does.
+    local out = H.run_lua([[
+      local core = require "slm.core"
+      local said = {}
+      local function note(what) said[#said + 1] = what .. "=" .. tostring(core.http_initialized()) end
+      note("loaded")
+      local p = core.sse_parser()
+      assert(#p:feed("data: {\"x\":1}\n\n") == 1)
+      local slm = require "slm"
+      assert(slm.tokenizer("gpt-4o-mini"):count("hello world") == 2)
+      assert(core.events == "epoll" or core.events == "poll")
+      note("parsed+counted")
+      local m = core.multi()
+      note("multi")
+      m:close()
+      io.write(table.concat(said, " "))]])
+    assert.are.equal("loaded=false parsed+counted=false multi=true", out)
+    -- reading a field that describes libcurl is a use of it, too
+    out = H.run_lua([[
+      local core = require "slm.core"
+      local before = core.http_initialized()
+      local v = core.curl_version
+      io.write(tostring(before), " ", tostring(core.http_initialized()), " ", type(v), " ",
+        type(core.h2c_reuse), " ", type(core.http2), " ", tostring(core.no_such_field))]])
+    assert.are.equal("false true string boolean boolean nil", out)
   end)
 
   it("has a monotonic clock", function()

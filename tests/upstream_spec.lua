@@ -518,6 +518,24 @@ describe("test upstream", function()
       assert(ok, err)
     end)
 
+    it("/reset-reused/ reads a request on a reused connection, then drops the connection", function()
+      -- two requests in one curl run: the first opens a connection and is
+      -- answered; the second reuses it and is read and dropped, and the
+      -- curl CLI (libcurl) silently sends it again on a new connection
+      local body = write_tmp(assert(cjson.encode(chat_body("again"))))
+      local url = up.base .. "/reset-reused/v1/chat/completions"
+      local out, code = sh("curl -s --max-time 10 -o /dev/null -o /dev/null -w '%{http_code}\\n' -H 'Content-Type: application/json' --data-binary @"
+        .. q(body) .. " " .. q(url) .. " " .. q(url))
+      os.remove(body)
+      assert.equal(0, code)
+      assert.equal("200\n200\n", out)
+      local s = up:stats()
+      assert.equal(3, s.requests) -- the second one twice
+      assert.equal(2, s.connections)
+      assert.equal(0, s.in_flight)
+      assert.equal("again", up:last().body.messages[1].content)
+    end)
+
     it("reset zeroes the counters", function()
       request(up, { body = chat_body("x"), key = "z" })
       assert.equal(1, up:stats().requests)

@@ -874,7 +874,9 @@ local function read_body()
   return raw or ""
 end
 
-local function chat(ctx)
+-- opts.reset_reused: a request on a reused connection is read, then the
+-- connection is dropped without a reply (location /reset-reused/).
+local function chat(ctx, opts)
   enter(ctx)
   local ok, err = ngx.on_abort(on_abort)
   if not ok then ngx.log(ngx.WARN, "sim: on_abort: ", err) end
@@ -890,6 +892,10 @@ local function chat(ctx)
   if type(req) ~= "table" then req = nil end
   last_request = { method = "POST", uri = ngx.var.request_uri, headers = headers, body = req or null, raw_body = raw }
   ctx.sim_req = req
+  if opts.reset_reused and (tonumber(ngx.var.connection_requests) or 1) > 1 then
+    leave(ctx)
+    return ngx.exit(444)
+  end
 
   -- scenario: header directives, then the model name's
   local spec = header_value(headers["x-sim-scenario"]) or ""
@@ -1053,10 +1059,11 @@ end
 
 -- Entry points ------------------------------------------------------------------
 
-function M.handle()
+-- opts (optional): { reset_reused = true } (see chat)
+function M.handle(opts)
   local uri = ngx.var.uri
   if find(uri, "/chat/completions/?$") then
-    return chat(ngx.ctx)
+    return chat(ngx.ctx, opts or {})
   elseif uri == "/__sim/stats" then
     return stats()
   elseif uri == "/__sim/reset" then
