@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# tests/install/layouts.sh SCRATCH_DIR: the two ways to install lua-slm,
-# each into SCRATCH_DIR, each used from outside the checkout:
+# tests/install/layouts.sh: the two ways to install lua-slm, each into a
+# scratch directory (mktemp, removed at the end), each used from outside the
+# checkout:
 #   1. `cmake --install build` with DESTDIR: the files land where Debian's
 #      lua5.4 searches under /usr/local by default (its own package.path and
 #      package.cpath, moved under DESTDIR, find them), `slm` is in bin/ and
@@ -11,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
-scratch=$1
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/slm-inst.XXXXXX")
+trap 'rm -rf "$scratch" "$root/build.luarocks"' EXIT
 # EXPECT: where the modules must come from (not from another install)
 smoke='local slm = require "slm"; assert(slm.client and slm.core.now())
 for _, m in ipairs({ { "slm", package.path }, { "slm.core", package.cpath } }) do
