@@ -254,6 +254,11 @@ local function run_job(backend, tickets_path)
   local rows, problems = {}, {}
   local ok_n, failed_n = 0, 0
   local prompt_tokens, completion_tokens, cost = 0, 0, 0
+  -- Replies of the bundled simulator (the one started here, or one started
+  -- with `slm sim start` and named by SLM_BASE_URL) carry ids
+  -- "chatcmpl-sim-<n>": their token counts are the simulator's 4 bytes per
+  -- token, not a real model's, so their cost is only an illustration.
+  local simulated = backend.upstream ~= nil
   local by_category, by_priority = {}, {}
 
   for i, t in ipairs(tickets) do
@@ -264,6 +269,7 @@ local function run_job(backend, tickets_path)
       prompt_tokens = prompt_tokens + (u.prompt_tokens or 0)
       completion_tokens = completion_tokens + (u.completion_tokens or 0)
       cost = cost + (tonumber(r.res.cost) or 0)
+      if type(r.res.id) == "string" and r.res.id:find("^chatcmpl%-sim%-") then simulated = true end
     end
     if r and r.triage then
       ok_n = ok_n + 1
@@ -317,8 +323,10 @@ local function run_job(backend, tickets_path)
   local cost_note = ""
   if cost == 0 and prompt_tokens + completion_tokens > 0 and not slm.models[backend.model] then
     cost_note = ("    (no prices known for model %s)"):format(backend.model)
+  elseif simulated then
+    cost_note = (" (the simulator's token counts at %s's prices, not a real bill)"):format(backend.model)
   end
-  say(("cost:         $%.6f%s"):format(cost, cost_note))
+  say(("cost:         $%.6f%s%s"):format(cost, simulated and " simulated" or "", cost_note))
   say(("wall time:    %.2f s    (%.1f requests/s)"):format(wall, wall > 0 and #tickets / wall or 0))
   say(("by category:  %s"):format(counts_line(CATEGORIES, by_category)))
   say(("by priority:  %s"):format(counts_line(PRIORITIES, by_priority)))

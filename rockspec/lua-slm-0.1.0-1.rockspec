@@ -1,8 +1,15 @@
 rockspec_format = "3.0"
 package = "lua-slm"
 version = "0.1.0-1"
+-- Built from a checkout, for Lua 5.4 (Debian's luarocks defaults to 5.1):
+--   luarocks --lua-version 5.4 make rockspec/lua-slm-0.1.0-1.rockspec
+-- On Debian, where lua-cjson comes from apt (bin/setup-deps installs it),
+-- luarocks cannot see it as a rock and would try to fetch and build another
+-- one: add --deps-mode=none there, i.e.
+--   sudo luarocks --lua-version 5.4 make --deps-mode=none rockspec/lua-slm-0.1.0-1.rockspec
+-- That installs slm into luarocks' tree (/usr/local as root) and `slm` into its bin/.
 source = {
-  url = "git+file:///dev/null", -- built from a checkout: `luarocks make rockspec/lua-slm-0.1.0-1.rockspec`
+  url = "git+file:///dev/null",
 }
 description = {
   summary = "Small language models at work in Lua: an OpenAI-compatible client with a C core",
@@ -25,8 +32,8 @@ build = {
   variables = {
     CMAKE_BUILD_TYPE = "Release",
     CMAKE_INSTALL_PREFIX = "$(PREFIX)",
-    SLM_INSTALL_CMOD = "$(LIBDIR)",
-    SLM_INSTALL_LMOD = "$(LUADIR)",
+    SLM_CMOD_DIR = "$(LIBDIR)",
+    SLM_LMOD_DIR = "$(LUADIR)",
     SLM_WERROR = "OFF",
   },
 }

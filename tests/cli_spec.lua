@@ -7,18 +7,39 @@ setup(function() up = H.upstream() end)
 teardown(function() if up then up:stop() end end)
 before_each(function() up:reset() end)
 
-local function run(cmdline, stdin)
+-- Runs bin/slm; returns stdout, stderr and the exit status. With
+-- merged, stderr goes into stdout (one pipe, as in `slm ... 2>&1 | less`).
+local function run(cmdline, stdin, merged)
   local tmp = os.tmpname()
   local errf = os.tmpname()
   if stdin then local f = io.open(tmp, "w"); f:write(stdin); f:close() end
-  local cmd = ("SLM_BASE_URL=%s SLM_API_KEY=sk-cli bin/slm %s <%s 2>%s"):format(up.url, cmdline,
-    stdin and tmp or "/dev/null", errf)
+  local cmd = ("SLM_BASE_URL=%s SLM_API_KEY=sk-cli bin/slm %s <%s %s"):format(up.url, cmdline,
+    stdin and tmp or "/dev/null", merged and "2>&1" or "2>" .. errf)
   local p = io.popen(cmd)
   local out = p:read("a")
   local ok, _, code = p:close()
-  local ef = io.open(errf); local err = ef:read("a"); ef:close()
+  local ef = io.open(errf); local err = ef and ef:read("a") or ""; if ef then ef:close() end
   os.remove(tmp); os.remove(errf)
   return out, err, ok and 0 or code
+end
+
+-- The keys of every JSON object in `s`, in the order they are written:
+-- one list per object (inner objects first).
+local function key_orders(s)
+  local lists, stack, i = {}, {}, 1
+  while i <= #s do
+    local c = s:sub(i, i)
+    if c == '"' then
+      local j = i + 1
+      while s:sub(j, j) ~= '"' do j = j + (s:sub(j, j) == "\\" and 2 or 1) end
+      if stack[1] and s:find("^%s*:", j + 1) then table.insert(stack[#stack], s:sub(i + 1, j - 1)) end
+      i = j + 1
+    else
+      if c == "{" then stack[#stack + 1] = {} elseif c == "}" then lists[#lists + 1] = table.remove(stack) end
+      i = i + 1
+    end
+  end
+  return lists
 end
 
 describe("bin/slm", function()
@@ -40,7 +61,16 @@ describe("bin/slm", function()
     assert.are.equal("Echo: from stdin\n", out)
     local _, err, code = run("chat -m sim:status=401 hi")
     assert.are.equal(1, code)
-    assert.matches("slm: auth %(HTTP 401%)", err)
+    assert.matches("^slm: auth %(HTTP 401%)", err)
+    assert.is_nil(err:find("slm: slm:", 1, true), err)
+  end)
+
+  it("chat writes the reply before the stats line when both go to one pipe", function()
+    for _, flags in ipairs({ "", "--stream " }) do
+      local out, _, code = run("chat " .. flags .. "'in order'", nil, true)
+      assert.are.equal(0, code)
+      assert.matches("^Echo: in order\n%[gpt%-4o%-mini: %d+%+%d+ tokens, %$[%d.]+, [%d.]+ s%]\n$", out)
+    end
   end)
 
   it("batch answers every line in input order, concurrently", function()
@@ -76,13 +106,84 @@ describe("bin/slm", function()
     assert.matches("ETA", err)
   end)
 
+  it("batch turns a line that is no request into an error row and runs the rest", function()
+    local input = table.concat({
+      json.encode{ prompt = "first" },
+      "not json",
+      "",                                   -- blank lines are skipped, not rows
+      json.encode{ text = "no prompt" },
+      json.encode{ prompt = "last" },
+    }, "\n")
+    local out, err, code = run("batch --no-progress", input)
+    assert.are.equal(1, code)
+    local rows = {}
+    for line in out:gmatch("[^\n]+") do rows[#rows + 1] = json.decode(line) end
+    assert.are.equal(4, #rows)
+    assert.are.equal("Echo: first", rows[1].text)
+    assert.are.same({ index = 2, error = { kind = "invalid_request", message = "line 2 is not a JSON object" } }, rows[2])
+    assert.are.equal(3, rows[3].index)
+    assert.are.equal("invalid_request", rows[3].error.kind)
+    assert.matches("line 4 has neither", rows[3].error.message)
+    assert.are.equal("Echo: last", rows[4].text)
+    assert.are.equal(2, up:stats().requests)
+    assert.matches("4 requests, 2 failed", err)
+    -- nothing usable at all: still one row per line
+    local out2, _, code2 = run("batch --no-progress", "[1, 2]\n42\n")
+    assert.are.equal(1, code2)
+    local n = 0
+    for line in out2:gmatch("[^\n]+") do n = n + 1; assert.are.equal("invalid_request", json.decode(line).error.kind) end
+    assert.are.equal(2, n)
+  end)
+
+  it("batch writes every object's keys in sorted order", function()
+    local input = json.encode{ prompt = "sorted" } .. "\n" .. json.encode{ prompt = "x", model = "sim:status=400" }
+      .. "\n" .. json.encode{ prompt = "t", tools = { { type = "function", ["function"] = { name = "lookup",
+        parameters = { type = "object", properties = {} } } } } }
+    local out = run("batch --no-progress --max-tokens 50", input)
+    local lines = {}
+    for line in out:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.are.equal(3, #lines)
+    local orders = key_orders(lines[1])
+    assert.are.same({ "completion_tokens", "prompt_tokens", "total_tokens" }, orders[1])
+    assert.are.same({ "cost", "finish_reason", "index", "model", "text", "usage" }, orders[#orders])
+    assert.are.same({ "kind", "message", "status" }, key_orders(lines[2])[1])
+    assert.are.same({ "error", "index" }, key_orders(lines[2])[2])
+    for _, line in ipairs(lines) do
+      for _, keys in ipairs(key_orders(line)) do
+        local sorted = { table.unpack(keys) }
+        table.sort(sorted)
+        assert.are.same(sorted, keys, line)
+      end
+    end
+  end)
+
   it("rejects bad usage", function()
     local _, err, code = run("chat --bogus x")
     assert.are.equal(2, code)
     assert.matches("unknown option %-%-bogus", err)
-    local _, err2, code2 = run("batch", "not json\n")
+    local _, err2, code2 = run("sim bogus")
     assert.are.equal(2, code2)
-    assert.matches("line 1 is not a JSON object", err2)
+    assert.matches("unknown subcommand 'bogus'", err2)
+  end)
+
+  it("sim start prints the URL and a stop command; status lists it; stop stops it", function()
+    local out, err, code = run("sim start")
+    local prefix = err:match("sim stop (/%S+)\n")
+    finally(function() if prefix then require("tests.upstream.launch").stop_prefix(prefix) end end)
+    assert.are.equal(0, code, err)
+    local url = out:match("^(http://127%.0%.0%.1:%d+/v1)\n$")
+    assert.truthy(url, out)
+    local stop = err:match("stop it: (/%S+ sim stop /%S+)\n")
+    assert.truthy(stop, err)
+    local p = io.popen("SLM_BASE_URL=" .. url .. " bin/slm chat 'against the started one' 2>/dev/null")
+    assert.are.equal("Echo: against the started one\n", p:read("a"))
+    p:close()
+    local status = run("sim status")
+    assert.truthy(status:find(url .. "  running  " .. prefix, 1, true), status)
+    assert.is_true(os.execute(stop .. " 2>/dev/null"))
+    assert.is_nil(io.open(prefix .. "/nginx.conf"))
+    local after = run("sim status")
+    assert.is_nil(after:find(prefix, 1, true))
   end)
 
   it("models lists the seed models", function()

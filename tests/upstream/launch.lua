@@ -29,8 +29,10 @@ end
 -- Run a shell command; returns its output (stdout and stderr) and whether
 -- it exited 0.
 -- The test runner may preload sanitizer runtimes (LD_PRELOAD) for the Lua
--- process under test; nginx and curl must not inherit them.
-local CLEAN = "unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS; "
+-- process under test; nginx and curl must not inherit them. Nor may nginx
+-- inherit Lua 5.4's module paths (e.g. from `eval $(luarocks path)`): its
+-- LuaJIT takes LUA_PATH / LUA_CPATH as its own and would load 5.4's cjson.so.
+local CLEAN = "unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS LUA_PATH LUA_CPATH LUA_INIT; "
 
 local function run(cmd)
   local p = assert(io.popen(CLEAN .. cmd .. " 2>&1", "r"))
@@ -74,12 +76,16 @@ local function this_dir()
   return path:match("^(.*)/[^/]*$") or "."
 end
 
-local paths -- { upstream = abs dir of this file, root = repo root }
+-- This directory is tests/upstream in a checkout, or where `cmake --install`
+-- put the simulator's files (<prefix>/share/lua-slm/sim); the recorded
+-- streams that `replay` sends exist in a checkout only.
+local paths -- { upstream = abs dir of this file, root = repo root, or this dir when installed }
 local function locate()
   if paths then return paths end
   local out, ok = run("cd " .. q(this_dir()) .. " && pwd -P && cd ../.. && pwd -P")
   local up, root = out:match("^([^\n]+)\n([^\n]+)")
   if not ok or not up then error("upstream: cannot locate tests/upstream: " .. out, 0) end
+  if not exists(root .. "/tests/upstream/launch.lua") then root = up end
   paths = { upstream = up, root = root }
   return paths
 end
@@ -479,7 +485,7 @@ local function cli(argv)
     end
     print(up.url)
     print(up.prefix)
-    io.stderr:write("stop with: lua5.4 tests/upstream/launch.lua stop ", up.prefix, "\n")
+    io.stderr:write("stop with: lua5.4 ", locate().upstream, "/launch.lua stop ", up.prefix, "\n")
     return 0
   elseif cmd == "stop" and argv[2] then
     local ok, err = M.stop_prefix(argv[2])
