@@ -291,3 +291,44 @@ describe("images of unknown size", function()
     assert.are.equal(n - 3 * (48169 - 8500), info.min)
   end)
 end)
+
+describe("a call never sends its body more often than max_retries + 1", function()
+  -- /reset-reused/ drops every request that comes on a reused connection
+  -- after reading it: the server counts each POST it saw
+  local function warm_pool(c, n)
+    local list = {}
+    for i = 1, n do list[i] = i end
+    slm.map(list, function() return c:chat{ messages = msgs(), headers = { ["X-Sim-Scenario"] = "delay=150" } } end,
+      { concurrency = n })
+  end
+  local function reset_reused_client(opts)
+    local o = { base_url = up.base .. "/reset-reused/v1" }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    return client(o)
+  end
+
+  it("with max_retries = 0: one POST, one attempt, a connect error", function()
+    local c = reset_reused_client{ max_retries = 0 }
+    warm_pool(c, 6)
+    up:reset()
+    local res, err = c:chat{ messages = msgs("once") }
+    assert.is_nil(res)
+    assert.are.equal(1, up:stats().requests, "POSTs the server saw")
+    assert.are.equal("connect", err.kind)
+    assert.are.equal(1, err.attempts)
+    assert.are.equal(1, c.stats.attempts - 6)
+  end)
+
+  for _, stream in ipairs{ false, true } do
+    it("with max_retries = 2: the retry goes out on a connection of its own and succeeds (" ..
+        (stream and "streamed" or "plain") .. ")", function()
+      local c = reset_reused_client{ max_retries = 2 }
+      warm_pool(c, 6)
+      up:reset()
+      local res = assert(c:chat{ messages = msgs("twice"), stream = stream })
+      assert.are.equal("Echo: twice", res.text)
+      assert.are.equal(2, res.attempts)
+      assert.are.equal(2, up:stats().requests, "POSTs the server saw")
+    end)
+  end
+end)
