@@ -29,3 +29,29 @@ describe("examples/ticket_triage.lua", function()
     assert.matches("\ncost:         %$%d+%.%d+ simulated ", out)
   end)
 end)
+
+describe("examples/luv_loop.lua", function()
+  it("drives lua-slm from luv's loop: requests in flight together while luv's own timer ticks", function()
+    if not pcall(require, "luv") then return pending("needs lua-luv (bin/setup-deps --test installs it)") end
+    if not require("slm.core").multi():fd() then return pending("the poll() backend has no descriptor") end
+    local up = H.upstream()
+    finally(function() up:stop() end)
+    -- 300 ms per reply, and the stream's events 20 ms apart: long enough for luv's 10 ms ticker
+    local p = assert(io.popen(NO_KEYS .. "SLM_BASE_URL=" .. up.url
+      .. " SLM_MODEL='sim:delay=300,slow_chunks=20' timeout 30 lua5.4 examples/luv_loop.lua 2>&1"))
+    local out = p:read("a")
+    local ok = p:close()
+    assert.is_true(ok, out)
+    assert.matches("\n   %-> Echo: Where is my parcel%?", out)
+    assert.matches("\nstreamed: Echo: Thank the customer in one sentence%.\n", out)
+    local elapsed, ticks, steps, failed = out:match("in ([%d.]+) s, (%d+) luv ticks meanwhile, (%d+) steps, (%d+) failed")
+    assert.are.equal("0", failed)
+    -- the four requests were in flight at once: one 300 ms wait, not four
+    assert.are.equal(4, up:stats().max_in_flight)
+    assert.is_true(tonumber(elapsed) < 1.2, out)
+    -- luv kept running its own work meanwhile
+    assert.is_true(tonumber(ticks) >= 15, out)
+    -- and lua-slm's loop did not spin in luv's: a few steps per event, not thousands
+    assert.is_true(tonumber(steps) < 200, out)
+  end)
+end)

@@ -38,6 +38,16 @@ end
 slm.map = require("slm.map").map
 slm.runtime = runtime
 
+-- For an outer event loop (luv, cqueues, ...): the libcurl runtime's hooks.
+-- The loop watches fd() for readability, wakes after timeout() seconds
+-- (nil: only the descriptor can bring work), and calls step(), which runs
+-- what is due without blocking and returns the number of live tasks.
+slm.loop = {
+  fd = function() return runtime.get("curl").fd() end,
+  timeout = function() return runtime.get("curl").timeout() end,
+  step = function() return runtime.get("curl").step() end,
+}
+
 -- Modules that may be absent in a partial install load lazily.
 local lazy = {
   tokenizer = function() return require("slm.tokenizer").get end,
