@@ -61,14 +61,11 @@ function M.is(x)
   return type(x) == "table" and getmetatable(x) == Error
 end
 
---- Map an HTTP status (and the provider's error code) to a kind.
-function M.kind_for_status(status, code)
-  if status == 401 or status == 403 then return "auth" end
-  if status == 429 then return "rate_limit" end
-  if status == 400 and code == "context_length_exceeded" then return "context_length" end
-  if status == 400 or status == 404 or status == 422 then return "invalid_request" end
-  if status >= 500 then return "server" end
-  return "http"
+--- Map an HTTP status (and the provider's error code, type and message)
+-- to a kind: slm.decode.kind, with its one table of the ways servers say
+-- the context is too small.
+function M.kind_for_status(status, code, etype, message)
+  return require("slm.decode").kind(status, code, etype, message)
 end
 
 return M
