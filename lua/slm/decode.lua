@@ -161,10 +161,11 @@ M.MAX_TOKENS_UNKNOWN = 1e8 -- ... or above 100 million when the context is unkno
 M.MAX_COST = 1000          -- a provider-reported cost above $1,000 for one request is absurd
 
 local function count_ok(v, limit)
-  local n = int(v)
-  if n and n >= 0 and n <= limit then return n end
-  return nil
+  if type(v) ~= "number" or not (v >= 0 and v <= limit) then return nil end
+  return tointeger(v)
 end
+
+local DETAILS = { "prompt_tokens_details", "completion_tokens_details" }
 
 --- The provider's usage, checked: every count a non-negative integer no
 -- larger than the limit (see above), total = prompt + completion; cached
@@ -172,46 +173,49 @@ end
 -- Returns usage (a fresh table of Lua integers), problem (nil, or what was
 -- wrong: the counts it names are nil and the caller counts them itself).
 function M.usage(raw, context)
-  raw = nn(raw)
   if type(raw) ~= "table" then return nil end
   local limit = context and context * M.MAX_TOKENS_FACTOR or M.MAX_TOKENS_UNKNOWN
-  local u, problems = {}, nil
+  local p, c = count_ok(raw.prompt_tokens, limit), count_ok(raw.completion_tokens, limit)
+  local u = { prompt_tokens = p, completion_tokens = c }
+  local problems
   local function bad(name, v)
+    if v == null then v = nil end
     problems = problems or {}
     problems[#problems + 1] = name .. " = " .. tostring(v)
   end
-  for _, k in ipairs{ "prompt_tokens", "completion_tokens" } do
-    local v = nn(raw[k])
-    local n = count_ok(v, limit)
-    if n then u[k] = n else bad(k, v) end
-  end
-  local total = nn(raw.total_tokens)
-  if u.prompt_tokens and u.completion_tokens then
-    u.total_tokens = u.prompt_tokens + u.completion_tokens
-    if total ~= nil and int(total) ~= u.total_tokens and count_ok(total, limit * 2) == nil then
+  if not p then bad("prompt_tokens", raw.prompt_tokens) end
+  if not c then bad("completion_tokens", raw.completion_tokens) end
+  if p and c then
+    u.total_tokens = p + c
+    local total = raw.total_tokens
+    if total ~= nil and total ~= null and tointeger(total) ~= p + c and count_ok(total, limit * 2) == nil then
       bad("total_tokens", total)
     end
   end
   -- the details: every valid count is kept; cached tokens within the prompt
-  for _, k in ipairs{ "prompt_tokens_details", "completion_tokens_details" } do
-    local d = nn(raw[k])
+  for i = 1, 2 do
+    local k = DETAILS[i]
+    local d = raw[k]
     if type(d) == "table" then
       local out
       for name, v in pairs(d) do
-        local n = count_ok(nn(v), limit)
-        if n then out = out or {}; out[name] = n end
+        local n = count_ok(v, limit)
+        if n then
+          out = out or {}
+          out[name] = n
+        end
       end
       u[k] = out
     end
   end
   local pd = u.prompt_tokens_details
-  if pd and pd.cached_tokens and u.prompt_tokens and pd.cached_tokens > u.prompt_tokens then
+  if pd and pd.cached_tokens and p and pd.cached_tokens > p then
     bad("prompt_tokens_details.cached_tokens", pd.cached_tokens)
     pd.cached_tokens = nil
   end
-  local cost = nn(raw.cost)
-  if cost ~= nil then
-    if type(cost) == "number" and cost == cost and cost >= 0 and cost <= M.MAX_COST then
+  local cost = raw.cost
+  if cost ~= nil and cost ~= null then
+    if type(cost) == "number" and cost >= 0 and cost <= M.MAX_COST then
       u.cost = cost
     else
       bad("cost", cost)
@@ -245,37 +249,48 @@ local function clean_message(msg)
   return m
 end
 
+local function by_index(a, b) return a.index < b.index end
+
 --- A Response from a decoded chat.completion (obj.choices is a table; an
 -- empty list, which Azure sends when a content filter took every choice,
 -- gives a Response with no choices and text "").  -> res | nil, why
 function M.response(obj)
-  local choices = {}
-  for i, ch in ipairs(obj.choices) do
-    local msg = type(ch) == "table" and nn(ch.message) or nil
+  local list = obj.choices
+  local choices, first = {}, nil
+  for i = 1, #list do
+    local ch = list[i]
+    local msg = type(ch) == "table" and ch.message
     if type(msg) ~= "table" then return nil, "choice " .. i .. " has no message" end
     local m = clean_message(msg)
-    local lp = nn(ch.logprobs)
-    choices[#choices + 1] = {
-      index = int(nn(ch.index)) or (i - 1),
-      text = message_text(m.content),
+    local content = m.content
+    local lp, index, fr = ch.logprobs, ch.index, ch.finish_reason
+    if lp == null or type(lp) ~= "table" then lp = nil end
+    if fr == null then fr = nil end
+    local c = {
+      index = type(index) == "number" and tointeger(index) or (i - 1),
+      text = type(content) == "string" and content or message_text(content),
       message = m,
       tool_calls = m.tool_calls or {},
-      finish_reason = nn(ch.finish_reason),
+      finish_reason = fr,
       refusal = m.refusal,
-      logprobs = type(lp) == "table" and lp or nil,
+      logprobs = lp,
     }
+    choices[i] = c
   end
-  if choices[2] then sort(choices, function(a, b) return a.index < b.index end) end
-  local first = choices[1]
+  if choices[2] then sort(choices, by_index) end
+  first = choices[1]
+  local id, model, created, fp = obj.id, obj.model, obj.created, obj.system_fingerprint
+  local usage = obj.usage
   return setmetatable({
-    id = nn(obj.id), model = nn(obj.model), created = int(nn(obj.created)),
-    system_fingerprint = nn(obj.system_fingerprint),
+    id = id ~= null and id or nil, model = model ~= null and model or nil,
+    created = type(created) == "number" and tointeger(created) or nil,
+    system_fingerprint = fp ~= null and fp or nil,
     text = first and first.text or "",
     message = first and first.message or { role = "assistant" },
     tool_calls = first and first.tool_calls or {},
     finish_reason = first and first.finish_reason, refusal = first and first.refusal,
     logprobs = first and first.logprobs,
-    choices = choices, raw = obj, raw_usage = nn(obj.usage),
+    choices = choices, raw = obj, raw_usage = usage ~= null and usage or nil,
   }, Response)
 end
 

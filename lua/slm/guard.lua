@@ -1,9 +1,10 @@
 -- slm.guard: what is checked and held before a request is sent to one
--- model, and given back after.
+-- model, and given back after.  It keeps its state on the caller's object
+-- (the pipeline's call), so a request that holds nothing costs no table.
 --
---   local g, err = guard.open(client, body, opts, model)  -- nil, err: nothing may be sent
---   g:prompt_tokens()        -- the counted prompt (counted now if it was not)
---   g:settle(usd, tokens)    -- the real cost of what was sent (0, 0 when nothing was billed)
+--   local ok, err = guard.open(h, client, body, opts, model, bytes) -- nil, err: nothing may be sent
+--   guard.prompt_tokens_of(h, body, model) -- the counted prompt (counted now if it was not)
+--   guard.settle(h, usd, tokens)  -- the real cost of what was sent (0, 0 when nothing was billed)
 --
 -- Context: prompt + max_tokens (or max_completion_tokens) beyond the
 -- model's context is refused as "context_length"; images of unknown size
@@ -16,9 +17,7 @@ local json = require "slm.json"
 local errors = require "slm.errors"
 local models = require "slm.models"
 
-local type, pairs, pcall, setmetatable, format, ceil, max =
-  type, pairs, pcall, setmetatable, string.format, math.ceil, math.max
-local null = json.null
+local type, pcall, format, ceil, max = type, pcall, string.format, math.ceil, math.max
 
 local M = {}
 
@@ -49,54 +48,41 @@ local function max_out_of(body)
 end
 M.max_out = max_out_of
 
--- A byte-level BPE token covers at least one byte, so when the message
--- strings plus the per-message overhead plus max_tokens fit in the context
--- the exact count is not needed.  Images and tools (counted by formula, not
--- by bytes) always take the exact path.
-local function cheap_fits(body, context)
+-- A byte-level BPE token covers at least one byte, and a message's JSON is
+-- longer than its text plus the 4 tokens of framing the count adds, so when
+-- the request's JSON plus max_tokens fits in the context the exact count is
+-- not needed.  Images and tools (counted by formula, not by bytes) always
+-- take the exact path.
+local function cheap_fits(body, bytes, context)
   if body.tools ~= nil or body.functions ~= nil then return false end
-  local n = 3 + (max_out_of(body) or 0)
+  if 3 + bytes + (max_out_of(body) or 0) > context then return false end
   local msgs = body.messages
   for i = 1, #msgs do
-    local m = msgs[i]
-    n = n + 4
-    for k, v in pairs(m) do
-      local tv = type(v)
-      if tv == "string" then
-        n = n + #v
-      elseif k == "tool_calls" and tv == "table" then
-        local ok, js = pcall(json.encode, v)
-        if not ok then return false end
-        n = n + #js
-      elseif tv == "table" then
-        -- content parts: text only; anything else (images) counts exactly
-        for j = 1, #v do
-          local part = v[j]
-          if type(part) ~= "table" or part.type ~= "text" or type(part.text) ~= "string" then return false end
-          n = n + #part.text + 1
-        end
-      elseif v ~= null and tv ~= "number" and tv ~= "boolean" then
-        return false
+    local c = msgs[i].content
+    if type(c) == "table" then -- content parts: text only
+      for j = 1, #c do
+        local part = c[j]
+        if type(part) ~= "table" or part.type ~= "text" then return false end
       end
     end
-    if n > context then return false end
   end
-  return n <= context
+  return true
 end
 
-local Guard = {}
-Guard.__index = Guard
-
-function M.open(client, body, opts, model)
+--- Check and hold what trying `model` needs, on `h` (the pipeline's call):
+-- h.prompt (the counted prompt, when it was counted), h.resv (the budget's
+-- reservation) -> true | nil, err.  `bytes` is the length of the request's
+-- JSON.
+function M.open(h, client, body, opts, model, bytes)
   local info = models.find(model)
   local budget = opts.budget or client.budget
   local check = opts.check_context
   if check == nil then check = client.check_context end
-  local g = setmetatable({ body = body, model = model, info = info, budget = budget }, Guard)
+  h.prompt, h.prompt_info, h.resv, h.budget = nil, nil, nil, budget
   local context = check and info and info.context
-  if not budget and not (context and not cheap_fits(body, context)) then return g end
+  if not budget and not (context and not cheap_fits(body, bytes, context)) then return true end
   local prompt, cinfo = M.prompt_tokens(body, model)
-  g.prompt, g.prompt_info = prompt, cinfo
+  h.prompt, h.prompt_info = prompt, cinfo
   local asked = max_out_of(body)
   if context then
     local least = cinfo and cinfo.min or prompt
@@ -110,7 +96,7 @@ function M.open(client, body, opts, model)
         { status = 0, model = model, prompt_tokens = least, local_check = true })
     end
   end
-  if not budget then return g end
+  if not budget then return true end
   -- every choice of n > 1 can produce the whole max output
   local worst_out = (asked or (info and info.max_output) or 4096) * (body.n or 1)
   local usd = models.cost(info or model, { prompt_tokens = prompt, completion_tokens = worst_out })
@@ -123,25 +109,24 @@ function M.open(client, body, opts, model)
     berr.model = model
     return nil, berr
   end
-  g.resv, g.reserved_usd = resv, usd or 0
-  return g
+  h.resv, h.reserved_usd = resv, usd or 0
+  return true
 end
 
---- The counted prompt (counted now when the checks did not need it).
-function Guard:prompt_tokens()
-  if not self.prompt then
-    self.prompt, self.prompt_info = M.prompt_tokens(self.body, self.model)
-  end
-  return self.prompt, self.prompt_info
+--- The counted prompt of h's request (counted now when the checks did not
+-- need it).
+function M.prompt_tokens_of(h, body, model)
+  if not h.prompt then h.prompt, h.prompt_info = M.prompt_tokens(body, model) end
+  return h.prompt
 end
 
---- Replace the reservation with what the request really cost.  usd nil
--- (no price known for what answered) charges the reserved worst case.
-function Guard:settle(usd, tokens)
-  local r = self.resv
+--- Replace h's reservation with what the request really cost (idempotent).
+-- usd nil (no price known for what answered) charges the reserved worst case.
+function M.settle(h, usd, tokens)
+  local r = h.resv
   if not r then return end
-  self.resv = nil
-  self.budget:settle(r, usd or self.reserved_usd, tokens or 0)
+  h.resv = nil
+  h.budget:settle(r, usd or h.reserved_usd, tokens or 0)
 end
 
 return M

@@ -142,9 +142,10 @@ function M.request(req, where, level)
     error(format("%s expects a request table, got %s", where, type(req)), level + 1)
   end
   local body, opts = {}, {}
+  local REQ = M.REQUEST
   for k, v in pairs(req) do
-    if M.REQUEST[k] then
-      M.check(where, M.REQUEST, k, v, level + 1)
+    if REQ[k] then
+      M.check(where, REQ, k, v, level + 1)
       opts[k] = v
     else
       body[k] = v
@@ -154,7 +155,8 @@ function M.request(req, where, level)
   if type(msgs) ~= "table" or msgs[1] == nil then
     error(where .. ": 'messages' must be a non-empty list of messages", level + 1)
   end
-  for i, m in ipairs(msgs) do
+  for i = 1, #msgs do
+    local m = msgs[i]
     if type(m) ~= "table" or type(m.role) ~= "string" then
       error(format("%s: messages[%d] must be a table with a string 'role'", where, i), level + 1)
     end
@@ -162,14 +164,14 @@ function M.request(req, where, level)
   if body.model ~= nil and (type(body.model) ~= "string" or body.model == "") then
     error(where .. ": 'model' must be a non-empty string", level + 1)
   end
-  for _, k in ipairs{ "max_tokens", "max_completion_tokens" } do
-    if body[k] ~= nil and not pos_int(body[k]) then
-      error(format("%s: '%s' must be a positive integer", where, k), level + 1)
-    end
+  local v = body.max_tokens
+  if v ~= nil and not pos_int(v) then error(where .. ": 'max_tokens' must be a positive integer", level + 1) end
+  v = body.max_completion_tokens
+  if v ~= nil and not pos_int(v) then
+    error(where .. ": 'max_completion_tokens' must be a positive integer", level + 1)
   end
-  if body.n ~= nil and not pos_int(body.n) then
-    error(where .. ": 'n' must be a positive integer", level + 1)
-  end
+  v = body.n
+  if v ~= nil and not pos_int(v) then error(where .. ": 'n' must be a positive integer", level + 1) end
   if opts.headers then opts.header_list = M.header_lines(opts.headers) end
   return body, opts
 end

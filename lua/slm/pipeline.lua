@@ -66,18 +66,25 @@ local function drop_empty(body)
   if type(t) == "table" and next(t) == nil then
     body.tools, body.tool_choice, body.parallel_tool_calls = nil, nil, nil
   end
-  for _, k in ipairs{ "stop", "functions", "modalities" } do
-    local v = body[k]
-    if type(v) == "table" and next(v) == nil then body[k] = nil end
-  end
+  t = body.stop
+  if type(t) == "table" and next(t) == nil then body.stop = nil end
+  t = body.functions
+  if type(t) == "table" and next(t) == nil then body.functions = nil end
+  t = body.modalities
+  if type(t) == "table" and next(t) == nil then body.modalities = nil end
 end
 
 function M.new(client, body, opts, stream)
-  local chain = { body.model or client.model }
+  local first = body.model or client.model
+  local chain = { first }
   local fb = opts.fallback
   if fb == nil then fb = client.fallback end
   if fb then
-    for i = 1, #fb do if fb[i] ~= chain[1] then chain[#chain + 1] = fb[i] end end
+    local n = 1
+    for i = 1, #fb do
+      local m = fb[i]
+      if m ~= first then n = n + 1; chain[n] = m end
+    end
   end
   drop_empty(body)
   if stream then
@@ -88,7 +95,7 @@ function M.new(client, body, opts, stream)
   client.stats.requests = client.stats.requests + 1
   return setmetatable({
     client = client, rt = rt, body = body, opts = opts, stream = stream, chain = chain,
-    mi = 1, errs = {}, attempts = 0, model_attempts = 0, t0 = rt.now(),
+    mi = 1, attempts = 0, model_attempts = 0, t0 = rt.now(),
     max_retries = opts.max_retries or client.max_retries,
     timeout = opts.timeout or client.timeout,
     bill_usd = 0, bill_tokens = 0, priced = true,
@@ -106,24 +113,26 @@ end
 function Call:open()
   local client, model = self.client, self.chain[self.mi]
   if self.cancelled then return nil, cancelled_error(model) end
-  if not self.guard then
+  if not self.ready then
     if client.key_missing then
       return nil, errors.new("auth", "no API key for " .. client.base_url_display .. ": set SLM_API_KEY or "
         .. "OPENAI_API_KEY (or pass api_key to slm.client); for a local server set SLM_BASE_URL",
         { status = 0, model = model })
     end
-    local g, err = guard.open(client, self.body, self.opts, model)
-    if not g then return nil, err end
-    self.guard = g
-    self.body.model = model
-    self.payload = json.encode(self.body)
+    local body = self.body
+    body.model = model
+    local payload = json.encode(body)
+    local ok, err = guard.open(self, client, body, self.opts, model, #payload)
+    if not ok then return nil, err end
+    self.ready = true
+    self.payload = payload
   end
   self.attempts = self.attempts + 1
   self.model_attempts = self.model_attempts + 1
   client.stats.attempts = client.stats.attempts + 1
   if client.rpm_bucket then client.rpm_bucket:take(1) end
   if client.tpm_bucket then
-    client.tpm_bucket:take((self.guard.prompt or ceil(#self.payload / 4)) + (guard.max_out(self.body) or 0))
+    client.tpm_bucket:take((self.prompt or ceil(#self.payload / 4)) + (guard.max_out(self.body) or 0))
   end
   if client.sem then
     client.sem:acquire()
@@ -181,10 +190,7 @@ end
 
 -- This model is done: its reservation becomes what it was billed.
 function Call:settle()
-  local g = self.guard
-  if g then
-    g:settle(self.priced and self.bill_usd or nil, self.bill_tokens)
-  end
+  if self.resv then guard.settle(self, self.priced and self.bill_usd or nil, self.bill_tokens) end
   self.bill_usd, self.bill_tokens, self.priced = 0, 0, true
 end
 
@@ -192,7 +198,7 @@ end
 function Call:abort()
   self:release()
   self:settle()
-  self.guard = nil
+  self.ready = nil
 end
 
 -- Tokens of what the model produced, counted by us.
@@ -229,7 +235,7 @@ function Call:usage_of(res)
   local usage, problem = decode.usage(res.raw_usage, info and info.context)
   if usage and not problem then return usage end
   usage = usage or {}
-  if not usage.prompt_tokens then usage.prompt_tokens = (self.guard:prompt_tokens()) end
+  if not usage.prompt_tokens then usage.prompt_tokens = guard.prompt_tokens_of(self, self.body, model) end
   if not usage.completion_tokens then usage.completion_tokens = completion_tokens(res, model) end
   usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
   usage.estimated = true
@@ -291,8 +297,10 @@ function Call:failed(err, delivered)
     err = cancelled_error(model)
   end
   self:settle()
-  self.guard = nil
-  self.errs[#self.errs + 1] = err
+  self.ready = nil
+  local errs = self.errs
+  if not errs then errs = {}; self.errs = errs end
+  errs[#errs + 1] = err
   if delivered or self.cancelled or err.kind == "cancelled" or not M.fallback_ok(err)
       or self.mi >= #self.chain then
     return false

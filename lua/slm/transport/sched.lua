@@ -217,6 +217,8 @@ local function suspend(t, woken)
   drive(woken)
 end
 
+local function is_main_woken() return main_woken end
+
 --- Wait for activity on a slm.core Request (new bytes, headers, or done).
 function M.await(req)
   local t = M.current()
@@ -227,7 +229,7 @@ function M.await(req)
   end
   waiting[req] = MAIN
   main_woken = false
-  drive(function() return main_woken end)
+  drive(is_main_woken)
   main_woken = false
 end
 
