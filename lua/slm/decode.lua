@@ -291,6 +291,9 @@ function M.response(obj)
     finish_reason = first and first.finish_reason, refusal = first and first.refusal,
     logprobs = first and first.logprobs,
     choices = choices, raw = obj, raw_usage = usage ~= null and usage or nil,
+    -- set by the pipeline; here so that the table is made at its size
+    usage = false, cost = false, attempts = 0, latency = 0, requested_model = false, headers = false,
+    request_id = false,
   }, Response)
 end
 

@@ -78,7 +78,7 @@ function M.open(h, client, body, opts, model, bytes)
   local budget = opts.budget or client.budget
   local check = opts.check_context
   if check == nil then check = client.check_context end
-  h.prompt, h.prompt_info, h.resv, h.budget = nil, nil, nil, budget
+  h.prompt, h.prompt_info, h.resv, h.budget = false, false, false, budget
   local context = check and info and info.context
   if not budget and not (context and not cheap_fits(body, bytes, context)) then return true end
   local prompt, cinfo = M.prompt_tokens(body, model)

@@ -93,12 +93,16 @@ function M.new(client, body, opts, stream)
   end
   local rt = client.runtime
   client.stats.requests = client.stats.requests + 1
+  -- every field the call will have, so that the table is made at its size
+  -- once (false: not yet)
   return setmetatable({
     client = client, rt = rt, body = body, opts = opts, stream = stream, chain = chain,
     mi = 1, attempts = 0, model_attempts = 0, t0 = rt.now(),
     max_retries = opts.max_retries or client.max_retries,
     timeout = opts.timeout or client.timeout,
     bill_usd = 0, bill_tokens = 0, priced = true,
+    ready = false, payload = false, slot = false, fresh = false, cancelled = false, errs = false,
+    prompt = false, prompt_info = false, resv = false, budget = false, reserved_usd = 0,
   }, Call)
 end
 
@@ -254,7 +258,8 @@ function Call:finish(res)
   res.attempts = self.attempts
   res.latency = self.rt.now() - self.t0
   res.requested_model = self.chain[1]
-  if res.headers and not res.request_id then res.request_id = res.headers["x-request-id"] end
+  local h = res.headers
+  if h then res.request_id = h["x-request-id"] else res.headers, res.request_id = nil, nil end
   return res
 end
 
@@ -291,7 +296,7 @@ function Call:failed(err, delivered)
   if not delivered and not self.cancelled and self.model_attempts > 0
       and self.model_attempts <= self.max_retries and retry.should_retry(err) then
     -- a dead kept-alive connection must not be picked again from the pool
-    self.fresh = err.kind == "connect" or nil
+    self.fresh = err.kind == "connect"
     self.rt.sleep(retry.delay(err, self.model_attempts - 1))
     if not self.cancelled then return true end
     err = cancelled_error(model)
