@@ -776,10 +776,6 @@ static int read_allowed(lua_State *L, bpe_t *b, int i) {
   return any;
 }
 
-static void push_ids(lua_State *L, const bpe_t *b, size_t n) {
-  slm_push_intlist(L, b->ids, n);
-}
-
 /* Common part of bpe_new / bpe_load: check kind and specials, push a new
  * empty userdata.  All pointers are NULL before anything is allocated, so
  * if loading fails __gc frees whatever was set. */
@@ -885,7 +881,7 @@ static int l_encode(lua_State *L) {
   int any = read_allowed(L, b, 3);
   sink_t o = { L, b, 1, 0 };
   encode_all(&o, s, len, any);
-  push_ids(L, b, o.n);
+  slm_push_idtable(L, b->ids, o.n);
   return 1;
 }
 

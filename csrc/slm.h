@@ -18,12 +18,11 @@ int slm_open_clock(lua_State *L);  /* clock.c: now(), isatty() */
 int slm_open_http(lua_State *L);   /* http.c: libcurl multi driver */
 int slm_open_sse(lua_State *L);    /* sse.c: incremental SSE parser */
 int slm_open_bpe(lua_State *L);    /* bpe.c: byte-level BPE tokenizer */
-int slm_open_intlist(lua_State *L); /* intlist.c: intlist_path() */
 
 double slm_now(void);              /* monotonic seconds */
 
-/* intlist.c: push {v[0], ..., v[n-1]} as a new Lua list of integers */
-void slm_push_intlist(lua_State *L, const uint32_t *v, size_t n);
+/* idlist.c: push v[0, n) as a new table {v[0], ..., v[n-1]} of integers */
+void slm_push_idtable(lua_State *L, const uint32_t *v, size_t n);
 
 /* Register a userdata class: metatable `name` whose __index holds
  * `methods`, with `close` as __gc and __close (one idempotent function, as
