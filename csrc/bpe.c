@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -873,15 +874,18 @@ static int l_gc(lua_State *L) {
   return 0;
 }
 
-/* :encode(s [, allowed]) -> { ids } */
+/* :encode(s [, allowed [, packed]]) -> { ids }, or an slm.IdList when
+ * packed is true */
 static int l_encode(lua_State *L) {
   bpe_t *b = check_bpe(L);
   size_t len;
   const unsigned char *s = check_text(L, 2, &len);
   int any = read_allowed(L, b, 3);
+  int packed = lua_toboolean(L, 4);
   sink_t o = { L, b, 1, 0 };
   encode_all(&o, s, len, any);
-  slm_push_idtable(L, b->ids, o.n);
+  if (packed) slm_push_idlist(L, b->ids, o.n);
+  else slm_push_idtable(L, b->ids, o.n);
   return 1;
 }
 
@@ -904,26 +908,40 @@ static const special_t *special_by_id(const bpe_t *b, lua_Integer id) {
   return NULL;
 }
 
-/* :decode(ids) -> bytes; unknown ids raise */
+/* :decode(ids) -> bytes; ids: a table of integers or an slm.IdList;
+ * unknown ids raise */
 static int l_decode(lua_State *L) {
   bpe_t *b = check_bpe(L);
-  size_t i, n;
+  size_t i, n = 0;
   luaL_Buffer buf;
-  luaL_checktype(L, 2, LUA_TTABLE);
-  n = lua_rawlen(L, 2);
+  const uint32_t *packed = slm_to_idlist(L, 2, &n);
+  if (!packed) {
+    if (lua_type(L, 2) != LUA_TTABLE)
+      return luaL_argerror(L, 2, lua_pushfstring(L, "table of token ids or slm.IdList expected, got %s",
+                                                 luaL_typename(L, 2)));
+    n = lua_rawlen(L, 2);
+  }
   luaL_buffinit(L, &buf);
   for (i = 1; i <= n; i++) {
     lua_Integer id;
-    int isnum;
-    slm_rawgeti(L, 2, i);
-    id = lua_tointegerx(L, -1, &isnum);
-    lua_pop(L, 1);
-    if (!isnum) luaL_error(L, "bad token id at index %d (not an integer)", (int)i);
+    if (packed) {
+      id = (lua_Integer)packed[i - 1];
+    } else {
+      int isnum;
+      slm_rawgeti(L, 2, i);
+      id = lua_tointegerx(L, -1, &isnum);
+      lua_pop(L, 1);
+      if (!isnum) luaL_error(L, "bad token id at index %d (not an integer)", (int)i);
+    }
     if (id >= 0 && (uint64_t)id < b->nranks && b->len[id]) {
       luaL_addlstring(&buf, (const char *)b->blob + b->off[id], b->len[id]);
     } else {
       const special_t *sp = special_by_id(b, id);
-      if (!sp) luaL_error(L, "unknown token id %d at index %d", (int)id, (int)i);
+      if (!sp) {
+        char num[24]; /* lua_pushfstring has no 64-bit format in Lua 5.1 */
+        snprintf(num, sizeof num, "%lld", (long long)id);
+        luaL_error(L, "unknown token id %s at index %d", num, (int)i);
+      }
       luaL_addlstring(&buf, sp->text, sp->len);
     }
   }
