@@ -632,6 +632,14 @@ static void encode_short(sink_t *o, const unsigned char *p, size_t n, size_t bas
   uint32_t st[HOT_BYTES + 1], tk[HOT_BYTES];
   size_t m, k;
   if (e->len == n && e->key == key) {
+    /* most pieces end here: count them, or copy their ids, without
+     * emit()'s tests per token (5-10 % of count on English text) */
+    if (!o->store) { o->n += e->ntok; return; }
+    if (o->store == 1 && o->n + HOT_TOKENS <= b->ids_cap) {
+      memcpy(b->ids + o->n, e->tok, sizeof e->tok); /* ids past ntok are overwritten later */
+      o->n += e->ntok;
+      return;
+    }
     for (k = 0; k < e->ntok; k++) emit(o, e->tok[k], base + e->end[k]);
     return;
   }
