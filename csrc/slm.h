@@ -18,12 +18,17 @@ int slm_open_clock(lua_State *L);  /* clock.c: now(), isatty() */
 int slm_open_http(lua_State *L);   /* http.c: libcurl multi driver */
 int slm_open_sse(lua_State *L);    /* sse.c: incremental SSE parser */
 int slm_open_bpe(lua_State *L);    /* bpe.c: byte-level BPE tokenizer */
-int slm_open_intlist(lua_State *L); /* intlist.c: intlist_path() */
+int slm_open_idlist(lua_State *L); /* idlist.c: slm.IdList, idlist_from_bytes() */
 
 double slm_now(void);              /* monotonic seconds */
 
-/* intlist.c: push {v[0], ..., v[n-1]} as a new Lua list of integers */
-void slm_push_intlist(lua_State *L, const uint32_t *v, size_t n);
+/* idlist.c: push v[0, n) as a new table {v[0], ..., v[n-1]} of integers
+ * (slm_push_idtable) or as a new slm.IdList (slm_push_idlist); the ids of
+ * the slm.IdList at stack index i and their number, or NULL when that value
+ * is not one (slm_to_idlist: the pointer lives as long as the value). */
+void slm_push_idtable(lua_State *L, const uint32_t *v, size_t n);
+void slm_push_idlist(lua_State *L, const uint32_t *v, size_t n);
+const uint32_t *slm_to_idlist(lua_State *L, int i, size_t *n);
 
 /* Register a userdata class: metatable `name` whose __index holds
  * `methods`, with `close` as __gc and __close (one idempotent function, as

@@ -60,6 +60,15 @@ local function random_text(n)
   return table.concat(t)
 end
 
+-- allowed_special of a reference case: "all", or a list made a set
+local function allowed_of(case)
+  local allowed = case.allowed
+  if type(allowed) ~= "table" then return allowed end
+  local set = {}
+  for _, s in ipairs(allowed) do set[s] = true end
+  return set
+end
+
 local refs = cjson.decode(slurp(FIX .. "refs.json"))
 local corpus = slurp(FIX .. "corpus.txt")
 local corpus_lines = lines_of(corpus)
@@ -115,12 +124,7 @@ describe("slm.tokenizer", function()
 
       it("with allowed special tokens", function()
         for _, c in ipairs(r.specials) do
-          local allowed = c.allowed
-          if type(allowed) == "table" then
-            local set = {}
-            for _, s in ipairs(allowed) do set[s] = true end
-            allowed = set
-          end
+          local allowed = allowed_of(c)
           assert.are.same(ints(c.ids), tok:encode(c.text, { allowed_special = allowed }))
           assert.are.equal(#c.ids, tok:count(c.text, { allowed_special = allowed }))
         end
@@ -457,54 +461,25 @@ describe("slm.tokenizer", function()
     end)
   end)
 
-  -- csrc/intlist.c writes long id lists straight into Lua 5.4's table
-  -- array after checking the layout; everything else uses the C API.
+  -- csrc/idlist.c: plain id tables built through the C API, and the packed
+  -- form, slm.IdList (a uint32 array in a userdata).
   describe("id lists", function()
     local tok = T.get("o200k_base")
 
-    -- encode `s` in a fresh process with SLM_INTLIST=api: path, ids
-    local function encode_elsewhere(s)
-      local tmp = os.tmpname()
-      local f = assert(io.open(tmp, "wb"))
-      f:write(s)
-      f:close()
-      local out = require("tests.helpers").run_lua(([[
-        local core = require "slm.core"
-        local f = assert(io.open(%q, "rb")); local s = f:read("a"); f:close()
-        local ids = require("slm.tokenizer").get("o200k_base"):encode(s)
-        io.write(core.intlist_path(), "\n", table.concat(ids, ","))]]):format(tmp), "SLM_INTLIST=api")
-      os.remove(tmp)
-      return out:match("^(%a+)\n(.*)$")
+    -- ids[1..#ids] read one by one (the packed form's __index)
+    local function elements(ids)
+      local t = {}
+      for i = 1, #ids do t[i] = ids[i] end
+      return t
     end
 
-    it("are written directly on Lua 5.4 and through the API elsewhere", function()
-      if _VERSION == "Lua 5.4" and not jit and os.getenv("SLM_INTLIST") ~= "api" then
-        assert.are.equal("direct", core.intlist_path())
-      else
-        assert.are.equal("api", core.intlist_path())
-      end
-    end)
-
-    it("hold the same ids either way", function()
-      local s = random_text(20000)
-      local ids = tok:encode(s)
-      assert.is_true(#ids > 10000)
-      local path, other = encode_elsewhere(s)
-      assert.are.equal("api", path)
-      local want, first_diff = {}, nil
-      for v in other:gmatch("%d+") do want[#want + 1] = math.tointeger(v) end
-      for i = 1, math.max(#want, #ids) do
-        if want[i] ~= ids[i] then first_diff = i break end
-      end
-      assert.is_nil(first_diff, ("first differing id at %s of %d/%d"):format(first_diff, #ids, #want))
-    end)
-
-    it("are ordinary lists of integers at every length around the fast-path threshold", function()
-      for n = 60, 70 do
+    it("are ordinary tables of integers when not packed", function()
+      for n = 1, 70, 23 do
         -- "a" then " a" n - 1 times: n tokens in o200k_base
         local s = "a" .. string.rep(" a", n - 1)
         local ids = tok:encode(s)
-        assert.are.equal(n, #ids)
+        assert.are.equal("table", type(ids))
+        assert.is_nil(getmetatable(ids))
         assert.are.equal(n, rawlen(ids))
         local seen = 0
         for i, v in ipairs(ids) do
@@ -512,25 +487,216 @@ describe("slm.tokenizer", function()
           assert.are.equal("integer", math.type(v))
         end
         assert.are.equal(n, seen)
-        local keys = 0
-        for _ in pairs(ids) do keys = keys + 1 end
-        assert.are.equal(n, keys)
-        assert.is_nil(ids[0])
-        assert.is_nil(ids[n + 1])
+        assert.are.equal(n, require("tests.helpers").count_keys(ids))
         assert.are.equal(s, tok:decode(ids))
       end
+      assert.are.same({}, tok:encode(""))
       local ids = tok:encode(random_text(3000))
       local n = #ids
       collectgarbage("collect")
       ids[n + 1] = 42
       table.insert(ids, 1, 7)
       assert.are.equal(n + 2, #ids)
-      assert.are.equal(7, ids[1])
-      assert.are.equal(42, table.remove(ids))
       assert.are.equal(7, table.remove(ids, 1))
-      assert.are.equal(n, #ids)
+      assert.are.equal(42, table.remove(ids))
       collectgarbage("collect")
       assert.are.equal("integer", math.type(ids[n]))
+    end)
+
+    it("packed and plain hold the same ids on the multilingual corpus", function()
+      for _, name in ipairs { "o200k_base", "cl100k_base" } do
+        local t = T.get(name)
+        local texts = { corpus, "" }
+        for _, l in ipairs(corpus_lines) do texts[#texts + 1] = l end
+        local bad = {}
+        for i, s in ipairs(texts) do
+          local plain, packed = t:encode(s), t:encode(s, { packed = true })
+          if getmetatable(packed) == nil or #packed ~= #plain or not same_ids(plain, elements(packed))
+             or not same_ids(plain, packed:totable()) then
+            bad[#bad + 1] = i
+          end
+        end
+        assert.are.same({}, bad)
+        -- with the other options of encode
+        for _, c in ipairs(refs.encodings[name].specials) do
+          local packed = t:encode(c.text, { allowed_special = allowed_of(c), packed = true })
+          assert.are.same(ints(c.ids), packed:totable())
+        end
+        local plain = t:encode("x", { packed = false })
+        assert.are.equal("table", type(plain))
+      end
+    end)
+
+    it("bytes(): 4 bytes per id, least significant first", function()
+      -- a<|endoftext|>b: 64, 199999 = 0x00030D3F, 65
+      local ids = tok:encode("a<|endoftext|>b", { allowed_special = "all", packed = true })
+      assert.are.equal("\64\0\0\0" .. "\63\13\3\0" .. "\65\0\0\0", ids:bytes())
+      local whole = tok:encode(corpus, { packed = true })
+      local b = whole:bytes()
+      assert.are.equal(4 * #whole, #b)
+      local bad
+      for i = 1, #whole do
+        local b1, b2, b3, b4 = b:byte(4 * i - 3, 4 * i)
+        if b1 + 256 * b2 + 65536 * b3 + 16777216 * b4 ~= whole[i] then bad = i break end
+      end
+      assert.is_nil(bad)
+      assert.are.equal("", tok:encode("", { packed = true }):bytes())
+    end)
+
+    it("from_bytes(ids:bytes()) gives the same list back", function()
+      local ids = tok:encode(corpus, { packed = true })
+      local back = core.idlist_from_bytes(ids:bytes())
+      assert.are.equal(#ids, #back)
+      assert.is_true(back == ids)
+      assert.are.same(ids:totable(), back:totable())
+      -- every 32-bit value, byte by byte
+      local u = core.idlist_from_bytes("\1\2\3\4" .. "\255\255\255\255" .. "\0\0\0\128" .. "\0\0\0\0")
+      assert.are.same({ 0x04030201, 0xFFFFFFFF, 0x80000000, 0 }, u:totable())
+      assert.are.equal("\1\2\3\4" .. "\255\255\255\255" .. "\0\0\0\128" .. "\0\0\0\0", u:bytes())
+      local empty = core.idlist_from_bytes("")
+      assert.are.equal(0, #empty)
+      assert.are.same({}, empty:totable())
+    end)
+
+    it("decode(packed) == decode(plain)", function()
+      for _, name in ipairs { "o200k_base", "cl100k_base" } do
+        local t = T.get(name)
+        for _, s in ipairs { corpus, corpus_lines[1], "", random_bytes(500), random_text(200) } do
+          local plain, packed = t:encode(s), t:encode(s, { packed = true })
+          assert.are.equal(s, t:decode(packed))
+          assert.are.equal(t:decode(plain), t:decode(packed))
+        end
+        local all = { allowed_special = "all", packed = true }
+        assert.are.equal("x<|endoftext|>y", t:decode(t:encode("x<|endoftext|>y", all)))
+      end
+      -- ids from bytes: an unknown one raises, naming it and its place
+      local ok, err = pcall(tok.decode, tok, core.idlist_from_bytes("\64\0\0\0\255\255\255\255"))
+      assert.is_false(ok)
+      assert.matches("unknown token id 4294967295 at index 2", err, 1, true)
+    end)
+
+    it("iterate with ids:ipairs() and, in Lua 5.4, plain ipairs", function()
+      local s = corpus_lines[3] .. corpus_lines[7]
+      local plain = tok:encode(s)
+      local ids = tok:encode(s, { packed = true })
+      assert.is_true(#ids > 10)
+      local got, last = {}, 0
+      for i, id in ids:ipairs() do got[i] = id; last = i end
+      assert.are.equal(#plain, last)
+      assert.are.same(plain, got)
+      got, last = {}, 0
+      for i, id in ipairs(ids) do got[i] = id; last = i end -- Lua 5.4: through __index
+      assert.are.equal(#plain, last)
+      assert.are.same(plain, got)
+      for _ in tok:encode("", { packed = true }):ipairs() do error("an empty list has no ids") end
+      -- indexing: 1..#ids, integers only
+      assert.are.equal(plain[1], ids[1])
+      assert.are.equal(plain[#plain], ids[#ids])
+      assert.are.equal(plain[2], ids[2.0])
+      for _, k in ipairs { 0, -1, #ids + 1, 1.5, "1", math.huge, -math.huge, 0 / 0, math.mininteger } do
+        assert.is_nil(ids[k], "ids[" .. tostring(k) .. "]")
+      end
+      assert.is_nil(ids[true])
+      assert.is_nil(ids.nope)
+      assert.is_function(ids.bytes)
+    end)
+
+    it("print their length and first ids, and compare by value", function()
+      local ids = tok:encode("a<|endoftext|>b", { allowed_special = "all", packed = true })
+      assert.are.equal("slm.IdList(3: 64 199999 65)", tostring(ids))
+      assert.are.equal("slm.IdList(0)", tostring(core.idlist_from_bytes("")))
+      assert.matches("^slm%.IdList%(%d+: %d+ %d+ %d+ %d+ %d+ %d+ %d+ %d+ %.%.%.%)$",
+        tostring(tok:encode(corpus, { packed = true })))
+      assert.is_true(ids == tok:encode("a<|endoftext|>b", { allowed_special = "all", packed = true }))
+      assert.is_false(ids == tok:encode("a<|endoftext|>c", { allowed_special = "all", packed = true }))
+      assert.is_false(ids == tok:encode("a<|endoftext|>", { allowed_special = "all", packed = true }))
+    end)
+
+    it("raise on bad arguments, naming the argument", function()
+      local function err_of(f, ...)
+        local ok, e = pcall(f, ...)
+        assert.is_false(ok)
+        return tostring(e)
+      end
+      local ids = tok:encode("hello", { packed = true })
+      assert.matches("opts.packed must be a boolean", err_of(tok.encode, tok, "x", { packed = "yes" }), 1, true)
+      assert.matches("allowed_special", err_of(tok.encode, tok, "x", { packed = true, allowed_special = 7 }), 1, true)
+      assert.matches("decode: expected a table of token ids or an slm.IdList, got number",
+        err_of(tok.decode, tok, 42), 1, true)
+      assert.matches("decode: expected a table of token ids or an slm.IdList, got userdata",
+        err_of(tok.decode, tok, io.stdout), 1, true)
+      assert.matches("bad argument #1 to 'decode' (table of token ids or slm.IdList expected, got string)",
+        err_of(function() return tok._bpe:decode("x") end), 1, true)
+      assert.matches("bad argument #1 to '[^']*idlist_from_bytes' %(string expected, got nil%)",
+        err_of(core.idlist_from_bytes, nil))
+      assert.matches("bad argument #1 to '[^']*idlist_from_bytes' %(length 7 is not a multiple of 4",
+        err_of(core.idlist_from_bytes, "1234567"))
+      assert.matches("bad argument #1 to 'bytes' (slm.IdList expected, got table)",
+        err_of(function() return ids.bytes({}) end), 1, true)
+      assert.matches("bad argument #1 to 'totable' (slm.IdList expected, got string)",
+        err_of(function() return ids.totable("x") end), 1, true)
+      assert.matches("bad argument #1 to 'ipairs' (slm.IdList expected, got no value)",
+        err_of(function() return ids.ipairs() end), 1, true)
+      local mt = getmetatable(ids)
+      assert.matches("slm.IdList expected, got table", err_of(mt.__index, {}, 1), 1, true)
+      assert.matches("slm.IdList expected, got number", err_of(mt.__len, 5), 1, true)
+      assert.matches("bad argument #2 to '[^']*' %(number expected, got string%)",
+        err_of(ids:ipairs(), ids, "x"))
+    end)
+
+    it("are refused by an estimating tokenizer, packed or not", function()
+      local est = T.get("llama3", { estimate = true })
+      local ids = tok:encode("hello", { packed = true })
+      local _, plain_err = pcall(est.encode, est, "x")
+      local _, packed_err = pcall(est.encode, est, "x", { packed = true })
+      assert.matches("vocabulary is not loaded", packed_err, 1, true)
+      assert.are.equal(plain_err, packed_err)
+      local _, derr = pcall(est.decode, est, ids)
+      assert.matches("decode: the llama3 vocabulary is not loaded", derr, 1, true)
+      -- counting, truncating and chunking go on as before
+      assert.are.equal(T.get("cl100k_base"):count(corpus), est:count(corpus))
+    end)
+
+    it("work the same under LuaJIT (build-jit, when built)", function()
+      local so = "build-jit/slm/core.so"
+      local f = io.open(so, "rb")
+      if not f or os.execute("command -v luajit >/dev/null 2>&1") ~= true then
+        if f then f:close() end
+        pending("no " .. so .. " or no luajit (bin/build build-jit -DSLM_LUA=luajit)")
+        return
+      end
+      f:close()
+      local h = require "tests.helpers"
+      local code = [[
+        package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+        package.cpath = "build-jit/?.so;" .. package.cpath
+        local T = require "slm.tokenizer"
+        local core = require "slm.core"
+        local tok = T.get("o200k_base")
+        local f = assert(io.open("tests/fixtures/tokens/corpus.txt", "rb"))
+        local s = f:read("*a"); f:close()
+        local plain, packed = tok:encode(s), tok:encode(s, { packed = true })
+        assert(#plain > 1000 and #packed == #plain, "lengths")
+        local n = 0
+        for i, id in packed:ipairs() do
+          assert(plain[i] == id and packed[i] == id, "id " .. i); n = i
+        end
+        assert(n == #plain, "ipairs stopped at " .. n)
+        assert(packed[0] == nil and packed[#plain + 1] == nil and packed[1.5] == nil)
+        assert(tok:decode(packed) == s and tok:decode(plain) == s, "decode")
+        local back = core.idlist_from_bytes(packed:bytes())
+        assert(back == packed and #packed:bytes() == 4 * #plain, "bytes")
+        local b = tok:encode("a<|endoftext|>b", { allowed_special = "all", packed = true }):bytes()
+        assert(b == "\64\0\0\0\63\13\3\0\65\0\0\0", "byte order")
+        local t = packed:totable()
+        for i = 1, #plain do assert(t[i] == plain[i], "totable") end
+        assert(not pcall(core.idlist_from_bytes, "abc"))
+        io.write("luajit ok ", #packed)]]
+      -- LD_PRELOAD: the ASan stage's runtime is not for LuaJIT
+      local p = assert(io.popen("env -u LD_PRELOAD luajit -e " .. h.q(code) .. " 2>&1"))
+      local out = p:read("a")
+      p:close()
+      assert.matches("^luajit ok %d+$", out)
     end)
   end)
 

@@ -2,7 +2,7 @@
 --
 --   local T = require "slm.tokenizer"
 --   local tok = T.get("gpt-4o-mini")      -- or "o200k_base", "cl100k_base", "llama3"
---   tok:count(s) tok:encode(s) tok:decode(ids) tok:truncate(s, n) tok:chunks(s, n, overlap)
+--   tok:count(s) tok:encode(s [, opts]) tok:decode(ids) tok:truncate(s, n) tok:chunks(s, n, overlap)
 --
 -- The work is done in C (slm.core, csrc/bpe.c + csrc/pretok.c) and gives
 -- the same token ids as OpenAI's tiktoken.  o200k_base and cl100k_base ship
@@ -17,8 +17,8 @@
 -- I/O except reading a vocabulary file once, on first use.
 local core = require "slm.core"
 
-local type, error, pairs, ipairs, next, setmetatable, tostring =
-  type, error, pairs, ipairs, next, setmetatable, tostring
+local type, error, pairs, ipairs, next, setmetatable, getmetatable, tostring =
+  type, error, pairs, ipairs, next, setmetatable, getmetatable, tostring
 local char, lower, format = string.char, string.lower, string.format
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
 local open, getenv = io.open, os.getenv
@@ -266,6 +266,15 @@ local function allowed_of(opts)
   error("encode: allowed_special must be \"all\" or a set of token texts", 3)
 end
 
+local function packed_of(opts)
+  local p = type(opts) == "table" and opts.packed
+  if p == nil or type(p) == "boolean" then return p end
+  error("encode: opts.packed must be a boolean", 3)
+end
+
+-- The metatable of slm.IdList (csrc/idlist.c), to tell one apart.
+local IDLIST = getmetatable(core.idlist_from_bytes(""))
+
 local function no_ids(self, fname)
   if self.estimate then
     error(format("%s: the %s vocabulary is not loaded (set SLM_LLAMA3_VOCAB or "
@@ -274,17 +283,22 @@ local function no_ids(self, fname)
   end
 end
 
---- Token ids of s.  Special-token text is ordinary text unless allowed:
+--- Token ids of s: a table, or with opts.packed = true an slm.IdList
+-- (csrc/idlist.c: #ids, ids[i], ids:ipairs(), ids:totable(), ids:bytes()).
+-- Special-token text is ordinary text unless allowed:
 -- opts.allowed_special = "all" or { ["<|endoftext|>"] = true }.
 function Tokenizer:encode(s, opts)
   check_text(s, "encode")
   no_ids(self, "encode")
-  return self._bpe:encode(s, allowed_of(opts))
+  return self._bpe:encode(s, allowed_of(opts), packed_of(opts))
 end
 
---- Bytes of a list of token ids; raises on an unknown id.
+--- Bytes of a list of token ids (a table or an slm.IdList); raises on an
+-- unknown id.
 function Tokenizer:decode(ids)
-  if type(ids) ~= "table" then error("decode: expected a table of token ids", 2) end
+  if type(ids) ~= "table" and getmetatable(ids) ~= IDLIST then
+    error("decode: expected a table of token ids or an slm.IdList, got " .. type(ids), 2)
+  end
   no_ids(self, "decode")
   return self._bpe:decode(ids)
 end

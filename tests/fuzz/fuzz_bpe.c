@@ -10,7 +10,9 @@
  * token limit for truncate/chunks, the rest is the text (any bytes).
  * Checked: every pre-tokenizer tiles the input with non-empty pieces, the
  * same with and without its ASCII fast path and one at a time or batched;
- * decode(encode(x)) == x, with and without special tokens allowed; merging
+ * decode(encode(x)) == x, with and without special tokens allowed; the
+ * packed encoding (an slm.IdList) holds the same ids and decodes the same,
+ * and its bytes() are those ids, 4 little-endian bytes each; merging
  * every piece on the heap gives the same ids as the array scan;
  * count(x) == #encode(x); truncate gives a prefix within the limit; chunks
  * are substrings at increasing offsets that cover x.
@@ -62,6 +64,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   luaL_openlibs(L);
   lua_newtable(L); /* stands in for the slm.core module table, at index 1 */
   slm_open_bpe(L);
+  slm_open_idlist(L);
   load(0, dir, "o200k_base.tiktoken", "o200k", "<|endoftext|>", 199999);
   load(1, dir, "cl100k_base.tiktoken", "cl100k", "<|endoftext|>", 100257);
   return 0;
@@ -72,6 +75,19 @@ static void set_threshold(lua_State *l, int n) {
   lua_pushvalue(l, 1);
   lua_pushinteger(l, n);
   lua_call(l, 2, 0);
+}
+
+/* tok:decode(ids at stack index i) must give back s[0, len). */
+static void check_decode(lua_State *l, int i, const char *s, size_t len, const char *what) {
+  size_t plen;
+  const char *p;
+  lua_getfield(l, 1, "decode");
+  lua_pushvalue(l, 1);
+  lua_pushvalue(l, i);
+  lua_call(l, 2, 1);
+  p = lua_tolstring(l, -1, &plen);
+  if (plen != len || memcmp(p, s, len) != 0) die(what);
+  lua_pop(l, 1);
 }
 
 /* Runs on the Lua stack: tok at 1, text at 2, limit at 3. */
@@ -87,18 +103,43 @@ static int check(lua_State *l) {
   lua_pushvalue(l, 2);
   lua_call(l, 2, 1); /* ids at 4 */
   n = (size_t)lua_rawlen(l, 4);
-  lua_getfield(l, 1, "decode");
-  lua_pushvalue(l, 1);
-  lua_pushvalue(l, 4);
-  lua_call(l, 2, 1);
-  p = lua_tolstring(l, -1, &plen);
-  if (plen != len || memcmp(p, s, len) != 0) die("decode(encode(x)) ~= x");
-  lua_pop(l, 1);
+  check_decode(l, 4, s, len, "decode(encode(x)) ~= x");
   lua_getfield(l, 1, "count");
   lua_pushvalue(l, 1);
   lua_pushvalue(l, 2);
   lua_call(l, 2, 1);
   if ((size_t)lua_tointeger(l, -1) != n) die("count(x) ~= #encode(x)");
+  lua_pop(l, 1);
+
+  /* packed: the same ids, the same bytes back */
+  lua_getfield(l, 1, "encode");
+  lua_pushvalue(l, 1);
+  lua_pushvalue(l, 2);
+  lua_pushnil(l);
+  lua_pushboolean(l, 1);
+  lua_call(l, 4, 1); /* packed at 5 */
+  {
+    size_t pn = 0, bl;
+    const uint32_t *v = slm_to_idlist(l, 5, &pn);
+    const unsigned char *bytes;
+    if (!v || pn != n) die("packed encode: not an slm.IdList of #encode(x) ids");
+    for (i = 0; i < n; i++) {
+      slm_rawgeti(l, 4, i + 1);
+      if ((lua_Integer)v[i] != lua_tointeger(l, -1)) die("packed and plain encode differ");
+      lua_pop(l, 1);
+    }
+    lua_getfield(l, 5, "bytes");
+    lua_pushvalue(l, 5);
+    lua_call(l, 1, 1);
+    bytes = (const unsigned char *)lua_tolstring(l, -1, &bl);
+    if (bl != 4 * n) die("bytes() length");
+    for (i = 0; i < n; i++)
+      if (((uint32_t)bytes[4 * i] | (uint32_t)bytes[4 * i + 1] << 8 |
+           (uint32_t)bytes[4 * i + 2] << 16 | (uint32_t)bytes[4 * i + 3] << 24) != v[i])
+        die("bytes() is not the ids, little-endian");
+    lua_pop(l, 1);
+  }
+  check_decode(l, 5, s, len, "decode(packed encode(x)) ~= x");
   lua_pop(l, 1);
 
   /* the heap merge agrees with the array scan */
@@ -126,13 +167,8 @@ static int check(lua_State *l) {
   lua_pushvalue(l, 2);
   lua_pushliteral(l, "all");
   lua_call(l, 3, 1);
-  lua_getfield(l, 1, "decode");
-  lua_pushvalue(l, 1);
-  lua_pushvalue(l, -3);
-  lua_call(l, 2, 1);
-  p = lua_tolstring(l, -1, &plen);
-  if (plen != len || memcmp(p, s, len) != 0) die("decode(encode(x, all)) ~= x");
-  lua_pop(l, 2);
+  check_decode(l, lua_gettop(l), s, len, "decode(encode(x, all)) ~= x");
+  lua_pop(l, 1);
 
   /* truncate */
   lua_getfield(l, 1, "truncate");
