@@ -333,3 +333,44 @@ describe("recorded OpenAI streams through the client", function()
     end)
   end
 end)
+
+describe("logprobs", function()
+  for _, stream in ipairs{ false, true } do
+    it("are part of the Response, for choice 0 and each choice (" .. (stream and "streamed" or "plain") .. ")",
+        function()
+      local res = assert(client():chat{ messages = msgs("hello there"), stream = stream, logprobs = true,
+        top_logprobs = 2, n = 2 })
+      local lp = res.logprobs
+      assert.is_table(lp)
+      assert.is_true(#lp.content > 2)
+      -- one entry per piece of text, in order: together they spell the reply
+      local spelled = {}
+      for i, e in ipairs(lp.content) do
+        spelled[i] = e.token
+        assert.is_number(e.logprob)
+        assert.are.equal(2, #e.top_logprobs)
+      end
+      assert.are.equal(res.text, table.concat(spelled))
+      assert.are.equal(2, #res.choices)
+      assert.are.same(lp, res.choices[1].logprobs)
+      local second = {}
+      for i, e in ipairs(res.choices[2].logprobs.content) do second[i] = e.token end
+      assert.are.equal(res.choices[2].text, table.concat(second))
+    end)
+  end
+  it("survive the stream's fast path (one choice: its content chunks skip JSON decoding)", function()
+    -- events 5 ms apart: read one by one, the chunks after the first go the fast way
+    local res = assert(client():chat{ messages = msgs("hello there, a longer text to stream"), stream = true,
+      logprobs = true, headers = { ["X-Sim-Scenario"] = "slow_chunks=5" } })
+    local spelled = {}
+    for i, e in ipairs(res.logprobs.content) do spelled[i] = e.token end
+    assert.are.equal(res.text, table.concat(spelled))
+  end)
+  it("are absent when not asked for", function()
+    for _, stream in ipairs{ false, true } do
+      local res = assert(client():chat{ messages = msgs(), stream = stream })
+      assert.is_nil(res.logprobs)
+      assert.is_nil(res.choices[1].logprobs)
+    end
+  end)
+end)
