@@ -25,6 +25,20 @@ function M.upstream()
   return launch.start{ quiet = true }
 end
 
+-- A client of the simulator `up`: base_url, a key, gpt-4o-mini and a 10 s
+-- timeout, then `defaults`, then `opts` (the spec's own, the test's own).
+function M.sim_client(up, opts, defaults)
+  local o = { base_url = up.url, api_key = "sk-test-good", model = "gpt-4o-mini", timeout = 10 }
+  for k, v in pairs(defaults or {}) do o[k] = v end
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return require("slm").client(o)
+end
+
+-- { { role = "user", content = text } }
+function M.msgs(text, default)
+  return { { role = "user", content = text or default or "hello" } }
+end
+
 -- A port nothing listens on (bind, learn the port, close).
 function M.dead_port()
   return 1 -- port 1 on loopback: connection refused

@@ -13,13 +13,8 @@ before_each(function() up:reset() end)
 
 local SECRET = "sk-proj-very-secret-0123456789abcdefXYZ"
 
-local function client(opts)
-  local o = { base_url = up.url, api_key = SECRET, model = "gpt-4o-mini", timeout = 10, max_retries = 0 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return slm.client(o)
-end
-
-local function msgs(text) return { { role = "user", content = text or "hello there" } } end
+local function client(opts) return H.sim_client(up, opts, { api_key = SECRET, max_retries = 0 }) end
+local function msgs(text) return H.msgs(text, "hello there") end
 
 -- A chat with simulator directives in the X-Sim-Scenario header (the
 -- model stays the client's, priced).

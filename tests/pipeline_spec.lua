@@ -2,7 +2,6 @@
 -- same limits, fallback and fields either way; resources given back on
 -- every exit path without __gc or __close; misuse caught up front.
 local slm = require "slm"
-local core = require "slm.core"
 local H = require "tests.helpers"
 
 local up
@@ -10,13 +9,8 @@ setup(function() up = H.upstream() end)
 teardown(function() if up then up:stop() end end)
 before_each(function() up:reset() end)
 
-local function client(opts)
-  local o = { base_url = up.url, api_key = "sk-test-good", model = "gpt-4o-mini", timeout = 10 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return slm.client(o)
-end
-
-local function msgs(text) return { { role = "user", content = text or "hello" } } end
+local function client(opts) return H.sim_client(up, opts) end
+local msgs = H.msgs
 
 -- Read a stream to its end with next() only: no generic for, no <close>.
 local function drain(s)
