@@ -195,6 +195,10 @@ local REPLIES = {
   { "length cut", body{ max_tokens = 2 } },
   { "stop cut", body{ stop = { "there" } } },
   { "big", body(), "big=3000" },
+  { "logprobs", body{ logprobs = true, top_logprobs = 2 } },
+  { "logprobs, none on top", body{ logprobs = true } },
+  { "content filter took every choice", body(), "choices_empty" },
+  { "answered by a dated snapshot", body(), "reply_model=gpt-4o-mini-2024-07-18" },
 }
 -- streamed: every data: line of each
 local STREAMS = {
@@ -208,6 +212,9 @@ local STREAMS = {
   { "length cut", body{ stream = true, max_tokens = 2 } },
   { "chunks", body{ stream = true }, "chunks=3" },
   { "big", body{ stream = true }, "big=3000" },
+  { "logprobs", body{ stream = true, logprobs = true, top_logprobs = 2 } },
+  { "content filter took every choice", body{ stream = true, stream_options = { include_usage = true } },
+    "choices_empty" },
 }
 -- error replies: { name, body, scenario } (schema ErrorResponse)
 local ERRORS = {

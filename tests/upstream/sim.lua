@@ -442,6 +442,9 @@ local function the_key()
   return type(auth) == "string" and auth:match("^[Bb]earer%s+(.+)$") or ""
 end
 
+local EMPTY_LIST = "__SIM_EMPTY_LIST__"
+local function with_lists(json) return (json:gsub('"__SIM_EMPTY_LIST__"', "[]")) end
+
 -- A deterministic logprob entry for one piece of text (logprobs = true),
 -- with `top` alternatives (top_logprobs).
 local function logprob_entry(piece, k, top)
@@ -455,7 +458,9 @@ local function logprob_entry(piece, k, top)
     for i = 1, #tok do tb[i] = byte(tok, i) end
     alts[j] = { token = tok, logprob = j == 1 and lp or (lp - j), bytes = tb }
   end
-  return { token = piece, logprob = lp, bytes = bytes, top_logprobs = alts }
+  -- lua-cjson writes an empty table as {}: an empty list goes in as a
+  -- marker that the encoding sites turn into []
+  return { token = piece, logprob = lp, bytes = bytes, top_logprobs = top > 0 and alts or EMPTY_LIST }
 end
 
 local function top_of(req)
@@ -494,7 +499,7 @@ local function completion_body(id, model, choices, usage, req)
     system_fingerprint = FINGERPRINT, choices = #list > 0 and list or "__SIM_CHOICES__",
     usage = usage and "__SIM_USAGE__" or nil,
   })
-  body = body:gsub('"__SIM_CHOICES__"', "[]")
+  body = with_lists(body:gsub('"__SIM_CHOICES__"', "[]"))
   if usage then body = body:gsub('"__SIM_USAGE__"', function() return usage end) end
   return body
 end
@@ -612,7 +617,7 @@ local function stream_reply(ctx, req, id, model, info, reply, choices, completio
         local piece = want_lp and seqs[i].pieces and seqs[i].pieces[r]
         if piece then
           ev = choice_chunk(prefix, c.index, delta, nil,
-            encode({ content = { logprob_entry(piece, r - 1, top) }, refusal = null }))
+            with_lists(encode({ content = { logprob_entry(piece, r - 1, top) }, refusal = null })))
           prev_delta[i], prev_event[i] = nil, nil
         elseif delta ~= prev_delta[i] then
           ev = choice_chunk(prefix, c.index, delta, nil)
