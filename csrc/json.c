@@ -56,6 +56,7 @@
 #define MAX_DEPTH 64
 #define KEEP_MAX ((size_t)1 << 20)
 #define KEY_SHOWN 40 /* bytes of a key shown in an error path */
+#define STACK_PAIRS 32 /* pairs of one object kept on the Lua stack */
 
 /* stack slots of json_run (see l_json_encode) */
 #define S_ENC 1
@@ -73,9 +74,10 @@ typedef struct {
 } json_step;
 
 typedef struct {
-  const char *s;     /* the key's bytes (the key stays on the stack) */
+  const char *s;     /* the key's bytes (the key is anchored: see enc_object) */
   size_t len;
-  int slot;          /* stack slot of the key; its value is at slot + 1 */
+  int slot;          /* stack slot of the key (its value is at slot + 1), or 0 */
+  lua_Integer at;    /* when slot is 0: the key's index in the anchor table */
 } json_entry;
 
 typedef struct {
@@ -442,7 +444,9 @@ static void sort_entries(json_entry *v, size_t n) {
   }
 }
 
-static void add_entry(json_enc *e, int slot) {
+/* Records the key at stack slot k, which is either kept there (slot) or
+ * stored at index `at` of the anchor table. */
+static void add_entry(json_enc *e, int k, int slot, lua_Integer at) {
   json_entry *en;
   if (e->nent == e->capent) {
     size_t cap = e->capent ? e->capent * 2 : 64;
@@ -455,37 +459,57 @@ static void add_entry(json_enc *e, int slot) {
   }
   en = &e->ent[e->nent++];
   en->slot = slot;
-  en->s = lua_tolstring(e->L, slot, &en->len);
+  en->at = at;
+  en->s = lua_tolstring(e->L, k, &en->len);
 }
 
 /* An object, from the first pair lua_next pushed (a string key and its
- * value on top of the stack) on: every pair stays on the stack until the
- * keys are sorted and written. */
+ * value on top of the stack) on.  The keys must stay alive, and their
+ * bytes where they are, until they are sorted and written: the first
+ * STACK_PAIRS pairs stay on the stack (no allocation for the usual small
+ * object); the keys after them go into an anchor table, so that a large
+ * object, or many nested ones, never fill the Lua stack (LuaJIT allows a C
+ * function 8000 slots). */
 static void enc_object(json_enc *e, int t, int kind) {
   lua_State *L = e->L;
-  int d = e->depth - 1, top0 = lua_gettop(L) - 2;
+  int d = e->depth - 1, top0 = lua_gettop(L) - 2, anchor = 0;
   size_t base = e->nent, n, j;
+  lua_Integer na = 0;
   for (;;) {
     int k = lua_gettop(L) - 1;
     if (lua_type(L, k) != LUA_TSTRING) fail_bad_key(e, k, kind);
-    add_entry(e, k);
-    if (!lua_checkstack(L, 3)) {
-      char msg[96];
-      snprintf(msg, sizeof msg, "cannot encode an object of more than %lu keys (the Lua stack is full)",
-               (unsigned long)(e->nent - base));
-      fail(e, d, msg, NULL);
+    if (!anchor && e->nent - base < STACK_PAIRS) {
+      if (!lua_checkstack(L, 3)) fail(e, d, "cannot encode: the Lua stack is full", NULL);
+      add_entry(e, k, k, 0);
+      lua_pushvalue(L, k); /* for lua_next; the pair stays */
+    } else {
+      if (!anchor) { /* below this pair: the pairs so far keep their slots */
+        lua_newtable(L);
+        lua_insert(L, k);
+        anchor = k++;
+      }
+      lua_pop(L, 1);
+      lua_pushvalue(L, k);
+      slm_rawseti(L, anchor, ++na);
+      add_entry(e, k, 0, na); /* the key on top goes to lua_next */
     }
-    lua_pushvalue(L, k);
     if (!lua_next(L, t)) break;
   }
   n = e->nent - base;
   sort_entries(e->ent + base, n);
+  if (!lua_checkstack(L, 4)) fail(e, d, "cannot encode: the Lua stack is full", NULL);
   put_char(e, '{');
   for (j = 0; j < n; j++) {
-    const json_entry *en = &e->ent[base + j]; /* add_entry may move e->ent */
-    int k = en->slot;
+    const json_entry *en = &e->ent[base + j]; /* valid until enc_value: */
+    int k = en->slot, stacked = k != 0;         /* add_entry may move e->ent */
     size_t bad;
     if (j) put_char(e, ',');
+    if (!k) { /* the key and its value on top */
+      (void)slm_rawgeti(L, anchor, en->at);
+      k = lua_gettop(L);
+      lua_pushvalue(L, k);
+      lua_rawget(L, t);
+    }
     bad = put_str(e, en->s, en->len, 1);
     if (bad) {
       char msg[80];
@@ -494,6 +518,7 @@ static void enc_object(json_enc *e, int t, int kind) {
     }
     e->step[d].key = k;
     enc_value(e, k + 1);
+    if (!stacked) lua_pop(L, 2);
   }
   put_char(e, '}');
   e->nent = base;
@@ -527,7 +552,8 @@ static int enc_array_inorder(json_enc *e, int t) {
   return 1;
 }
 
-/* Any other table: look at every key first, then write it. */
+/* Any other table (its first key is not 1, or the keys after 1 did not
+ * come in order): look at every key first, then write it as an array. */
 static void enc_checked(json_enc *e, int t, int kind) {
   lua_State *L = e->L;
   int d = e->depth - 1;
@@ -553,12 +579,9 @@ static void enc_checked(json_enc *e, int t, int kind) {
       fail_bad_key(e, lua_gettop(L), kind);
     }
   }
-  if (nstr) {
-    lua_pushnil(L);
-    lua_next(L, t);
-    enc_object(e, t, kind);
-    return;
-  }
+  /* here every key is an integer: enc_table sends a table whose first key
+   * is a string to enc_object, unless it is marked as an array, and any
+   * string key after an integer one has failed above */
   if (max != nint) {
     snprintf(msg, sizeof msg, "cannot encode a sparse array (%lld elements, largest key %lld)",
              (long long)nint, (long long)max);
