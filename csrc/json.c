@@ -205,6 +205,9 @@ static int fail_oom(json_enc *e) {
 
 /* ---------------------------------------------------------------- output */
 
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
 static void grow(json_enc *e, size_t need) {
   size_t want = e->len + need, cap = e->cap ? e->cap : 1024;
   char *p;
@@ -223,7 +226,7 @@ static void grow(json_enc *e, size_t need) {
 }
 
 /* Room for n more bytes; returns where they go. */
-static char *room(json_enc *e, size_t n) {
+static inline char *room(json_enc *e, size_t n) {
   if (e->cap - e->len < n) grow(e, n);
   return e->buf + e->len;
 }
@@ -315,14 +318,78 @@ static int special8(unsigned long long w) {
   return ((lt | q | b | w) & B8(0x80)) != 0;
 }
 
+/* The class of each byte, for put_str: 0 printable ASCII and DEL (copied
+ * as is), 1 control characters, '"' and '\\' (escaped), 2.. what a byte
+ * of 0x80 and above may be in UTF-8 (RFC 3629, table 3-7 of Unicode):
+ *   2: 80..8F  3: 90..9F  4: A0..BF  (continuation bytes)
+ *   5: C0 C1 (overlong)  6: C2..DF  7: E0  8: E1..EC EE EF  9: ED
+ *   10: F0  11: F1..F3  12: F4  13: F5..FF (beyond U+10FFFF) */
+static const unsigned char byte_class[256] = {
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, /* 00 */
+  1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, /* 10 */
+  0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 20 " */
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 30 */
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 40 */
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, /* 50 \ */
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 60 */
+  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, /* 70 */
+  2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, /* 80 */
+  3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, /* 90 */
+  4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, /* A0 */
+  4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, /* B0 */
+  5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, /* C0 */
+  6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, /* D0 */
+  7, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 9, 8, 8, /* E0 */
+  10, 11, 11, 11, 12, 13, 13, 13, 13, 13, 13, 13, 13, 13, 13, 13, /* F0 */
+};
+
+/* A UTF-8 checker as a state machine over those classes.  States: 0 at a
+ * character boundary; 1, 2, 3 continuation bytes still due; 4 after E0
+ * (A0..BF next: no overlong form), 5 after ED (80..9F: no surrogate),
+ * 6 after F0 (90..BF: no overlong form), 7 after F4 (80..8F: nothing
+ * above U+10FFFF); 8 invalid (and stays so).
+ *
+ * State s is kept as the bit offset 6 * s, and utf8_row[class] holds, at
+ * bit offset 6 * s, the offset of the state that follows s: one shift and
+ * one mask per byte, and the loads do not wait on the state. */
+#define U8_BAD (8 * 6)
+#define U8ROW(s0, s1, s2, s3, s4, s5, s6, s7, s8)                              \
+  ((s0) * 6ULL | (s1) * 6ULL << 6 | (s2) * 6ULL << 12 | (s3) * 6ULL << 18 |   \
+   (s4) * 6ULL << 24 | (s5) * 6ULL << 30 | (s6) * 6ULL << 36 |                \
+   (s7) * 6ULL << 42 | (s8) * 6ULL << 48)
+static const unsigned long long utf8_row[14] = {
+  /*   next state after state: 0  1  2  3  4  5  6  7  8 */
+  U8ROW(0, 8, 8, 8, 8, 8, 8, 8, 8), /* ASCII */
+  U8ROW(0, 8, 8, 8, 8, 8, 8, 8, 8), /* ASCII to escape */
+  U8ROW(8, 0, 1, 2, 8, 1, 8, 2, 8), /* 80..8F */
+  U8ROW(8, 0, 1, 2, 8, 1, 2, 8, 8), /* 90..9F */
+  U8ROW(8, 0, 1, 2, 1, 8, 2, 8, 8), /* A0..BF */
+  U8ROW(8, 8, 8, 8, 8, 8, 8, 8, 8), /* C0 C1 */
+  U8ROW(1, 8, 8, 8, 8, 8, 8, 8, 8), /* C2..DF */
+  U8ROW(4, 8, 8, 8, 8, 8, 8, 8, 8), /* E0 */
+  U8ROW(2, 8, 8, 8, 8, 8, 8, 8, 8), /* E1..EC EE EF */
+  U8ROW(5, 8, 8, 8, 8, 8, 8, 8, 8), /* ED */
+  U8ROW(6, 8, 8, 8, 8, 8, 8, 8, 8), /* F0 */
+  U8ROW(3, 8, 8, 8, 8, 8, 8, 8, 8), /* F1..F3 */
+  U8ROW(7, 8, 8, 8, 8, 8, 8, 8, 8), /* F4 */
+  U8ROW(8, 8, 8, 8, 8, 8, 8, 8, 8), /* F5..FF */
+};
+
 /* Appends s as a JSON string (and a ':' after it when colon).  Returns 0,
- * or 1 + the offset of the first byte that is not valid UTF-8. */
+ * or 1 + the offset of the first byte that is not valid UTF-8.
+ *
+ * Runs of printable ASCII go 8 bytes at a time, then byte by byte up to
+ * the next byte that is not.  A byte of 0x80 or above starts a loop that
+ * copies bytes while stepping the UTF-8 state machine (no branch on the
+ * kind of character), over the ASCII between characters too (spaces,
+ * punctuation) until an escape or 8 ASCII bytes in a row: text in other
+ * scripts does not pay for an 8-byte test that fails at every character. */
 static size_t put_str(json_enc *e, const char *str, size_t n, int colon) {
   static const char hex[] = "0123456789abcdef";
   const unsigned char *s = (const unsigned char *)str, *p = s, *end = s + n;
-  char *o;
+  unsigned char *o;
   if (n > ((size_t)-1) - 8) fail_oom(e);
-  o = room(e, n + 3);
+  o = (unsigned char *)room(e, n + 3);
   *o++ = '"';
   for (;;) {
     unsigned c;
@@ -334,27 +401,32 @@ static size_t put_str(json_enc *e, const char *str, size_t n, int colon) {
       o += 8;
       p += 8;
     }
-    while (p < end && (c = *p) >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
-      *o++ = (char)c;
-      p++;
-    }
+    while (p < end && byte_class[*p] == 0) *o++ = *p++;
     if (p == end) break;
     c = *p;
     if (c >= 0x80) {
-      size_t k = utf8_seq(p, end);
-      if (!k) {
-        e->len = (size_t)(o - e->buf);
-        return 1 + (size_t)(p - s);
+      /* copy while checking; on the first escape, or after 8 ASCII bytes in
+       * a row, back to the loops above */
+      unsigned long long st = 0;
+      unsigned ascii = 0;
+      do {
+        unsigned k = byte_class[*p];
+        if (k == 1) break;
+        *o++ = *p++;
+        st = (utf8_row[k] >> st) & 63;
+        ascii = k == 0 ? ascii + 1 : 0;
+      } while (st != U8_BAD && p < end && ascii < 8);
+      if (st != 0) { /* invalid, or a sequence cut short: where does it start? */
+        size_t bad = utf8_bad(str, n);
+        e->len = (size_t)((char *)o - e->buf);
+        return bad ? bad : 1 + (size_t)(p - s);
       }
-      memcpy(o, p, k);
-      o += k;
-      p += k;
       continue;
     }
     /* an escape: up to 6 bytes for this one, the rest may be copied as is */
-    if ((size_t)(e->buf + e->cap - o) < 6 + (size_t)(end - p) + 2) {
-      e->len = (size_t)(o - e->buf);
-      o = room(e, 6 + (size_t)(end - p) + 2);
+    if ((size_t)(e->buf + e->cap - (char *)o) < 6 + (size_t)(end - p) + 2) {
+      e->len = (size_t)((char *)o - e->buf);
+      o = (unsigned char *)room(e, 6 + (size_t)(end - p) + 2);
     }
     *o++ = '\\';
     switch (c) {
@@ -369,14 +441,14 @@ static size_t put_str(json_enc *e, const char *str, size_t n, int colon) {
       *o++ = 'u';
       *o++ = '0';
       *o++ = '0';
-      *o++ = hex[c >> 4];
-      *o++ = hex[c & 15];
+      *o++ = (unsigned char)hex[c >> 4];
+      *o++ = (unsigned char)hex[c & 15];
     }
     p++;
   }
   *o++ = '"';
   if (colon) *o++ = ':';
-  e->len = (size_t)(o - e->buf);
+  e->len = (size_t)((char *)o - e->buf);
   return 0;
 }
 
@@ -475,11 +547,12 @@ static void enc_object(json_enc *e, int t, int kind) {
   int d = e->depth - 1, top0 = lua_gettop(L) - 2, anchor = 0;
   size_t base = e->nent, n, j;
   lua_Integer na = 0;
+  /* the pairs kept, one more for lua_next, the anchor table */
+  if (!lua_checkstack(L, 2 * STACK_PAIRS + 4)) fail(e, d, "cannot encode: the Lua stack is full", NULL);
   for (;;) {
     int k = lua_gettop(L) - 1;
     if (lua_type(L, k) != LUA_TSTRING) fail_bad_key(e, k, kind);
     if (!anchor && e->nent - base < STACK_PAIRS) {
-      if (!lua_checkstack(L, 3)) fail(e, d, "cannot encode: the Lua stack is full", NULL);
       add_entry(e, k, k, 0);
       lua_pushvalue(L, k); /* for lua_next; the pair stays */
     } else {
@@ -734,11 +807,10 @@ static json_enc *new_encoder(lua_State *L) {
 }
 
 /* Runs under lua_pcall: the encoder, the value, opts' empty_array,
- * array_mt and empty_array_mt (or nils). */
+ * array_mt and empty_array_mt (or nils), the string "__jsontype". */
 static int json_run(lua_State *L) {
   json_enc *e = (json_enc *)lua_touserdata(L, S_ENC);
-  lua_settop(L, S_EMPTY_MT);
-  lua_pushliteral(L, "__jsontype"); /* S_JSONTYPE */
+  lua_settop(L, S_JSONTYPE);
   e->L = L;
   e->len = 0;
   e->nent = 0;
@@ -779,8 +851,9 @@ static int l_json_encode(lua_State *L) {
     if (lua_isnil(L, 2)) lua_pushnil(L);
     else lua_getfield(L, 2, opt_names[i]);
   }
+  lua_pushvalue(L, lua_upvalueindex(3)); /* "__jsontype" */
   e->busy = 1;
-  rc = lua_pcall(L, 5, 1, 0);
+  rc = lua_pcall(L, 6, 1, 0);
   e->busy = 0;
   if (e->cap > KEEP_MAX || e->capent * sizeof *e->ent > KEEP_MAX) enc_release(e);
   if (rc != LUA_OK) return lua_error(L);
@@ -792,7 +865,8 @@ int slm_open_json(lua_State *L) {
   slm_new_class(L, ENC_MT, no_methods, enc_gc, NULL);
   new_encoder(L);
   lua_pushcfunction(L, json_run);
-  lua_pushcclosure(L, l_json_encode, 2);
+  lua_pushliteral(L, "__jsontype");
+  lua_pushcclosure(L, l_json_encode, 3);
   lua_setfield(L, -2, "json_encode");
   return 0;
 }

@@ -171,8 +171,17 @@ describe("slm.json", function()
       }
       for _, s in ipairs(valid) do
         assert.equal('"' .. s .. '"', enc(s))
-        for pre = 0, 9 do assert.equal('"' .. rep("a", pre) .. s .. '"', enc(rep("a", pre) .. s)) end
+        for pre = 0, 9 do
+          assert.equal('"' .. rep("a", pre) .. s .. '"', enc(rep("a", pre) .. s))
+          -- inside the UTF-8 loop: after other characters, around escapes and ASCII runs
+          local t = rep("\195\169", pre) .. s .. "\n" .. s .. rep("a", pre) .. '"' .. s .. "\1"
+          assert.equal('"' .. rep("\195\169", pre) .. s .. "\\n" .. s .. rep("a", pre) .. '\\"' .. s .. '\\u0001"', enc(t))
+        end
       end
+      local mixed = {}
+      for i = 1, 2000 do mixed[i] = valid[i % #valid + 1] .. rep(" ", i % 11) .. (i % 7 == 0 and "\t" or "") end
+      mixed = concat(mixed)
+      assert.equal(mixed, dec(enc(mixed)))
     end)
 
     it("refuses invalid UTF-8, naming the byte: overlong, surrogates, > U+10FFFF, truncated, stray", function()
@@ -187,6 +196,7 @@ describe("slm.json", function()
         { "\226\130", 1 }, { "\226", 1 }, { "\240\159\152", 1 }, -- truncated at the end
         { "\226\130A", 1 }, { "\195(", 1 },                     -- continuation missing
         { "ok\195\169\233", 5 },
+        { "\195\n", 1 }, { "\226\130\"", 1 },              -- an escape inside a sequence
       }
       for _, c in ipairs(invalid) do
         local s, at = c[1], c[2]
@@ -194,6 +204,11 @@ describe("slm.json", function()
         for pre = 0, 9 do
           assert.equal(format("slm.json: invalid UTF-8 at byte %d of the string at $.k[2]", at + pre),
             err_of{ k = { "fine", rep("a", pre) .. s .. "z" } })
+          -- after other non-ASCII text (the UTF-8 loop, not the ASCII one)
+          assert.equal(format("slm.json: invalid UTF-8 at byte %d of the string at $", at + 2 * pre + 3),
+            err_of(rep("\195\169", pre) .. "\226\130\172" .. s .. "\195\169"))
+          assert.equal(format("slm.json: invalid UTF-8 at byte %d of the string at $", at + 2 * pre + 1),
+            err_of(rep("\195\169", pre) .. " " .. s .. " x"))
         end
       end
     end)
