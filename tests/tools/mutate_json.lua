@@ -73,14 +73,9 @@ local function sh(cmd)
   return ok, out
 end
 
-local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("a")
-  f:close()
-  return s
-end
+package.path = root .. "/?.lua;" .. package.path
+local H = require "tests.helpers"
+local q, read = H.q, H.read_file
 
 local only = {}
 for _, a in ipairs(arg) do only[tonumber(a)] = true end
