@@ -1,6 +1,6 @@
 /*
  * core.c - entry point of the slm.core module: builds the module table and
- * lets each concept (clock, http, sse, bpe, idlist) register itself.
+ * lets each concept (clock, http, sse, bpe, idlist, json) register itself.
  */
 #include "slm.h"
 
@@ -20,5 +20,6 @@ SLM_EXPORT int luaopen_slm_core(lua_State *L) {
   slm_open_sse(L);
   slm_open_bpe(L);
   slm_open_idlist(L);
+  slm_open_json(L);
   return 1;
 }

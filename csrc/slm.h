@@ -19,6 +19,7 @@ int slm_open_http(lua_State *L);   /* http.c: libcurl multi driver */
 int slm_open_sse(lua_State *L);    /* sse.c: incremental SSE parser */
 int slm_open_bpe(lua_State *L);    /* bpe.c: byte-level BPE tokenizer */
 int slm_open_idlist(lua_State *L); /* idlist.c: slm.IdList, idlist_from_bytes() */
+int slm_open_json(lua_State *L);   /* json.c: json_encode() */
 
 double slm_now(void);              /* monotonic seconds */
 
