@@ -326,3 +326,29 @@ describe("a call never sends its body more often than max_retries + 1", function
     end)
   end
 end)
+
+describe("a request body JSON cannot carry", function()
+  it("is an invalid_request error naming the place, and nothing is sent", function()
+    local c = client()
+    local res, err = c:chat{ messages = { { role = "system", content = "ok" },
+      { role = "user", content = "caf\xe9 au lait" } } } -- Latin-1, not UTF-8
+    assert.is_nil(res)
+    assert.are.equal("invalid_request", err.kind)
+    assert.matches("invalid UTF%-8 at byte 4 of the string at %$%.messages%[2%]%.content", err.message)
+    local _, e2 = c:chat{ messages = msgs(), temperature = 0 / 0 }
+    assert.are.equal("invalid_request", e2.kind)
+    assert.matches("temperature", e2.message)
+    assert.are.equal(0, up:stats().requests)
+    assert.are.equal(0, c.stats.attempts)
+  end)
+  it("an empty array when asked for: slm.array{} goes out as []", function()
+    assert(client():chat{ messages = msgs(), stop = slm.array{ "x" }, metadata = slm.json.object() })
+    local raw = H.last(up).raw_body
+    assert.matches('"stop":%["x"%]', raw)
+    assert.matches('"metadata":{}', raw)
+    assert(client():chat{ messages = msgs(), logit_bias = {}, modalities = slm.array() })
+    raw = H.last(up).raw_body
+    assert.is_nil(raw:find('"modalities"', 1, true)) -- empty array fields are not sent at all
+    assert.matches('"logit_bias":{}', raw)
+  end)
+end)

@@ -125,7 +125,13 @@ function Call:open()
     end
     local body = self.body
     body.model = model
-    local payload = json.encode(body)
+    -- a body JSON cannot carry (text that is not UTF-8, a function, NaN):
+    -- the request cannot be sent, whatever the model
+    local jok, payload = pcall(json.encode, body)
+    if not jok then
+      return nil, errors.new("invalid_request", "the request cannot be sent as JSON: "
+        .. tostring(payload):gsub("^slm%.json: ", ""), { status = 0, model = model })
+    end
     local ok, err = guard.open(self, client, body, self.opts, model, #payload)
     if not ok then return nil, err end
     self.ready = true
