@@ -105,6 +105,10 @@ describe("the API key never shows", function()
     assert.are.equal("Echo: hello there", res.text)
     local _, err = call(c, "echo_key=text")
     assert_clean(err)
+    -- a token as the user, no password
+    local c2 = client{ base_url = up.url:gsub("^http://", "http://" .. SECRET .. "@") }
+    assert.matches("http://<redacted>@", tostring(c2))
+    assert.is_nil(tostring(c2):find(SECRET, 1, true))
   end)
 
   it("nor a secret-looking header value (Azure's api-key)", function()

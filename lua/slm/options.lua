@@ -123,16 +123,29 @@ function M.secret_header(name)
     or n:find("password", 1, true) ~= nil or n == "cookie"
 end
 
---- The password of a URL's userinfo (http://user:pass@host/...), or nil.
-function M.url_password(url)
-  return url:match("^%a[%w+.-]*://[^/@]-:([^/@]*)@")
+-- A URL's userinfo (http://user:pass@host/...): scheme, user, password
+-- (nil without a colon), rest.
+local function userinfo(url)
+  local scheme, info, rest = url:match("^(%a[%w+.-]*://)([^/@]*)@(.*)$")
+  if not scheme then return nil end
+  local user, pass = info:match("^([^:]*):(.*)$")
+  return scheme, user or info, pass, rest
 end
 
---- The URL with its password replaced (for tostring(client) and errors).
+--- The secret of a URL's userinfo: its password, or a userinfo without a
+-- colon (a token as the user, as some gateways take it); nil when none.
+function M.url_password(url)
+  local scheme, user, pass = userinfo(url)
+  if not scheme then return nil end
+  return pass or user
+end
+
+--- The URL with that secret replaced (for tostring(client) and errors).
 function M.url_display(url)
-  local scheme, user, rest = url:match("^(%a[%w+.-]*://)([^/@:]*):[^/@]*@(.*)$")
-  if scheme then return scheme .. user .. ":<redacted>@" .. rest end
-  return url
+  local scheme, user, pass, rest = userinfo(url)
+  if not scheme then return url end
+  if pass then return scheme .. user .. ":<redacted>@" .. rest end
+  return scheme .. "<redacted>@" .. rest
 end
 
 --- Split a request table into the chat-completions body and our options;

@@ -353,7 +353,11 @@ function Stream:close()
     { status = 0, model = self.call:model() }))
 end
 Stream.__close = Stream.close
-Stream.__gc = Stream.close -- a safety net in Lua 5.4; the paths above never rely on it
+-- A safety net in Lua 5.4 (the paths above never rely on it): a stream
+-- dropped unfinished gives back its slot and reservation.  A finalizer may
+-- run anywhere, also while the loop runs (where a transfer cannot be
+-- cancelled): an error there must not escape.
+function Stream:__gc() pcall(Stream.close, self) end
 
 --- The final Response (after the loop), or nil, err.
 function Stream:result()
