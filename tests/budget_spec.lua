@@ -260,3 +260,41 @@ describe("budget edge cases", function()
     assert.are.equal(0, held_usd); assert.are.equal(0, held_tok)
   end)
 end)
+
+describe("budget amounts and backends", function()
+  it("settles only finite non-negative amounts: a NaN or negative one is charged as the worst case", function()
+    for _, bad in ipairs{ 0 / 0, -1, math.huge } do
+      local b = slm.budget{ usd = 1, tokens = 1000 }
+      local r = assert(b:reserve(0.25, 100, "m"))
+      b:settle(r, bad, 40)
+      local usd, tok = b:spent()
+      assert.are.equal(0.25, usd, tostring(bad))
+      assert.are.equal(100, tok, tostring(bad))
+      assert.are.equal(1, b.rejected_amounts)
+      local left = b:remaining()
+      assert.is_true(left == 0.75, tostring(bad))
+      b:settle(r, 0, 0) -- settling twice changes nothing
+      assert.are.equal(0.25, (b:spent()))
+    end
+    local b = slm.budget{ usd = 1 }
+    assert.has_error(function() b:reserve(0 / 0, 1) end, "slm.budget: reserve needs finite non-negative amounts")
+  end)
+
+  it("keeps its numbers in a backend of the caller's choosing, through reserve/settle/totals only", function()
+    local log = {}
+    local mem = require("slm.budget").memory()
+    local backend = {
+      reserve = function(_, usd, tokens, lu, lt) log[#log + 1] = "reserve"; return mem:reserve(usd, tokens, lu, lt) end,
+      settle = function(_, id, usd, tokens) log[#log + 1] = "settle"; return mem:settle(id, usd, tokens) end,
+      totals = function() log[#log + 1] = "totals"; return mem:totals() end,
+    }
+    local b = slm.budget{ usd = 1, backend = backend }
+    local c = slm.client{ base_url = up.url, api_key = "sk-test-good", model = FAST, budget = b }
+    local res = assert(c:chat{ messages = { { role = "user", content = "hi" } }, max_tokens = 10 })
+    assert.are.same({ "reserve", "settle" }, log)
+    assert.are.equal(res.cost, (b:spent()))
+    assert.are.same({ 0, 0 }, { b:reserved() })
+    assert.has_error(function() slm.budget{ usd = 1, backend = {} } end,
+      "slm.budget: option 'backend' must have reserve, settle and totals methods")
+  end)
+end)

@@ -152,9 +152,9 @@ function Budget:settle(r, usd, tokens)
   if r.settled then return end
   r.settled = true
   local u, t = amount(usd or 0), amount(tokens or 0)
-  if not u or not t then
+  if not u or not t then -- the figures cannot be trusted: the worst case
     self.rejected_amounts = self.rejected_amounts + 1
-    u, t = u or r.usd, t or r.tokens
+    u, t = r.usd, r.tokens
   end
   self.backend:settle(r.id, u, t)
 end
