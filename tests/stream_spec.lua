@@ -374,3 +374,18 @@ describe("logprobs", function()
     end
   end)
 end)
+
+describe("on_delta's chunk", function()
+  it("is given to a callback that takes it, or takes '...' (one that takes only the text is spared making it)", function()
+    for _, form in ipairs{ "two", "vararg" } do
+      local got = 0
+      local cb = form == "two" and function(_, chunk) if type(chunk) == "table" and chunk.choices then got = got + 1 end end
+        or function(...) local _, chunk = ...; if type(chunk) == "table" and chunk.choices then got = got + 1 end end
+      -- events 5 ms apart: after the first, content chunks take the fast path
+      local res = assert(client():chat{ messages = msgs(), stream = true, on_delta = cb,
+        headers = { ["X-Sim-Scenario"] = "slow_chunks=5" } })
+      assert.is_true(got > 5, form)
+      assert.are.equal("Echo: " .. TEXT, res.text)
+    end
+  end)
+end)

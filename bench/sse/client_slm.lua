@@ -83,14 +83,18 @@ local function breakdown()
   pipe:close()
   local pieces = {}
   for i = 1, #all, 65536 do pieces[#pieces + 1] = all:sub(i, i + 65535) end
-  local memory = { open = function()
+  -- a runtime: the libcurl one's sleep, semaphore, ..., with connections
+  -- that replay the captured stream
+  local memory = {}
+  for k, v in pairs(require "slm.transport.curl") do memory[k] = v end
+  memory.open = function()
     local i = 0
     return {
       response = function() return 200, { ["content-type"] = "text/event-stream" } end,
       read = function() i = i + 1; return pieces[i] end,
       result = function() return true end, cancel = function() end, info = function() return {} end,
     }
-  end }
+  end
   local mem = slm.client{ base_url = "http://memory/v1", transport = memory, max_retries = 0 }
   local function run(c)
     local count = 0

@@ -114,8 +114,11 @@ function Client:chat(req)
   if not opts.stream then
     return pipeline.plain(pipeline.new(self, body, opts, false))
   end
-  local s = stream.new(pipeline.new(self, body, opts, true))
   local on_delta = opts.on_delta
+  -- an on_delta that takes only the text never needs a chunk decoded or made
+  local info = on_delta and debug.getinfo(on_delta, "u")
+  local chunks = not (info and info.nparams and info.nparams < 2 and not info.isvararg)
+  local s = stream.new(pipeline.new(self, body, opts, true), chunks)
   while true do
     local text, chunk = s:next()
     if text == nil then break end

@@ -28,19 +28,6 @@ Stream.__index = Stream
 Stream.__name = "slm.Stream"
 M.Stream = Stream
 
-function M.new(call)
-  return setmetatable({ call = call, client = call.client, queue = {}, qhead = 1, qtail = 0 }, Stream)
-end
-
--- A stream that failed before it could start (an error known up front).
-function M.failed(call, err)
-  local s = M.new(call)
-  s.finished, s.err = true, err
-  return s
-end
-
-local read_all = require("slm.pipeline").read_all
-
 -- The chunk handed out with a fast-path delta (feed) is decoded only when
 -- the caller reads it: core's feed_chat makes it as
 -- setmetatable({ __slm_raw = json }, LazyChunk), and the first read of any
@@ -58,6 +45,22 @@ end
 LazyChunk.__index = function(t, k) return materialize(t)[k] end
 LazyChunk.__newindex = function(t, k, v) materialize(t)[k] = v end
 LazyChunk.__pairs = function(t) return next, materialize(t), nil end
+
+-- chunks: whether the consumer gets the decoded chunk of a fast-path delta
+-- (false: an on_delta that takes only the text; it gets false there).
+function M.new(call, chunks)
+  return setmetatable({ call = call, client = call.client, queue = {}, qhead = 1, qtail = 0,
+    chunk_mt = chunks ~= false and LazyChunk or nil }, Stream)
+end
+
+-- A stream that failed before it could start (an error known up front).
+function M.failed(call, err)
+  local s = M.new(call)
+  s.finished, s.err = true, err
+  return s
+end
+
+local read_all = require("slm.pipeline").read_all
 
 local function secrets(s) return s.client:_secrets() end
 
@@ -221,7 +224,7 @@ end
 -- queue (s.evs, read by next); the accumulator gets the texts of a whole
 -- run of content chunks in one add_texts call.
 local function feed(s, bytes)
-  local events, nslow, before = s.parser:feed_chat(bytes, s.known, LazyChunk)
+  local events, nslow, before = s.parser:feed_chat(bytes, s.known, s.chunk_mt)
   local ferr
   if not events then
     -- an oversized event: what completed before it is still delivered
