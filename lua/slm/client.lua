@@ -108,6 +108,19 @@ function Client:_secret() return secrets[self].key end
 function Client:_secrets() return secrets[self].set end
 function Client:_url() return secrets[self].url end
 
+-- Hand every delta of s to on_delta; stop when it returns false.
+local function deliver(s, on_delta)
+  local next_delta = s.next
+  while true do
+    local text, chunk = next_delta(s)
+    if text == nil then return end
+    if on_delta and on_delta(text, chunk) == false then
+      s:close()
+      return
+    end
+  end
+end
+
 --- client:chat(req) -> Response | nil, err
 function Client:chat(req)
   local body, opts = options.request(req, "slm: client:chat", 2)
@@ -119,20 +132,13 @@ function Client:chat(req)
   local info = on_delta and debug.getinfo(on_delta, "u")
   local chunks = not (info and info.nparams and info.nparams < 2 and not info.isvararg)
   local s = stream.new(pipeline.new(self, body, opts, true), chunks)
-  while true do
-    local text, chunk = s:next()
-    if text == nil then break end
-    if on_delta then
-      local ok, r = pcall(on_delta, text, chunk)
-      if not ok then
-        s:close()
-        error(r, 0)
-      end
-      if r == false then
-        s:close()
-        break
-      end
-    end
+  -- one pcall around the whole loop, not one per delta: an error raised by
+  -- the callback (or anything else) stops the transfer, gives back what
+  -- the call holds, and is raised again here
+  local ok, err = pcall(deliver, s, on_delta)
+  if not ok then
+    s:close()
+    error(err, 0)
   end
   return s:result()
 end
