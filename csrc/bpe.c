@@ -294,50 +294,6 @@ static void build_index(lua_State *L, bpe_t *b) {
   }
 }
 
-static const signed char b64[256] = {
-  ['A'] = 1, ['B'] = 2, ['C'] = 3, ['D'] = 4, ['E'] = 5, ['F'] = 6, ['G'] = 7,
-  ['H'] = 8, ['I'] = 9, ['J'] = 10, ['K'] = 11, ['L'] = 12, ['M'] = 13,
-  ['N'] = 14, ['O'] = 15, ['P'] = 16, ['Q'] = 17, ['R'] = 18, ['S'] = 19,
-  ['T'] = 20, ['U'] = 21, ['V'] = 22, ['W'] = 23, ['X'] = 24, ['Y'] = 25,
-  ['Z'] = 26, ['a'] = 27, ['b'] = 28, ['c'] = 29, ['d'] = 30, ['e'] = 31,
-  ['f'] = 32, ['g'] = 33, ['h'] = 34, ['i'] = 35, ['j'] = 36, ['k'] = 37,
-  ['l'] = 38, ['m'] = 39, ['n'] = 40, ['o'] = 41, ['p'] = 42, ['q'] = 43,
-  ['r'] = 44, ['s'] = 45, ['t'] = 46, ['u'] = 47, ['v'] = 48, ['w'] = 49,
-  ['x'] = 50, ['y'] = 51, ['z'] = 52, ['0'] = 53, ['1'] = 54, ['2'] = 55,
-  ['3'] = 56, ['4'] = 57, ['5'] = 58, ['6'] = 59, ['7'] = 60, ['8'] = 61,
-  ['9'] = 62, ['+'] = 63, ['/'] = 64,
-}; /* value + 1; 0 = not base64 */
-
-/* Decode base64 s[0,n) into out; returns bytes written or -1. */
-static long b64_decode(const unsigned char *s, size_t n, unsigned char *out) {
-  size_t i = 0, o = 0;
-  uint32_t acc = 0;
-  int bits = 0;
-  while (n > 0 && s[n - 1] == '=') n--;
-  for (; i + 4 <= n; i += 4) {
-    int a = b64[s[i]], c = b64[s[i + 1]], d = b64[s[i + 2]], e = b64[s[i + 3]];
-    uint32_t v;
-    if (!a || !c || !d || !e) return -1;
-    v = ((uint32_t)(a - 1) << 18) | ((uint32_t)(c - 1) << 12) |
-        ((uint32_t)(d - 1) << 6) | (uint32_t)(e - 1);
-    out[o] = (unsigned char)(v >> 16);
-    out[o + 1] = (unsigned char)(v >> 8);
-    out[o + 2] = (unsigned char)v;
-    o += 3;
-  }
-  for (; i < n; i++) {
-    int v = b64[s[i]];
-    if (!v) return -1;
-    acc = (acc << 6) | (uint32_t)(v - 1);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out[o++] = (unsigned char)(acc >> bits);
-    }
-  }
-  return (long)o;
-}
-
 /* tiktoken file: one "base64 rank" per line. */
 static void load_tiktoken(lua_State *L, bpe_t *b, const unsigned char *s, size_t n) {
   size_t pos = 0, blob = 0, line = 0, lines = 1;
@@ -364,7 +320,7 @@ static void load_tiktoken(lua_State *L, bpe_t *b, const unsigned char *s, size_t
         mul *= 10;
       }
       if (r >= MAX_RANK) luaL_error(L, "slm.BPE: rank too large on line %d", (int)line);
-      k = b64_decode(s + pos, sp - 1 - pos, b->blob + blob);
+      k = slm_base64_decode(s + pos, sp - 1 - pos, b->blob + blob, 0);
       if (k < 0) luaL_error(L, "slm.BPE: bad base64 on line %d", (int)line);
       add_token(L, b, r, (uint32_t)blob, (uint32_t)k, &cap);
       blob += (size_t)k;

@@ -20,8 +20,16 @@ int slm_open_sse(lua_State *L);    /* sse.c: incremental SSE parser */
 int slm_open_bpe(lua_State *L);    /* bpe.c: byte-level BPE tokenizer */
 int slm_open_idlist(lua_State *L); /* idlist.c: slm.IdList, idlist_from_bytes() */
 int slm_open_json(lua_State *L);   /* json.c: json_encode() */
+int slm_open_base64(lua_State *L); /* base64.c: base64_encode(), base64_decode() */
 
 double slm_now(void);              /* monotonic seconds */
+
+/* base64.c: RFC 4648 base64 (slm_base64_decode: both alphabets, whitespace
+ * skipped, stops at '=' or after max bytes when max > 0; -1 on a bad
+ * character; out needs n * 3 / 4 + 3 bytes) */
+size_t slm_base64_encoded_len(size_t n);
+void slm_base64_encode(const unsigned char *s, size_t n, char *out);
+long slm_base64_decode(const unsigned char *s, size_t n, unsigned char *out, size_t max);
 
 /* idlist.c: push v[0, n) as a new table {v[0], ..., v[n-1]} of integers
  * (slm_push_idtable) or as a new slm.IdList (slm_push_idlist); the ids of

@@ -114,6 +114,27 @@ describe("image.size", function()
     assert.are.same({ 3000, 2000, "jpeg" }, { image.size_of_url(data_url(jpg, "image/jpeg")) })
   end)
 
+  it("encodes base64 in C, round-tripping every length and byte (RFC 4648 vectors too)", function()
+    local core = require "slm.core"
+    local vectors = { [""] = "", f = "Zg==", fo = "Zm8=", foo = "Zm9v", foob = "Zm9vYg==", fooba = "Zm9vYmE=",
+      foobar = "Zm9vYmFy" }
+    for plain, enc in pairs(vectors) do
+      assert.are.equal(enc, image.base64_encode(plain))
+      assert.are.equal(plain, core.base64_decode(enc))
+    end
+    math.randomseed(7)
+    for n = 0, 300 do
+      local t = {}
+      for i = 1, n do t[i] = string.char(math.random(0, 255)) end
+      local bytes = table.concat(t)
+      assert.are.equal(bytes, image.base64_decode(image.base64_encode(bytes)), "length " .. n)
+    end
+    assert.are.same({ nil, "invalid base64" }, { core.base64_decode("ab$c") })
+    assert.is_nil(core.base64_decode("A")) -- a lone character cannot be a byte
+    assert.has_error(function() core.base64_encode(nil) end)
+    assert.has_error(function() core.base64_decode("YQ==", -1) end)
+  end)
+
   it("decodes base64 with or without padding, in either alphabet, with line breaks", function()
     local bytes = make.png(5, 3)
     for _, enc in ipairs{ b64(bytes), b64(bytes, true), b64(bytes, false, true) } do

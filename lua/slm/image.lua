@@ -30,8 +30,9 @@
 -- which is 2 x 4 = 8 tiles, so BASE + 8 * TILE = 48,169 tokens for
 -- gpt-4o-mini; info.estimate is then true.
 --
--- Pure Lua, 5.1/LuaJIT and 5.4 alike (no bit operators, no integer
--- division).  Reading a local file is the only I/O.
+-- Lua, 5.1/LuaJIT and 5.4 alike (no bit operators, no integer division);
+-- base64 is slm.core's.  Reading a local file is the only I/O.
+local core = require "slm.core"
 local type, tonumber, tostring, error = type, tonumber, tostring, error
 local byte, sub, char = string.byte, string.sub, string.char
 local floor, ceil = math.floor, math.ceil
@@ -152,44 +153,17 @@ end
 
 ------------------------------------------------------------------ base64
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local val = {}
-for i = 1, 64 do val[byte(B64, i)] = i - 1 end
-val[byte("-")] = 62 -- base64url
-val[byte("_")] = 63
-
 --- Decode base64 (standard or URL alphabet; whitespace ignored; padding
--- optional).  Decodes at most `max` bytes when given (a prefix is enough
+-- optional), in C (slm.core, shared with the tokenizer's vocabulary loader).
+-- Decodes at least the first `max` bytes when given (a prefix is enough
 -- for a header).  Returns nil, err on a character outside the alphabet.
 function M.base64_decode(s, max)
-  if s:find("[^%w%+/%-_=%s]") then return nil, "invalid base64" end
-  s = s:gsub("[%s=]", "")
-  local n = #s
-  if max then
-    local chars = ceil(max / 3) * 4
-    if chars < n then n = chars end
-  end
-  local out, k = {}, 0
-  local i = 1
-  while i + 3 <= n do
-    local a, b, c, d = byte(s, i, i + 3)
-    local v = ((val[a] * 64 + val[b]) * 64 + val[c]) * 64 + val[d]
-    k = k + 1
-    out[k] = char(floor(v / 65536), floor(v / 256) % 256, v % 256)
-    i = i + 4
-  end
-  local rest = n - i + 1
-  if rest == 2 then
-    local a, b = byte(s, i, i + 1)
-    k = k + 1
-    out[k] = char(floor((val[a] * 64 + val[b]) / 16))
-  elseif rest == 3 then
-    local a, b, c = byte(s, i, i + 2)
-    local v = (val[a] * 64 + val[b]) * 64 + val[c]
-    k = k + 1
-    out[k] = char(floor(v / 1024), floor(v / 4) % 256)
-  end
-  return concat(out, "", 1, k)
+  return core.base64_decode(s, max)
+end
+
+--- Encode bytes as base64 (standard alphabet, padded), in C.
+function M.base64_encode(s)
+  return core.base64_encode(s)
 end
 
 ------------------------------------------------------------------ sources
