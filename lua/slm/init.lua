@@ -48,11 +48,23 @@ slm.loop = {
   step = function() return runtime.get("curl").step() end,
 }
 
--- Modules that may be absent in a partial install load lazily.
+-- Modules that may be absent in a partial install, or that load much
+-- (tokenizers), load lazily: the tasks too.
 local lazy = {
   tokenizer = function() return require("slm.tokenizer").get end,
   count = function() return require("slm.count").count end,
   fit = function() return require("slm.count").fit end,
+  classify = function() return require("slm.tasks.classify") end,
+  extract = function() return require("slm.tasks.extract") end,
+  summarize = function() return require("slm.tasks.summarize") end,
+  generate = function() return require("slm.tasks.generate") end,
+  support = function() return require("slm.tasks.support") end,
+  route = function() return require("slm.route").route end,
+  evaluate = function() return require("slm.evaluate") end,
+  schema = function() return require("slm.schema") end,
+  store = function() return require("slm.store") end,
+  pii = function() return require("slm.pii") end,
+  bm25 = function() return require("slm.bm25") end,
 }
 
 return setmetatable(slm, {

@@ -1,4 +1,7 @@
--- slm.models: model data (context, output limit, prices, vision, tokenizer).
+-- slm.models: model data (context, output limit, prices, vision, tokenizer,
+-- and what the task layer may ask of it: `structured` = "json_schema"
+-- (OpenAI's strict structured outputs) | "json_object" (JSON mode) |
+-- "none"; `logprobs` = whether the endpoint returns them).
 --
 -- Prices are USD per 1M tokens.  This is data, not code: users add models
 -- or override prices with `slm.models["my-model"] = { ... }`.  Aliases map
@@ -11,11 +14,13 @@ local models = {
     context = 128000, max_output = 16384,
     input_per_m = 0.15, output_per_m = 0.60, cached_input_per_m = 0.075,
     vision = true, tokenizer = "o200k_base", format = "openai",
+    structured = "json_schema", logprobs = true,
   },
   ["nousresearch/hermes-3-llama-3.1-405b"] = {
     context = 65536, max_output = 16384,
     input_per_m = 1.00, output_per_m = 0.30,
     vision = false, tokenizer = "llama3", format = "chatml",
+    structured = "json_object", logprobs = false,
   },
 }
 
