@@ -1,7 +1,11 @@
 -- tests/upstream/mockmodel.lua: the simulator's "model". Deterministic
 -- heuristics that turn a request's text into a plausible answer: JSON that
 -- conforms to a JSON schema (enum values picked by keyword scoring, English
--- and Russian), a generic {label, summary} object, short summaries.
+-- and Russian), a generic {label, summary} object, short summaries; and
+-- the scripted model the task layer is tested against (README.md, "The
+-- scripted model"): knowledge answers with citations, escalation calls,
+-- schemas found in prompts, enum logprobs, word-limited summaries,
+-- verbatim quotes and the task-failure directives.
 --
 -- Pure Lua, no I/O, no ngx: runs under LuaJIT (inside nginx) and Lua 5.4
 -- (unit tests). Returns plain Lua tables; the caller encodes them.
