@@ -795,6 +795,10 @@ describe("test upstream", function()
       it("invalid_json: cut inside the first string, finish_reason stop", function()
         assert.same({ '{"category":"bil', "stop" }, text_finish("invalid_json"))
         assert.is_nil(cjson.decode((broken("invalid_json"))))
+        -- known directives are not listed as unknown, others still are
+        local _, res = ask(chat_body(DOC, { response_format = schema_rf(SCHEMA) }),
+          { scenario = "invalid_json,cut,banned=x,bad_quote,nonsense" })
+        assert.equal("nonsense", res.headers["x-sim-unknown"])
       end)
 
       it("prose_json: the JSON in prose and a fence", function()
