@@ -179,6 +179,20 @@ local TOOL_TURN = { { role = "user", content = "weather in Paris" },
     ["function"] = { name = "get_weather", arguments = '{"city":"Paris"}' } } } },
   { role = "tool", tool_call_id = "call_1", content = "21 C, sunny" } }
 local JSON_SCHEMA_RF = { type = "json_schema", json_schema = { name = "ticket", schema = SCHEMA, strict = true } }
+-- the scripted model (tests/upstream/README.md, "The scripted model"): a
+-- classification with enum logprobs, a multi-label one, an escalation, an
+-- answer from knowledge passages
+local CHARGED = { { role = "user", content = "I was charged twice for my order" } }
+local LABELS_RF = { type = "json_schema", json_schema = { name = "labels", strict = true, schema = {
+  type = "object", additionalProperties = false, required = { "labels" }, properties = {
+    labels = { type = "array", items = { type = "string", enum = { "billing", "shipping", "other" } } } } } } }
+local ESCALATE = fn_tool("escalate_to_human", "Hand the conversation to a person", {
+  reason = { type = "string" }, category = { type = "string", enum = { "billing", "technical", "other" } },
+  summary = { type = "string" } }, { "reason", "category", "summary" })
+local HUMAN = { { role = "user", content = "My card was charged twice, let me talk to a human" } }
+local KNOWLEDGE = { { role = "system", content = "Answer from the passages.\n<knowledge>\n"
+  .. '<passage id="faq-12" title="Delivery times">Delivery takes 3-5 business days. Express arrives next day.</passage>\n'
+  .. "</knowledge>" }, { role = "user", content = "How long does delivery take?" } }
 
 -- { name, body, scenario header } of non-streamed replies; each content rule
 -- of tests/upstream/README.md ("Replies")
@@ -199,6 +213,14 @@ local REPLIES = {
   { "logprobs, none on top", body{ logprobs = true } },
   { "content filter took every choice", body(), "choices_empty" },
   { "answered by a dated snapshot", body(), "reply_model=gpt-4o-mini-2024-07-18" },
+  { "logprobs of a json_schema label", body{ messages = CHARGED, response_format = JSON_SCHEMA_RF, logprobs = true,
+    top_logprobs = 3 } },
+  { "logprobs of a json_object label", body{ messages = CHARGED, response_format = { type = "json_object" },
+    logprobs = true, top_logprobs = 2 } },
+  { "logprobs of multi-label arrays", body{ messages = CHARGED, response_format = LABELS_RF, logprobs = true,
+    top_logprobs = 2 } },
+  { "escalate_to_human call", body{ messages = HUMAN, tools = { ESCALATE } } },
+  { "answer from knowledge passages", body{ messages = KNOWLEDGE } },
 }
 -- streamed: every data: line of each
 local STREAMS = {
@@ -213,6 +235,10 @@ local STREAMS = {
   { "chunks", body{ stream = true }, "chunks=3" },
   { "big", body{ stream = true }, "big=3000" },
   { "logprobs", body{ stream = true, logprobs = true, top_logprobs = 2 } },
+  { "logprobs of a json_schema label", body{ stream = true, messages = CHARGED, response_format = JSON_SCHEMA_RF,
+    logprobs = true, top_logprobs = 3 } },
+  { "escalate_to_human call", body{ stream = true, messages = HUMAN, tools = { ESCALATE } } },
+  { "answer from knowledge passages", body{ stream = true, messages = KNOWLEDGE } },
   { "content filter took every choice", body{ stream = true, stream_options = { include_usage = true } },
     "choices_empty" },
 }

@@ -1,7 +1,11 @@
 -- tests/upstream/mockmodel.lua: the simulator's "model". Deterministic
 -- heuristics that turn a request's text into a plausible answer: JSON that
 -- conforms to a JSON schema (enum values picked by keyword scoring, English
--- and Russian), a generic {label, summary} object, short summaries.
+-- and Russian), a generic {label, summary} object, short summaries; and
+-- the scripted model the task layer is tested against (README.md, "The
+-- scripted model"): knowledge answers with citations, escalation calls,
+-- schemas found in prompts, enum logprobs, word-limited summaries,
+-- verbatim quotes and the task-failure directives.
 --
 -- Pure Lua, no I/O, no ngx: runs under LuaJIT (inside nginx) and Lua 5.4
 -- (unit tests). Returns plain Lua tables; the caller encodes them.
@@ -336,24 +340,25 @@ local function description_keywords(desc, values)
 end
 
 -- Score one value against prepared (lowercased) text. Returns the number
--- of distinct phrases found.
+-- of distinct phrases found, and the list of those phrases.
 local function score_value(v, text, desc_phrases, subject)
-  local seen, score = {}, 0
+  local seen, score, hits = {}, 0, {}
   local function try(phrase)
     local key = M.lower(phrase)
     if seen[key] then return end
     seen[key] = true
     if phrase_hits(text, phrase) then
       score = score + 1
+      hits[#hits + 1] = phrase
       if subject and phrase_hits(subject, phrase) then score = score + 1 end
     end
   end
-  try(gsub(tostring(v), "[_%-]", " "))
+  try((gsub(tostring(v), "[_%-]", " ")))
   for _, p in ipairs(desc_phrases or {}) do try(p) end
   for _, cat in ipairs(categories_of(v)) do
     for _, p in ipairs(cat.keywords) do try(p) end
   end
-  return score
+  return score, hits
 end
 
 local function fallback_value(values)
@@ -365,28 +370,62 @@ local function fallback_value(values)
   return values[1]
 end
 
--- Pick the enum value whose keywords best match the text. `desc` is free
--- text (a schema description, a system prompt) that may say which words
--- point to which value. Returns value, score (0 when nothing matched).
-function M.choose(values, text, desc, extra)
-  if #values == 0 then return nil, 0 end
+-- Score every enum value against the text. `desc` is free text (a schema
+-- description, a system prompt) that may say which words point to which
+-- value; `extra` maps values to more keyword text (const descriptions).
+-- Returns { value = the choice, score = its score (0: nothing matched, the
+-- fallback value), scores = { score of values[i] }, pos = byte offset in
+-- `text` of the first keyword that decided the choice, or nil }.
+function M.choose_detail(values, text, desc, extra)
+  local d = { scores = {}, score = 0 }
+  if #values == 0 then return d end
   local t = prepare_text(text)
   local subject = subject_of(text)
   if subject then subject = prepare_text(subject) end
   local dk = description_keywords(desc, values)
-  local best, best_score = nil, 0
-  for _, v in ipairs(values) do
+  local best, best_score, best_hits = nil, 0, nil
+  for i, v in ipairs(values) do
     local phrases = dk[v]
     if extra and extra[v] then
       local merged = {}
-      for i, p in ipairs(phrases or {}) do merged[i] = p end
+      for j, p in ipairs(phrases or {}) do merged[j] = p end
       phrases = split_phrases(extra[v], merged)
     end
-    local s = score_value(v, t, phrases, subject)
-    if s > best_score then best, best_score = v, s end
+    local s, hits = score_value(v, t, phrases, subject)
+    d.scores[i] = s
+    if s > best_score then best, best_score, best_hits = v, s, hits end
   end
-  if not best then return fallback_value(values), 0 end
-  return best, best_score
+  if not best then
+    d.value = fallback_value(values)
+    return d
+  end
+  d.value, d.score = best, best_score
+  -- M.lower keeps byte lengths, so offsets in it are offsets in `text`
+  local low = M.lower(text)
+  for _, phrase in ipairs(best_hits) do
+    local p = pattern_cache[phrase]
+    local at = p and find(low, p)
+    if at and (not d.pos or at < d.pos) then d.pos = at end
+  end
+  return d
+end
+
+-- Pick the enum value whose keywords best match the text (see
+-- choose_detail). Returns value, score (0 when nothing matched).
+function M.choose(values, text, desc, extra)
+  local d = M.choose_detail(values, text, desc, extra)
+  return d.value, d.score
+end
+
+-- The probabilities of enum values from their keyword scores:
+-- p_i = (s_i + a) / sum_j (s_j + a), with a = M.SMOOTHING (0.1). With no
+-- keyword hit at all every value gets 1/n.
+M.SMOOTHING = 0.1
+function M.probabilities(scores)
+  local a, total, p = M.SMOOTHING, 0, {}
+  for _, s in ipairs(scores) do total = total + s + a end
+  for i, s in ipairs(scores) do p[i] = (s + a) / total end
+  return p
 end
 
 local LANG_VALUES = {
@@ -496,9 +535,48 @@ local function fit_length(s, schema)
   return s
 end
 
+-- Property names whose value is evidence quoted from the document: a word
+-- of the name (split at "_", "-" and case changes) is quote(s) or evidence.
+local function is_quote_name(name)
+  if type(name) ~= "string" then return false end
+  local spaced = gsub(name, "(%l)(%u)", "%1 %2")
+  for w in gmatch(lower(spaced), "%a+") do
+    if w == "quote" or w == "quotes" or w == "evidence" then return true end
+  end
+  return false
+end
+M.is_quote_name = is_quote_name
+
+-- A verbatim run of the text: 12 whitespace-separated words (at least 6
+-- when the text has that many; all of it when it has fewer), starting two
+-- words before the word at byte offset `pos` (nil: the first words). The
+-- run is a substring of `text`, white space and punctuation included.
+function M.quote(text, pos)
+  local words = {}
+  for s, e in gmatch(text, "()%S+()") do words[#words + 1] = { s, e - 1 } end
+  if #words == 0 then return "" end
+  local at = 1
+  if pos then
+    at = #words
+    for i, w in ipairs(words) do
+      if w[2] >= pos then at = i break end
+    end
+  end
+  local first = at - 2
+  if first < 1 then first = 1 end
+  local last = first + 11
+  if last > #words then last = #words end
+  if last - first + 1 < 6 then
+    first = last - 5
+    if first < 1 then first = 1 end
+  end
+  return sub(text, words[first][1], words[last][2])
+end
+
 local function gen_string(name, schema, ctx)
   local text = ctx.text
   local fmt = schema.format
+  if is_quote_name(name) then return M.quote(text, ctx.near) end
   if fmt == "date" then return text:match("%d%d%d%d%-%d%d%-%d%d") or "2024-01-01" end
   if fmt == "date-time" then
     return text:match("%d%d%d%d%-%d%d%-%d%dT[%d:]+Z?") or "2024-01-01T00:00:00Z"
@@ -537,14 +615,102 @@ local function clamp(x, schema)
   return x
 end
 
+local LANG_NAMES = { "language", "lang", "locale" }
+
+-- The free text that guides an enum's choice: its description, then the
+-- system prompt.
+local function guidance(schema, ctx)
+  local desc = schema.description
+  if ctx.system ~= "" then desc = (type(desc) == "string" and desc .. "\n" or "") .. ctx.system end
+  return desc
+end
+
+-- One enum value: the choice, and what the logprobs need of it
+-- ({ values, scores, chosen }); third result: where the deciding keyword
+-- is in the text (nil without a hit).
+local function choose_enum(schema, ctx, name)
+  local values = schema.enum
+  if name_has(name, LANG_NAMES) then
+    -- by script, not keywords: the picked value scores 1, the others 0
+    local v = pick_language(values, ctx.text)
+    local scores = {}
+    for i, x in ipairs(values) do scores[i] = x == v and 1 or 0 end
+    return v, { values = values, scores = scores, chosen = v }
+  end
+  local d = M.choose_detail(values, ctx.text, guidance(schema, ctx), schema.const_descriptions)
+  if d.score > 0 then
+    ctx.hit = true
+    ctx.matched[#ctx.matched + 1] = tostring(d.value)
+  end
+  return d.value, { values = values, scores = d.scores, chosen = d.value }, d.pos
+end
+
+local function register(ctx, parent, key, info)
+  if info then
+    local t = ctx.meta.enums[parent]
+    if not t then t = {} ctx.meta.enums[parent] = t end
+    t[key] = info
+  end
+end
+
+-- An array whose items are an enum (a multi-label field): every value with
+-- a keyword hit, best score first (ties in enum order); the fallback value
+-- alone when none hits; cut to maxItems, padded to minItems with the next
+-- best values. Returns the list and the deciding keyword's position.
+local function choose_labels(schema, items, ctx)
+  local values = items.enum
+  local d = M.choose_detail(values, ctx.text, guidance(items.description and items or schema, ctx),
+    items.const_descriptions)
+  local idx = {}
+  for i = 1, #values do idx[i] = i end
+  table.sort(idx, function(a, b)
+    if d.scores[a] ~= d.scores[b] then return d.scores[a] > d.scores[b] end
+    return a < b
+  end)
+  local picked, taken = {}, {}
+  for _, i in ipairs(idx) do
+    if d.scores[i] > 0 then picked[#picked + 1] = i taken[i] = true end
+  end
+  if #picked == 0 then
+    for i, v in ipairs(values) do
+      if v == d.value then picked[1] = i taken[i] = true break end
+    end
+  end
+  local maxn, minn = tonumber(schema.maxItems), tonumber(schema.minItems)
+  if maxn and maxn >= 1 then
+    while #picked > maxn do picked[#picked] = nil end
+  end
+  if minn then
+    for _, i in ipairs(idx) do
+      if #picked >= minn then break end
+      if not taken[i] then picked[#picked + 1] = i taken[i] = true end
+    end
+  end
+  local list = {}
+  for k, i in ipairs(picked) do
+    list[k] = values[i]
+    register(ctx, list, k, { values = values, scores = d.scores, chosen = values[i] })
+    if d.scores[i] > 0 then
+      ctx.hit = true
+      ctx.matched[#ctx.matched + 1] = tostring(values[i])
+    end
+  end
+  return list, d.pos
+end
+
 local fill
 
 local function gen_object(schema, ctx)
   local props = schema.properties
   local out = {}
-  if type(props) ~= "table" then return out end
+  if type(props) ~= "table" then
+    ctx.meta.orders[out] = {}
+    return out
+  end
   -- order: `required` first (as listed), then the rest sorted by name;
-  -- numbers last so that a confidence can depend on the labels chosen
+  -- the text is written in this order. Filled in it too, except quotes
+  -- (after their siblings, to quote near the words that decided them) and
+  -- numbers (last, so that a confidence can depend on the labels chosen)
   local order, seen = {}, {}
   if type(schema.required) == "table" then
     for _, k in ipairs(schema.required) do
@@ -557,44 +723,57 @@ local function gen_object(schema, ctx)
   end
   table.sort(rest)
   for _, k in ipairs(rest) do order[#order + 1] = k end
-  local deferred = {}
+  ctx.meta.orders[out] = order
+  local quotes, numbers, near = {}, {}, nil
   for _, k in ipairs(order) do
     local sub_schema = flatten_choice(resolve(props[k], ctx.root), ctx.root)
     local t = main_type(sub_schema)
     if (t == "number" or t == "integer") and not sub_schema.enum then
-      deferred[#deferred + 1] = { k, sub_schema }
+      numbers[#numbers + 1] = { k, sub_schema }
+    elseif is_quote_name(k) and not sub_schema.enum and sub_schema.const == nil then
+      quotes[#quotes + 1] = { k, sub_schema }
     else
-      out[k] = fill(sub_schema, ctx, k)
+      local v, info, pos = fill(sub_schema, ctx, k)
+      out[k] = v
+      register(ctx, out, k, info)
+      if pos and not near then near = pos end
     end
   end
-  for _, d in ipairs(deferred) do out[d[1]] = fill(d[2], ctx, d[1]) end
+  local saved = ctx.near
+  ctx.near = near
+  for _, d in ipairs(quotes) do out[d[1]] = fill(d[2], ctx, d[1]) end
+  ctx.near = saved
+  for _, d in ipairs(numbers) do out[d[1]] = fill(d[2], ctx, d[1]) end
   return out
 end
 
+-- The value for `schema`; for an enum also what the logprobs need of it
+-- and the position of the keyword that decided it.
 function fill(schema, ctx, name)
   schema = flatten_choice(resolve(schema, ctx.root), ctx.root)
   if schema.const ~= nil then return schema.const end
   if type(schema.enum) == "table" and #schema.enum > 0 then
-    local values = schema.enum
-    if name_has(name, { "language", "lang", "locale" }) then return pick_language(values, ctx.text) end
-    local desc = schema.description
-    if ctx.system ~= "" then desc = (type(desc) == "string" and desc .. "\n" or "") .. ctx.system end
-    local v, score = M.choose(values, ctx.text, desc, schema.const_descriptions)
-    if score > 0 then
-      ctx.hit = true
-      ctx.matched[#ctx.matched + 1] = tostring(v)
-    end
-    return v
+    return choose_enum(schema, ctx, name)
   end
   local t = main_type(schema)
   if t == "object" then
     return gen_object(schema, ctx)
   elseif t == "array" then
     local items = schema.items or { type = "string" }
+    local it = flatten_choice(resolve(items, ctx.root), ctx.root)
+    if type(it.enum) == "table" and #it.enum > 0 and it.const == nil and not name_has(name, LANG_NAMES) then
+      local list, pos = choose_labels(schema, it, ctx)
+      return list, nil, pos
+    end
     local n = (type(schema.minItems) == "number" and schema.minItems > 1) and schema.minItems or 1
-    local list = {}
-    for i = 1, n do list[i] = fill(items, ctx, name) end
-    return list
+    local list, near = {}, nil
+    for i = 1, n do
+      local v, info, pos = fill(items, ctx, name)
+      list[i] = v
+      register(ctx, list, i, info)
+      near = near or pos
+    end
+    return list, nil, near
   elseif t == "number" or t == "integer" then
     local x
     if name_has(name, { "confidence", "probability", "certainty", "score" }) then
@@ -624,11 +803,16 @@ function fill(schema, ctx, name)
 end
 
 -- Fill a JSON schema from the user's text. `system` (optional) is extra
--- free text whose "value: keywords" lines guide enum choices.
+-- free text whose "value: keywords" lines guide enum choices. Returns the
+-- value, and `meta` for M.render: { orders = { [object] = key order },
+-- enums = { [table] = { [key] = { values, scores, chosen } } } }.
 function M.generate(schema, text, system)
+  local meta = { orders = {}, enums = {} }
   local ctx = { text = text or "", system = type(system) == "string" and system or "", root = schema,
-    hit = false, matched = {} }
-  return fill(schema or {}, ctx, nil)
+    hit = false, matched = {}, meta = meta }
+  local v, info = fill(schema or {}, ctx, nil)
+  if info then meta.root = info end
+  return v, meta
 end
 
 local DEFAULT_LABELS = { "billing", "technical", "account", "shipping", "cancellation",
@@ -651,12 +835,617 @@ local function labels_from(system)
   return nil
 end
 
--- `response_format = {type = "json_object"}`: {label, summary}, the label
--- from the system prompt's "Labels: ..." line when it has one.
+-- `response_format = {type = "json_object"}` without a schema in the
+-- prompt: {label, summary}, the label from the system prompt's "Labels:
+-- ..." line when it has one. Returns the value, its meta (M.generate) and
+-- the schema it fills.
 function M.json_object(text, system)
   local labels = labels_from(system) or DEFAULT_LABELS
-  local label = M.choose(labels, text or "", system)
-  return { label = label, summary = M.summary(text or "", 12) }
+  local schema = { type = "object", required = { "label", "summary" },
+    properties = { label = { type = "string", enum = labels }, summary = { type = "string" } } }
+  local v, meta = M.generate(schema, text, system)
+  return v, meta, schema
+end
+
+-- JSON text and its logprob pieces ---------------------------------------
+
+-- Serialise a value made by M.generate as JSON text: objects in the
+-- generator's key order (other objects by sorted keys), scalars by `enc`
+-- (cjson.encode, so the bytes are lua-cjson's). Returns the text, `spans`
+-- (the enum string values: { s, e = byte range of the content between the
+-- quotes, info, parent, key }) and `strings` (every string value, same
+-- shape), both in text order.
+function M.render(value, meta, enc)
+  meta = meta or { orders = {}, enums = {} }
+  local buf, len, spans, strings = {}, 0, {}, {}
+  local function put(s)
+    buf[#buf + 1] = s
+    len = len + #s
+  end
+  local walk
+  function walk(v, parent, key)
+    if type(v) ~= "table" then
+      local s = enc(v)
+      if type(v) == "string" then
+        local r = { s = len + 2, e = len + #s - 1, parent = parent, key = key }
+        strings[#strings + 1] = r
+        local info
+        if parent == nil then info = meta.root else info = meta.enums[parent] and meta.enums[parent][key] end
+        if info then
+          r.info = info
+          spans[#spans + 1] = r
+        end
+      end
+      return put(s)
+    end
+    local order = meta.orders[v]
+    if not order and #v > 0 then
+      put("[")
+      for i = 1, #v do
+        if i > 1 then put(",") end
+        walk(v[i], v, i)
+      end
+      return put("]")
+    end
+    if not order then
+      order = {}
+      for k in pairs(v) do order[#order + 1] = k end
+      table.sort(order, function(a, b) return tostring(a) < tostring(b) end)
+    end
+    put("{")
+    local first = true
+    for _, k in ipairs(order) do
+      if v[k] ~= nil then
+        if not first then put(",") end
+        first = false
+        put(enc(tostring(k)))
+        put(":")
+        walk(v[k], v, k)
+      end
+    end
+    put("}")
+  end
+  walk(value, nil, nil)
+  return concat(buf), spans, strings
+end
+
+local function is_cont(b) return b and b >= 0x80 and b < 0xC0 end
+
+-- Split s into pieces of `size` bytes, never inside a UTF-8 character: a
+-- piece that would end inside one ends after it (about `size` bytes), or,
+-- with `at_most` (size >= 4), before it. Appended to `into` (default: a
+-- new list), which is returned.
+function M.pieces(s, size, at_most, into)
+  into = into or {}
+  local i, n = 1, #s
+  while i <= n do
+    local j = i + size - 1
+    if j >= n then
+      j = n
+    elseif at_most then
+      while j > i and is_cont(byte(s, j + 1)) do j = j - 1 end
+    else
+      while j < n and is_cont(byte(s, j + 1)) do j = j + 1 end
+    end
+    into[#into + 1] = sub(s, i, j)
+    i = j + 1
+  end
+  return into
+end
+
+local function cut_pieces(s, max, into) return M.pieces(s, max, true, into) end
+
+local PUNCT = '^[{}%[%]:,"]'
+
+-- JSON text outside enum values: a run of JSON punctuation ({ } [ ] : , ")
+-- is one piece; other text is split before each run of white space
+-- (which starts the next piece) and into pieces of at most 8 bytes.
+local function plain_pieces(seg, into)
+  local i, n = 1, #seg
+  while i <= n do
+    local j = i
+    if find(seg, PUNCT, i) then
+      while j < n and find(seg, PUNCT, j + 1) do j = j + 1 end
+      into[#into + 1] = sub(seg, i, j)
+    else
+      while j < n and not find(seg, PUNCT, j + 1) do j = j + 1 end
+      local run, k = sub(seg, i, j), 1
+      while k <= #run do
+        local _, e = find(run, "^%s*[^%s]*", k)
+        cut_pieces(sub(run, k, e), 8, into)
+        k = e + 1
+      end
+    end
+    i = j + 1
+  end
+  return into
+end
+
+-- The token pieces of a JSON text (or of a prefix of the text `spans`
+-- were made for): { piece, span = the enum span on its first piece }.
+-- Every enum value starts a piece and is split into pieces of at most 4
+-- bytes; the rest as plain_pieces says.
+function M.json_pieces(text, spans)
+  local out, pos, n = {}, 1, #text
+  local function add(list, sp)
+    for k, p in ipairs(list) do out[#out + 1] = { piece = p, span = k == 1 and sp or nil } end
+  end
+  for _, sp in ipairs(spans or {}) do
+    if sp.s > n + 1 then break end
+    if sp.s > pos then add(plain_pieces(sub(text, pos, sp.s - 1), {})) end
+    local e = sp.e < n and sp.e or n
+    if e >= sp.s then add(cut_pieces(sub(text, sp.s, e), 4, {}), sp) end
+    pos = (e >= sp.s and e or sp.s - 1) + 1
+  end
+  if pos <= n then add(plain_pieces(sub(text, pos), {})) end
+  return out
+end
+
+-- The logprob of every piece that is not an enum value's first one.
+M.SURE_LOGPROB = -0.0001
+
+-- Logprobs for a JSON reply: { token, logprob, top = { {token, logprob} } }
+-- per piece (M.json_pieces). The first piece of an enum value gets log p of
+-- the chosen value (M.probabilities over its enum's keyword scores); its
+-- `top` holds the first pieces of the best values, the chosen one first,
+-- then by p (ties in enum order), each token once, at most `top` of them.
+-- Every other piece: M.SURE_LOGPROB, top = the piece itself.
+function M.json_logprobs(text, spans, top, enc)
+  local list = {}
+  for k, pc in ipairs(M.json_pieces(text, spans)) do
+    local e = { token = pc.piece, logprob = M.SURE_LOGPROB, top = {} }
+    local info = pc.span and pc.span.info
+    if info then
+      local p = M.probabilities(info.scores)
+      local ci = 1
+      for i, v in ipairs(info.values) do
+        if v == info.chosen then ci = i break end
+      end
+      e.logprob = math.log(p[ci])
+      local idx = {}
+      for i = 1, #info.values do if i ~= ci then idx[#idx + 1] = i end end
+      table.sort(idx, function(a, b)
+        if p[a] ~= p[b] then return p[a] > p[b] end
+        return a < b
+      end)
+      table.insert(idx, 1, ci)
+      local seen = {}
+      for _, i in ipairs(idx) do
+        if #e.top >= top then break end
+        local content = sub(enc(tostring(info.values[i])), 2, -2)
+        local tok = i == ci and pc.piece or (cut_pieces(content, 4, {})[1] or "")
+        if not seen[tok] then
+          seen[tok] = true
+          e.top[#e.top + 1] = { token = tok, logprob = math.log(p[i]) }
+        end
+      end
+    elseif top > 0 then
+      e.top[1] = { token = pc.piece, logprob = M.SURE_LOGPROB }
+    end
+    list[k] = e
+  end
+  return list
+end
+
+-- Task-failure directives ------------------------------------------------
+
+-- Texts for bad_quote: the first that the request does not contain.
+local FAKE_QUOTES = {
+  "The customer confirmed the delivery address by phone last Tuesday.",
+  "According to the signed contract the late penalty is waived entirely.",
+  "Our records show the account was closed at the user's own request.",
+}
+
+local function replace_quotes(v, fake)
+  if type(v) ~= "table" then return end
+  for k, x in pairs(v) do
+    if is_quote_name(k) and type(x) == "string" then
+      v[k] = fake
+    elseif is_quote_name(k) and type(x) == "table" then
+      for i, y in ipairs(x) do if type(y) == "string" then x[i] = fake end end
+    else
+      replace_quotes(x, fake)
+    end
+  end
+end
+
+local function shift(list, by)
+  for _, r in ipairs(list) do r.s, r.e = r.s + by, r.e + by end
+end
+
+-- The JSON text of a generated reply with the task-failure directives of
+-- `sc` applied, in this order: missing_field, bad_quote, bad_label (on the
+-- value), trailing_comma, prose_json (on the text), invalid_json or cut.
+-- `request` is the raw request body (bad_quote avoids its text). Returns
+-- { text, spans (for M.json_logprobs), finish = "length" for cut or nil }.
+function M.json_reply(value, meta, schema, sc, enc, request)
+  sc = sc or {}
+  if sc.missing_field and type(value) == "table" then
+    local root = resolve(schema or {}, schema)
+    local name = type(root.required) == "table" and root.required[1] or (meta.orders[value] or {})[1]
+    if name ~= nil then value[name] = nil end
+  end
+  if sc.bad_quote then
+    local low, fake = M.lower(request or ""), FAKE_QUOTES[#FAKE_QUOTES]
+    for _, q in ipairs(FAKE_QUOTES) do
+      if not find(low, M.lower(q), 1, true) then fake = q break end
+    end
+    replace_quotes(value, fake)
+  end
+  local text, spans, strings = M.render(value, meta, enc)
+  if sc.bad_label and spans[1] then
+    local sp, bad = spans[1], "miscellaneous"
+    local used = {}
+    for _, v in ipairs(sp.info.values) do used[v] = true end
+    while used[bad] do bad = bad .. "_x" end
+    if sp.parent == nil then
+      value, meta.root = bad, nil
+    else
+      sp.parent[sp.key] = bad
+      meta.enums[sp.parent][sp.key] = nil
+    end
+    text, spans, strings = M.render(value, meta, enc)
+  end
+  if sc.trailing_comma then
+    local at = text:match(".*()}")
+    if at then text = sub(text, 1, at - 1) .. ",}" .. sub(text, at + 1) end
+  end
+  if sc.prose_json then
+    local pre = "Sure! Here is the JSON:\n```json\n"
+    text = pre .. text .. "\n```\nLet me know if you need anything else."
+    shift(spans, #pre)
+    shift(strings, #pre)
+  end
+  local finish
+  if sc.invalid_json then
+    -- cut inside the first string value, half of it kept
+    local r, cut = strings[1], floor(#text / 2)
+    if r then cut = r.s - 1 + floor((r.e - r.s + 1) / 2) end
+    text = M.utf8_cut(text, cut)
+  elseif sc.cut then
+    text = M.utf8_cut(text, floor(#text / 2))
+    finish = "length"
+  end
+  return { text = text, spans = spans, finish = finish }
+end
+
+-- A schema in the prompt (json_object) -----------------------------------
+
+local SCHEMA_TYPES = { object = true, array = true, string = true, number = true, integer = true,
+  boolean = true, null = true }
+
+local function looks_like_schema(t)
+  if type(t) ~= "table" then return false end
+  if t.properties or t["$schema"] or t["$ref"] or t.anyOf or t.oneOf or t.enum or t.items then return true end
+  return SCHEMA_TYPES[t.type] == true or (type(t.type) == "table" and #t.type > 0)
+end
+
+-- Call fn(j, b) for every byte b (at j >= i) of the JSON text s that is
+-- outside strings (their quotes are inside); stop and return what fn
+-- returns when that is not nil.
+function M.json_outside_strings(s, i, fn)
+  local in_str, esc = false, false
+  for j = i, #s do
+    local b = byte(s, j)
+    if in_str then
+      if esc then esc = false
+      elseif b == 92 then esc = true
+      elseif b == 34 then in_str = false end
+    elseif b == 34 then
+      in_str = true
+    else
+      local r = fn(j, b)
+      if r ~= nil then return r end
+    end
+  end
+end
+
+-- The end of the balanced {...} that starts at byte i of s, or nil.
+local function object_end(s, i)
+  local depth = 0
+  return M.json_outside_strings(s, i, function(j, b)
+    if b == 123 then
+      depth = depth + 1
+    elseif b == 125 then
+      depth = depth - 1
+      if depth == 0 then return j end
+    end
+  end)
+end
+
+-- A JSON schema in a prompt text: the first ```json fenced block, else
+-- the JSON object right after the words "JSON schema:" (a fence between
+-- them allowed), that `decode` turns into something schema-like (an object
+-- with properties, type, items, enum, anyOf, oneOf, $ref or $schema).
+-- Returns the schema and the text without it (nil when there is none).
+function M.find_schema(text, decode)
+  if type(text) ~= "string" then return nil end
+  local low = M.lower(text)
+  local init = 1
+  while true do
+    local s, e = find(low, "```json[^\n]*\n", init)
+    if not s then break end
+    local close = find(text, "```", e + 1, true)
+    local body = sub(text, e + 1, (close or #text + 1) - 1)
+    local v = decode(body)
+    if looks_like_schema(v) then
+      local stop = close and close + 2 or #text
+      return v, sub(text, 1, s - 1) .. sub(text, stop + 1)
+    end
+    init = e + 1
+  end
+  init = 1
+  while true do
+    local s, e = find(low, "json schema:", init, true)
+    if not s then break end
+    local _, f = find(text, "^%s*```[%w]*%s*", e + 1)
+    local open = f and f + 1 or (find(text, "^%s*{", e + 1) and find(text, "{", e + 1, true))
+    if open and byte(text, open) == 123 then
+      local close = object_end(text, open)
+      local v = close and decode(sub(text, open, close))
+      if looks_like_schema(v) then
+        local stop = close
+        local _, g = find(text, "^%s*```", close + 1)
+        if g then stop = g end
+        return v, sub(text, 1, s - 1) .. sub(text, stop + 1)
+      end
+    end
+    init = e + 1
+  end
+  return nil
+end
+
+-- Knowledge passages (support bot) ---------------------------------------
+
+local function xml_unescape(s)
+  s = gsub(s, "&lt;", "<")
+  s = gsub(s, "&gt;", ">")
+  s = gsub(s, "&quot;", '"')
+  s = gsub(s, "&#39;", "'")
+  s = gsub(s, "&apos;", "'")
+  return (gsub(s, "&amp;", "&"))
+end
+
+-- The passages of every <knowledge> block in `texts` (a list of message
+-- texts): { id, title, text }, in order; nil when no text has a block.
+function M.passages(texts)
+  local list, found = {}, false
+  for _, t in ipairs(texts) do
+    if find(t, "<knowledge", 1, true) then
+      for block in gmatch(t .. "</knowledge>", "<knowledge[^>]*>(.-)</knowledge>") do
+        found = true
+        for attrs, body in gmatch(block, "<passage([^>]*)>(.-)</passage>") do
+          local a = {}
+          for k, _, v in gmatch(attrs, "([%w_%-]+)%s*=%s*([\"'])(.-)%2") do a[lower(k)] = xml_unescape(v) end
+          list[#list + 1] = { id = a.id or tostring(#list + 1), title = a.title or "",
+            text = (xml_unescape(body):match("^%s*(.-)%s*$")) }
+        end
+      end
+    end
+  end
+  return found and list or nil
+end
+
+-- The text without its <knowledge> blocks.
+function M.strip_knowledge(text)
+  return (gsub(text, "<knowledge[^>]*>.-</knowledge>", " "))
+end
+
+-- Words that never make a question match a passage.
+local QSTOP = {}
+for w in gmatch([[i me my mine we us our you your he she they them their it its this that these those
+  is am are was were be been being do does did done can could would should will shall may might must
+  how what when where why who whom which whose there here have has had get got give tell know want
+  need like please hello thanks thank any some all just also only very much many more most the a an
+  of to in on at by for with from about into and or but not no yes if so then than too
+  я мне меня мой моя мое мои мы нас нам наш вы вас вам ваш ваша ваше ваши он она они оно его ее их
+  это этот эта эти как что где когда почему зачем кто какой какая какое какие сколько ли не нет да
+  и а но или во на со ко по об от до из за для при без над под про можно нужно надо есть быть
+  будет могу может хочу хотел хотела пожалуйста здравствуйте привет спасибо подскажите скажите
+  еще уже так там тут вот бы же ну то чтобы чем]], "%S+") do QSTOP[w] = true end
+
+-- Crude stems for question/passage matching: English words of 5+ letters
+-- lose -ies (-> y), -ing, -ed, -es or -s (at least 4 letters stay);
+-- Russian words keep their first max(4, len - 3) letters (from 6 letters).
+local function kstem(w)
+  if is_cyrillic_start(w) then return stem(w) end
+  if #w >= 5 then
+    for _, r in ipairs({ { "ies", "y" }, { "ing", "" }, { "ed", "" }, { "es", "" }, { "s", "" } }) do
+      if sub(w, -#r[1]) == r[1] and #w - #r[1] + #r[2] >= 4 then return sub(w, 1, #w - #r[1]) .. r[2] end
+    end
+  end
+  return w
+end
+
+-- The meaningful words of a text: lowercased, not in QSTOP, at least 3
+-- letters (or 2 with a digit); each once, with its stem.
+local function meaningful(text)
+  local out, seen = {}, {}
+  for w in gmatch(M.lower(text), WORD .. "+") do
+    if not seen[w] and not QSTOP[w] and not STOP[w] and (utf8_len(w) >= 3 or (#w >= 2 and find(w, "%d"))) then
+      seen[w] = true
+      out[#out + 1] = { w = w, stem = kstem(w) }
+    end
+  end
+  return out
+end
+M.meaningful_words = meaningful
+
+-- Two words match when one starts with the other's stem.
+local function words_match(a, b)
+  return sub(b.w, 1, #a.stem) == a.stem or sub(a.w, 1, #b.stem) == b.stem
+end
+
+-- How many meaningful words of the question a passage (title and text) has.
+function M.passage_score(question_words, passage)
+  local pw = meaningful(passage.title .. "\n" .. passage.text)
+  local n = 0
+  for _, q in ipairs(question_words) do
+    for _, w in ipairs(pw) do
+      if words_match(q, w) then n = n + 1 break end
+    end
+  end
+  return n
+end
+
+-- Sentences of s as byte ranges { first, last } (verbatim, without the
+-- white space around them): a sentence ends after a run of . ! ? (closing
+-- quotes and brackets included) or an ellipsis followed by white space or
+-- the end, or at a blank line.
+function M.sentences(s)
+  local out, n = {}, #s
+  local i = find(s, "%S")
+  while i do
+    local j, stop = i, nil
+    while j <= n do
+      local b = byte(s, j)
+      if b == 46 or b == 33 or b == 63 then
+        local k = j
+        while k < n and find(s, "^[%.!%?\"'%)%]]", k + 1) do k = k + 1 end
+        if k == n or find(s, "^%s", k + 1) then stop = k break end
+        j = k + 1
+      elseif b == 226 and sub(s, j, j + 2) == "\226\128\166" then
+        local k = j + 2
+        if k == n or find(s, "^%s", k + 1) then stop = k break end
+        j = k + 1
+      elseif b == 10 and find(s, "^\n[ \t\r]*\n", j) then
+        stop = j - 1
+        break
+      else
+        j = j + 1
+      end
+    end
+    stop = stop or n
+    local last = stop
+    while last >= i and find(s, "^%s", last) do last = last - 1 end
+    if last >= i then out[#out + 1] = { i, last } end
+    i = find(s, "%S", stop + 1)
+  end
+  return out
+end
+
+local function word_count(s)
+  return select(2, gsub(s, "%S+", ""))
+end
+
+M.NO_SOURCE = { en = "I'm not sure about that. [no-source]", ru = "Я не уверен. [no-source]" }
+
+-- The answer to `question` from `passages` (M.passages): the best-matching
+-- passage's first sentence (and its second when the first has fewer than
+-- 10 words), verbatim, then " [<id>]". No passage sharing a meaningful word
+-- with the question: M.NO_SOURCE in the question's language. Ties go to
+-- the earlier passage. Returns the text and the passage (nil for no-source).
+function M.knowledge_answer(passages, question)
+  local qw = meaningful(question)
+  local best, best_score = nil, 0
+  for _, p in ipairs(passages) do
+    local sc = M.passage_score(qw, p)
+    if sc > best_score then best, best_score = p, sc end
+  end
+  if not best then return M.NO_SOURCE[M.language(question)] end
+  local body = best.text ~= "" and best.text or best.title
+  local ss = M.sentences(body)
+  local answer = body
+  if #ss > 0 then
+    local last = ss[1][2]
+    if ss[2] and word_count(sub(body, ss[1][1], ss[1][2])) < 10 then last = ss[2][2] end
+    answer = sub(body, ss[1][1], last)
+  end
+  return answer .. " [" .. best.id .. "]", best
+end
+
+-- Escalation (support bot) -----------------------------------------------
+
+-- Word starts that ask for a person (case folded); words starting with
+-- "personal" do not count.
+M.HUMAN_WORDS = { "human", "person", "operator", "agent", "manager", "someone",
+  "оператор", "человек", "живой", "живого", "живому", "живым", "менеджер", "специалист", "сотрудник" }
+
+function M.asks_for_human(text)
+  for w in gmatch(M.lower(text or ""), WORD .. "+") do
+    if sub(w, 1, 8) ~= "personal" then
+      for _, h in ipairs(M.HUMAN_WORDS) do
+        if sub(w, 1, #h) == h then return true end
+      end
+    end
+  end
+  return false
+end
+
+-- The arguments of an escalate_to_human call (JSON text, in this key
+-- order): reason "user_request"; category: one of the tool's
+-- parameters.properties.category enum chosen by keyword scoring of
+-- `user_text` (M.choose), "other" when it has none; summary: the first 20
+-- words of `user_text`.
+function M.escalation_arguments(params, user_text, enc)
+  local category = "other"
+  local props = type(params) == "table" and type(params.properties) == "table" and params.properties
+  if props and type(props.category) == "table" then
+    local cat = flatten_choice(resolve(props.category, params), params)
+    if type(cat.enum) == "table" and #cat.enum > 0 then
+      category = M.choose(cat.enum, user_text, cat.description, cat.const_descriptions)
+    end
+  end
+  return '{"reason":' .. enc("user_request") .. ',"category":' .. enc(category)
+    .. ',"summary":' .. enc(M.first_words(user_text, 20)) .. "}"
+end
+
+-- Summaries --------------------------------------------------------------
+
+-- Whether a system prompt asks for a summary: a word starting with summar,
+-- кратк, резюм or сумм (case folded).
+function M.wants_summary(system)
+  local low = M.lower(system or "")
+  for _, w in ipairs({ "summar", "кратк", "резюм", "сумм" }) do
+    if find(low, FRONT .. w) then return true end
+  end
+  return false
+end
+
+local LIMIT_PATTERNS = {
+  "at most (%d+) words?", "in (%d+) words?", "no more than (%d+) words?", "up to (%d+) words?",
+  "maximum of (%d+) words?", "maximum (%d+) words?", "max%.? (%d+) words?", "(%d+) words? or less",
+  "(%d+) words? or fewer", "(%d+) words? max",
+  "не более (%d+) слов", "не больше (%d+) слов", "до (%d+) слов", "максимум (%d+) слов", "в (%d+) слов",
+}
+
+-- The word limit a system prompt sets ("at most N words", "in N words",
+-- "не более N слов", ...: the smallest N named), else `default`.
+function M.word_limit(system, default)
+  local low, n = M.lower(system or ""), nil
+  for _, p in ipairs(LIMIT_PATTERNS) do
+    for d in gmatch(low, FRONT .. p) do
+      d = tonumber(d)
+      if d and (not n or d < n) then n = d end
+    end
+  end
+  return n or default
+end
+
+-- The first sentences of `text` that fit in n words (whole sentences; the
+-- first one cut to n words when it alone is longer), words joined by one
+-- space.
+function M.summarize(text, n)
+  local words = {}
+  for _, r in ipairs(M.sentences(text)) do
+    local ws = {}
+    for w in gmatch(sub(text, r[1], r[2]), "%S+") do ws[#ws + 1] = w end
+    if #words + #ws > n then
+      if #words == 0 then
+        for k = 1, n do words[k] = ws[k] end
+      end
+      break
+    end
+    for _, w in ipairs(ws) do words[#words + 1] = w end
+  end
+  return concat(words, " ")
+end
+
+-- banned=<word>: the word inserted after the first word of a text.
+function M.insert_word(text, word)
+  local s, e = find(text, "%S+")
+  if not s then return word end
+  return sub(text, 1, e) .. " " .. word .. sub(text, e + 1)
 end
 
 return M

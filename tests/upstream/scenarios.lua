@@ -27,6 +27,9 @@ M.known = {
   done_only = "flag",
   usage = "nan|inf|neg|float|huge|string|missing", usage_cost = "number|nan|neg",
   raw = "401_cut|json_cut", reply_model = "model name",
+  -- task failures (the scripted model's replies gone wrong)
+  invalid_json = "flag", prose_json = "flag", trailing_comma = "flag", bad_label = "flag",
+  missing_field = "flag", cut = "flag", banned = "word", bad_quote = "flag",
 }
 
 -- "a=1, b ,c=x" -> { a = "1", b = true, c = "x" }, plus a list of the

@@ -214,8 +214,12 @@ end
 
 local function tokens(nbytes) return ceil(nbytes / 4) end
 
+-- What the replies need of a request: the last user text, the system
+-- text (system and developer messages joined), the texts of every message
+-- (`texts`), of the user messages (`users`) and of the system ones
+-- (`systems`), and the prompt token count.
 local function analyse(req)
-  local info = { last_user = "", system = {}, nmsg = 0, images = 0 }
+  local info = { last_user = "", system = {}, nmsg = 0, images = 0, texts = {}, users = {} }
   local nbytes = 0
   for _, m in ipairs(req.messages) do
     if type(m) == "table" then
@@ -239,12 +243,18 @@ local function analyse(req)
           end
         end
       end
-      if m.role == "user" then info.last_user = mock.text_of(c) end
-      if m.role == "system" or m.role == "developer" then info.system[#info.system + 1] = mock.text_of(c) end
+      local text = mock.text_of(c)
+      info.texts[#info.texts + 1] = text
+      if m.role == "user" then
+        info.last_user = text
+        info.users[#info.users + 1] = text
+      end
+      if m.role == "system" or m.role == "developer" then info.system[#info.system + 1] = text end
       info.last_role = m.role
-      info.last_content = mock.text_of(c)
+      info.last_content = text
     end
   end
+  info.systems = info.system
   info.system = concat(info.system, "\n")
   info.prompt_tokens = tokens(nbytes) + 3 * info.nmsg + 3 + 85 * info.images
   return info
@@ -252,15 +262,21 @@ end
 
 -- Replies -------------------------------------------------------------------
 
+local ESCALATE = "escalate_to_human"
+
+-- The tools' function names, and name -> parameters schema.
 local function tool_names(req)
-  local names = {}
+  local names, params = {}, {}
   if type(req.tools) == "table" then
     for _, t in ipairs(req.tools) do
       local f = type(t) == "table" and (t["function"] or t) or nil
-      if type(f) == "table" and type(f.name) == "string" then names[#names + 1] = f.name end
+      if type(f) == "table" and type(f.name) == "string" then
+        names[#names + 1] = f.name
+        params[f.name] = f.parameters
+      end
     end
   end
-  return names
+  return names, params
 end
 
 local function wants_tools(req, info)
@@ -270,17 +286,24 @@ local function wants_tools(req, info)
   return #tool_names(req) > 0
 end
 
--- Which tools to call: the one forced by tool_choice; else those whose
--- names the user mentions (all of them only when parallel calls are
--- allowed); else the first tool.
+-- Which tools to call (maybe none): the one forced by tool_choice; else
+-- escalate_to_human when the request has it and the user asks for a
+-- person; else those whose names the user mentions (all of them only when
+-- parallel calls are allowed); else the first tool. escalate_to_human is
+-- never picked by mention or as the first tool.
 local function pick_tools(req, text)
   local names = tool_names(req)
   local tc = req.tool_choice
   if type(tc) == "table" and type(tc["function"]) == "table" and type(tc["function"].name) == "string" then
     return { tc["function"].name }
   end
-  local low, mentioned = mock.lower(text), {}
+  local others, has_escalate = {}, false
   for _, name in ipairs(names) do
+    if name == ESCALATE then has_escalate = true else others[#others + 1] = name end
+  end
+  if has_escalate and mock.asks_for_human(text) then return { ESCALATE } end
+  local low, mentioned = mock.lower(text), {}
+  for _, name in ipairs(others) do
     local n = mock.lower(name)
     if find(low, n, 1, true) or find(low, (gsub(n, "[_%-]", " ")), 1, true) then
       mentioned[#mentioned + 1] = name
@@ -288,33 +311,70 @@ local function pick_tools(req, text)
   end
   if #mentioned >= 2 and req.parallel_tool_calls ~= false then return mentioned end
   if #mentioned >= 1 then return { mentioned[1] } end
-  return { names[1] }
+  return { others[1] }
 end
 
-local function make_calls(names, text, seq)
+-- The user's messages without knowledge blocks, joined.
+local function user_text(info)
+  local list = {}
+  for i, t in ipairs(info.users) do list[i] = mock.strip_knowledge(t) end
+  return concat(list, "\n")
+end
+
+-- Calls to `names`: arguments {"query": <last user text>}, except for
+-- escalate_to_human (mock.escalation_arguments).
+local function make_calls(req, info, names, text, seq)
   local calls = {}
   local args = encode({ query = text })
+  local _, params = tool_names(req)
   for i, name in ipairs(names) do
-    calls[i] = { id = ("call_sim_%d_%d"):format(seq, i - 1), name = name, arguments = args }
+    local a = args
+    if name == ESCALATE then a = mock.escalation_arguments(params[name], user_text(info), encode) end
+    calls[i] = { id = ("call_sim_%d_%d"):format(seq, i - 1), name = name, arguments = a }
   end
   return calls
 end
 
 local FILLER = "The quick brown fox jumps over the lazy dog. "
 
+-- json_object: a JSON schema in a system message, else in a user message
+-- (mock.find_schema). Returns the schema, and the last user text and the
+-- system text with the schema taken out of the one that held it; nil and
+-- the texts as they are when there is none.
+local function prompt_schema(info)
+  local systems = {}
+  for i, t in ipairs(info.systems) do systems[i] = t end
+  for i, t in ipairs(systems) do
+    local schema, rest = mock.find_schema(t, decode)
+    if schema then
+      systems[i] = rest
+      return schema, info.last_user, concat(systems, "\n")
+    end
+  end
+  for i, t in ipairs(info.users) do
+    local schema, rest = mock.find_schema(t, decode)
+    if schema then
+      return schema, i == #info.users and rest or info.last_user, info.system
+    end
+  end
+  return nil, info.last_user, info.system
+end
+
 -- The reply a request gets, before n/stop/max_tokens are applied:
 -- { kind = "text"|"tools"|"refusal", text = ..., calls = ..., json = bool,
---   pieces = optional fixed split }
-local function decide(req, info, sc, seq)
+--   spans = enum values of a JSON text (logprobs), finish = forced finish_reason,
+--   chunks = N, whole = bool }
+local function decide(req, info, sc, seq, raw_body)
   if sc.refusal then return { kind = "refusal", text = REFUSAL } end
   local user = info.last_user
   if sc.tools_parallel or sc.tools_noindex then
     local names = tool_names(req)
     if #names == 0 then names = { "get_weather", "get_time" } end
-    return { kind = "tools", calls = make_calls({ names[1], names[2] or names[1] }, user, seq) }
+    return { kind = "tools", calls = make_calls(req, info, { names[1], names[2] or names[1] }, user, seq) }
   end
   if wants_tools(req, info) then
-    return { kind = "tools", calls = make_calls(pick_tools(req, user), user, seq) }
+    local names = pick_tools(req, mock.strip_knowledge(user))
+    if #names > 0 then return { kind = "tools", calls = make_calls(req, info, names, user, seq) } end
   end
   if sc.big then
     local n = floor(tonumber(sc.big) or 0)
@@ -326,18 +386,46 @@ local function decide(req, info, sc, seq)
     return { kind = "text", text = rep("tok ", n), chunks = n }
   end
   local rf = type(req.response_format) == "table" and req.response_format or nil
+  local value, meta, schema
   if rf and rf.type == "json_schema" then
     local js = type(rf.json_schema) == "table" and rf.json_schema or {}
-    local schema = type(js.schema) == "table" and js.schema or nil
-    local value = schema and mock.generate(schema, user, info.system) or mock.json_object(user, info.system)
-    return { kind = "text", text = encode(value), json = true }
+    schema = type(js.schema) == "table" and js.schema or nil
+    if schema then
+      value, meta = mock.generate(schema, user, info.system)
+    else
+      value, meta, schema = mock.json_object(user, info.system)
+    end
   elseif rf and rf.type == "json_object" then
-    return { kind = "text", text = encode(mock.json_object(user, info.system)), json = true }
+    schema, user, info.system = prompt_schema(info)
+    if schema then
+      value, meta = mock.generate(schema, user, info.system)
+    else
+      value, meta, schema = mock.json_object(user, info.system)
+    end
   end
-  if info.last_role == "tool" then
-    return { kind = "text", text = "Tool result: " .. (info.last_content or "") }
+  if meta then
+    local r = mock.json_reply(value, meta, schema, sc, encode, raw_body)
+    return { kind = "text", text = r.text, json = true, spans = r.spans, finish = r.finish }
   end
-  return { kind = "text", text = "Echo: " .. user }
+  local text
+  local passages = mock.passages(info.texts)
+  local summary = mock.wants_summary(info.system)
+  if passages then
+    text = mock.knowledge_answer(passages, mock.strip_knowledge(user))
+  elseif info.last_role == "tool" then
+    text = "Tool result: " .. (info.last_content or "")
+  elseif summary then
+    text = mock.summarize(user, mock.word_limit(info.system, 40))
+  else
+    text = "Echo: " .. user
+  end
+  if sc.banned then
+    text = mock.insert_word(text, sc.banned == true and "banned" or tostring(sc.banned))
+    if summary and not passages and info.last_role ~= "tool" then
+      text = mock.first_words(text, mock.word_limit(info.system, 40))
+    end
+  end
+  return { kind = "text", text = text }
 end
 
 -- Apply `stop` and max_tokens to one choice's text.
@@ -384,6 +472,8 @@ local function build_choices(req, reply, n)
         c.text, c.finish = text, "stop"
       else
         c.text, c.finish = finish_text(text, req)
+        if reply.finish then c.finish = reply.finish end
+        c.spans = reply.spans
       end
       completion = completion + tokens(#c.text)
     end
@@ -393,23 +483,7 @@ local function build_choices(req, reply, n)
 end
 
 -- Split s into pieces of about `size` bytes, never inside a UTF-8 char.
-local function pieces(s, size)
-  local list, i, n = {}, 1, #s
-  while i <= n do
-    local j = i + size - 1
-    if j >= n then
-      j = n
-    else
-      while j < n do
-        local b = byte(s, j + 1)
-        if b >= 0x80 and b < 0xC0 then j = j + 1 else break end
-      end
-    end
-    list[#list + 1] = sub(s, i, j)
-    i = j + 1
-  end
-  return list
-end
+local function pieces(s, size) return mock.pieces(s, size) end
 
 local function usage_of(prompt, completion)
   return { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion }
@@ -469,6 +543,36 @@ local function top_of(req)
   return n
 end
 
+local function bytes_of(s)
+  local b = {}
+  for i = 1, #s do b[i] = byte(s, i) end
+  return b
+end
+
+-- The pieces of a text choice and their logprob entries (logprobs =
+-- true): a JSON reply split by mock.json_logprobs (enum values in pieces
+-- of at most 4 bytes, log p of the chosen value on the first), any other
+-- text in ~4-byte pieces with logprob_entry's values.
+local function choice_logprobs(c, req)
+  if c.lp_pieces then return c.lp_pieces, c.lp_entries end
+  local top, ps, es = top_of(req), {}, {}
+  if c.spans then
+    for k, e in ipairs(mock.json_logprobs(c.text, c.spans, top, encode)) do
+      local alts = {}
+      for j, a in ipairs(e.top) do alts[j] = { token = a.token, logprob = a.logprob, bytes = bytes_of(a.token) } end
+      ps[k] = e.token
+      es[k] = { token = e.token, logprob = e.logprob, bytes = bytes_of(e.token),
+        top_logprobs = #alts > 0 and alts or EMPTY_LIST }
+    end
+  else
+    for k, piece in ipairs(pieces(c.text, PIECE)) do
+      ps[k], es[k] = piece, logprob_entry(piece, k, top)
+    end
+  end
+  c.lp_pieces, c.lp_entries = ps, es
+  return ps, es
+end
+
 local function completion_body(id, model, choices, usage, req)
   local list = {}
   local want_lp = req and req.logprobs == true
@@ -487,9 +591,8 @@ local function completion_body(id, model, choices, usage, req)
     end
     local lp = null
     if want_lp and c.text and c.kind == "text" then
-      local content = {}
-      for k, piece in ipairs(pieces(c.text, PIECE)) do content[k] = logprob_entry(piece, k, top_of(req)) end
-      lp = { content = content, refusal = null }
+      local _, content = choice_logprobs(c, req)
+      lp = { content = #content > 0 and content or EMPTY_LIST, refusal = null }
     end
     list[i] = { index = c.index, message = msg, logprobs = lp, finish_reason = c.finish }
   end
@@ -518,8 +621,10 @@ local function choice_chunk(prefix, index, delta, finish, logprobs)
     .. ',"finish_reason":' .. (finish and ('"' .. finish .. '"') or "null") .. "}]}"
 end
 
--- The delta sequence of one choice (role first, no finish).
-local function choice_deltas(c, reply, noindex)
+-- The delta sequence of one choice (role first, no finish); with
+-- logprobs (`req` given) the pieces and their entries in d.pieces and
+-- d.entries, by delta index.
+local function choice_deltas(c, reply, noindex, req)
   local d = {}
   if c.kind == "tools" then
     d[1] = '{"role":"assistant","content":null}'
@@ -563,12 +668,15 @@ local function choice_deltas(c, reply, noindex)
       for k = 1, reply.chunks do d[k + 1] = same end
     elseif reply.whole then
       if c.text ~= "" then d[2] = '{"content":' .. encode(c.text) .. "}" end
-    else
-      d.pieces = {}
-      for _, p in ipairs(pieces(c.text, PIECE)) do
+    elseif req then
+      d.pieces, d.entries = {}, {}
+      local ps, es = choice_logprobs(c, req)
+      for k, p in ipairs(ps) do
         d[#d + 1] = '{"content":' .. encode(p) .. "}"
-        d.pieces[#d] = p
+        d.pieces[#d], d.entries[#d] = p, es[k]
       end
+    else
+      for _, p in ipairs(pieces(c.text, PIECE)) do d[#d + 1] = '{"content":' .. encode(p) .. "}" end
     end
   end
   return d
@@ -576,20 +684,13 @@ end
 
 -- Split a JSON text after each comma outside strings, for `multiline`.
 local function split_json(s)
-  local parts, start, in_str, esc = {}, 1, false, false
-  for i = 1, #s do
-    local b = byte(s, i)
-    if in_str then
-      if esc then esc = false
-      elseif b == 92 then esc = true
-      elseif b == 34 then in_str = false end
-    elseif b == 34 then
-      in_str = true
-    elseif b == 44 then
+  local parts, start = {}, 1
+  mock.json_outside_strings(s, 1, function(i, b)
+    if b == 44 then
       parts[#parts + 1] = sub(s, start, i)
       start = i + 1
     end
-  end
+  end)
   parts[#parts + 1] = sub(s, start)
   return parts
 end
@@ -602,22 +703,22 @@ local function stream_reply(ctx, req, id, model, info, reply, choices, completio
   -- the events, in order; `cut` is where mid-stream scenarios strike:
   -- after the role chunk(s) and two content chunks
   local events, seqs, longest = {}, {}, 0
+  local want_lp = req.logprobs == true
   for i, c in ipairs(choices) do
-    seqs[i] = choice_deltas(c, reply, noindex)
+    seqs[i] = choice_deltas(c, reply, noindex, want_lp and req or nil)
     if #seqs[i] > longest then longest = #seqs[i] end
   end
   local last_content, prev_delta, prev_event = 0, {}, {}
-  local want_lp, top = req.logprobs == true, top_of(req)
   for r = 1, longest do
     for i, c in ipairs(choices) do
       local delta = seqs[i][r]
       if delta then
         -- a repeated delta (chunks=N) reuses its event string: no new work
         local ev = prev_event[i]
-        local piece = want_lp and seqs[i].pieces and seqs[i].pieces[r]
-        if piece then
+        local entry = seqs[i].entries and seqs[i].entries[r]
+        if entry then
           ev = choice_chunk(prefix, c.index, delta, nil,
-            with_lists(encode({ content = { logprob_entry(piece, r - 1, top) }, refusal = null })))
+            with_lists(encode({ content = { entry }, refusal = null })))
           prev_delta[i], prev_event[i] = nil, nil
         elseif delta ~= prev_delta[i] then
           ev = choice_chunk(prefix, c.index, delta, nil)
@@ -989,7 +1090,7 @@ local function chat(ctx, opts)
   if sc.n3 then n = 3 end
   if n < 1 then n = 1 elseif n > 128 then n = 128 end
   local model = sc.reply_model or req.model
-  local reply = decide(req, info, sc, seq)
+  local reply = decide(req, info, sc, seq, raw)
   local choices, completion = build_choices(req, reply, n)
   if sc.choices_empty then choices, completion = {}, 0 end
 
