@@ -11,12 +11,16 @@ function M.read_file(path)
   return s
 end
 
+function M.write_file(path, data)
+  local f = assert(io.open(path, "wb"))
+  assert(f:write(data))
+  assert(f:close())
+end
+
 -- Write `data` to a fresh temporary file; returns its path.
 function M.write_tmp(data)
   local path = os.tmpname()
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
+  M.write_file(path, data)
   return path
 end
 
@@ -78,16 +82,22 @@ function M.q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
--- Run Lua `code` in a fresh process of the interpreter running the specs,
+-- Start Lua `code` in a fresh process of the interpreter running the specs,
 -- with this process's package.path and package.cpath (so the same build of
 -- slm.core); `env` ("NAME=value ...", optional) goes before the command.
--- Returns what the process wrote (stdout and stderr).
-function M.run_lua(code, env)
+-- Returns the io.popen handle of its output (stdout and stderr): the
+-- process runs alongside this one until that is read.
+function M.spawn_lua(code, env)
   local i = -1
   while arg and arg[i - 1] do i = i - 1 end
   local lua = arg and arg[i] or "lua5.4"
   code = ("package.path = %q; package.cpath = %q\n"):format(package.path, package.cpath) .. code
-  local p = assert(io.popen((env and env .. " " or "") .. M.q(lua) .. " -e " .. M.q(code) .. " 2>&1"))
+  return assert(io.popen((env and env .. " " or "") .. M.q(lua) .. " -e " .. M.q(code) .. " 2>&1"))
+end
+
+-- spawn_lua, waiting for the end: returns what the process wrote.
+function M.run_lua(code, env)
+  local p = M.spawn_lua(code, env)
   local out = p:read("a")
   p:close()
   return out
