@@ -53,6 +53,7 @@ local lazy = {
   tokenizer = function() return require("slm.tokenizer").get end,
   count = function() return require("slm.count").count end,
   fit = function() return require("slm.count").fit end,
+  bm25 = function() return require "slm.bm25" end,
 }
 
 return setmetatable(slm, {
