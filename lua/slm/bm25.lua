@@ -468,6 +468,10 @@ function M.new(opts)
   }, Index)
 end
 
+-- Scratch tables of add() (it never yields or calls out, so one pair will
+-- do): a text's term counts, emptied as they are read, and its terms.
+local TF, NAMES = {}, {}
+
 function Index:add(id, text, meta)
   check_index(self, "add")
   check_id(id, "add")
@@ -475,7 +479,7 @@ function Index:add(id, text, meta)
     error("slm.bm25: idx:add(id, text, meta): text must be a string, got " .. type(text), 2)
   end
   if self.slot[id] then self:remove(id) end
-  local tf, len = {}, 0
+  local tf, len = TF, 0
   local cache, multi = CACHE, MULTI
   for raw in gmatch(text, WORD) do
     local t = cache[raw]
@@ -498,8 +502,9 @@ function Index:add(id, text, meta)
   local d = self.next
   self.next = d + 1
   local post, df = self.post, self.df
-  local names, k = {}, 0
+  local names, k = NAMES, 0
   for t, f in pairs(tf) do
+    tf[t] = nil
     local p = post[t]
     if p then
       local m = #p
@@ -513,7 +518,7 @@ function Index:add(id, text, meta)
     k = k + 1
     names[k] = t
   end
-  self.ids[d], self.metas[d], self.lens[d], self.dterms[d] = id, meta, len, concat(names, " ")
+  self.ids[d], self.metas[d], self.lens[d], self.dterms[d] = id, meta, len, concat(names, " ", 1, k)
   self.acc[d] = 0
   self.slot[id] = d
   self.n = self.n + 1
