@@ -47,27 +47,27 @@ local OPTIONS = {
 M.OPTIONS = OPTIONS
 
 -- The labels as a list of names and their descriptions.
-local function label_list(labels)
+local function label_list(labels, level)
   local names, desc = {}, {}
   if labels[1] ~= nil then
     for i, l in ipairs(labels) do
-      if type(l) ~= "string" or l == "" then error(format("slm.classify: labels[%d] must be a non-empty string", i), 4) end
+      if type(l) ~= "string" or l == "" then error(format("slm.classify: labels[%d] must be a non-empty string", i), level) end
       names[i] = l
     end
   else
     for k, v in pairs(labels) do
       if type(k) ~= "string" or k == "" or type(v) ~= "string" then
-        error("slm.classify: labels must be a list of strings or a table of label = description strings", 4)
+        error("slm.classify: labels must be a list of strings or a table of label = description strings", level)
       end
       names[#names + 1] = k
       desc[k] = v
     end
     sort(names)
   end
-  if #names < 2 then error("slm.classify: option 'labels' needs at least two labels", 4) end
+  if #names < 2 then error("slm.classify: option 'labels' needs at least two labels", level) end
   local seen = {}
   for _, n in ipairs(names) do
-    if seen[n] then error(format("slm.classify: label '%s' is listed twice", n), 4) end
+    if seen[n] then error(format("slm.classify: label '%s' is listed twice", n), level) end
     seen[n] = true
   end
   return names, desc
@@ -98,35 +98,43 @@ end
 ------------------------------------------------------------------ confidence
 
 -- The reply's tokens as spelled by logprobs.content, with each token's
--- byte offset in their concatenation.
-local function token_spans(content)
-  local pieces, starts, pos = {}, {}, 1
-  for i, e in ipairs(content) do
+-- byte offset in their concatenation (starts[n + 1]: one past the end).
+-- The concatenation is the reply's text when the lengths agree (they do
+-- for the reply the logprobs describe); else it is built.
+local function token_spans(content, reply)
+  local starts, pos = {}, 1
+  for i = 1, #content do
+    local e = content[i]
     local t = type(e) == "table" and e.token
     if type(t) ~= "string" then return nil end
-    pieces[i], starts[i] = t, pos
+    starts[i] = pos
     pos = pos + #t
   end
+  starts[#content + 1] = pos
+  if type(reply) == "string" and #reply == pos - 1 and reply:sub(1, #content[1].token) == content[1].token then
+    return reply, starts
+  end
+  local pieces = {}
+  for i = 1, #content do pieces[i] = content[i].token end
   return concat(pieces), starts
 end
 
--- The tokens covering bytes [a, b] of the concatenation.
-local function tokens_over(starts, content, a, b)
-  local first, last
-  for i = 1, #content do
-    local s, e = starts[i], starts[i] + #content[i].token - 1
-    if e >= a and s <= b then
-      first = first or i
-      last = i
-    end
+-- The tokens covering bytes [a, b] of the concatenation (starts ascend).
+local function tokens_over(starts, n, a, b)
+  local first
+  for i = 1, n do
+    if starts[i + 1] > a then first = i; break end
   end
+  if not first then return nil end
+  local last = first
+  while last < n and starts[last + 1] <= b do last = last + 1 end
   return first, last
 end
 
 -- Confidence of `label` whose quoted value starts at byte `at` (the first
 -- byte after the opening quote) of the token text: -> p, first token index, its offset.
 local function span_probability(content, starts, at, label)
-  local first, last = tokens_over(starts, content, at, at + #label - 1)
+  local first, last = tokens_over(starts, #content, at, at + #label - 1)
   if not first then return nil end
   local sum = 0
   for i = first, last do
@@ -137,40 +145,65 @@ local function span_probability(content, starts, at, label)
   return exp(sum), first, at - starts[first]
 end
 
+-- The labels a top-logprob token `tok` could begin when the value starts
+-- `offset` bytes into it (the value's bytes a prefix of the label, or the
+-- label a prefix of them): a list, memoised per label set and offset, as
+-- the top tokens of one classifier repeat from call to call.
+local function labels_for(prep, tok, offset)
+  local memo = prep.by_token[offset]
+  if not memo then memo = {}; prep.by_token[offset] = memo end
+  local m = memo[tok]
+  if m then return m end
+  local part = offset > 0 and tok:sub(offset + 1) or tok
+  if part:byte(1) == 34 then part = part:sub(2) end -- '"'
+  m = {}
+  if part ~= "" then
+    for _, n in ipairs(prep.names) do
+      if n:sub(1, #part) == part or part:sub(1, #n) == n then m[#m + 1] = n end
+    end
+  end
+  m.shared = #m > 1 or nil
+  if prep.memo_n < 512 then
+    memo[tok], prep.memo_n = m, prep.memo_n + 1
+  end
+  return m
+end
+
+local function by_p(a, b) return a.p > b.p end
+
 -- Alternatives at the label's first token: each top logprob entry, the
 -- bytes of the value it would start with, mapped to the labels it begins.
-local function alternatives_at(entry, offset, names)
+local function alternatives_at(entry, offset, prep)
   local alts, seen = {}, {}
   local top = type(entry) == "table" and entry.top_logprobs
   if type(top) ~= "table" then return alts end
-  for _, t in ipairs(top) do
-    local tok, lp = type(t) == "table" and t.token, tonumber(type(t) == "table" and t.logprob)
-    if type(tok) == "string" and lp then
-      local part = tok:sub(offset + 1):gsub('^"', "")
-      if part ~= "" then
-        local matches = {}
-        for _, n in ipairs(names) do
-          if n:sub(1, #part) == part or part:sub(1, #n) == n then matches[#matches + 1] = n end
-        end
-        for _, n in ipairs(matches) do
-          if not seen[n] then
-            seen[n] = true
-            alts[#alts + 1] = { label = n, p = exp(lp), shared = #matches > 1 or nil }
-          end
+  for i = 1, #top do
+    local t = top[i]
+    local tok, lp
+    if type(t) == "table" then tok, lp = t.token, tonumber(t.logprob) end
+    if lp and type(tok) == "string" then
+      local matches = labels_for(prep, tok, offset)
+      for j = 1, #matches do
+        local n = matches[j]
+        if not seen[n] then
+          seen[n] = true
+          alts[#alts + 1] = { label = n, p = exp(lp), shared = matches.shared }
         end
       end
     end
   end
-  sort(alts, function(a, b) return a.p > b.p end)
+  for i = 2, #alts do -- top_logprobs come most likely first: sort only if not
+    if alts[i].p > alts[i - 1].p then sort(alts, by_p); break end
+  end
   return alts
 end
 
 -- Confidences of the chosen labels from the final reply's logprobs.
-local function confidences(res, chosen, names, multi)
+local function confidences(res, chosen, prep, multi)
   local lp = res.logprobs
   local content = type(lp) == "table" and lp.content
   if type(content) ~= "table" or not content[1] then return nil end
-  local text, starts = token_spans(content)
+  local text, starts = token_spans(content, res.text)
   if not text then return nil end
   local out, alts = {}, nil
   local from = 1
@@ -195,7 +228,7 @@ local function confidences(res, chosen, names, multi)
       local p, first, offset = span_probability(content, starts, at, label)
       if p then
         out[label] = p
-        if not alts then alts = alternatives_at(content[first], offset, names) end
+        if not alts then alts = alternatives_at(content[first], offset, prep) end
       end
     end
   end
@@ -204,10 +237,42 @@ end
 
 ------------------------------------------------------------------ the task
 
+-- What a label set makes (names, schema, validator, system prompt), made
+-- once per labels table for a caller that keeps passing the same one:
+-- reused while the table's content, `multi` and `instructions` are the
+-- ones it was made from (a shallow copy is kept to compare against).
+local prepared = setmetatable({}, { __mode = "k" })
+
+local function same_content(labels, copy, n)
+  local count = 0
+  for k, v in pairs(labels) do
+    if copy[k] ~= v then return false end
+    count = count + 1
+  end
+  return count == n
+end
+
+local function prepare(labels, multi, instructions)
+  local p = prepared[labels]
+  if p and p.multi == multi and p.instructions == instructions and same_content(labels, p.copy, p.n) then
+    return p
+  end
+  local names, desc = label_list(labels, 5)
+  local copy, n = {}, 0
+  for k, v in pairs(labels) do copy[k], n = v, n + 1 end
+  local s = schema_for(names, multi)
+  p = { names = names, desc = desc, schema = s, validator = schema_mod.compile(s),
+    system = system_prompt(names, desc, multi, instructions),
+    multi = multi, instructions = instructions, copy = copy, n = n, by_token = {}, memo_n = 0 }
+  prepared[labels] = p
+  return p
+end
+
 local function run(o)
   local client = o.client or common.default_client()
-  local names, desc = label_list(o.labels)
   local multi = o.multi == true
+  local prep = prepare(o.labels, multi, o.instructions)
+  local names = prep.names
   local model = o.model or client.model
   local ledger = common.ledger()
   local parts
@@ -224,7 +289,7 @@ local function run(o)
     masker = require("slm.pii").new(type(o.mask_pii) == "table" and o.mask_pii or nil)
     text = masker:mask(text)
   end
-  local messages = { { role = "system", content = system_prompt(names, desc, multi, o.instructions) } }
+  local messages = { { role = "system", content = prep.system } }
   for i, ex in ipairs(o.examples or {}) do
     if type(ex) ~= "table" or type(ex.text) ~= "string" then
       error(format("slm.classify: examples[%d] must be a table with a string 'text'", i), 3)
@@ -237,9 +302,8 @@ local function run(o)
   messages[#messages + 1] = common.user_message(text, parts)
   local info = models.find(model)
   local want_lp = not info or info.logprobs ~= false
-  local s = schema_for(names, multi)
   local v, meta = structured.ask(client, ledger, {
-    model = model, messages = messages, schema = s, name = "classification",
+    model = model, messages = messages, schema = prep.schema, validator = prep.validator, name = "classification",
     max_tokens = o.max_tokens, logprobs = want_lp, top_logprobs = want_lp and (o.top_logprobs or 5) or nil,
     timeout = o.timeout,
   })
@@ -248,7 +312,7 @@ local function run(o)
   local res = ledger:into({ model = meta.res.model or model, raw = meta.raw, repaired = meta.repaired })
   res.label = chosen[1]
   if multi then res.labels = chosen end
-  local conf, alts = confidences(meta.res, chosen, names, multi)
+  local conf, alts = confidences(meta.res, chosen, prep, multi)
   if conf then
     res.confidence = conf[chosen[1]]
     if multi then res.confidences = conf end
@@ -300,7 +364,7 @@ function M.evaluate(dataset, opts)
   local copts, conc, progress = {}, opts.concurrency or 8, opts.progress
   for k, v in pairs(opts) do if k ~= "concurrency" and k ~= "progress" then copts[k] = v end end
   if type(copts.labels) ~= "table" then error("slm.classify.evaluate: option 'labels' is required", 2) end
-  local names = label_list(copts.labels)
+  local names = label_list(copts.labels, 3)
   local results, errs = require("slm.map").map(dataset, function(item, i)
     if type(item) ~= "table" or type(item.text) ~= "string" then
       error(format("slm.classify.evaluate: dataset[%d] must be a table with a string 'text'", i), 0)

@@ -99,10 +99,13 @@ local function attempts_of(err)
   return n
 end
 
+local core_now
+local function load_now() core_now = require("slm.core").now; return core_now end
+
 --- Call client:chat(req) and enter what it cost: -> res | nil, err (an
 -- error's partial Response and its attempts count too).
 function Ledger:chat(client, req)
-  local now = require("slm.core").now
+  local now = core_now or load_now()
   local t0 = now()
   local res, err = client:chat(req)
   self.latency = self.latency + (now() - t0)

@@ -27,16 +27,47 @@ local json = require "slm.json"
 local models = require "slm.models"
 local schema_mod = require "slm.schema"
 
-local type, pairs, ipairs, tostring, format, concat, min, max =
-  type, pairs, ipairs, tostring, string.format, table.concat, math.min, math.max
+local type, pairs, ipairs, tostring, format, concat, min, max, setmetatable =
+  type, pairs, ipairs, tostring, string.format, table.concat, math.min, math.max, setmetatable
 local null = json.null
 
 local M = {}
+
+-- schema table -> what is sent for it (the strict copy, the prompt text):
+-- made once per schema a caller keeps using
+local cache = setmetatable({}, { __mode = "k" })
 
 --- How a model is asked for JSON: "json_schema" | "json_object" | "none".
 function M.mode_for(model)
   local info = models.find(model)
   return info and info.structured or "json_object"
+end
+
+local BRANCHES = { "anyOf", "oneOf" }
+
+-- Does a schema have an optional property anywhere (strict mode sends it
+-- as nullable, so its nulls are to be removed)?  Cycles through $ref stop.
+local function has_optional(s, defs, seen)
+  if type(s) ~= "table" or seen[s] then return false end
+  seen[s] = true
+  if s["$ref"] and defs then
+    local name = s["$ref"]:match("^#/%$?%w+/(.+)$")
+    if name and defs[name] then return has_optional(defs[name], defs, seen) end
+  end
+  if type(s.properties) == "table" then
+    local req = {}
+    for _, k in ipairs(s.required or {}) do req[k] = true end
+    for k, ps in pairs(s.properties) do
+      if not req[k] or has_optional(ps, defs, seen) then return true end
+    end
+  end
+  if has_optional(s.items, defs, seen) then return true end
+  for _, kw in ipairs(BRANCHES) do
+    if type(s[kw]) == "table" then
+      for _, b in ipairs(s[kw]) do if has_optional(b, defs, seen) then return true end end
+    end
+  end
+  return false
 end
 
 -- Remove nulls that strict mode put in place of absent optional
@@ -62,7 +93,7 @@ local function drop_optional_nulls(v, s, defs)
   if type(s.items) == "table" then
     for i = 1, #v do v[i] = drop_optional_nulls(v[i], s.items, defs) end
   end
-  for _, kw in ipairs{ "anyOf", "oneOf" } do
+  for _, kw in ipairs(BRANCHES) do
     if type(s[kw]) == "table" then
       for _, b in ipairs(s[kw]) do
         if type(b) == "table" and b.properties then v = drop_optional_nulls(v, b, defs) end
@@ -96,21 +127,37 @@ function M.ask(client, ledger, spec)
   local wrapped = not is_object_schema(s)
   local send_schema = s
   if wrapped then
-    send_schema = { type = "object", properties = { result = s }, required = { "result" },
-      additionalProperties = false, ["$defs"] = s["$defs"], definitions = s.definitions }
+    local w = cache[s]
+    if not w then
+      w = { wrapper = { type = "object", properties = { result = s }, required = { "result" },
+        additionalProperties = false, ["$defs"] = s["$defs"], definitions = s.definitions } }
+      cache[s] = w
+    end
+    send_schema = w.wrapper
   end
   local validator = spec.validator or schema_mod.compile(s)
   local mode = spec.mode or M.mode_for(model)
+  local prepared = cache[send_schema]
+  if not prepared then
+    prepared = {}
+    cache[send_schema] = prepared
+  end
   local messages = {}
   for i, m in ipairs(spec.messages) do messages[i] = m end
   local rf
   if mode == "json_schema" then
+    if not prepared.strict then
+      prepared.strict = schema_mod.for_openai_strict(send_schema)
+      local defs = send_schema["$defs"] or send_schema.definitions
+      prepared.optional = has_optional(send_schema, defs, {})
+    end
     rf = { type = "json_schema", json_schema = { name = spec.name or "result", strict = true,
-      schema = schema_mod.for_openai_strict(send_schema) } }
+      schema = prepared.strict } }
   else
     -- the schema goes in the system message (the first one, or a new one)
-    local text = "Reply with only a JSON object that matches this JSON schema:\n```json\n"
-      .. json.encode(send_schema) .. "\n```"
+    prepared.prompt = prepared.prompt or ("Reply with only a JSON object that matches this JSON schema:\n```json\n"
+      .. json.encode(send_schema) .. "\n```")
+    local text = prepared.prompt
     if messages[1] and messages[1].role == "system" and type(messages[1].content) == "string" then
       messages[1] = { role = "system", content = messages[1].content .. "\n\n" .. text }
     else
@@ -146,7 +193,9 @@ function M.ask(client, ledger, spec)
     if res.refusal then return nil, { { path = "$", message = "the model refused: " .. tostring(res.refusal) } } end
     local v, perr = schema_mod.parse_lenient(res.text or "")
     if v == nil then return nil, { { path = "$", message = "not JSON: " .. tostring(perr) } } end
-    if mode == "json_schema" then v = drop_optional_nulls(v, send_schema, send_schema["$defs"] or send_schema.definitions) end
+    if mode == "json_schema" and prepared.optional then
+      v = drop_optional_nulls(v, send_schema, send_schema["$defs"] or send_schema.definitions)
+    end
     if wrapped then
       if type(v) ~= "table" or v.result == nil then
         return nil, { { path = "$", message = "expected an object with the value in 'result'" } }
