@@ -1,8 +1,9 @@
--- slm.schema: the JSON-schema subset validator and its pattern matcher.
+-- slm.schema: the JSON-schema subset validator, its pattern matcher and the
+-- lenient reader of model replies.
 -- Every keyword accepted and refused, error paths and messages, values as
 -- lua-cjson decodes them, every unsupported keyword and malformed schema
 -- raising at compile, patterns that would make a backtracking matcher run
--- for ever.
+-- for ever, replies in fences and prose.
 -- Runs unchanged under Lua 5.4 and LuaJIT (bin/test runs it under both).
 local schema = require "slm.schema"
 local json = require "slm.json"
@@ -709,6 +710,93 @@ describe("slm.schema", function()
       local ok, errs = schema.validate({ type = "object", properties = { total = { minimum = 0 } } }, { total = -3 })
       assert.is_false(ok)
       assert.same({ { path = "$.total", message = "must be >= 0, got -3", keyword = "minimum" } }, errs)
+    end)
+  end)
+
+  describe("parse_lenient", function()
+    local P = schema.parse_lenient
+
+    it("takes a reply that is JSON alone, scalars too", function()
+      assert.same({ a = 1 }, P('{"a": 1}'))
+      assert.same({ 1, 2 }, P("  [1, 2]\n"))
+      assert.equal("tech", P('"tech"'))
+      assert.equal(42, P("42"))
+      assert.equal(NULL, P("null"))
+    end)
+
+    it("takes the JSON in ```json and ``` fences", function()
+      assert.same({ a = 1 }, P('```json\n{"a": 1}\n```'))
+      assert.same({ a = 1 }, P('Sure! [as asked]:\n```JSON\n{"a": 1}\n```\nAnything else?'))
+      assert.same({ 1 }, P("```\n[1]\n```"))
+      assert.equal("billing", P('```json\n"billing"\n```'))
+      assert.equal("billing", P('Sure:\n```JSON\n"billing"\n```'))
+      assert.same({ b = 2 }, P('```json\nHere: {"b": 2}\n```'))
+      assert.same({ c = 3 }, P('```python\nprint(1)\n```\n```json\n{"c": 3}\n```'))
+      assert.same({ d = 4 }, P('```json\n{"d": 4}')) -- the closing fence never came
+    end)
+
+    it("takes the first complete object or array amid prose", function()
+      assert.same({ total = 3 }, P('Here is the result: {"total": 3} Hope this helps!'))
+      assert.same({ "a", "b" }, P('The labels are ["a", "b"].'))
+      assert.same({ x = { y = { 1, { z = "}" } } } }, P('prose {"x": {"y": [1, {"z": "}"}]}} more prose'))
+    end)
+
+    it("matches brackets outside strings only, escaped quotes included", function()
+      assert.same({ s = "a}b]c{d[" }, P('Result: {"s": "a}b]c{d["} done'))
+      assert.same({ s = 'say "hi" }' }, P('x {"s": "say \\"hi\\" }"} y'))
+      assert.same({ s = "back\\" }, P('x {"s": "back\\\\"} y }'))
+      assert.same({ s = 'a"}' }, P('x {"s": "a\\"}"} y'))
+    end)
+
+    it("two JSON values in one reply: the first", function()
+      assert.same({ a = 1 }, P('{"a": 1}\n{"b": 2}'))
+      assert.same({ first = true }, P('First: {"first": true}. Second: {"second": true}.'))
+    end)
+
+    it("drops trailing commas before } and ], never inside strings", function()
+      assert.same({ a = { 1, 2 }, b = { c = 1 } }, P('{"a": [1, 2, ], "b": {"c": 1,\n},}'))
+      assert.same({ s = "x,}" }, P('{"s": "x,}",}'))
+      assert.same({ s = ", ]" }, P('```json\n{"s": ", ]",\n}\n```'))
+      local v, err = P('{"a": 1,,}')
+      assert.is_nil(v)
+      assert.matches("does not parse", err)
+    end)
+
+    it("skips a UTF-8 byte order mark", function()
+      assert.same({ a = 1 }, P('\239\187\191{"a": 1}'))
+      assert.same({ a = 1 }, P('\239\187\191Result: {"a": 1}'))
+      assert.equal("tech", P('\239\187\191"tech"'))
+    end)
+
+    it("never turns what is not JSON into JSON", function()
+      local refused = {
+        { "", "no JSON object in the reply (it is empty)" },
+        { "   \n", "no JSON object in the reply (it is empty)" },
+        { "I cannot help with that.", "no JSON object in the reply" },
+        { "{'a': 1}", "does not parse" },                          -- single quotes
+        { "{a: 1}", "does not parse" },                            -- unquoted keys
+        { '{"a": 1', "never ends (was the reply cut off?)" },     -- a cut reply
+        { '{"a": [1, 2}', "mismatched brackets" },
+        { "```json\n{'a': 1}\n```", "does not parse" },
+      }
+      for _, c in ipairs(refused) do
+        local v, err = P(c[1])
+        assert(v == nil, string.format("%q gave a value", c[1]))
+        assert(err:find(c[2], 1, true), string.format("%q: %s", c[1], err))
+      end
+      -- a piece of a broken or cut value is never taken for the answer
+      assert.is_nil((P('{"a": {"b": 1}, c: 2}')))
+      assert.is_nil((P('{"a": {"b": 1}, "c": [1, 2')))
+      assert.is_nil((P('Here {"x": {"y": 1}')))
+      -- the decoder's message, and where the value started
+      local _, err = P('Result: {"a": tru}')
+      assert.matches("^the JSON value at character 9 of the reply does not parse: ", err)
+      assert_raises_in(function() P(nil) end, "slm.schema.parse_lenient: expected a string, got nil")
+    end)
+
+    it("a balanced stretch of prose that is not JSON is skipped whole", function()
+      assert.same({ a = 1 }, P('As [noted above], the answer is {"a": 1}'))
+      assert.same({ a = 1 }, P('Use {placeholders} like {"a": 1}'))
     end)
   end)
 end)

@@ -1,9 +1,10 @@
 -- slm.schema: the JSON-schema subset that structured output is checked
--- against.
+-- against, and the lenient reader of a model's JSON reply.
 --
 --   local v = schema.compile(s)             -- raises at once on what it cannot honour
 --   local ok, errs = v:validate(value)      -- true | false, { { path, message, keyword }, ... }
 --   local ok, errs = schema.validate(s, value)   -- compiled once per schema table (weak cache)
+--   local value, why = schema.parse_lenient(text)
 --
 -- The subset (anything else raises at compile, naming the keyword and
 -- where it stands: "slm.schema: unsupported keyword 'uniqueItems' at
@@ -1493,6 +1494,145 @@ function M.format_errors(errs)
   for i = 1, #errs do lines[i] = errs[i].path .. ": " .. errs[i].message end
   if errs.truncated then lines[#lines + 1] = "(and more errors)" end
   return concat(lines, "\n")
+end
+
+---------------------------------------------------------------- lenient parsing
+
+local decode = json.decode
+
+local function try_decode(s)
+  local ok, v = pcall(decode, s)
+  if ok and v ~= nil then return v end
+  return nil, tostring(v)
+end
+
+local function trim(s)
+  return (gsub(gsub(s, "^[ \t\r\n]+", ""), "[ \t\r\n]+$", ""))
+end
+
+-- From i (a { or [), where its value ends, matching brackets outside
+-- strings: j, trailing commas (positions of commas that only whitespace
+-- separates from a closing bracket; nil when none). Or nil, "unclosed" /
+-- nil, "mismatch", position.
+local function scan_value(s, i)
+  local stack, depth, commas = {}, 0, nil
+  local p = i
+  while true do
+    local q = find(s, '[][{}",]', p)
+    if not q then return nil, "unclosed" end
+    local c = byte(s, q)
+    if c == 34 then -- a string: up to its unescaped closing quote
+      local r = q + 1
+      while true do
+        local e = find(s, '["\\]', r)
+        if not e then return nil, "unclosed" end
+        if byte(s, e) == 92 then
+          r = e + 2
+        else
+          r = e + 1
+          break
+        end
+      end
+      p = r
+    elseif c == 123 or c == 91 then
+      depth = depth + 1
+      stack[depth] = c == 123 and 125 or 93
+      p = q + 1
+    elseif c == 125 or c == 93 then
+      if stack[depth] ~= c then return nil, "mismatch", q end
+      depth = depth - 1
+      if depth == 0 then return q, commas end
+      p = q + 1
+    else -- a comma
+      if depth > 0 and find(s, "^[ \t\r\n]*[}%]]", q + 1) then
+        commas = commas or {}
+        commas[#commas + 1] = q
+      end
+      p = q + 1
+    end
+  end
+end
+
+local function without(s, i, j, commas)
+  if not commas then return sub(s, i, j) end
+  local parts, from = {}, i
+  for k = 1, #commas do
+    parts[#parts + 1] = sub(s, from, commas[k] - 1)
+    from = commas[k] + 1
+  end
+  parts[#parts + 1] = sub(s, from, j)
+  return concat(parts)
+end
+
+-- The first complete top-level object or array in s (positions reported
+-- off characters later in the reply). A bracketed stretch that does not
+-- parse is skipped whole: a piece of it is never taken for the answer; a
+-- value that never closes ends the search (a cut reply).
+local MAX_STARTS = 64
+local function first_json(s, off)
+  local p, first_err = 1, nil
+  for _ = 1, MAX_STARTS do
+    local i = find(s, "[{%[]", p)
+    if not i then return nil, first_err end
+    local j, commas, at = scan_value(s, i)
+    if not j then
+      if commas == "unclosed" then
+        return nil, first_err or format("the JSON value at character %d of the reply never ends (was the reply cut off?)", i + off)
+      end
+      first_err = first_err or format("mismatched brackets in the JSON value at character %d of the reply (character %d)",
+        i + off, at + off)
+      p = at + 1
+    else
+      local v, err = try_decode(without(s, i, j, commas))
+      if v ~= nil then return v end
+      first_err = first_err or format("the JSON value at character %d of the reply does not parse: %s", i + off, err)
+      p = j + 1
+    end
+  end
+  return nil, first_err
+end
+
+local NO_JSON = "no JSON object in the reply"
+
+--- schema.parse_lenient(text) -> value | nil, why
+-- What small models send: the JSON alone, in ```json fences, or amid prose;
+-- trailing commas before } or ], a UTF-8 BOM. Nothing else is repaired.
+function M.parse_lenient(text)
+  if type(text) ~= "string" then error("slm.schema.parse_lenient: expected a string, got " .. type(text), 2) end
+  local s = text
+  if sub(s, 1, 3) == "\239\187\191" then s = sub(s, 4) end
+  local body = trim(s)
+  if body == "" then return nil, NO_JSON .. " (it is empty)" end
+  -- the whole reply is one JSON value (a scalar too)
+  local v = try_decode(body)
+  if v ~= nil then return v end
+  -- fenced blocks marked json, or not marked
+  local fence_err
+  local p = 1
+  while true do
+    local a, b = find(s, "```", p, true)
+    if not a then break end
+    local eol = find(s, "\n", b + 1, true)
+    if not eol then break end
+    local tag = lower(trim(sub(s, b + 1, eol - 1)))
+    local c = find(s, "```", eol + 1, true)
+    local content = sub(s, eol + 1, (c or #s + 1) - 1)
+    if tag == "" or find(tag, "^json") then
+      local fv = try_decode(trim(content))
+      if fv ~= nil then return fv end
+      local err
+      fv, err = first_json(content, eol)
+      if fv ~= nil then return fv end
+      fence_err = fence_err or err
+    end
+    if not c then break end
+    p = c + 3
+  end
+  -- the first object or array anywhere
+  local err
+  v, err = first_json(s, 0)
+  if v ~= nil then return v end
+  return nil, fence_err or err or NO_JSON
 end
 
 return M
