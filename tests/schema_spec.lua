@@ -1,9 +1,9 @@
--- slm.schema: the JSON-schema subset validator, its pattern matcher and the
--- lenient reader of model replies.
+-- slm.schema: the JSON-schema subset validator, its pattern matcher, the
+-- lenient reader of model replies and the OpenAI strict-mode copy.
 -- Every keyword accepted and refused, error paths and messages, values as
 -- lua-cjson decodes them, every unsupported keyword and malformed schema
 -- raising at compile, patterns that would make a backtracking matcher run
--- for ever, replies in fences and prose.
+-- for ever, replies in fences and prose, strict copies of nested schemas.
 -- Runs unchanged under Lua 5.4 and LuaJIT (bin/test runs it under both).
 local schema = require "slm.schema"
 local json = require "slm.json"
@@ -797,6 +797,201 @@ describe("slm.schema", function()
     it("a balanced stretch of prose that is not JSON is skipped whole", function()
       assert.same({ a = 1 }, P('As [noted above], the answer is {"a": 1}'))
       assert.same({ a = 1 }, P('Use {placeholders} like {"a": 1}'))
+    end)
+  end)
+
+  describe("for_openai_strict", function()
+    -- What OpenAI's strict mode asks of every object of a schema.
+    local function assert_strict(s)
+      local function walk(x, path)
+        if type(x) ~= "table" then return end
+        local is_obj = x.type == "object" or (type(x.type) == "table" and x.type[1] == "object")
+        if is_obj then
+          assert(x.additionalProperties == false, path .. ": additionalProperties is not false")
+          local names = {}
+          for k in pairs(x.properties) do names[#names + 1] = k end
+          table.sort(names)
+          assert.same(names, x.required, path .. ": required is not every property")
+        end
+        assert(x.oneOf == nil, path .. ": oneOf")
+        assert(x.allOf == nil, path .. ": allOf")
+        for k, sub in pairs(x) do
+          if type(sub) == "table" and k ~= "enum" and k ~= "const" and k ~= "required" and k ~= "type" then
+            walk(sub, path .. "." .. tostring(k))
+          end
+        end
+      end
+      walk(s, "$")
+    end
+
+    local order = {
+      type = "object",
+      description = "an order",
+      properties = {
+        id = { type = "string", pattern = "^[A-Z]+$" },
+        note = { type = "string", minLength = 1 },
+        status = { type = "string", enum = { "open", "closed" } },
+        discount = { type = { "number", "null" } },
+        customer = {
+          type = "object",
+          properties = { name = { type = "string" }, email = { type = "string", format = "email" },
+                         vip = { type = "boolean" } },
+          required = { "name" },
+        },
+        lines = { type = "array", minItems = 1, items = {
+          type = "object", properties = { sku = { type = "string" }, qty = { type = "integer", minimum = 1 },
+                                          gift = { ["$ref"] = "#/$defs/gift" } },
+          required = { "sku", "qty" } } },
+      },
+      required = { "id", "lines" },
+      ["$defs"] = { gift = { type = "object", properties = { message = { type = "string" } }, required = { "message" } } },
+    }
+
+    it("closes every object, requires every property, makes the optional ones nullable", function()
+      local before = json.encode(order)
+      local s2 = assert(schema.for_openai_strict(order))
+      assert.equal(before, json.encode(order)) -- the caller's table is left alone
+      assert_strict(s2)
+      local p = s2.properties
+      assert.same({ type = "string", pattern = "^[A-Z]+$" }, p.id)                 -- required: as it was
+      assert.same({ type = { "string", "null" }, minLength = 1 }, p.note)           -- constraints kept
+      assert.same({ type = { "string", "null" }, enum = { "open", "closed", NULL } }, p.status)
+      assert.same({ type = { "number", "null" } }, p.discount)                      -- accepted null already
+      assert.same({ type = { "object", "null" }, additionalProperties = false,
+        required = { "email", "name", "vip" },
+        properties = { name = { type = "string" }, email = { type = { "string", "null" }, format = "email" },
+                       vip = { type = { "boolean", "null" } } } }, p.customer)
+      assert.same({ anyOf = { { ["$ref"] = "#/$defs/gift" }, { type = "null" } } }, p.lines.items.properties.gift)
+      assert.same({ "id", "lines" }, order.required)
+      assert.equal("an order", s2.description)
+      assert.equal(false, s2["$defs"].gift.additionalProperties)
+      -- what goes on the wire: required lists are arrays, even empty ones
+      local empty = assert(schema.for_openai_strict({ type = "object", properties = {} }))
+      assert.matches('"required":%[%]', json.encode(empty))
+    end)
+
+    it("oneOf becomes anyOf, a $ref with siblings is inlined, allOf merged, unknown formats dropped", function()
+      local s = {
+        type = "object",
+        ["$schema"] = "https://json-schema.org/draft/2020-12/schema", name = "x", strict = true,
+        ["$defs"] = { base = { type = "object", properties = { id = { type = "string" } }, required = { "id" } } },
+        properties = {
+          pay = { oneOf = { { type = "string" }, { type = "integer" } } },
+          ref = { ["$ref"] = "#/$defs/base", description = "the base" },
+          both = { allOf = { { ["$ref"] = "#/$defs/base" },
+            { type = "object", properties = { extra = { type = "number" } } } } },
+          when = { type = "string", format = "date-time", examples = { "x" }, default = NULL },
+          site = { type = "string", format = "uri", default = "https://example.com" },
+        },
+        required = { "pay", "ref", "both", "when", "site" },
+      }
+      local s2 = assert(schema.for_openai_strict(s))
+      assert_strict(s2)
+      assert.is_nil(s2["$schema"])
+      assert.is_nil(s2.name)
+      assert.is_nil(s2.strict)
+      assert.same({ anyOf = { { type = "string" }, { type = "integer" } } }, s2.properties.pay)
+      assert.same({ type = "object", description = "the base", properties = { id = { type = "string" } },
+        required = { "id" }, additionalProperties = false }, s2.properties.ref)
+      assert.same({ type = "object", additionalProperties = false, required = { "extra", "id" },
+        properties = { id = { type = "string" }, extra = { type = { "number", "null" } } } }, s2.properties.both)
+      assert.same({ type = "string", format = "date-time" }, s2.properties.when)
+      assert.same({ type = "string", default = "https://example.com" }, s2.properties.site)
+    end)
+
+    it("OpenAPI nullable, optional anyOf and const properties", function()
+      local s2 = assert(schema.for_openai_strict({ type = "object", properties = {
+        a = { type = "string", nullable = true },
+        b = { anyOf = { { type = "string" }, { type = "integer" } } },
+        c = { const = "v1" },
+        d = { anyOf = { { type = "string" } }, type = "string" },
+      }, required = { "a" } }))
+      assert.same({ type = { "string", "null" } }, s2.properties.a)
+      assert.same({ anyOf = { { type = "string" }, { type = "integer" }, { type = "null" } } }, s2.properties.b)
+      assert.same({ anyOf = { { const = "v1" }, { type = "null" } } }, s2.properties.c)
+      assert.same({ anyOf = { { anyOf = { { type = "string" } }, type = "string" }, { type = "null" } } }, s2.properties.d)
+    end)
+
+    it("nil and why for what strict mode cannot express", function()
+      local cannot = {
+        { { type = "string" }, "the root must be an object" },
+        { { type = { "object", "null" }, properties = {} }, "the root must be an object" },
+        { { anyOf = { { type = "object", properties = {} } } }, "the root must be an object" },
+        { { type = "object" }, "an object without properties has no strict form (the model could only send {}) at $" },
+        { { type = "object", properties = { m = { type = "object", additionalProperties = { type = "number" } } } },
+          "an object with additionalProperties (a map whose keys the model picks) has no strict form at $.properties.m" },
+        { { type = "object", properties = {}, additionalProperties = true }, "additionalProperties" },
+        { { type = "object", properties = { a = { type = "string" } }, required = { "a", "b" } },
+          'the required property "b" is not in properties: strict mode could never send it at $' },
+        { { type = "object", properties = { x = true } }, "a boolean schema (true) has no strict form at $.properties.x" },
+        { { type = "object", properties = { x = { anyOf = { { type = "string" } }, oneOf = { { type = "string" } } } } },
+          "anyOf beside oneOf" },
+        { { type = "object", properties = { x = { allOf = { { type = "string" }, { type = "number" } } } } },
+          "allOf branches that set 'type' differently have no strict form at $.properties.x.allOf[1]" },
+        { true, "a boolean schema has no strict form" },
+      }
+      for _, c in ipairs(cannot) do
+        local s2, why = schema.for_openai_strict(c[1])
+        assert.is_nil(s2)
+        assert(why:find(c[2], 1, true), why)
+      end
+      -- a schema outside the subset raises, as compile does
+      assert.has_error(function() schema.for_openai_strict({ type = "object", uniqueItems = true }) end)
+    end)
+
+    it("keeps recursive schemas recursive", function()
+      local tree = { type = "object", properties = { v = { type = "integer" },
+        kids = { type = "array", items = { ["$ref"] = "#" } } }, required = { "v", "kids" } }
+      local s2 = assert(schema.for_openai_strict(tree))
+      assert_strict(s2)
+      assert.same({ ["$ref"] = "#" }, s2.properties.kids.items)
+      assert.is_true((schema.validate(s2, dec('{"v":1,"kids":[{"v":2,"kids":[]}]}'))))
+    end)
+
+    it("from_openai_strict removes the nulls strict mode sent for optional properties", function()
+      local reply = dec([[{"id":"A","note":null,"status":null,"discount":null,
+        "customer":{"name":"Ann","email":null,"vip":null},
+        "lines":[{"sku":"x","qty":1,"gift":null},{"sku":"y","qty":2,"gift":{"message":"hi"}}]}]])
+      assert.is_false((schema.validate(order, reply)))
+      local s2 = assert(schema.for_openai_strict(order))
+      assert.is_true((schema.validate(s2, reply)))
+      local v = schema.from_openai_strict(order, reply)
+      assert.equal(reply, v)
+      assert.is_nil(v.note)
+      assert.is_nil(v.status)
+      assert.equal(NULL, v.discount)          -- null is a value this schema takes
+      assert.same({ name = "Ann" }, v.customer)
+      assert.is_nil(v.lines[1].gift)
+      assert.same({ message = "hi" }, v.lines[2].gift)
+      assert_ok(order, v)
+      -- a required property's null stays, and fails as it should
+      local r2 = dec('{"id":null,"lines":[{"sku":"x","qty":1}]}')
+      schema.from_openai_strict(order, r2)
+      assert_errors(order, r2, "$.id: must be a string, got null")
+    end)
+
+    it("from_openai_strict follows $ref, allOf and the anyOf branch that fits", function()
+      local s = {
+        ["$defs"] = { item = { type = "object", properties = { a = { type = "string" }, b = { type = "string" } },
+          required = { "a" } } },
+        type = "object",
+        properties = {
+          one = { ["$ref"] = "#/$defs/item" },
+          all = { allOf = { { type = "object", properties = { c = { type = "integer" } } } } },
+          alt = { anyOf = {
+            { type = "object", properties = { kind = { const = "x" }, x = { type = "number" } }, required = { "kind" } },
+            { type = "object", properties = { kind = { const = "y" }, y = { type = "number" } }, required = { "kind" } },
+          } },
+        },
+      }
+      local v = schema.from_openai_strict(s, dec([[{"one":{"a":"s","b":null},"all":{"c":null},
+        "alt":{"kind":"y","x":null,"y":null}}]]))
+      -- x is no property of the branch that fits: an additional one, left as it is
+      assert.same({ one = { a = "s" }, all = {}, alt = { kind = "y", x = NULL } }, v)
+      assert_ok(s, v)
+      local w = schema.from_openai_strict(s, dec('{"alt":{"kind":"y","y":null}}'))
+      assert.same({ alt = { kind = "y" } }, w)
+      assert_ok(s, w)
     end)
   end)
 end)

@@ -1,10 +1,13 @@
 -- slm.schema: the JSON-schema subset that structured output is checked
--- against, and the lenient reader of a model's JSON reply.
+-- against, the lenient reader of a model's JSON reply, and the copy of a
+-- schema that OpenAI's strict structured outputs accept.
 --
 --   local v = schema.compile(s)             -- raises at once on what it cannot honour
 --   local ok, errs = v:validate(value)      -- true | false, { { path, message, keyword }, ... }
 --   local ok, errs = schema.validate(s, value)   -- compiled once per schema table (weak cache)
 --   local value, why = schema.parse_lenient(text)
+--   local s2, why = schema.for_openai_strict(s)  -- nil, why when s has no strict form
+--   schema.from_openai_strict(s, value)     -- the nulls strict mode put for optional properties, removed
 --
 -- The subset (anything else raises at compile, naming the keyword and
 -- where it stands: "slm.schema: unsupported keyword 'uniqueItems' at
@@ -1633,6 +1636,306 @@ function M.parse_lenient(text)
   v, err = first_json(s, 0)
   if v ~= nil then return v end
   return nil, fence_err or err or NO_JSON
+end
+
+---------------------------------------------------------------- OpenAI strict mode
+
+-- OpenAI's strict structured outputs: every object closed
+-- (additionalProperties: false) with every property required, optional
+-- ones made nullable instead; oneOf becomes anyOf; a $ref with siblings is
+-- inlined, allOf merged; formats OpenAI does not know, and annotations it
+-- has no use for, dropped. Constraint keywords (pattern, minLength,
+-- minimum, ...) stay: the validator enforces them locally either way.
+local StrictFail = {}
+local function cannot(path, msg) error(setmetatable({ msg = msg .. " at " .. path }, StrictFail), 0) end
+
+local KEEP_ANNOT = { title = true, description = true }
+local DROP = { examples = true, ["$comment"] = true, ["$schema"] = true, ["$id"] = true, name = true, strict = true,
+               deprecated = true, readOnly = true, writeOnly = true, nullable = true }
+local OPENAI_FORMATS = { ["date-time"] = true, time = true, date = true, duration = true, email = true,
+                         hostname = true, ipv4 = true, ipv6 = true, uuid = true }
+
+local function has_type(raw, name)
+  local t = raw.type
+  if t == name then return true end
+  if type(t) == "table" then
+    for i = 1, #t do if t[i] == name then return true end end
+  end
+  return false
+end
+
+local function is_object_schema(raw)
+  if raw.type ~= nil then return has_type(raw, "object") end
+  return raw.properties ~= nil or raw.required ~= nil or raw.additionalProperties ~= nil
+end
+
+local function accepts_null(X, raw)
+  if raw == true then return true end
+  if raw == false then return false end
+  local node = X.V.memo[raw]
+  return node ~= nil and test(X.V, node, NULL)
+end
+
+local function inline_ref(raw, path, X)
+  X.steps = X.steps + 1
+  if X.steps > 200 then cannot(path, "$ref siblings that never end") end
+  local target = resolve_pointer(X.root, raw["$ref"], path)
+  if type(target) ~= "table" then cannot(path, "a $ref to a boolean schema has no strict form") end
+  local merged = {}
+  for k, v in pairs(target) do
+    if k ~= "$defs" and k ~= "definitions" and not DROP[k] then merged[k] = v end
+  end
+  for k, v in pairs(raw) do
+    if k ~= "$ref" then
+      if merged[k] ~= nil and not KEEP_ANNOT[k] and not IGNORED[k] and not json_equal(merged[k], v) then
+        cannot(path, "a $ref beside '" .. k .. "', which its target sets too, has no strict form")
+      end
+      merged[k] = v
+    end
+  end
+  return merged
+end
+
+local merge_all_of
+merge_all_of = function(raw, path, X)
+  X.steps = X.steps + 1
+  if X.steps > 200 then cannot(path, "allOf nested too deep") end
+  local merged = {}
+  for k, v in pairs(raw) do
+    if k ~= "allOf" then merged[k] = v end
+  end
+  for i, b in ipairs(raw.allOf) do
+    local bp = path .. ".allOf[" .. (i - 1) .. "]"
+    if b == false then cannot(bp, "allOf with false has no strict form") end
+    if type(b) == "table" then
+      while b["$ref"] ~= nil do b = inline_ref(b, bp, X) end
+      if b.allOf then b = merge_all_of(b, bp, X) end
+      for k, v in pairs(b) do
+        if k == "properties" then
+          local p = {}
+          for n, x in pairs(merged.properties or EMPTY) do p[n] = x end
+          for n, x in pairs(v) do
+            if p[n] ~= nil and not json_equal(p[n], x) then
+              cannot(bp, "allOf branches that both define the property " .. quote(n) .. " have no strict form")
+            end
+            p[n] = x
+          end
+          merged.properties = p
+        elseif k == "required" then
+          local list, seen = {}, {}
+          for _, src in ipairs({ merged.required or EMPTY, v }) do
+            for j = 1, #src do
+              if not seen[src[j]] then seen[src[j]] = true; list[#list + 1] = src[j] end
+            end
+          end
+          merged.required = list
+        elseif k == "$defs" or k == "definitions" then
+          cannot(bp, "'" .. k .. "' inside allOf has no strict form")
+        elseif merged[k] == nil then
+          merged[k] = v
+        elseif not (KEEP_ANNOT[k] or IGNORED[k] or DROP[k]) and not json_equal(merged[k], v) then
+          cannot(bp, "allOf branches that set '" .. k .. "' differently have no strict form")
+        end
+      end
+    end
+  end
+  return merged
+end
+
+local function nullable_form(out)
+  if out["$ref"] or out.const ~= nil or out.allOf or (out.anyOf and out.type) then
+    return { anyOf = { out, { type = "null" } } }
+  end
+  if out.anyOf then
+    out.anyOf[#out.anyOf + 1] = { type = "null" }
+    return out
+  end
+  local t = out.type
+  if type(t) == "string" then
+    if t ~= "null" then out.type = { t, "null" } end
+  elseif type(t) == "table" and not has_type(out, "null") then
+    t[#t + 1] = "null"
+  end
+  if out.enum then out.enum[#out.enum + 1] = NULL end
+  return out
+end
+
+local function has_siblings(raw)
+  for k in pairs(raw) do
+    if k ~= "$ref" then return true end
+  end
+  return false
+end
+
+local conv
+conv = function(raw, path, X, depth)
+  if depth > 200 then cannot(path, "a schema nested deeper than 200") end
+  if type(raw) ~= "table" then cannot(path, "a boolean schema (" .. tostring(raw) .. ") has no strict form") end
+  while raw["$ref"] ~= nil and has_siblings(raw) do raw = inline_ref(raw, path, X) end
+  if raw.allOf then raw = merge_all_of(raw, path, X) end
+  if raw.anyOf and raw.oneOf then cannot(path, "anyOf beside oneOf has no strict form") end
+  local obj = is_object_schema(raw)
+  local out = {}
+  local keys = sorted_keys(raw)
+  for ki = 1, #keys do
+    local k = keys[ki]
+    local v = raw[k]
+    if k == "properties" then
+      local p = {}
+      local names = sorted_keys(v)
+      for i = 1, #names do
+        local name = names[i]
+        p[name] = conv(v[name], path .. ".properties" .. step_str(name), X, depth + 1)
+      end
+      out.properties = p
+    elseif k == "items" then
+      out.items = conv(v, path .. ".items", X, depth + 1)
+    elseif k == "anyOf" or k == "oneOf" then
+      local list = {}
+      for i = 1, #v do list[i] = conv(v[i], path .. "." .. k .. "[" .. (i - 1) .. "]", X, depth + 1) end
+      out.anyOf = list
+    elseif k == "$defs" or k == "definitions" then
+      local d = {}
+      local names = sorted_keys(v)
+      for i = 1, #names do d[names[i]] = conv(v[names[i]], path .. step_str(k) .. step_str(names[i]), X, depth + 1) end
+      out[k] = d
+    elseif k == "format" then
+      if OPENAI_FORMATS[v] then out.format = v end
+    elseif k == "default" then
+      if v ~= NULL then out.default = deep_copy(v) end
+    elseif k == "required" or k == "additionalProperties" then
+      if not obj then out[k] = deep_copy(v) end
+    elseif not DROP[k] then
+      out[k] = deep_copy(v)
+    end
+  end
+  if raw.nullable == true and out.type ~= nil and not has_type(out, "null") then
+    out.type = type(out.type) == "string" and { out.type, "null" } or out.type
+    if type(out.type) == "table" and not has_type(out, "null") then out.type[#out.type + 1] = "null" end
+  end
+  if obj then
+    local addl = raw.additionalProperties
+    if addl ~= nil and addl ~= false then
+      cannot(path, "an object with additionalProperties (a map whose keys the model picks) has no strict form")
+    end
+    local props = raw.properties
+    if props == nil then
+      cannot(path, "an object without properties has no strict form (the model could only send {})")
+    end
+    local names = sorted_keys(props)
+    local req = {}
+    for _, name in ipairs(raw.required or EMPTY) do
+      if props[name] == nil then
+        cannot(path, "the required property " .. quote(name) .. " is not in properties: strict mode could never send it")
+      end
+      req[name] = true
+    end
+    for _, name in ipairs(names) do
+      if not req[name] and not accepts_null(X, props[name]) then
+        out.properties[name] = nullable_form(out.properties[name])
+      end
+    end
+    out.properties = out.properties or json.object()
+    out.required = json.array(names)
+    out.additionalProperties = false
+  end
+  return out
+end
+
+--- schema.for_openai_strict(s) -> a deep copy of s for response_format's
+-- json_schema with strict = true | nil, why (s has no strict form).
+-- Raises, as compile does, on a schema outside the subset.
+function M.for_openai_strict(s)
+  check_schema_arg("for_openai_strict", s)
+  local ok, V = pcall(cached, s)
+  if not ok then rethrow(V, 2) end
+  if type(s) ~= "table" then return nil, "a boolean schema has no strict form" end
+  local X = { V = V, root = s, steps = 0 }
+  local res
+  ok, res = pcall(function()
+    local top = s
+    while top["$ref"] ~= nil do top = inline_ref(top, "$", X) end
+    if top.allOf then top = merge_all_of(top, "$", X) end
+    local plain_object = top.type == "object" or (is_list(top.type) and #top.type == 1 and top.type[1] == "object")
+      or (top.type == nil and top.properties ~= nil)
+    if not plain_object or top.nullable == true then
+      cannot("$", "the root must be an object (type \"object\"), as strict mode requires")
+    end
+    if top.anyOf or top.oneOf then cannot("$", "the root cannot be anyOf/oneOf in strict mode") end
+    -- the root's $defs stay where the $refs point
+    local out = conv(top, "$", X, 0)
+    for _, k in ipairs({ "$defs", "definitions" }) do
+      if s[k] ~= nil and out[k] == nil then
+        local d = {}
+        local names = sorted_keys(s[k])
+        for i = 1, #names do d[names[i]] = conv(s[k][names[i]], "$" .. step_str(k) .. step_str(names[i]), X, 1) end
+        out[k] = d
+      end
+    end
+    return out
+  end)
+  if ok then return res end
+  if getmetatable(res) == StrictFail then return nil, res.msg end
+  rethrow(res, 2)
+end
+
+-- The branch of anyOf/oneOf whose reading of v to strip by: none when one
+-- already accepts v as it is.
+local strip
+local function pick_branch(V, list, v, depth)
+  for i = 1, #list do
+    if test(V, list[i], v) then return nil end
+  end
+  local kind = kind_of(v)
+  for i = 1, #list do
+    local b = list[i]
+    local et = eff_types(b)
+    if not et or admits(et, v, kind) then
+      local copy = deep_copy(v)
+      strip(V, b, copy, depth + 1)
+      if test(V, b, copy) then return b end
+    end
+  end
+  return nil
+end
+
+strip = function(V, node, v, depth)
+  if type(v) ~= "table" or depth > MAX_DEPTH then return end
+  if node.ref then strip(V, node.ref, v, depth + 1) end
+  if node.all_of then
+    for i = 1, #node.all_of do strip(V, node.all_of[i], v, depth + 1) end
+  end
+  for _, list in ipairs({ node.any_of or EMPTY, node.one_of or EMPTY }) do
+    if #list > 0 then
+      local b = pick_branch(V, list, v, depth)
+      if b then strip(V, b, v, depth + 1) end
+    end
+  end
+  local kind = table_kind(v)
+  if kind == "object" and node.props then
+    local rset = node.required_set
+    for name, pnode in pairs(node.props) do
+      local pv = v[name]
+      if pv == NULL then
+        if not (rset and rset[name]) and not test(V, pnode, NULL) then v[name] = nil end
+      elseif pv ~= nil then
+        strip(V, pnode, pv, depth + 1)
+      end
+    end
+  elseif kind == "array" and node.items then
+    for i = 1, #v do strip(V, node.items, v[i], depth + 1) end
+  end
+end
+
+--- schema.from_openai_strict(s, value) -> value: removes, in place, each
+-- null that strict mode sent for a property s leaves optional and that
+-- does not accept null, so that value can be validated against s.
+function M.from_openai_strict(s, value)
+  check_schema_arg("from_openai_strict", s)
+  local ok, V = pcall(cached, s)
+  if not ok then rethrow(V, 2) end
+  strip(V, V.root, value, 0)
+  return value
 end
 
 return M
