@@ -139,8 +139,8 @@ describe("slm.schema", function()
       assert_errors({ type = "array" }, mixed, "$: must be an array, got a table with both array and object keys")
       assert_errors({ type = "object" }, mixed, "$: must be an object, got a table with both array and object keys")
       assert.equal(false, (schema.validate({ type = "array" }, { [1] = 1, [3] = 3 })))
-      local holed = { 1, 2, 3 }
-      holed[2] = nil -- # may still say 3
+      local holed = { 1, 2, 3, 4, 5, 6, 7, 8 }
+      holed[4] = nil -- # still says 8 (Lua 5.4 and LuaJIT)
       assert.equal(false, (schema.validate({ type = "array" }, holed)))
       assert.equal(false, (schema.validate({ type = "object" }, holed)))
       assert.equal(false, (schema.validate({ type = "object" }, { [2] = "x" })))
@@ -422,21 +422,21 @@ describe("slm.schema", function()
 
     it("takes time linear in the string: patterns that make backtracking matchers explode finish at once", function()
       local evil = {
-        { "^(a+)+$", ("a"):rep(5000) .. "!" },
-        { "(a|aa)*b", ("a"):rep(5000) },
-        { "^(a|a)*$", ("a"):rep(5000) .. "b" },
-        { "^(\\w+\\s?)*$", ("word "):rep(1000) .. "!" },
-        { "(.*a){12}x", ("a"):rep(2000) },
-        { "^([a-z]+)*[0-9]$", ("abcdefghij"):rep(500) .. "!" },
-        { "^(a*)*b$", ("a"):rep(5000) },
+        { "^(a+)+$", ("a"):rep(20000) .. "!" },
+        { "(a|aa)*b", ("a"):rep(20000) },
+        { "^(a|a)*$", ("a"):rep(20000) .. "b" },
+        { "^(\\w+\\s?)*$", ("word "):rep(4000) .. "!" },
+        { "(.*a){12}x", ("a"):rep(5000) },
+        { "^([a-z]+)*[0-9]$", ("abcdefghij"):rep(2000) .. "!" },
+        { "^(a*)*b$", ("a"):rep(20000) },
       }
       local t = clock_of(function()
         for _, c in ipairs(evil) do
           assert.is_false(schema.regex(c[1]):test(c[2]))
         end
       end)
-      -- a backtracking matcher needs 2^5000 steps on the first; this one a
-      -- few million at most
+      -- a backtracking matcher needs 2^20000 steps on the first; this one
+      -- a few million at most
       assert(t < 5, "the pathological patterns took " .. t .. " s")
       -- and through the validator
       local s = { type = "string", pattern = "^(a+)+$" }
@@ -605,7 +605,11 @@ describe("slm.schema", function()
         "unsupported keyword 'uniqueItems' at $[\"$defs\"][\"my def\"]")
       assert_raises({ additionalProperties = { contains = {} } }, "unsupported keyword 'contains' at $.additionalProperties")
       -- several: the first in byte order, whatever the hash order
-      assert_raises({ zzz = 1, aaa = 1, type = "string" }, "unsupported keyword 'aaa' at $")
+      for _, first in ipairs({ "a", "k", "t" }) do
+        local s = { type = "string" }
+        for c = first:byte(), first:byte() + 8 do s[string.char(c) .. "x"] = 1 end
+        assert_raises(s, "unsupported keyword '" .. first .. "x' at $")
+      end
       -- root-only annotations elsewhere
       for _, k in ipairs({ "$schema", "$id", "name", "strict" }) do
         assert_raises({ properties = { x = { [k] = "v" } } }, "keyword '" .. k .. "' is accepted at the root only at $.properties.x")
