@@ -43,7 +43,7 @@ function M.mode_for(model)
   return info and info.structured or "json_object"
 end
 
-local BRANCHES = { "anyOf", "oneOf" }
+local BRANCHES = { "anyOf", "oneOf", "allOf" }
 
 -- Does a schema have an optional property anywhere (strict mode sends it
 -- as nullable, so its nulls are to be removed)?  Cycles through $ref stop.
@@ -70,38 +70,6 @@ local function has_optional(s, defs, seen)
   return false
 end
 
--- Remove nulls that strict mode put in place of absent optional
--- properties (objects of the original schema, recursively).
-local function drop_optional_nulls(v, s, defs)
-  if type(s) ~= "table" or type(v) ~= "table" then return v end
-  if s["$ref"] and defs then
-    local name = s["$ref"]:match("^#/%$?%w+/(.+)$")
-    s = name and defs[name] or s
-  end
-  if type(s.properties) == "table" then
-    local req = {}
-    for _, k in ipairs(s.required or {}) do req[k] = true end
-    for k, ps in pairs(s.properties) do
-      local x = v[k]
-      if x == null and not req[k] then
-        v[k] = nil
-      elseif x ~= nil then
-        v[k] = drop_optional_nulls(x, ps, defs)
-      end
-    end
-  end
-  if type(s.items) == "table" then
-    for i = 1, #v do v[i] = drop_optional_nulls(v[i], s.items, defs) end
-  end
-  for _, kw in ipairs(BRANCHES) do
-    if type(s[kw]) == "table" then
-      for _, b in ipairs(s[kw]) do
-        if type(b) == "table" and b.properties then v = drop_optional_nulls(v, b, defs) end
-      end
-    end
-  end
-  return v
-end
 
 local function is_object_schema(s)
   local t = s.type
@@ -145,12 +113,15 @@ function M.ask(client, ledger, spec)
   local messages = {}
   for i, m in ipairs(spec.messages) do messages[i] = m end
   local rf
+  if mode == "json_schema" and prepared.strict == nil then
+    -- a schema strict mode cannot express (a map, an object without
+    -- properties, ...) is asked for in JSON mode instead
+    prepared.strict = schema_mod.for_openai_strict(send_schema) or false
+    local defs = send_schema["$defs"] or send_schema.definitions
+    prepared.optional = has_optional(send_schema, defs, {})
+  end
+  if mode == "json_schema" and not prepared.strict then mode = "json_object" end
   if mode == "json_schema" then
-    if not prepared.strict then
-      prepared.strict = schema_mod.for_openai_strict(send_schema)
-      local defs = send_schema["$defs"] or send_schema.definitions
-      prepared.optional = has_optional(send_schema, defs, {})
-    end
     rf = { type = "json_schema", json_schema = { name = spec.name or "result", strict = true,
       schema = prepared.strict } }
   else
@@ -194,7 +165,7 @@ function M.ask(client, ledger, spec)
     local v, perr = schema_mod.parse_lenient(res.text or "")
     if v == nil then return nil, { { path = "$", message = "not JSON: " .. tostring(perr) } } end
     if mode == "json_schema" and prepared.optional then
-      v = drop_optional_nulls(v, send_schema, send_schema["$defs"] or send_schema.definitions)
+      v = schema_mod.from_openai_strict(send_schema, v)
     end
     if wrapped then
       if type(v) ~= "table" or v.result == nil then
