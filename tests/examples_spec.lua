@@ -16,7 +16,14 @@ describe("examples/ticket_triage.lua", function()
     local out, ok = triage()
     assert.is_true(ok, out)
     assert.matches("^ticket_triage: no OPENAI_API_KEY/SLM_BASE_URL set", out)
-    assert.matches("succeeded:    52    failed: 0", out)
+    assert.matches("ticket_triage: 248 tickets from [^\n]*support_tickets%.jsonl, 56 knowledge entries, 9 examples", out)
+    assert.matches("succeeded:    248    failed: 0", out)
+    -- 248 tickets less the 9 used as examples are scored against their labels
+    assert.matches("\naccuracy:     %d+ of 239 = %d+%.%d%% against the labels", out)
+    assert.matches("\nreplies:      %d+ drafts, %d+ handed over %(user_request %d+", out)
+    -- a draft cites the FAQ entry it came from; a handover names why
+    assert.matches("\nT%-%d+ +%a%a +[%a_]+ +%d%.%d%d%?? +[%a_]+ +draft faq%-[%w-]+", out)
+    assert.matches("handover: user_request", out)
     assert.matches("\ncost:         %$%d+%.%d+ simulated %(the simulator's token counts at gpt%-4o%-mini's prices", out)
   end)
 
