@@ -43,6 +43,8 @@ package.path = table.concat({
 package.cpath = repo_root .. "/build/?.so;" .. package.cpath
 
 local tf = require "examples.lib.table_fmt"
+local backend = require "examples.lib.backend"
+local read_jsonl, read_file, fmt_count = backend.read_jsonl, backend.read_file, backend.fmt_count
 
 -- What we ask for ----------------------------------------------------------
 
@@ -68,30 +70,6 @@ local SYSTEM = "You are the support assistant of Voltamart, an online electronic
 
 -- Data ---------------------------------------------------------------------
 
-local function read_jsonl(path, json)
-  local f, err = io.open(path, "rb")
-  if not f then error("cannot read " .. tostring(err), 0) end
-  local out, n = {}, 0
-  for line in f:lines() do
-    n = n + 1
-    if line:find("%S") then
-      local ok, v = pcall(json.decode, line)
-      if not ok or type(v) ~= "table" then f:close(); error(("%s:%d: not a JSON object"):format(path, n), 0) end
-      out[#out + 1] = v
-    end
-  end
-  f:close()
-  return out
-end
-
-local function read_file(path)
-  local f, err = io.open(path, "rb")
-  if not f then error("cannot read " .. tostring(err), 0) end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
 -- The text of a ticket as the customer wrote it.
 local function ticket_text(t)
   return ("Subject: %s\n\n%s"):format(t.subject or "", t.body or "")
@@ -112,39 +90,9 @@ local function few_shot(tickets)
   return out
 end
 
--- The backend ----------------------------------------------------------------
-
-local function getenv_nonempty(name)
-  local v = os.getenv(name)
-  if v and v ~= "" then return v end
-end
-
-local function choose_backend()
-  local key = getenv_nonempty("SLM_API_KEY") or getenv_nonempty("OPENAI_API_KEY")
-  local base = getenv_nonempty("SLM_BASE_URL")
-  local model = getenv_nonempty("SLM_MODEL") or "gpt-4o-mini"
-  if key or base then
-    base = base or getenv_nonempty("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-    print(("ticket_triage: using %s (model %s)"):format(base, model))
-    io.stdout:flush()
-    return { base_url = base, api_key = key, model = model }
-  end
-  local upstream = require "tests.upstream.launch"
-  local up = upstream.start { quiet = true }
-  print(("ticket_triage: no OPENAI_API_KEY/SLM_BASE_URL set — using the local simulator at %s"):format(up.url))
-  io.stdout:flush()
-  return { base_url = up.url, api_key = "sk-local-simulator", model = model, upstream = up }
-end
-
 -- Report helpers -------------------------------------------------------------
 
 local MAX_PROBLEMS_SHOWN = 10
-
-local function fmt_count(n) -- 12345 -> "12,345"
-  local s = tostring(math.floor(n))
-  local out = s:reverse():gsub("(%d%d%d)", "%1,"):reverse()
-  return (out:gsub("^,", ""))
-end
 
 local function counts_line(list, counts)
   local parts = {}
@@ -164,22 +112,22 @@ end
 -- report text. The report is printed by the caller after the simulator has
 -- been stopped, so a reader that goes away early (`| head`) cannot leave a
 -- simulator running behind a SIGPIPE.
-local function run_job(backend, tickets_path)
+local function run_job(b, argv)
+  local tickets_path = argv[1] or (script_dir .. "/data/support_tickets.jsonl")
   local report = {}
   local function say(s) report[#report + 1] = (s or "") .. "\n" end
   local slm = require "slm"
   local core = require "slm.core"
-  local json = require "slm.json"
 
-  local tickets = read_jsonl(tickets_path, json)
+  local tickets = read_jsonl(tickets_path)
   if #tickets == 0 then error("no tickets in " .. tickets_path, 0) end
-  local knowledge = read_jsonl(repo_root .. "/examples/data/kb/faq.jsonl", json)
+  local knowledge = read_jsonl(repo_root .. "/examples/data/kb/faq.jsonl")
   knowledge[#knowledge + 1] = read_file(repo_root .. "/examples/data/kb/policies.md")
 
   local client = slm.client {
-    base_url = backend.base_url,
-    api_key = backend.api_key,
-    model = backend.model,
+    base_url = b.base_url,
+    api_key = b.api_key,
+    model = b.model,
     max_concurrency = 16,
     timeout = 30,
   }
@@ -295,9 +243,6 @@ local function run_job(backend, tickets_path)
     end
   end
 
-  -- Replies of the bundled simulator carry the simulator's 4 bytes per
-  -- token, not a real model's: their cost is only an illustration.
-  local simulated = backend.upstream ~= nil or backend.base_url:find("^http://127%.0%.0%.1") ~= nil
   say()
   say(("tickets:      %d"):format(#tickets))
   say(("succeeded:    %d    failed: %d"):format(ok_n, failed_n))
@@ -308,56 +253,11 @@ local function run_job(backend, tickets_path)
       "repeated_failures", "error" }, why_handover), escalate_gold, escalate_agree))
   say(("tokens:       %s prompt + %s completion = %s"):format(
     fmt_count(prompt_tokens), fmt_count(completion_tokens), fmt_count(prompt_tokens + completion_tokens)))
-  local cost_note = ""
-  if cost == 0 and prompt_tokens + completion_tokens > 0 and not slm.models[backend.model] then
-    cost_note = ("    (no prices known for model %s)"):format(backend.model)
-  elseif simulated then
-    cost_note = (" (the simulator's token counts at %s's prices, not a real bill)"):format(backend.model)
-  end
-  say(("cost:         $%.6f%s%s"):format(cost, simulated and " simulated" or "", cost_note))
+  say(backend.cost_line(b, cost, prompt_tokens + completion_tokens))
   say(("wall time:    %.2f s    (%.1f tickets/s)"):format(wall, wall > 0 and #tickets / wall or 0))
   say(("by label:     %s"):format(counts_line(LABEL_ORDER, by_label)))
 
   return failed_n == 0, table.concat(report)
 end
 
--- Main: always stop the simulator, also when the job fails ----------------
-
-local function main(argv)
-  if argv[1] == "-h" or argv[1] == "--help" then
-    print("usage: lua5.4 examples/ticket_triage.lua [tickets.jsonl]")
-    print("env:   OPENAI_API_KEY / SLM_API_KEY, SLM_BASE_URL, SLM_MODEL (default gpt-4o-mini);")
-    print("       with none of the first three set, a local simulator on 127.0.0.1 is used")
-    return 0
-  end
-  local tickets_path = argv[1] or (script_dir .. "/data/support_tickets.jsonl")
-
-  local got_backend, backend = pcall(choose_backend)
-  if not got_backend then
-    io.stderr:write("ticket_triage: cannot start the local simulator: ", tostring(backend), "\n")
-    return 1
-  end
-
-  local interrupted = false
-  local ok, all_ok, report = xpcall(run_job, function(e)
-    if type(e) == "string" and e:find("interrupted!$") then -- Ctrl-C
-      interrupted = true
-      return "interrupted"
-    end
-    -- our own errors are plain messages; anything else gets a traceback
-    if type(e) == "string" and not e:find("^[^\n]-:%d+: ") then return e end
-    return debug.traceback(tostring(e), 2)
-  end, backend, tickets_path)
-  if backend.upstream then
-    local stopped, stop_err = pcall(backend.upstream.stop, backend.upstream)
-    if not stopped then io.stderr:write("ticket_triage: stopping the simulator: ", tostring(stop_err), "\n") end
-  end
-  if not ok then
-    io.stderr:write("ticket_triage: ", tostring(all_ok), "\n")
-    return interrupted and 130 or 1
-  end
-  io.stdout:write(report)
-  return all_ok and 0 or 1
-end
-
-os.exit(main(arg or {}))
+os.exit(backend.main("ticket_triage", { "usage: lua5.4 examples/ticket_triage.lua [tickets.jsonl]" }, run_job, arg))

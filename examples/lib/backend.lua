@@ -1,0 +1,126 @@
+-- examples/lib/backend.lua: what every example does around its job: pick
+-- the endpoint (a real one from the environment, else the bundled local
+-- simulator), run the job, always stop the simulator, print the report.
+--
+--   local backend = require "examples.lib.backend"
+--   os.exit(backend.main("ticket_triage", usage_lines, function(b, argv) ... return ok, report end, arg))
+--
+-- b: { base_url, api_key, model, upstream (the simulator started here, or
+-- nil), simulated (true against the simulator: its token counts are 4
+-- bytes per token, so costs are an illustration) }.
+-- Environment: SLM_API_KEY or OPENAI_API_KEY, SLM_BASE_URL (else
+-- OPENAI_BASE_URL, else OpenAI's public API), SLM_MODEL (default_model).
+-- With none of SLM_API_KEY, OPENAI_API_KEY, SLM_BASE_URL set, the local
+-- simulator from tests/upstream is started on 127.0.0.1.
+local M = {}
+
+local function getenv_nonempty(name)
+  local v = os.getenv(name)
+  if v and v ~= "" then return v end
+end
+
+--- The endpoint to use, said on the first line of output.
+function M.choose(name, default_model)
+  local key = getenv_nonempty("SLM_API_KEY") or getenv_nonempty("OPENAI_API_KEY")
+  local base = getenv_nonempty("SLM_BASE_URL")
+  local model = getenv_nonempty("SLM_MODEL") or default_model or "gpt-4o-mini"
+  if key or base then
+    base = base or getenv_nonempty("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    print(("%s: using %s (model %s)"):format(name, base, model))
+    io.stdout:flush()
+    return { base_url = base, api_key = key, model = model,
+      simulated = base:find("^http://127%.0%.0%.1[:/]") ~= nil }
+  end
+  local upstream = require "tests.upstream.launch"
+  local up = upstream.start { quiet = true }
+  print(("%s: no OPENAI_API_KEY/SLM_BASE_URL set — using the local simulator at %s"):format(name, up.url))
+  io.stdout:flush()
+  return { base_url = up.url, api_key = "sk-local-simulator", model = model, upstream = up, simulated = true }
+end
+
+--- The cost line's note: simulated, or no prices known.
+function M.cost_line(b, cost, tokens, model)
+  local slm = require "slm"
+  local note = ""
+  if cost == 0 and tokens > 0 and not slm.models[model or b.model] then
+    note = ("    (no prices known for model %s)"):format(model or b.model)
+  elseif b.simulated then
+    note = (" (the simulator's token counts at %s's prices, not a real bill)"):format(model or b.model)
+  end
+  return ("cost:         $%.6f%s%s"):format(cost, b.simulated and " simulated" or "", note)
+end
+
+--- 12345 -> "12,345"
+function M.fmt_count(n)
+  local s = tostring(math.floor(n))
+  local out = s:reverse():gsub("(%d%d%d)", "%1,"):reverse()
+  return (out:gsub("^,", ""))
+end
+
+--- Run `job(b, argv) -> ok, report` with the endpoint chosen; the report is
+--- printed after the simulator is stopped (so a reader that goes away
+--- early, `| head`, cannot leave one running).  -> exit status: 0 when ok,
+--- 1 when not or on an error, 130 on Ctrl-C.
+function M.main(name, usage, job, argv, default_model)
+  argv = argv or {}
+  if argv[1] == "-h" or argv[1] == "--help" then
+    for _, l in ipairs(usage) do print(l) end
+    print("env:   OPENAI_API_KEY / SLM_API_KEY, SLM_BASE_URL, SLM_MODEL (default " .. (default_model or "gpt-4o-mini")
+      .. ");")
+    print("       with none of the first three set, a local simulator on 127.0.0.1 is used")
+    return 0
+  end
+  local got, b = pcall(M.choose, name, default_model)
+  if not got then
+    io.stderr:write(name, ": cannot start the local simulator: ", tostring(b), "\n")
+    return 1
+  end
+  local interrupted = false
+  local ok, all_ok, report = xpcall(job, function(e)
+    if type(e) == "string" and e:find("interrupted!$") then -- Ctrl-C
+      interrupted = true
+      return "interrupted"
+    end
+    -- our own errors are plain messages; anything else gets a traceback
+    if type(e) == "string" and not e:find("^[^\n]-:%d+: ") then return e end
+    return debug.traceback(tostring(e), 2)
+  end, b, argv)
+  if b.upstream then
+    local stopped, stop_err = pcall(b.upstream.stop, b.upstream)
+    if not stopped then io.stderr:write(name, ": stopping the simulator: ", tostring(stop_err), "\n") end
+  end
+  if not ok then
+    io.stderr:write(name, ": ", tostring(all_ok), "\n")
+    return interrupted and 130 or 1
+  end
+  io.stdout:write(report or "")
+  return all_ok and 0 or 1
+end
+
+--- Lines of a JSON-lines file, decoded (blank lines skipped).
+function M.read_jsonl(path)
+  local json = require "slm.json"
+  local f, err = io.open(path, "rb")
+  if not f then error("cannot read " .. tostring(err), 0) end
+  local out, n = {}, 0
+  for line in f:lines() do
+    n = n + 1
+    if line:find("%S") then
+      local ok, v = pcall(json.decode, line)
+      if not ok or type(v) ~= "table" then f:close(); error(("%s:%d: not a JSON object"):format(path, n), 0) end
+      out[#out + 1] = v
+    end
+  end
+  f:close()
+  return out
+end
+
+function M.read_file(path)
+  local f, err = io.open(path, "rb")
+  if not f then error("cannot read " .. tostring(err), 0) end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+return M
