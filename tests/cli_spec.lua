@@ -191,4 +191,77 @@ describe("bin/slm", function()
     assert.matches("gpt%-4o%-mini%s+128000%s+16384%s+0%.15%s+0%.60%s+yes%s+o200k_base", out)
     assert.matches("nousresearch/hermes%-3%-llama%-3%.1%-405b%s+65536", out)
   end)
+
+  describe("eval", function()
+    local DATA = table.concat({
+      json.encode{ text = "I was charged twice, refund please", label = "billing", split = "test" },
+      json.encode{ text = "Where is my parcel? The courier is late", label = "delivery", split = "test" },
+      json.encode{ subject = "Refund", body = "The invoice amount is wrong, I was charged too much", label = "billing",
+        split = "test" },
+      json.encode{ text = "Thanks for the great service", label = "other", split = "dev" },
+    }, "\n")
+
+    it("prints the decision table, one row per model, and the split and limit it was given", function()
+      local out, err, code = run("eval --no-progress -m gpt-4o-mini,nousresearch/hermes-3-llama-3.1-405b --split test", DATA)
+      assert.are.equal(0, code, err)
+      assert.matches("^model +items +quality +failed +%$ per 1,000 +p50 s +p95 s\n", out)
+      assert.matches("\ngpt%-4o%-mini +3 +[%d.]+%% +0 +[%d.]+ ", out)
+      assert.matches("\nnousresearch/hermes%-3%-llama%-3%.1%-405b +3 +[%d.]+%% +0 ", out)
+      -- the labels are the dataset's own: all three of the test split reached the model
+      local body = H.last(up).body
+      local enum = body.response_format and body.response_format.json_schema
+        and body.response_format.json_schema.schema.properties.label.enum
+        or nil
+      assert.is_nil(enum) -- the last request was Hermes': JSON mode, the schema in the prompt
+      assert.matches('"enum":%["billing","delivery"%]', body.messages[1].content)
+      out = run("eval --no-progress --json --limit 2", DATA)
+      local row = json.decode(out)
+      assert.are.equal(2, row.n)
+      assert.are.equal("gpt-4o-mini", row.model)
+      assert.is_true(row.accuracy >= 0 and row.accuracy <= 1)
+    end)
+
+    it("takes labels from a comma list or a JSON file of label = description", function()
+      local path = H.write_tmp(json.encode{ billing = "payments, refunds", delivery = "parcels", other = "else" })
+      finally(function() os.remove(path) end)
+      local out, err, code = run("eval --no-progress --labels " .. path, DATA)
+      assert.are.equal(0, code, err)
+      assert.matches("\ngpt%-4o%-mini +4 ", out)
+      assert.matches("%- billing: payments, refunds", H.last(up).body.messages[1].content)
+      run("eval --no-progress --labels billing,delivery,other,technical", DATA)
+      assert.are.same({ "billing", "delivery", "other", "technical" },
+        H.last(up).body.response_format.json_schema.schema.properties.label.enum)
+    end)
+
+    it("exits 1 when items failed, 2 on bad usage or a bad dataset", function()
+      local _, _, code = run("eval --no-progress -m sim:status=400", DATA)
+      assert.are.equal(1, code)
+      local _, err
+      _, err, code = run("eval", "not json\n")
+      assert.are.equal(2, code)
+      assert.matches("line 1 is not a JSON object", err)
+      _, err, code = run("eval", json.encode{ text = "no label" })
+      assert.are.equal(2, code)
+      assert.matches("no string 'label'", err)
+      _, err, code = run("eval --task extract", json.encode{ document = "x" })
+      assert.are.equal(2, code)
+      assert.matches("needs %-%-schema", err)
+      _, err, code = run("eval --split nope", DATA)
+      assert.are.equal(2, code)
+      assert.matches("no items", err)
+    end)
+
+    it("--task extract reports the schema-valid rate", function()
+      local path = H.write_tmp(json.encode{ type = "object", required = { "order" },
+        properties = { order = { type = "string" } }, additionalProperties = false })
+      finally(function() os.remove(path) end)
+      local out, err, code = run("eval --no-progress --json --task extract --schema " .. path,
+        json.encode{ document = "Order 58213 is late", expected = { order = "58213" } })
+      assert.are.equal(0, code, err)
+      local row = json.decode(out)
+      assert.are.equal(1, row.valid_rate)
+      assert.are.equal(1, row.field_accuracy)
+      assert.are.equal(1, row.n)
+    end)
+  end)
 end)
