@@ -110,8 +110,7 @@ function M.ask(client, ledger, spec)
     prepared = {}
     cache[send_schema] = prepared
   end
-  local messages = {}
-  for i, m in ipairs(spec.messages) do messages[i] = m end
+  local messages = spec.messages
   local rf
   if mode == "json_schema" and prepared.strict == nil then
     -- a schema strict mode cannot express (a map, an object without
@@ -122,9 +121,18 @@ function M.ask(client, ledger, spec)
   end
   if mode == "json_schema" and not prepared.strict then mode = "json_object" end
   if mode == "json_schema" then
-    rf = { type = "json_schema", json_schema = { name = spec.name or "result", strict = true,
-      schema = prepared.strict } }
+    -- the same response_format every time for a schema and a name (the
+    -- client reads it, never changes it)
+    local name = spec.name or "result"
+    prepared.rf = prepared.rf or {}
+    rf = prepared.rf[name]
+    if not rf then
+      rf = { type = "json_schema", json_schema = { name = name, strict = true, schema = prepared.strict } }
+      prepared.rf[name] = rf
+    end
   else
+    messages = {}
+    for i, m in ipairs(spec.messages) do messages[i] = m end
     -- the schema goes in the system message (the first one, or a new one)
     prepared.prompt = prepared.prompt or ("Reply with only a JSON object that matches this JSON schema:\n```json\n"
       .. json.encode(send_schema) .. "\n```")
