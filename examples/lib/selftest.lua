@@ -112,25 +112,22 @@ check("csv: custom separator", function()
   same_records(csv.parse_records('a;"b;c"\n', { sep = ";" }), { { "a", "b;c" } })
 end)
 
-check("csv: the bundled tickets file", function()
-  local path = script_dir .. "/../data/tickets.csv"
+check("csv: the bundled catalogue", function()
+  local path = script_dir .. "/../data/catalogue.csv"
   local rows, header = assert(csv.read_file(path))
-  eq(table.concat(header, ","), "id,created_at,customer,channel,subject,body", "header")
-  assert(#rows >= 45, "expected about 50 tickets, got " .. #rows)
-  local ids, ru, multiline, quotes = {}, 0, 0, 0
+  eq(table.concat(header, ","), "sku,name,category,price_rub,price_eur,features,audience,lang", "header")
+  assert(#rows >= 40, "expected about 50 rows, got " .. #rows)
+  local keys, ru, commas = {}, 0, 0
   for i, r in ipairs(rows) do
-    assert(r.id:match("^T%-%d+$"), "bad id in row " .. i)
-    assert(not ids[r.id], "duplicate id " .. r.id); ids[r.id] = true
-    assert(r.created_at:match("^%d%d%d%d%-%d%d%-%d%dT"), "bad created_at in row " .. i)
-    assert(#r.body > 0 and #r.subject > 0, "empty subject/body in row " .. i)
-    assert(utf8.len(r.body), "body is not valid UTF-8 in row " .. i)
-    if r.body:find("[\208\209][\128-\191]") then ru = ru + 1 end
-    if r.body:find("\n") then multiline = multiline + 1 end
-    if r.body:find('"') then quotes = quotes + 1 end
+    assert(r.sku:match("^%u+%-%d+$"), "bad sku in row " .. i)
+    local k = r.sku .. "/" .. r.lang
+    assert(not keys[k], "duplicate " .. k); keys[k] = true
+    assert(utf8.len(r.features), "features are not valid UTF-8 in row " .. i)
+    if r.lang == "ru" then ru = ru + 1 end
+    if r.features:find(",") then commas = commas + 1 end
   end
-  assert(ru >= #rows // 3 and ru <= #rows * 2 // 3, "expected about half Russian, got " .. ru)
-  assert(multiline >= 2, "expected bodies with line breaks")
-  assert(quotes >= 5, "expected bodies with quotes")
+  assert(ru >= 10, "expected Russian rows, got " .. ru)
+  assert(commas >= 5, "expected quoted fields with commas")
   assert(csv.read_file(script_dir .. "/../data/no-such-file.csv") == nil, "missing file")
 end)
 
