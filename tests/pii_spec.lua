@@ -491,6 +491,60 @@ describe("slm.pii", function()
     end)
   end)
 
+  describe("unmasker (streamed replies)", function()
+    local function masker()
+      local m = pii.new()
+      m:mask("ivan@example.com, +7 912 345-67-89, 4111 1111 1111 1111, DE89 3704 0044 0532 0130 00")
+      return m
+    end
+    local REPLIES = {
+      "I will write to [EMAIL_1] and call PHONE_1 today.",
+      "Card [card 1] and [Iban-1]; not [x], not [EMAIL_9], not xPHONE_1.",
+      "[PHONE_1][EMAIL_1]",
+      "Ends with a placeholder [CARD_1]",
+      "Ends with a bare one PHONE_1",
+      "Привет, [EMAIL_1] — «[PHONE_1]».",
+      "An open [bracket that never closes and then goes on for a long while",
+      "",
+    }
+
+    it("gives the same text as unmask of the whole, however the reply is cut", function()
+      for _, reply in ipairs(REPLIES) do
+        local want = masker():unmask(reply)
+        -- every cut into two pieces
+        for cut = 0, #reply do
+          local m = masker()
+          local f = m:unmasker()
+          local got = f(reply:sub(1, cut)) .. f(reply:sub(cut + 1)) .. f(nil)
+          assert.are.equal(want, got, ("cut at %d of %q"):format(cut, reply))
+        end
+        -- one byte at a time
+        local f, out = masker():unmasker(), {}
+        for i = 1, #reply do out[#out + 1] = f(reply:sub(i, i)) end
+        out[#out + 1] = f(nil)
+        assert.are.equal(want, table.concat(out), reply)
+      end
+    end)
+
+    it("holds back only what could be a placeholder, never more than a few bytes", function()
+      local f = masker():unmasker()
+      assert.are.equal("Hello, ", f("Hello, [EMA"))
+      assert.are.equal("ivan@example.com here", f("IL_1] here"))
+      assert.are.equal("call ", f("call PHONE"))
+      assert.are.equal("+7 912 345-67-89.", f("_1."))
+      assert.are.equal("[a.b] ", f("[a.b] "))
+      assert.are.equal("", f(nil))
+      -- a masker that issued nothing gives everything at once
+      local g = pii.new():unmasker()
+      assert.are.equal("[EMA", g("[EMA"))
+    end)
+
+    it("is fed strings only", function()
+      local f = masker():unmasker()
+      assert.has_error(function() f(42) end, "slm.pii: an unmasker is fed strings, got number")
+    end)
+  end)
+
   describe("unmask_value", function()
     it("unmasks every string of a nested decoded value, keys too, in a copy", function()
       local m = pii.new()

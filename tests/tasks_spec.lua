@@ -172,6 +172,20 @@ describe("slm.classify against the simulator", function()
     assert.equal(1, err.calls)
   end)
 
+  it("mask_pii: the ticket's personal data never reaches the model; res.masked counts it", function()
+    local text = CHARGED .. " Card 4111 1111 1111 1111, write to anna@example.org."
+    local res = assert(slm.classify{ client = client(), text = text, labels = LABELS, mask_pii = true,
+      examples = { { text = "Refund to card 5500 0000 0000 0004 please", label = "billing" } } })
+    assert.equal("billing", res.label)
+    local body = json.encode(H.last(up).body)
+    assert.is_nil(body:find("4111", 1, true))
+    assert.is_nil(body:find("5500", 1, true))
+    assert.is_nil(body:find("anna@", 1, true))
+    assert.truthy(body:find("[CARD_1]", 1, true))
+    assert.truthy(body:find("[CARD_2]", 1, true))
+    assert.same({ card = 2, email = 1 }, { card = res.masked.card, email = res.masked.email })
+  end)
+
   it("a labels table changed between calls is prepared again", function()
     local labels = { billing = "payments", other = "anything else" }
     assert.equal("billing", (slm.classify(CHARGED, labels, { client = client() })))

@@ -10,6 +10,7 @@ local pipeline = require "slm.pipeline"
 local stream = require "slm.stream"
 local runtime = require "slm.runtime"
 local decode = require "slm.decode"
+local mask = require "slm.mask"
 
 local type, pairs, ipairs, setmetatable, error, pcall, format, getenv =
   type, pairs, ipairs, setmetatable, error, pcall, string.format, os.getenv
@@ -41,6 +42,10 @@ function M.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("slm.client: expected an options table, got " .. type(opts), 2) end
   for k, v in pairs(opts) do options.check("slm.client", options.CLIENT, k, v, 2) end
+  if type(opts.mask_pii) == "table" then
+    local ok, why = pcall(require("slm.pii").new, opts.mask_pii)
+    if not ok then error("slm.client: option 'mask_pii': " .. tostring(why):gsub("^[^:]*:%d+: ", ""), 2) end
+  end
   local base = opts.base_url
     or env_option("base_url", getenv("SLM_BASE_URL") or getenv("OPENAI_BASE_URL"),
       "SLM_BASE_URL / OPENAI_BASE_URL")
@@ -61,6 +66,7 @@ function M.new(opts)
     max_concurrency = opts.max_concurrency, -- nil: no cap of the client's own
     rpm = opts.rpm, tpm = opts.tpm,
     check_context = opts.check_context ~= false,
+    mask_pii = opts.mask_pii,
     max_body = opts.max_body or 64 * 1024 * 1024,
     ca_file = opts.ca_file, http_version = opts.http_version,
     runtime = rt,
@@ -124,21 +130,32 @@ end
 --- client:chat(req) -> Response | nil, err
 function Client:chat(req)
   local body, opts = options.request(req, "slm: client:chat", 2)
+  local m = mask.masker(self.mask_pii, opts.mask_pii)
+  if m then mask.request(body, m) end
   if not opts.stream then
-    return pipeline.plain(pipeline.new(self, body, opts, false))
+    local res, err = pipeline.plain(pipeline.new(self, body, opts, false))
+    if m then return mask.result(m, res, err) end
+    return res, err
   end
   local on_delta = opts.on_delta
   -- an on_delta that takes only the text never needs a chunk decoded or made
   local info = on_delta and debug.getinfo(on_delta, "u")
   local chunks = not (info and info.nparams and info.nparams < 2 and not info.isvararg)
+  local flush, given
+  if m and on_delta then on_delta, flush, given = mask.on_delta(m, on_delta, chunks) end
   local s = stream.new(pipeline.new(self, body, opts, true), chunks)
   -- one pcall around the whole loop, not one per delta: an error raised by
   -- the callback (or anything else) stops the transfer, gives back what
   -- the call holds, and is raised again here
   local ok, err = pcall(deliver, s, on_delta)
+  if ok and flush and not s.err then ok, err = pcall(flush) end
   if not ok then
     s:close()
     error(err, 0)
+  end
+  if m then
+    local res, rerr = s:result()
+    return mask.result(m, res, rerr, given and given())
   end
   return s:result()
 end
@@ -150,7 +167,10 @@ function Client:stream(req)
   local body, opts = options.request(req, "slm: client:stream", 2)
   if opts.on_delta then error("slm: client:stream: use the iterator, not 'on_delta'", 2) end
   if opts.stream == false then error("slm: client:stream: 'stream = false' contradicts the call", 2) end
+  local m = mask.masker(self.mask_pii, opts.mask_pii)
+  if m then mask.request(body, m) end
   local s = stream.new(pipeline.new(self, body, opts, true))
+  if m then s = mask.stream(s, m) end
   return s, nil, nil, s
 end
 

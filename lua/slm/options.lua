@@ -74,6 +74,8 @@ M.CLIENT = {
   project = { header_safe, TEXT },
   user_agent = { header_safe, TEXT },
   check_context = { boolean, "a boolean" },
+  mask_pii = { function(v) return type(v) == "boolean" or type(v) == "table" end,
+    "a boolean or a slm.pii options table" },
   max_body = { pos_int, "a positive integer (bytes)" },
   ca_file = { function(v) return type(v) == "string" and v ~= "" and not v:find("%z") end,
     "a path string (PEM CA certificates)" },
@@ -91,6 +93,8 @@ M.REQUEST = {
   fallback = { function(v) return v == false or is_list_of_strings(v) end, "a list of model names or false" },
   check_context = { boolean, "a boolean" },
   headers = { header_map, "a table of header name -> string value" },
+  mask_pii = { function(v) return type(v) == "boolean" or type(v) == "table" end,
+    "a boolean or a slm.pii options table" },
 }
 
 --- Raise (at `level` above the caller) unless option k = v is known and valid.

@@ -8,6 +8,7 @@
 --   m.counts                  -> { email = 1, phone = 2, ... } distinct values so far
 --   m:mask_messages(messages) -> a new list of chat messages, masked
 --   m:unmask_value(v)         -> a deep copy of a decoded JSON value, unmasked
+--   m:unmasker()              -> feed(piece) -> text ready, unmasked; feed(nil) -> the rest
 --   pii.detect(text [, kinds]) -> { { kind =, value =, start =, stop = }, ... }
 --   pii.check.luhn/iban/inn/snils(s) -> bool: the checksums on their own
 --
@@ -885,6 +886,58 @@ function Masker:unmask(text)
   if not parts then return text end
   parts[n + 1] = sub(text, pos)
   return concat(parts)
+end
+
+--- A streaming unmask: feed(piece) -> the text that can be given out now
+-- (unmasked), holding back a tail that could be the start of a
+-- placeholder cut between pieces ("[EMA" + "IL_1]"); feed(nil) -> the rest.
+-- A held tail is at most HOLD bytes: "[", then letters, "_", " ", "-" and
+-- digits, or a trailing run of capitals, digits and "_".
+local HOLD = 32
+function Masker:unmasker()
+  local pending, last = "", ""
+  -- unmask what is given out with the byte given out before it in front,
+  -- so that a bare placeholder right after a letter ("x" + "PHONE_1")
+  -- stays as unmask of the whole text would leave it
+  local function out(ready)
+    if ready == "" then return "" end
+    local u = self:unmask(last .. ready)
+    local skip = #last
+    last = sub(ready, -1)
+    return sub(u, skip + 1)
+  end
+  return function(piece)
+    if piece == nil then
+      local rest = pending
+      pending = ""
+      return out(rest)
+    end
+    if type(piece) ~= "string" then error("slm.pii: an unmasker is fed strings, got " .. type(piece), 2) end
+    local text = pending .. piece
+    if self._issued == 0 then
+      pending = ""
+      if text ~= "" then last = sub(text, -1) end
+      return text
+    end
+    local n = #text
+    local from = n + 1
+    -- an open bracket near the end with no closing one after it
+    local lb = nil
+    for i = n, math.max(1, n - HOLD + 1), -1 do
+      local c = byte(text, i)
+      if c == 93 then break end -- "]"
+      if c == 91 then lb = i; break end -- "["
+    end
+    if lb and not find(text, "[^%w _%-]", lb + 1) then from = lb end
+    -- else a trailing run of capitals, digits and "_" ("EMAIL_1" may go
+    -- on: "EMAIL_12")
+    if from > n then
+      local ws = find(text, "[%u%d_]+$")
+      if ws and n - ws < HOLD then from = ws end
+    end
+    pending = sub(text, from)
+    return out(sub(text, 1, from - 1))
+  end
 end
 
 local function copy(t)

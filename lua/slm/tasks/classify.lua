@@ -7,7 +7,7 @@
 --     multi = false, examples = { { text = ..., label = ... } }, instructions = "...", threshold = 0.6,
 --     images = { ... }, mask_pii = false, model = ..., max_tokens = ... }
 --   res: { label, labels (multi), confidence, confidences (multi), alternatives, review,
---          usage, cost, attempts, latency, model, raw }
+--          masked (with mask_pii: kind -> values replaced), usage, cost, attempts, latency, model, raw }
 --
 -- The model answers through the structured-output path (slm.tasks.
 -- structured) with a strict enum schema, so a label outside the set is a
@@ -309,7 +309,8 @@ local function run(o)
   })
   if v == nil then return nil, meta end
   local chosen = multi and v.labels or { v.label }
-  local res = ledger:into({ model = meta.res.model or model, raw = meta.raw, repaired = meta.repaired })
+  local res = ledger:into({ model = meta.res.model or model, raw = meta.raw, repaired = meta.repaired,
+    masked = masker and common.counts(masker) or nil })
   res.label = chosen[1]
   if multi then res.labels = chosen end
   local conf, alts = confidences(meta.res, chosen, prep, multi)

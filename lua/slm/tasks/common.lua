@@ -205,6 +205,13 @@ function M.user_message(text, parts)
   return { role = "user", content = content }
 end
 
+--- A masker's counts, copied: { email = 1, phone = 0, ... } (res.masked).
+function M.counts(masker)
+  local c = {}
+  for k, v in pairs(masker.counts) do c[k] = v end
+  return c
+end
+
 ------------------------------------------------------------------ words
 
 --- Words of a text (runs of non-space): for max_words checks.
