@@ -16,7 +16,8 @@
 -- declared key property, else by the whole value; two items with the same
 -- key are one item, merged field by field), scalars come from the first
 -- chunk that has a non-null value, and a scalar that chunks disagree on is
--- reported in res.conflicts = { { path = "$.payment_terms", values = { ..., ... } } }.
+-- reported in res.conflicts = { { path = "$.payment_terms", values = { ..., ... } } }
+-- (sorted by path; the values in chunk order, the first is the one kept).
 -- The merged data is validated again (arrays grew): kind "validation"
 -- with err.errors and err.data when it no longer fits.  A chunk that fails
 -- fails the task (err.chunk says which) and the chunks not yet sent are
@@ -383,6 +384,7 @@ local function run(o)
   end
   local list = {}
   for _, c in ipairs(conflicts) do list[#list + 1] = c end
+  sort(list, function(x, y) return x.path < y.path end)
   local evidence
   if o.evidence then
     evidence = collect(merged, "$", quotes, {})
