@@ -567,6 +567,13 @@ describe("slm.generate against the simulator", function()
       assert.truthy(sys:find(lang == "ru" and "Write in Russian" or "Write in English", 1, true))
       assert.is_false(res.regenerated)
       assert.equal(1, res.calls)
+      -- what slm.generate.request says the first request is, nothing sent
+      local before = requests()
+      local planned = slm.generate.request{ client = c, template = TEMPLATE, vars = r, brand = BRAND, max_words = 80 }
+      assert.equal(before, requests())
+      assert.same(req.messages, planned.messages)
+      assert.equal(req.max_tokens, planned.max_tokens)
+      assert.equal("gpt-4o-mini", planned.model)
     end
   end)
 

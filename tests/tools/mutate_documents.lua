@@ -83,6 +83,8 @@ local MUTATIONS = {
   { "generate", "cut never set", "    if t.cut then f.cut = true end\n", "" },
   { "generate", "n not sent", "n = count > 1 and count or nil", "n = nil" },
   { "generate", "all regenerated one at a time", 'local again, err2 = ask(#bad, "', 'local again, err2 = ask(1, "' },
+  { "generate", "request() not what is sent", "  if not ok then error(req, 2) end\n  return req",
+    "  if not ok then error(req, 2) end\n  req.max_tokens = nil\n  return req" },
   { "generate", "language always English", "local language = o.language or common.language_of(prompt)", 'local language = "en"' },
 }
 
