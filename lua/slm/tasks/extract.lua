@@ -333,7 +333,7 @@ local function run(o)
   local tok = require("slm.tokenizer").get(info and info.tokenizer or "o200k_base")
   local chunks
   if o.chunk_tokens or tok:count(doc) > budget then
-    if budget < 64 then
+    if not o.chunk_tokens and budget < 64 then
       return ledger:fail("context_length", format("the prompt around the document leaves %d tokens of %s's context",
         budget, model), { status = 0, model = model })
     end
