@@ -98,8 +98,11 @@ local function run_job(b, argv)
     say(("  %-40s $%.6f per row, $%.4f for the catalogue%s"):format(r.model, r.cost or 0, (r.cost or 0) * #rows,
       r.model == chosen and "   <- chosen" or (r.why and ("   (" .. r.why .. ")") or "")))
   end
+  -- where the two cross: Hermes' dearer input against its cheaper output
+  local mini, hermes = slm.models[CANDIDATES[1]], slm.models[HERMES]
   say(("  Hermes 3 is the cheaper above %.2f output tokens per prompt token; this job writes %.2f"):format(
-    (1.00 - 0.15) / (0.60 - 0.30), output / math.max(1, prompt_tokens)))
+    (hermes.input_per_m - mini.input_per_m) / (mini.output_per_m - hermes.output_per_m),
+    output / math.max(1, prompt_tokens)))
 
   local client = slm.client { base_url = b.base_url, api_key = b.api_key, model = chosen, timeout = 60,
     max_concurrency = 8, headers = backend.sim_headers(b, "product_descriptions", o.sim) }
