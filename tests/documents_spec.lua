@@ -530,6 +530,31 @@ describe("slm.summarize against the simulator", function()
     assert.truthy(system_text(c.seen[4].req):find("in German", 1, true))
   end)
 
+  it("images go with the call that writes the final summary, to a model that reads them", function()
+    local function images_in(req)
+      local n, c = 0, req.messages[#req.messages].content
+      if type(c) == "table" then
+        for _, p in ipairs(c) do if p.type == "image_url" then n = n + 1 end end
+      end
+      return n
+    end
+    local c = spy(client{ model = HERMES, fallback = { "gpt-4o-mini" } })
+    local res = assert(slm.summarize{ client = c, document = TEXT, images = { "examples/data/receipt.png" } })
+    assert.equal("gpt-4o-mini", res.model)
+    assert.equal(1, images_in(c.seen[1].req))
+    assert.equal("gpt-4o-mini", c.seen[1].req.model)
+    assert.truthy(system_text(c.seen[1].req):find("the text and images", 1, true))
+    -- over chunks: the pieces go without them, the last call with them
+    c = spy(client{ model = HERMES, fallback = { "gpt-4o-mini" } })
+    res = assert(slm.summarize{ client = c, document = CONTRACT, chunk_tokens = 4000,
+      images = { "examples/data/receipt.png" } })
+    assert.is_true(res.levels >= 2)
+    for i, x in ipairs(c.seen) do
+      assert.equal("gpt-4o-mini", x.req.model)
+      assert.equal(i == #c.seen and 1 or 0, images_in(x.req), "call " .. i)
+    end
+  end)
+
   it("errors come back with the totals of what was spent", function()
     local res, err = slm.summarize{ client = client(nil, "status=503"), document = TEXT }
     assert.is_nil(res)

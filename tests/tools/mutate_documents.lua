@@ -69,6 +69,9 @@ local MUTATIONS = {
   { "summarize", "too_long never set", "if n > words then flags.too_long = true end", "" },
   { "summarize", "cut never set", 'if res.finish_reason == "length" then flags.cut = true end', "" },
   { "summarize", "banned never flagged", "if found[1] then flags.banned = found end", "" },
+  { "summarize", "images with every call", "local with_images = final and parts ~= nil", "local with_images = parts ~= nil" },
+  { "summarize", "images to Hermes", "model, fallback = common.vision_model(model, client.fallback, \"summarize\")",
+    "local _ = common.vision_model(model, client.fallback, \"summarize\")" },
   { "summarize", "language always English", "local language = o.language or common.language_of(doc)", 'local language = "en"' },
   { "summarize", "words counted wrong", "return ledger:into({ text = text, words = n,", "return ledger:into({ text = text, words = words," },
   -- generate
