@@ -1,15 +1,18 @@
--- examples/: the ticket-triage demo that bin/quickstart runs, end to end
--- against the simulator.
+-- examples/: the ticket-triage demo that bin/quickstart runs and the
+-- document examples, end to end against the simulator they start.
 local H = require "tests.helpers"
 
 local NO_KEYS = "env -u OPENAI_API_KEY -u SLM_API_KEY -u SLM_BASE_URL -u OPENAI_BASE_URL -u SLM_MODEL "
 
-local function triage(env)
-  local p = assert(io.popen(NO_KEYS .. (env or "") .. " lua5.4 examples/ticket_triage.lua 2>&1"))
+-- Run examples/NAME.lua with `args`, no key set: -> its output, whether it exited 0.
+local function example(name, args, env)
+  local p = assert(io.popen(NO_KEYS .. (env or "") .. " lua5.4 examples/" .. name .. ".lua " .. (args or "") .. " 2>&1"))
   local out = p:read("a")
   local ok = p:close()
   return out, ok
 end
+
+local function triage(env) return example("ticket_triage", nil, env) end
 
 describe("examples/ticket_triage.lua", function()
   it("without a key it starts the bundled simulator, and says the cost is simulated", function()
@@ -60,5 +63,79 @@ describe("examples/luv_loop.lua", function()
     assert.is_true(tonumber(ticks) >= 15, out)
     -- and lua-slm's loop did not spin in luv's: a few steps per event, not thousands
     assert.is_true(tonumber(steps) < 200, out)
+  end)
+end)
+
+describe("examples/product_descriptions.lua", function()
+  it("routes the catalogue to the cheaper model, writes every row in the brand voice and totals it", function()
+    local out, ok = example("product_descriptions")
+    assert.is_true(ok, out)
+    assert.matches("^product_descriptions: no OPENAI_API_KEY/SLM_BASE_URL set", out)
+    assert.matches("\nproduct_descriptions: 51 rows from [^\n]*catalogue%.csv, brand Voltamart %(23 banned words%), at most 80 words", out)
+    -- one 80-word text per row reads far more than it writes: gpt-4o-mini, both estimates shown
+    assert.matches("\n  gpt%-4o%-mini +%$%d%.%d+ per row, %$%d%.%d+ for the catalogue   <%- chosen", out)
+    assert.matches("\n  nousresearch/hermes%-3%-llama%-3%.1%-405b +%$%d%.%d+ per row", out)
+    assert.matches("\nAUD%-1042 +en +%d+ +%- +Echo: Write the product description of Sonvik Halo", out)
+    assert.matches("\nAUD%-1042 +ru +%d+ +%- +Echo: Напишите описание товара", out)
+    assert.matches("\nrows:         51    succeeded: 51    failed: 0", out)
+    assert.matches("\nmodel:        gpt%-4o%-mini %(chosen by slm%.route%)", out)
+    assert.matches("\nbanned words: 0 rows written again", out)
+    assert.matches("\ncost:         %$%d+%.%d+ simulated", out)
+  end)
+
+  it("an output-heavy job goes to Hermes; banned words are written again once, then flagged", function()
+    local out, ok = example("product_descriptions", "--variants 6 --words 200 --sim banned=cheap")
+    assert.is_true(ok, out)
+    assert.matches("\n  nousresearch/hermes%-3%-llama%-3%.1%-405b +%$%d%.%d+ per row, %$%d%.%d+ for the catalogue   <%- chosen", out)
+    assert.matches("\nmodel:        nousresearch/hermes%-3%-llama%-3%.1%-405b", out)
+    assert.matches("\nAUD%-1042 +en +%d+ +banned %(rewritten%) +Echo: cheap Write", out)
+    assert.matches("\nbanned words: 51 rows written again once for one; 306 texts still have one %(cheap%)", out)
+  end)
+end)
+
+describe("examples/contract_extract.lua", function()
+  it("extracts the contract's facts in chunks with evidence, reports conflicts and summarizes it", function()
+    local out, ok = example("contract_extract")
+    assert.is_true(ok, out)
+    assert.matches("\ncontract_extract: [^\n]*contract%.txt, 12,637 words, [%d,]+ tokens %(gpt%-4o%-mini%); chunks of 3000 tokens", out)
+    assert.matches("\nextracted from 6 chunks in 6 calls %(0 re%-asked%)", out)
+    assert.matches("\n  agreement_number +\"", out)
+    local quoted = tonumber(out:match("\nevidence: (%d+) fields quoted from the contract"))
+    assert.is_true(quoted > 10, out)
+    assert.matches("\n  %$%.agreement_number +\"FULFILMENT AND LOGISTICS SERVICES AGREEMENT", out)
+    assert.matches("\ndropped: 0 fields", out)
+    assert.is_true(tonumber(out:match("\nconflicts between chunks: (%d+)")) > 0, out)
+    assert.matches("\n  %$%.title +6 values: ", out)
+    -- the simulator fills numbers with 0: the planted 30/45 days cannot show, and the report says so
+    assert.matches("\nplanted conflict: not reported %(clause 7%.2 says 30 days, Annex B 4%.2 says 45%); the simulator", out)
+    local words = tonumber(out:match("\nsummary %((%d+) words, at most 120%):"))
+    assert.is_true(words > 0 and words <= 120, out)
+  end)
+
+  it("quotes the contract does not hold drop their fields", function()
+    local out, ok = example("contract_extract", "--sim bad_quote")
+    assert.is_true(ok, out)
+    assert.matches("\nevidence: 0 fields quoted", out)
+    assert.is_true(tonumber(out:match("\ndropped: (%d+) fields whose quote is not in the contract")) > 10, out)
+  end)
+end)
+
+describe("examples/receipt_extract.lua", function()
+  it("reads the receipt through a vision model into valid JSON and compares it with the expected fields", function()
+    local out, ok = example("receipt_extract")
+    assert.is_true(ok, out)
+    assert.matches("\nreceipt_extract: [^\n]*receipt%.png %(600x900 PNG%), schema of 19 fields, model gpt%-4o%-mini", out)
+    assert.matches("\nread by gpt%-4o%-mini in 1 call; valid against the schema", out)
+    assert.matches("\ntotal +284%.37 +0 +no", out)
+    assert.matches("\nitems%[7%]%.total +10%.47 +%- +no", out)
+    assert.matches("\nmatched:      %d+ of 47 fields %(the simulator sees no image", out)
+  end)
+
+  it("a model without vision hands the image to its gpt-4o-mini fallback; a broken reply is repaired", function()
+    local out, ok = example("receipt_extract", "--sim invalid_json,fail=1",
+      "SLM_MODEL=nousresearch/hermes-3-llama-3.1-405b")
+    assert.is_true(ok, out)
+    assert.matches("model nousresearch/hermes%-3%-llama%-3%.1%-405b, fallback gpt%-4o%-mini", out)
+    assert.matches("\nread by gpt%-4o%-mini in 2 calls %(the reply was repaired once%); valid against the schema", out)
   end)
 end)

@@ -38,6 +38,21 @@ function M.sim_client(up, opts, defaults)
   return require("slm").client(o)
 end
 
+-- A client of the simulator `up` for the task specs: no retries, then
+-- `opts`; with `scenario` (directives) the X-Sim-Scenario header and an
+-- X-Sim-Key of its own, so that fail=N counts this client's attempts only.
+local task_keys = 0
+function M.task_client(up, opts, scenario)
+  local o = { max_retries = 0 }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  if scenario then
+    task_keys = task_keys + 1
+    o.headers = { ["X-Sim-Scenario"] = scenario, ["X-Sim-Key"] = ("task-%d-%d-%d"):format(task_keys, os.time(),
+      math.random(1e9)) }
+  end
+  return M.sim_client(up, o)
+end
+
 -- { { role = "user", content = text } }
 function M.msgs(text, default)
   return { { role = "user", content = text or default or "hello" } }

@@ -97,6 +97,50 @@ function M.main(name, usage, job, argv, default_model)
   return all_ok and 0 or 1
 end
 
+--- The command line: options `--name VALUE` of `spec` (name = "count": a
+--- whole number >= 1, name = "string"; with a `defaults` value when not
+--- given), and the other words as o.args.  Raises a plain message on an
+--- unknown option or a bad value.
+function M.parse_args(argv, spec, defaults)
+  local o, i = { args = {} }, 1
+  for k, v in pairs(defaults or {}) do o[k] = v end
+  while argv[i] do
+    local a = argv[i]
+    local name = a:match("^%-%-(.+)$")
+    if name then
+      local key = name:gsub("%-", "_")
+      local kind, v = spec[key], argv[i + 1]
+      if not kind then error("unknown option " .. a .. " (see --help)", 0) end
+      if v == nil then error(a .. " needs a value", 0) end
+      if kind == "count" then
+        v = tonumber(v)
+        if not v or v < 1 or v % 1 ~= 0 then error(a .. " needs a whole number of at least 1", 0) end
+      end
+      o[key] = v
+      i = i + 2
+    else
+      o.args[#o.args + 1] = a
+      i = i + 1
+    end
+  end
+  return o
+end
+
+--- The headers of --sim DIRECTIVES: the simulator's scenario, with one
+--- X-Sim-Key for the whole run (so fail=N breaks its first N requests);
+--- nil without directives.  Raises when the backend is not the simulator.
+function M.sim_headers(b, name, directives)
+  if not directives then return nil end
+  if not b.simulated then error("--sim works against the simulator only", 0) end
+  return { ["X-Sim-Scenario"] = directives, ["X-Sim-Key"] = ("%s-%d-%d"):format(name, os.time(), math.random(1e9)) }
+end
+
+--- A text on one line (white space runs as one space), cut to n columns.
+function M.one_line(s, n)
+  s = tostring(s or ""):gsub("%s+", " "):gsub("^ ", ""):gsub(" $", "")
+  return n and require("examples.lib.table_fmt").truncate(s, n) or s
+end
+
 --- Lines of a JSON-lines file, decoded (blank lines skipped).
 function M.read_jsonl(path)
   local json = require "slm.json"

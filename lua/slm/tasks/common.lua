@@ -184,17 +184,34 @@ function M.image_parts(images, task)
 end
 
 --- The model to send images to: `model` when it reads images, else the
--- first of `fallback` that does; nil, err when none does.
+-- first of `fallback` that does; nil, err when none does.  Second result:
+-- the fallback models to try after it, those not known to lack vision
+-- (pass it as the request's `fallback`: a model that cannot read images
+-- must never be sent them).
 function M.vision_model(model, fallback, task)
-  local info = models.find(model)
-  if not info or info.vision ~= false then return model end
-  for _, m in ipairs(fallback or {}) do
-    local fi = models.find(m)
-    if fi and fi.vision then return m end
+  local function reads(m)
+    local info = models.find(m)
+    return not info or info.vision ~= false
   end
-  return nil, errors.new("invalid_request", format("slm.%s: model %s does not read images, and no fallback "
-    .. "model does (send them to a vision model such as gpt-4o-mini)", task, tostring(model)),
-    { status = 0, model = model })
+  local chosen
+  if reads(model) then
+    chosen = model
+  else
+    for _, m in ipairs(fallback or {}) do
+      local fi = models.find(m)
+      if fi and fi.vision then chosen = m; break end
+    end
+  end
+  if not chosen then
+    return nil, errors.new("invalid_request", format("slm.%s: model %s does not read images, and no fallback "
+      .. "model does (send them to a vision model such as gpt-4o-mini)", task, tostring(model)),
+      { status = 0, model = model })
+  end
+  local rest = {}
+  for _, m in ipairs(fallback or {}) do
+    if m ~= chosen and reads(m) then rest[#rest + 1] = m end
+  end
+  return chosen, rest
 end
 
 --- A user message: text, with image parts after it when there are some.

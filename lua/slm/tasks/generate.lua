@@ -6,7 +6,8 @@
 --     banned = { "cheap", ... } }, max_words = 80, n = 1, language = "en", instructions = "...",
 --     temperature = 0.7, model = ..., timeout = ... }
 --   res: { text, texts (n > 1), flags (per text: { banned = {...}, too_long = true, cut = true }),
---          regenerated, usage, cost, attempts, latency, model }
+--          regenerated, usage, cost, attempts, calls, latency, model }
+--   local req = slm.generate.request{ ... }   -- the request it would send first, nothing sent
 --
 -- `{{var}}` in the template is replaced by vars.var (numbers as text); a
 -- variable the template names but vars lacks raises, naming it.  A reply
@@ -18,8 +19,8 @@
 local models = require "slm.models"
 local common = require "slm.tasks.common"
 
-local type, pairs, ipairs, tostring, error, format, concat, min =
-  type, pairs, ipairs, tostring, error, string.format, table.concat, math.min
+local type, pairs, ipairs, tostring, error, pcall, format, concat, min, next =
+  type, pairs, ipairs, tostring, error, pcall, string.format, table.concat, math.min, next
 
 local M = {}
 
@@ -73,10 +74,9 @@ local function system_for(o, language, banned)
   return concat(lines, "\n")
 end
 
-local function run(o)
-  local client = o.client or common.default_client()
-  local model = o.model or client.model
-  local ledger = common.ledger()
+-- The first request of a generation (model, messages, n, max_tokens,
+-- temperature), and what run needs besides.
+local function prepare(o, model)
   local prompt = M.render(o.template, o.vars)
   local language = o.language or common.language_of(prompt)
   local banned = list(o.brand and o.brand.banned)
@@ -88,10 +88,21 @@ local function run(o)
     if info and info.max_output then max_tokens = min(max_tokens, info.max_output) end
   end
   local system = system_for(o, language, banned)
+  return { model = model, n = n > 1 and n or nil, max_tokens = max_tokens, temperature = o.temperature or 0.7,
+    messages = { { role = "system", content = system }, { role = "user", content = prompt } } }, banned
+end
+
+local function run(o)
+  local client = o.client or common.default_client()
+  local model = o.model or client.model
+  local ledger = common.ledger()
+  local first, banned = prepare(o, model)
+  local n = o.n or 1
+  local system, prompt, max_tokens = first.messages[1].content, first.messages[2].content, first.max_tokens
   local function ask(count, reminder)
     local res, err = ledger:chat(client, {
       model = model, n = count > 1 and count or nil, max_tokens = max_tokens,
-      temperature = o.temperature or 0.7, timeout = o.timeout,
+      temperature = first.temperature, timeout = o.timeout,
       messages = { { role = "system", content = system .. (reminder or "") }, { role = "user", content = prompt } },
     })
     if not res then return nil, err end
@@ -142,6 +153,18 @@ local function run(o)
     res.flags = flags[1]
   end
   return res
+end
+
+--- slm.generate.request{ ... } -> the chat request the generation sends
+-- first (model, messages, n, max_tokens, temperature), sending nothing:
+-- for slm.route, slm.count or a cost estimate.  The model is opts.model,
+-- else opts.client's (nil without either).
+function M.request(o)
+  common.check("generate", OPTIONS, o, 2)
+  if type(o.template) ~= "string" then error("slm.generate: option 'template' is required (a string)", 2) end
+  local ok, req = pcall(prepare, o, o.model or (o.client and o.client.model))
+  if not ok then error(req, 2) end
+  return req
 end
 
 --- slm.generate(template, vars [, opts]) -> text (or texts for n > 1), res | nil, err

@@ -3,7 +3,8 @@
 --   local value, info = structured.ask(client, ledger, spec)   -- or nil, err
 --
 -- spec: { model, messages, schema (a JSON schema, slm.schema's subset),
---   name, max_tokens, temperature (0), logprobs, top_logprobs, mode, task }
+--   name, max_tokens, temperature (0), logprobs, top_logprobs, mode, task,
+--   timeout, fallback (the request's fallback models; nil: the client's) }
 --
 -- 1. How the model is asked: mode "json_schema" (OpenAI's structured
 --    outputs, strict) where slm.models says the model has it
@@ -154,7 +155,7 @@ function M.ask(client, ledger, spec)
         model = model, messages = msgs, response_format = rf, max_tokens = limit,
         temperature = spec.temperature or 0,
         logprobs = spec.logprobs or nil, top_logprobs = spec.logprobs and spec.top_logprobs or nil,
-        timeout = spec.timeout,
+        timeout = spec.timeout, fallback = spec.fallback,
       })
       if not res then return nil, err end
       if res.finish_reason ~= "length" then return res end
