@@ -205,6 +205,21 @@ describe("images in a task", function()
     assert.truthy(parts[2].image_url.url:find("^data:image/png;base64,"))
   end)
 
+  it("never go to a fallback model that cannot read them", function()
+    local c = client({ model = "gpt-4o-mini", fallback = { HERMES } }, "status=503")
+    local before = up:stats().requests
+    local res, err = slm.classify{ client = c, text = "What is this?", labels = LABELS, images = { "examples/data/receipt.png" } }
+    assert.is_nil(res)
+    assert.equal(503, err.status)
+    assert.equal(before + 1, up:stats().requests)
+    assert.equal("gpt-4o-mini", H.last(up).body.model)
+    -- without images the client's fallback is used as always
+    local _, err2 = slm.classify{ client = c, text = "What is this?", labels = LABELS }
+    assert.equal(before + 3, up:stats().requests)
+    assert.equal(HERMES, H.last(up).body.model)
+    assert.is_table(err2.fallback_errors)
+  end)
+
   it("are refused before anything is sent when no model reads them", function()
     local before = up:stats().requests
     local res, err = slm.classify{ client = client{ model = HERMES }, text = "this", labels = LABELS,

@@ -275,13 +275,14 @@ local function run(o)
   local names = prep.names
   local model = o.model or client.model
   local ledger = common.ledger()
-  local parts
+  local parts, fallback
   if o.images then
     local perr
     parts, perr = common.image_parts(o.images, "classify")
     if not parts then return ledger:fail(perr) end
-    model, perr = common.vision_model(model, client.fallback, "classify")
-    if not model then return ledger:fail(perr) end
+    -- the fallbacks that can read them too (nil: the client's, no images)
+    model, fallback = common.vision_model(model, client.fallback, "classify")
+    if not model then return ledger:fail(fallback) end
   end
   local text = o.text
   local masker
@@ -305,7 +306,7 @@ local function run(o)
   local v, meta = structured.ask(client, ledger, {
     model = model, messages = messages, schema = prep.schema, validator = prep.validator, name = "classification",
     max_tokens = o.max_tokens, logprobs = want_lp, top_logprobs = want_lp and (o.top_logprobs or 5) or nil,
-    timeout = o.timeout,
+    timeout = o.timeout, fallback = fallback,
   })
   if v == nil then return nil, meta end
   local chosen = multi and v.labels or { v.label }
