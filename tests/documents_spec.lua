@@ -382,6 +382,7 @@ describe("slm.extract against the simulator", function()
       assert.is_falsy(raw:find(secret, 1, true), secret .. " reached the simulator")
     end
     assert.truthy(raw:find("[EMAIL_1]", 1, true))
+    assert.same({ 1, 1, 1 }, { res.masked.email, res.masked.phone, res.masked.iban })
     assert.truthy(res.data.contact:find("ivan.petrov@example.com", 1, true), res.data.contact)
     assert.truthy(res.data.contact:find("+7 912 345-67-89", 1, true))
     -- the quote is the document's own words, not the placeholders
@@ -424,6 +425,18 @@ local TEXT = "The parcel arrived damaged on Monday. The box was wet and the kett
   .. "The customer wants a refund to the card she paid with. She attached three photos."
 
 describe("slm.summarize against the simulator", function()
+  it("mask_pii: the summary has the values back, the simulator saw placeholders", function()
+    local doc = "Anna wrote from anna.k@example.org about card 4111 1111 1111 1111. She wants a refund."
+    local res = assert(slm.summarize{ client = client(), document = doc, max_words = 40, mask_pii = true })
+    local raw = H.last(up).raw_body
+    assert.is_falsy(raw:find("anna.k@example.org", 1, true))
+    assert.is_falsy(raw:find("4111", 1, true))
+    assert.truthy(raw:find("[CARD_1]", 1, true))
+    assert.truthy(res.text:find("anna.k@example.org", 1, true), res.text)
+    assert.truthy(res.text:find("4111 1111 1111 1111", 1, true), res.text)
+    assert.same({ 1, 1 }, { res.masked.email, res.masked.card })
+  end)
+
   it("a short text is one call, within max_words words, the count in res.words", function()
     local c = spy(client())
     local res = assert(slm.summarize{ client = c, document = TEXT, max_words = 16 })

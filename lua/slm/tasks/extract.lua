@@ -411,7 +411,7 @@ local function run(o)
     end
   end
   return ledger:into({ data = merged, chunks = #chunks, conflicts = list[1] and list or nil, repaired = repaired,
-    evidence = evidence, dropped = dropped, model = model })
+    evidence = evidence, dropped = dropped, model = model, masked = masker and common.counts(masker) or nil })
 end
 
 --- slm.extract(document, schema [, opts]) -> data, res | nil, err

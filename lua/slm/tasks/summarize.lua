@@ -166,7 +166,7 @@ local function run(o)
     if found[1] then flags.banned = found end
   end
   return ledger:into({ text = text, words = n, chunks = #chunks, levels = levels, model = model,
-    flags = next(flags) and flags or nil })
+    flags = next(flags) and flags or nil, masked = masker and common.counts(masker) or nil })
 end
 
 --- slm.summarize(document [, max_words [, opts]]) -> text, res | nil, err
