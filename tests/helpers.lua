@@ -38,6 +38,20 @@ function M.sim_client(up, opts, defaults)
   return require("slm").client(o)
 end
 
+-- A client of the simulator `up` that does not retry (then `opts`, as for
+-- sim_client); `scenario` (directives), when given, applies to it under an
+-- X-Sim-Key of its own, so that fail=N counts this client's attempts only.
+local keyn = 0
+function M.scenario_client(up, opts, scenario)
+  local o = { max_retries = 0 }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  if scenario then
+    keyn = keyn + 1
+    o.headers = { ["X-Sim-Scenario"] = scenario, ["X-Sim-Key"] = ("client-%d-%d"):format(keyn, os.time()) }
+  end
+  return M.sim_client(up, o)
+end
+
 -- { { role = "user", content = text } }
 function M.msgs(text, default)
   return { { role = "user", content = text or default or "hello" } }

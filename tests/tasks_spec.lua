@@ -18,18 +18,9 @@ local up
 setup(function() up = H.upstream() end)
 teardown(function() if up then up:stop() end end)
 
-local keyn = 0
 -- A client of the simulator; `scenario` (directives) applies to it with a
 -- key of its own, so fail=N counts this client's attempts only.
-local function client(opts, scenario)
-  local o = { max_retries = 0 }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  if scenario then
-    keyn = keyn + 1
-    o.headers = { ["X-Sim-Scenario"] = scenario, ["X-Sim-Key"] = ("tasks-%d-%d"):format(keyn, os.time()) }
-  end
-  return H.sim_client(up, o)
-end
+local function client(opts, scenario) return H.scenario_client(up, opts, scenario) end
 
 local function near(a, b, eps) return math.abs(a - b) <= (eps or 1e-9) end
 
