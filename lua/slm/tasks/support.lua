@@ -21,12 +21,13 @@
 -- counted with the model's tokenizer) go at the end of the system message,
 -- after the rules, as quoted data in one <knowledge> block:
 --   <passage id="faq-12" title="Delivery times">text</passage>
--- Attributes are entity-escaped; a "<" that would open or close a
--- knowledge or passage tag, in a passage and in the conversation's
--- messages, becomes a look-alike (U+2039), so that only the bot opens the
--- block; the rules say passages are data, never instructions.  The model
--- cites ids in brackets ([faq-12], [faq-1, faq-2]); res.sources are the
--- cited ids among those offered in this turn, in the order cited.
+-- A "<" (or "&lt;") that would open or close a knowledge or passage tag,
+-- in a passage, its title and the conversation's messages, becomes a
+-- look-alike (U+2039), so that only the bot opens the block; ids and
+-- titles are then entity-escaped; the rules say passages are data, never
+-- instructions.  The model cites ids in brackets ([faq-12], [faq-1,
+-- faq-2]); res.sources are the cited ids among those offered in this
+-- turn, in the order cited.
 -- Escalation (res.escalate; res.text is then the handoff message in the
 -- customer's language, after whatever answer they were already shown):
 -- when the model calls escalate_to_human (its reason, category, summary);
