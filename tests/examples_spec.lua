@@ -1,5 +1,6 @@
--- examples/: the ticket-triage demo that bin/quickstart runs and the
--- document examples, end to end against the simulator they start.
+-- examples/: the ticket-triage demo that bin/quickstart runs, the support
+-- bot, the document examples and the luv loop, end to end against the
+-- simulator they start.
 local H = require "tests.helpers"
 
 local NO_KEYS = "env -u OPENAI_API_KEY -u SLM_API_KEY -u SLM_BASE_URL -u OPENAI_BASE_URL -u SLM_MODEL "
@@ -37,6 +38,55 @@ describe("examples/ticket_triage.lua", function()
     assert.is_true(ok, out)
     assert.matches("^ticket_triage: using " .. up.url:gsub("%p", "%%%0"), out)
     assert.matches("\ncost:         %$%d+%.%d+ simulated ", out)
+  end)
+end)
+
+describe("examples/support_bot.lua", function()
+  local function bot(args, input)
+    local cmd = NO_KEYS .. "lua5.4 examples/support_bot.lua " .. (args or "") .. " 2>&1"
+    if input then cmd = "printf '%s' " .. H.q(input) .. " | " .. cmd end
+    local p = assert(io.popen(cmd))
+    local out = p:read("a")
+    local ok = p:close()
+    return out, ok
+  end
+
+  it("talks to two customers: cited answers, handovers with a summary, sessions in SQLite, tokens and cost", function()
+    local out, ok = bot()
+    assert.is_true(ok, out)
+    assert.matches("^support_bot: no OPENAI_API_KEY/SLM_BASE_URL set", out)
+    local db = out:match("\nsupport_bot: 56 knowledge entries %(FAQ %+ the returns policy%), sessions in SQLite (%S+)\n")
+    assert.truthy(db, out)
+    -- answers cite the entry they came from, in the customer's language
+    assert.matches("\n%[ru%-olga%] bot: +Заказы с voltamart%.ru[^\n]* %[faq%-delivery%-1%]\n +sources: +faq%-delivery%-1 %(Сроки и стоимость доставки%)", out)
+    assert.matches("\n%[en%-mark%] bot: +We check returned items[^\n]* %[faq%-returns%-4%]\n", out)
+    assert.matches("\n +tokens: +[%d,]+ prompt %+ %d+ completion, %$%d%.%d+ simulated\n", out)
+    -- the customer asks for a person: handed over, the summary with the card as written (it was masked on the way out)
+    assert.matches("\n +handover: user_request, category billing\n +summary: +[^\n]*Позовите оператора: с карты 4276 3801 2345 6787", out)
+    -- two answers in a row without a source: handed over too
+    assert.matches("\n +handover: repeated_failures\n +summary: +What's the weather like on Mars%? And on Venus, then%?\n", out)
+    -- the sessions outlive the bot: a store opened anew has them
+    assert.matches("\nsessions: +SQLite %S+ %(reopened: ru%-olga 8 messages, en%-mark 8 messages%)\n", out)
+    assert.matches("\nturns: +7, 4 answered with sources, 2 handed over %(user_request 1, repeated_failures 1%)\n", out)
+    assert.matches("\ncost: +%$%d+%.%d+ simulated %(the simulator's token counts at gpt%-4o%-mini's prices", out)
+    -- and the temporary database is gone
+    assert.is_nil(io.open(db, "rb"))
+    assert.is_nil(io.open(db .. "-wal", "rb"))
+  end)
+
+  it("--interactive answers each line of stdin, streamed, in one session", function()
+    local out, ok = bot("--interactive", "How do I cancel my Plus membership?\n/history\nI want to talk to a human\n")
+    assert.is_true(ok, out)
+    assert.matches("\nbot> You can cancel at any time[^\n]* %[faq%-cancel%-2%]\n +sources: +faq%-cancel%-2", out)
+    assert.matches("\n  user +How do I cancel my Plus membership%?\n  assistant +You can cancel", out)
+    assert.matches("\nbot> I'm passing this to a colleague[^\n]*\n +handover: user_request", out)
+    assert.matches("\nturns: +2, 1 answered with sources, 1 handed over %(user_request 1%)\n", out)
+  end)
+
+  it("an unknown argument is refused", function()
+    local out, ok = bot("--interactve")
+    assert.is_false(not not ok)
+    assert.matches("support_bot: unknown argument %-%-interactve", out)
   end)
 end)
 

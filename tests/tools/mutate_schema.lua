@@ -12,11 +12,9 @@
 -- makes the matcher slow counts as failing them when it runs out of time.
 -- Exits 1 when a mutation broke nothing, no longer applies (the code moved
 -- on: update it) or a spec never failed. A dev tool: bin/test does not
--- run it.
+-- run it. The runner is tests/tools/mutate.lua.
 local root = debug.getinfo(1, "S").source:match("^@(.*)/tests/tools/") or "."
 package.path = root .. "/?.lua;" .. package.path
-local H = require "tests.helpers"
-local q = H.q
 
 local LINEAR = "takes time linear in the string"
 local MUTATIONS = {
@@ -156,82 +154,9 @@ local MUTATIONS = {
   { "arrays not followed when stripping", "    for i = 1, #v do strip(V, node.items, v[i], depth + 1) end", "" },
 }
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return ok, out, code
-end
-
 local lua = os.getenv("SLM_LUA") or "lua5.4"
-local cpath = root .. (lua == "luajit" and "/build-jit/?.so" or "/build/?.so")
-local scratch = (os.getenv("TMPDIR") or "/tmp") .. "/slm-mutate-schema"
-local lpath = scratch .. "/?.lua;" .. root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. root .. "/?.lua"
-local function busted(extra)
-  return "cd " .. q(root) .. " && timeout 60 " .. lua .. " /usr/bin/busted --lpath=" .. q(lpath) .. " --cpath=" .. q(cpath)
-    .. " -o TAP " .. (extra or "") .. " tests/schema_spec.lua"
-end
-
-local wanted = {}
-for _, a in ipairs(arg) do wanted[tonumber(a)] = true end
-
-local source = H.read_file(root .. "/lua/slm/schema.lua")
-assert(sh("rm -rf " .. q(scratch) .. " && mkdir -p " .. q(scratch .. "/slm")))
-
-local _, listing = sh("cd " .. q(root) .. " && " .. lua .. " /usr/bin/busted --cpath=" .. q(cpath) .. " --list tests/schema_spec.lua")
-local specs, failed_once = {}, {}
-for name in listing:gmatch("[^\n]*:%d+: ([^\n]+)") do specs[#specs + 1] = name end
-
-local status = 0
-for i, m in ipairs(MUTATIONS) do
-  if next(wanted) == nil or wanted[i] then
-    local text, applies = source, true
-    for j = 2, #m, 2 do
-      local a = text:find(m[j], 1, true)
-      if not a or text:find(m[j], a + 1, true) then
-        applies = false
-        break
-      end
-      text = text:sub(1, a - 1) .. m[j + 1] .. text:sub(a + #m[j])
-    end
-    local line
-    if not applies then
-      line, status = "DOES NOT APPLY (exactly once)", 1
-    elseif not (loadstring or load)(text) then
-      line, status = "DOES NOT COMPILE", 1
-    else
-      local f = assert(io.open(scratch .. "/slm/schema.lua", "wb"))
-      f:write(text)
-      f:close()
-      local _, out, code = sh(busted(m.only and ("--filter=" .. q(m.only)) or nil))
-      local failing = {}
-      for name in ("\n" .. out):gmatch("\nnot ok %d+ %- ([^\n]+)") do failing[#failing + 1] = name end
-      if code == 124 and m.only then
-        -- ran out of time: the specs it runs failed
-        for _, name in ipairs(specs) do
-          if name:find(m.only, 1, true) then failing[#failing + 1] = name .. " (timed out)"; failed_once[name] = true end
-        end
-      end
-      for _, name in ipairs(failing) do failed_once[name] = true end
-      if #failing == 0 then
-        line, status = "BROKE NO SPEC", 1
-      else
-        line = #failing .. " failing: " .. table.concat(failing, " | "):gsub("slm%.schema ", ""):sub(1, 150)
-      end
-    end
-    print(("%3d %-44s %s"):format(i, m[1], line))
-    io.stdout:flush()
-  end
-end
-os.remove(scratch .. "/slm/schema.lua")
-
-if next(wanted) == nil then
-  local never = {}
-  for _, name in ipairs(specs) do
-    if not failed_once[name] then never[#never + 1] = name end
-  end
-  print(("\n%d specs, %d mutations; %d specs never failed%s"):format(#specs, #MUTATIONS, #never, #never > 0 and ":" or ""))
-  for _, name in ipairs(never) do print("  " .. name) end
-  if #never > 0 then status = 1 end
-end
-os.exit(status)
+os.exit(require("tests.tools.mutate").run({
+  module = "slm/schema.lua", spec = "tests/schema_spec.lua", mutations = MUTATIONS,
+  scratch = "slm-mutate-schema", strip = "slm%.schema ", timeout = 60,
+  lua = lua, cpath = root .. (lua == "luajit" and "/build-jit/?.so" or "/build/?.so"),
+}, arg))
