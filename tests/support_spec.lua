@@ -698,6 +698,7 @@ describe("personal data", function()
     assert.truthy(sent:find("card [CARD_1] was charged twice, write to [EMAIL_1] or call [PHONE_1]", 1, true))
     assert.equal("user_request", res.escalate.reason)
     assert.equal(text, res.escalate.summary)
+    assert.same({ 1, 1, 1 }, { res.masked.card, res.masked.email, res.masked.phone })
     -- the next turn: the history goes masked too, while the store has it as written
     bot:reply(s, CANCEL_EN)
     last = H.last(up)

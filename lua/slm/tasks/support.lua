@@ -371,30 +371,18 @@ local function cited(answer, offered)
   return out
 end
 
--- on_delta through a masker: the pieces unmasked, holding back a tail that
--- could be the start of a placeholder (an open "[" not far from the end,
--- or a word) until it is whole.  -> feed(text), flush()
+-- on_delta through a masker (slm.pii's unmasker: the pieces unmasked, a
+-- tail that could be the start of a placeholder held back until it is
+-- whole).  -> feed(text), flush()
 local function unmasking(masker, emit)
-  local pending = ""
+  local unmask = masker:unmasker()
   local function feed(t)
-    pending = pending .. t
-    local cut = #pending
-    local open = pending:match("()%[[^%]]*$")
-    if open and cut - open < 40 then cut = open - 1 end
-    local word = pending:sub(1, cut):match("()[%w_]+$")
-    if word then cut = word - 1 end
-    if cut > 0 then
-      local ready = pending:sub(1, cut)
-      pending = pending:sub(cut + 1)
-      emit(masker:unmask(ready))
-    end
+    local ready = unmask(t)
+    if ready ~= "" then emit(ready) end
   end
   local function flush()
-    if pending ~= "" then
-      local rest = pending
-      pending = ""
-      emit(masker:unmask(rest))
-    end
+    local rest = unmask(nil)
+    if rest ~= "" then emit(rest) end
   end
   return feed, flush
 end
@@ -572,6 +560,7 @@ function Bot:reply(session_id, text, opts)
   for _, m in ipairs(added) do history[#history + 1] = m end
   local ok, serr = self.store:save(session_id, history)
   if not ok and not out.error then out.error = serr end
+  if masker then out.masked = common.counts(masker) end
   return ledger:into(out)
 end
 
