@@ -104,12 +104,18 @@ function M.ask(client, ledger, spec)
     end
     send_schema = w.wrapper
   end
-  local validator = spec.validator or schema_mod.compile(s)
   local mode = spec.mode or M.mode_for(model)
   local prepared = cache[send_schema]
   if not prepared then
     prepared = {}
     cache[send_schema] = prepared
+  end
+  -- the caller's schema compiled once (an edited schema table is not seen
+  -- again: as with slm.schema.validate, pass a new table)
+  local validator = spec.validator
+  if not validator then
+    validator = prepared.validator or schema_mod.compile(s)
+    prepared.validator = validator
   end
   local messages = spec.messages
   local rf
