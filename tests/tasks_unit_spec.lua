@@ -335,6 +335,66 @@ describe("slm.generate", function()
   end)
 end)
 
+describe("slm.classify.evaluate", function()
+  -- replies chosen by the ticket's text, whatever order the items run in
+  local function by_text(map)
+    local c = scripted{ function(req)
+      local text = req.messages[#req.messages].content
+      local r = map[text]
+      if r == nil then return nil, require("slm.errors").new("server", "down", { status = 503 }) end
+      return { text = r, finish_reason = "stop", usage = { prompt_tokens = 100, completion_tokens = 5,
+        total_tokens = 105 }, cost = 0.0001, attempts = 1, tool_calls = {}, choices = {} }
+    end }
+    return c
+  end
+
+  it("accuracy, per-label precision/recall/F1, macro-F1, the confusion matrix, errors and cost", function()
+    local c = by_text{ a = '{"label":"billing"}', b = '{"label":"delivery"}', c = '{"label":"delivery"}',
+      d = '{"label":"billing"}' }
+    local r = slm.classify.evaluate({ { text = "a", label = "billing" }, { text = "b", label = "billing" },
+      { text = "c", label = "delivery" }, { text = "d", label = "other" }, { text = "e", label = "other" } },
+      { client = c, labels = { "billing", "delivery", "other", "account" }, concurrency = 2 })
+    assert.are.same({ 5, 4, 1 }, { r.n, r.completed, r.failed })
+    -- a label neither in the data nor predicted has no F1, and macro-F1 leaves it out
+    assert.are.same({ support = 0 }, r.per_label.account)
+    assert.are.same({ server = 1 }, r.errors)
+    assert.are.equal(2 / 5, r.accuracy)
+    local b, d, o = r.per_label.billing, r.per_label.delivery, r.per_label.other
+    assert.are.same({ 0.5, 0.5, 0.5, 2 }, { b.precision, b.recall, b.f1, b.support })
+    assert.are.same({ 0.5, 1, 1 }, { d.precision, d.recall, d.support })
+    assert.is_true(math.abs(d.f1 - 2 / 3) < 1e-12)
+    assert.are.same({ 0, 0, 2 }, { o.recall, o.f1, o.support })
+    assert.is_nil(o.precision) -- never predicted
+    assert.is_true(math.abs(r.macro_f1 - (0.5 + 2 / 3 + 0) / 3) < 1e-12)
+    assert.are.same({ billing = { billing = 1, delivery = 1 }, delivery = { delivery = 1 }, other = { billing = 1 } },
+      r.confusion)
+    assert.is_true(math.abs(r.cost - 0.0004) < 1e-12)
+    assert.is_true(math.abs(r.cost_per_1000 - 0.08) < 1e-12)
+    assert.are.equal(420, r.usage.total_tokens)
+    assert.is_true(r.results[1].ok)
+    assert.is_false(r.results[2].ok)
+    assert.are.equal("server", r.results[5].err.kind)
+  end)
+
+  it("multi-label: exact set match for accuracy, each label counted on its own", function()
+    local c = by_text{ a = '{"labels":["billing","delivery"]}', b = '{"labels":["billing"]}' }
+    local r = slm.classify.evaluate({ { text = "a", labels = { "delivery", "billing" } },
+      { text = "b", labels = { "billing", "other" } } }, { client = c, labels = LABELS, multi = true })
+    assert.are.equal(0.5, r.accuracy)
+    local b, d, o = r.per_label.billing, r.per_label.delivery, r.per_label.other
+    assert.are.same({ 1, 1, 2 }, { b.precision, b.recall, b.support })
+    assert.are.same({ 1, 1, 1 }, { d.precision, d.recall, d.support })
+    assert.are.same({ 0, 1 }, { o.recall, o.support }) -- b's "other" was missed
+    assert.are.same({ ["billing+delivery"] = { ["billing+delivery"] = 1 }, ["billing+other"] = { billing = 1 } },
+      r.confusion)
+  end)
+
+  it("raises on misuse", function()
+    assert.has_error(function() slm.classify.evaluate("x", {}) end, "slm.classify.evaluate: expected a list of examples")
+    assert.has_error(function() slm.classify.evaluate({}, {}) end, "slm.classify.evaluate: option 'labels' is required")
+  end)
+end)
+
 describe("the ledger", function()
   it("a task's cost is unknown (nil) when one call's price is", function()
     local c = scripted{ { text = '{"label":"misc"}', no_price = true }, '{"label":"other"}' }

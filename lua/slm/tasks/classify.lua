@@ -357,9 +357,10 @@ end
 -- progress.  Runs concurrently (slm.map).  Report: n, completed, failed,
 -- errors (kind -> count), accuracy, per_label = { label = { precision,
 -- recall, f1, support } }, macro_f1, confusion = { gold = { predicted =
--- count } }, labels, cost (nil when a price is unknown), cost_per_1000,
--- latency = { mean, p50, p95 }, usage, results (per item: label, gold, ok,
--- confidence, err).
+-- count } } (multi: label sets as "a+b", sorted; accuracy is exact set
+-- match, per-label counts per label), labels, cost (nil when a price is
+-- unknown), cost_per_1000, latency = { mean, p50, p95 }, usage, results
+-- (per item: label, labels, gold, ok, confidence, err).
 function M.evaluate(dataset, opts)
   if type(dataset) ~= "table" then error("slm.classify.evaluate: expected a list of examples", 2) end
   opts = opts or {}
@@ -382,22 +383,39 @@ function M.evaluate(dataset, opts)
     per_label = {}, results = {}, usage = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 } }
   local tp, fp, fn, correct = {}, {}, {}, 0
   for _, n in ipairs(names) do tp[n], fp[n], fn[n] = 0, 0, 0 end
+  local multi = copts.multi == true
+  -- a label set as a set, and as a key for the confusion table
+  local function set_of(list)
+    local set, keys = {}, {}
+    for _, l in ipairs(type(list) == "table" and list or { list }) do
+      if not set[l] then set[l] = true; keys[#keys + 1] = l end
+    end
+    sort(keys)
+    return set, concat(keys, "+")
+  end
   local cost, priced, lat = 0, true, {}
   for i, item in ipairs(dataset) do
     local res, err = results[i], errs[i]
-    local gold = item.label
+    local gold = multi and (item.labels or { item.label }) or item.label
+    local gset, gkey = set_of(gold)
     local row = { gold = gold }
     if res then
       report.completed = report.completed + 1
-      row.label, row.confidence = res.label, res.confidence
-      row.ok = res.label == gold
+      local got = multi and res.labels or res.label
+      local pset, pkey = set_of(got)
+      row.label, row.labels, row.confidence = res.label, res.labels, res.confidence
+      row.ok = gkey == pkey
       if row.ok then correct = correct + 1 end
-      report.confusion[gold] = report.confusion[gold] or {}
-      report.confusion[gold][res.label] = (report.confusion[gold][res.label] or 0) + 1
-      if tp[res.label] then
-        if row.ok then tp[res.label] = tp[res.label] + 1 else fp[res.label] = fp[res.label] + 1 end
+      report.confusion[gkey] = report.confusion[gkey] or {}
+      report.confusion[gkey][pkey] = (report.confusion[gkey][pkey] or 0) + 1
+      for l in pairs(pset) do
+        if tp[l] then
+          if gset[l] then tp[l] = tp[l] + 1 else fp[l] = fp[l] + 1 end
+        end
       end
-      if not row.ok and fn[gold] then fn[gold] = fn[gold] + 1 end
+      for l in pairs(gset) do
+        if fn[l] and not pset[l] then fn[l] = fn[l] + 1 end
+      end
       if res.cost then cost = cost + res.cost else priced = false end
       for k, v in pairs(res.usage) do if type(v) == "number" then report.usage[k] = report.usage[k] + v end end
       lat[#lat + 1] = res.wall or res.latency
@@ -406,8 +424,10 @@ function M.evaluate(dataset, opts)
       local kind = type(err) == "table" and err.kind or "error"
       report.errors[kind] = (report.errors[kind] or 0) + 1
       row.err = err
-      if fn[gold] then fn[gold] = fn[gold] + 1 end
-      if type(err) == "table" and err.cost then cost = cost + err.cost end
+      for l in pairs(gset) do if fn[l] then fn[l] = fn[l] + 1 end end
+      if type(err) == "table" then
+        if err.cost then cost = cost + err.cost elseif err.usage then priced = false end
+      end
     end
     report.results[i] = row
   end
