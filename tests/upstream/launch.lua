@@ -339,6 +339,11 @@ end
 -- HTTP/2 on port + 1, with a fresh self-signed certificate, and cleartext
 -- HTTP/2 with prior knowledge on port + 2: up.tls_url, up.ca_file,
 -- up.h2c_url).
+-- app = { http = "...", server = "..." }: instead of the simulator, an nginx
+-- running lua-slm itself (app.conf.in): the checkout's lua/ on its
+-- lua_package_path, slm/core.so from SLM_NGX_CPATH (default build-jit/),
+-- the given http-level directives and server-level locations; it is ready
+-- when GET /__health answers.
 function M.start(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("upstream.start: opts must be a table", 2) end
@@ -350,8 +355,12 @@ function M.start(opts)
   local tls = opts.tls and true or false
   local where = locate()
   local info = probe_nginx(opts.nginx)
-  local template = read_file(where.upstream .. "/nginx.conf.in")
-  if not template then error("upstream: cannot read " .. where.upstream .. "/nginx.conf.in", 0) end
+  local app = opts.app
+  if app ~= nil and type(app) ~= "table" then error("upstream.start: app must be a table", 2) end
+  local tname = app and "/app.conf.in" or "/nginx.conf.in"
+  local template = read_file(where.upstream .. tname)
+  if not template then error("upstream: cannot read " .. where.upstream .. tname, 0) end
+  local ready_path = app and "/__health" or "/__sim/stats"
 
   local tmp = os.getenv("TMPDIR")
   if not tmp or tmp == "" then tmp = "/tmp" end
@@ -402,6 +411,11 @@ function M.start(opts)
       EXTRA_LISTEN = extra_listen(port),
       UPSTREAM_DIR = where.upstream,
       LUA_ROOT = ("%q"):format(where.root),
+      LUA_DIR = where.root .. "/lua",
+      TESTS_DIR = where.root .. "/tests",
+      CPATH = os.getenv("SLM_NGX_CPATH") or (where.root .. "/build-jit"),
+      APP_HTTP = app and (app.http or "") or "",
+      APP_SERVER = app and (app.server or "") or "",
     })
     if not rendered then
       M.stop_prefix(prefix)
@@ -426,12 +440,12 @@ function M.start(opts)
   local base = "http://127.0.0.1:" .. port
   local timeout = tonumber(opts.timeout) or 5
   local _, ready = run(("for i in $(seq %d); do [ \"$(curl -s -o /dev/null -w '%%{http_code}' --max-time 1 %s)\" = 200 ]"
-    .. " && exit 0; sleep 0.05; done; exit 1"):format(math.ceil(timeout / 0.05), q(base .. "/__sim/stats")))
+    .. " && exit 0; sleep 0.05; done; exit 1"):format(math.ceil(timeout / 0.05), q(base .. ready_path)))
   if not ready then
     local log_tail = tail(read_file(log), 20)
     M.stop_prefix(prefix)
-    error(("upstream: nginx on port %d did not answer GET /__sim/stats within %gs\n--- error log ---\n%s")
-      :format(port, timeout, log_tail), 0)
+    error(("upstream: nginx on port %d did not answer GET %s within %gs\n--- error log ---\n%s")
+      :format(port, ready_path, timeout, log_tail), 0)
   end
 
   local up = setmetatable({
