@@ -342,7 +342,10 @@ local function io_main(c)
   if tls and reused == 0 then
     local left = budget(c, "connect")
     sock:settimeouts(ms(left), ms(left), ms(left))
-    local session, err = sock:sslhandshake(nil, u.host, true)
+    -- false: no session object wanted back (lua-resty-core 0.1.25 asserts
+    -- when a handshake that completed at once fails verification and a
+    -- session was asked for)
+    local session, err = sock:sslhandshake(false, u.host, true)
     if c.cancelled then return close_socket(c) end
     if not session then
       close_socket(c)
