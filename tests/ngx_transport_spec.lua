@@ -345,7 +345,7 @@ describe("slm.transport.ngx over TLS", function()
   local function call(inst, path)
     local s = http_get(inst.base, path)
     local ok, v = pcall(cjson.decode, s)
-    assert(ok, s)
+    assert(ok, "not JSON from " .. path .. ": " .. s .. "\n" .. inst:error_log())
     return v
   end
 
