@@ -88,6 +88,18 @@ function M.many()
   reply{ ok = n - nfailed, failed = nfailed, texts = texts, first_error = first, seconds = core.now() - t0 }
 end
 
+-- GET /fresh: two kept-alive connections to a server that drops every
+-- request on a reused one; then one call, with one retry.
+function M.fresh()
+  local c = M.client("fresh", { base_url = M.sim_url:gsub("/v1$", "/reset-reused/v1"), max_retries = 1 })
+  slm.map({ 1, 2 }, function(i)
+    return c:chat{ messages = { { role = "user", content = "warm " .. i } },
+      headers = { ["X-Sim-Scenario"] = "delay=200" } }
+  end, { concurrency = 2 })
+  local res, err = c:chat{ messages = { { role = "user", content = "on a fresh one" } } }
+  reply(M.fields(res, err))
+end
+
 -- GET /cancel: a stream read in one light thread, closed from another.
 function M.cancel()
   local c = M.client("default")

@@ -47,6 +47,7 @@ local APP_HTTP = [[
 local APP_SERVER = [[
         location = /chat { content_by_lua_block { require("ngx_transport_app").chat() } }
         location = /many { content_by_lua_block { require("ngx_transport_app").many() } }
+        location = /fresh { content_by_lua_block { require("ngx_transport_app").fresh() } }
         location = /cancel { content_by_lua_block { require("ngx_transport_app").cancel() } }
         location = /core { content_by_lua_block { require("ngx_transport_app").core_state() } }
         location = /access {
@@ -190,6 +191,14 @@ describe("slm.transport.ngx inside nginx", function()
     local st = sim:stats()
     assert.equal(3, st.requests)
     assert.equal(2, st.connections)
+  end)
+
+  it("retries on a new connection, not another pooled one, after a kept-alive one died (fresh_connect)", function()
+    local r = get_json("/fresh")
+    assert.equal("Echo: on a fresh one", r.text, cjson.encode(r))
+    -- the first attempt went out on a pooled connection and was lost; the
+    -- retry passed over the other pooled ones (each would lose it too)
+    assert.equal(2, r.attempts)
   end)
 
   it("runs 100 requests at once in one worker, which keeps answering meanwhile", function()
