@@ -62,10 +62,25 @@ function M.request(q)
   return req
 end
 
+-- Client options a query may set (stall_timeout, max_body, http_version),
+-- and the name of the client that has them.
+function M.client_options(q)
+  local o, name = {}, ""
+  for _, k in ipairs{ "stall_timeout", "max_body", "http_version" } do
+    if q[k] then
+      o[k] = k == "http_version" and q[k] or tonumber(q[k])
+      name = name .. k .. "=" .. q[k] .. ";"
+    end
+  end
+  return o, name
+end
+
 -- GET /chat?prompt=..&scenario=..&stream=1&client=name: one call.
 function M.chat(opts)
   local args = ngx.req.get_uri_args()
-  local res, err = M.client(args.client or "default", opts):chat(M.request(args))
+  local qopts, qname = M.client_options(args)
+  if qname ~= "" then opts = qopts end
+  local res, err = M.client(args.client or (qname ~= "" and qname) or "default", opts):chat(M.request(args))
   reply(M.fields(res, err))
 end
 
@@ -129,6 +144,7 @@ function M.core_state()
   local tok = slm.tokenizer("gpt-4o-mini")
   local n = tok:count("How many tokens is this sentence?")
   reply{ http_initialized = core.http_initialized(), tokens = n, memory = tok:memory(),
+    preloaded = M.preloaded ~= nil and M.preloaded == tok,
     pid = ngx.worker.pid(), tokenizer_id = tostring(tok._bpe), runtime = M.client("default").runtime.name,
     notes = M.notes }
 end

@@ -531,11 +531,8 @@ function Conn:result()
 end
 
 function Conn:cancel()
-  if self.cancelled then return end
-  if self.ended and not self.kind then
-    -- already complete: nothing to stop, and the result stays a success
-    return
-  end
+  -- already over (complete or failed): nothing to stop, the result stays
+  if self.cancelled or self.ended then return end
   self.cancelled = true
   conclude(self, nil, "cancelled", "cancelled")
   waiter_notify(self)
