@@ -101,6 +101,19 @@ describe("slm.tokenizer", function()
       assert.are.equal(100276, c:special("<|endofprompt|>"))
       assert.is_nil(c:special("<|nope|>"))
     end)
+
+    it("report the memory their vocabulary holds, shared by the tokenizers of an encoding", function()
+      local o = T.get("o200k_base")
+      local before = o:memory()
+      -- at least the token bytes, their rank tables and the hash table
+      local info = o._bpe:info()
+      assert.is_true(before > info.tokens * (8 + 16), before)
+      assert.is_true(before < 64 * 1024 * 1024, before)
+      o:count(("Hello world, how are you today? "):rep(50)) -- the piece caches come on first use
+      assert.is_true(o:memory() >= before)
+      assert.are.equal(o:memory(), T.get("gpt-4o-mini"):memory()) -- the same vocabulary
+      assert.is_true(T.get("cl100k_base"):memory() < o:memory())
+    end)
   end)
 
   for _, name in ipairs { "o200k_base", "cl100k_base" } do
