@@ -19,6 +19,11 @@
 --                                               amounts really spent
 --   backend:totals() -> spent_usd, spent_tokens, held_usd, held_tokens
 --
+-- A backend whose storage fails (a full shared dict, Redis down) returns
+-- nil, "message" from reserve (a string where left_usd would be): the
+-- request is refused (kind "budget", err.storage = true), never sent
+-- unaccounted; settle returns nil, "message" (the hold then expires).
+--
 -- slm.budget.memory() is the in-process backend (the default).  Backends
 -- shared by the workers of one nginx (lua_shared_dict) and by many hosts
 -- (Redis: reserve before sending, settle after, reservations that expire
@@ -128,6 +133,11 @@ function Budget:reserve(usd, tokens, model)
   local id, left_usd, left_tok = self.backend:reserve(usd, tokens, self.usd, self.tokens)
   if not id then
     self.refused = self.refused + 1
+    if type(left_usd) == "string" then -- the storage failed: fail closed
+      return nil, errors.new("budget", "budget unavailable, request refused: " .. left_usd, {
+        status = 0, model = model, needed_usd = usd, needed_tokens = tokens, storage = true,
+      })
+    end
     local what
     if usd > left_usd + EPS then
       what = format("worst case $%.6f exceeds the $%.6f left", usd, left_usd < 0 and 0 or left_usd)

@@ -65,6 +65,8 @@ local lazy = {
   store = function() return require("slm.store") end,
   pii = function() return require("slm.pii") end,
   bm25 = function() return require("slm.bm25") end,
+  shdict = function() return require("slm.shared.shdict") end,
+  quotas = function() return require("slm.quotas").new end,
 }
 
 return setmetatable(slm, {

@@ -305,6 +305,10 @@ local function class(name, kind)
 
   return C
 end
+-- For lua-slm's own stores elsewhere (slm.shdict, slm.redis): a class
+-- whose instances define get, put, drop, where (and shut) get load, save,
+-- delete and close with the checks and errors of the stores here.
+M.class = class
 
 ------------------------------------------------------------------ memory
 

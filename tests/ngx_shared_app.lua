@@ -1,0 +1,137 @@
+-- tests/ngx_shared_app.lua: the handlers of tests/ngx_shared_spec.lua's
+-- nginx (two workers, lua_shared_dict slm): slm.client with shared
+-- budgets, limits, slots, a cache and quotas from slm.shdict, talking to
+-- the simulator through tests/ngx_capture_rt.lua.  Each worker makes its
+-- own client per configuration; what they share lives in the dict.
+local slm = require "slm"
+local json = require "slm.json"
+local rt = require "ngx_capture_rt"
+
+local F = slm.shdict
+local T = ngx.shared.slm_test
+local A = {}
+
+-- the clock of the specs' periods: the dict's "clock" when set
+local function clock() return T:get("clock") or ngx.now() end
+
+local clients = {}
+
+local function num(v) return v and tonumber(v) end
+
+local function client_for(a)
+  local key = ngx.var.arg_client or "plain"
+  local c = clients[key]
+  if c then return c end
+  local o = { base_url = "http://127.0.0.1/v1", api_key = "sk-test-shdict", transport = rt, max_retries = 0,
+    timeout = 30 }
+  if a.tokens or a.usd then
+    o.budget = slm.budget{ tokens = num(a.tokens), usd = num(a.usd),
+      backend = F.budget{ dict = "slm", name = a.name, hold_ttl = num(a.hold_ttl), period = a.period, now = clock } }
+  end
+  if a.rpm then o.rpm = F.ratelimit{ dict = "slm", name = a.name .. ":rpm", limit = num(a.rpm), per = num(a.per) } end
+  if a.slots then o.max_concurrency = F.semaphore{ dict = "slm", name = a.name .. ":slots", n = num(a.slots),
+    ttl = num(a.ttl) } end
+  if a.cache then o.cache = F.cache{ dict = "slm" } end
+  if a.quota_tokens then
+    o.quotas = slm.quotas{ storage = F, storage_options = { dict = "slm", now = clock }, name = a.name,
+      tokens = num(a.quota_tokens) }
+  end
+  c = slm.client(o)
+  clients[key] = c
+  return c
+end
+
+local function reply(t)
+  ngx.header["Content-Type"] = "application/json"
+  ngx.say(json.encode(t))
+end
+
+-- GET /chat?client=..&name=..&tokens=..&delay=ms&...: one chat call
+function A.chat()
+  local a = ngx.req.get_uri_args()
+  local c = client_for(a)
+  local req = { model = "sim:delay=" .. (a.delay or "0"), max_tokens = num(a.max_tokens) or 16,
+    messages = { { role = "user", content = a.text or "hello there" } } }
+  if a.temperature then req.temperature = num(a.temperature) end
+  if a.consumer then req.consumer = a.consumer end
+  if a.mark then T:set("holder", ngx.worker.pid()) end
+  ngx.update_time()
+  local t0 = ngx.now()
+  local deltas = 0
+  local res, err
+  if a.stream then
+    req.stream = true
+    req.on_delta = function() deltas = deltas + 1 end
+  end
+  res, err = c:chat(req)
+  ngx.update_time()
+  reply{ ok = res ~= nil, kind = err and err.kind or nil, message = err and tostring(err) or nil,
+    text = res and res.text or nil, cached = res and res.cached or false, deltas = deltas,
+    consumer = (res or err).consumer, t0 = t0, t1 = ngx.now(), pid = ngx.worker.pid(),
+    tokens = res and res.usage.total_tokens or nil }
+end
+
+-- GET /worst?max_tokens=..&text=..: the worst case a chat reserves
+function A.worst()
+  local a = ngx.req.get_uri_args()
+  local body = { model = "sim:delay=0", messages = { { role = "user", content = a.text or "hello there" } } }
+  local n = require("slm.guard").prompt_tokens(body, body.model)
+  reply{ worst = n + (num(a.max_tokens) or 16) }
+end
+
+-- GET /totals?name=..&period=..: the shared budget's figures
+function A.totals()
+  local a = ngx.req.get_uri_args()
+  local b = F.budget{ dict = "slm", name = a.name, period = a.period, hold_ttl = num(a.hold_ttl), now = clock }
+  local su, st, hu, ht = b:totals()
+  reply{ spent_usd = su, spent_tokens = st, held_usd = hu, held_tokens = ht }
+end
+
+-- POST /clock?t=..: move the specs' clock (no t: back to ngx.now)
+function A.clock()
+  local t = num(ngx.var.arg_t)
+  if t then T:set("clock", t) else T:delete("clock") end
+  reply{ ok = true }
+end
+
+function A.holder() reply{ pid = T:get("holder") } end
+
+-- GET /keys: every key of the dict (names only), to look for secrets
+function A.keys()
+  local keys = ngx.shared.slm:get_keys(0)
+  local items = {}
+  for _, k in ipairs(keys) do
+    items[#items + 1] = k
+    local v = ngx.shared.slm:get(k)
+    if type(v) == "string" then items[#items + 1] = v end
+  end
+  local q = ngx.shared.slm
+  for _, k in ipairs(keys) do
+    if k:sub(-1) == "q" then
+      for _ = 1, q:llen(k) or 0 do
+        local v = q:rpop(k)
+        items[#items + 1] = v
+        q:lpush(k, v)
+      end
+    end
+  end
+  reply{ keys = items }
+end
+
+-- GET /store: a session store's round trip and errors in this worker
+function A.store()
+  local s = F.store{ dict = "slm", prefix = "t:s:" }
+  local h = { { role = "user", content = "héllo" }, { role = "assistant", content = "hi", extra = { 1, 2 } } }
+  local out = {}
+  out.saved = s:save("ann@example.com", h)
+  local back = s:load("ann@example.com")
+  out.same = back and back[1].content == "héllo" and back[2].extra[2] == 2 and #back == 2
+  out.missing = s:load("nobody") == nil
+  out.deleted = s:delete("ann@example.com")
+  out.gone = s:load("ann@example.com") == nil
+  local _, err = s:save("big", { { role = "user", content = string.rep("x", 4 * 1024 * 1024) } })
+  out.full_error = err
+  reply(out)
+end
+
+return A

@@ -1,0 +1,181 @@
+-- Shared limits inside a real nginx with two workers (lua_shared_dict):
+-- slm.shdict's budget, rate limit, semaphore, cache and session store
+-- under slm.client, and per-consumer quotas, against the simulator.  The
+-- client inside nginx goes through tests/ngx_capture_rt.lua (subrequests
+-- to the simulator); what the workers share is only what is in the dict.
+local H = require "tests.helpers"
+local launch = require "tests.upstream.launch"
+local json = require "cjson"
+
+local sim, app
+
+local function app_conf(sim_port)
+  return {
+    http = [[
+    lua_shared_dict slm 16m;
+    lua_shared_dict slm_test 1m;
+    ]],
+    server = ([=[
+        location /__up/ {
+            internal;
+            proxy_pass http://127.0.0.1:%d/;
+            proxy_set_header Accept $arg_accept;
+            proxy_set_header Content-Type application/json;
+            proxy_set_header Authorization "Bearer sk-test-shdict";
+        }
+        location ~ ^/(chat|worst|totals|clock|holder|keys|store)$ {
+            content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
+        }
+    ]=]):format(sim_port),
+  }
+end
+
+setup(function()
+  sim = launch.start{ quiet = true }
+  app = launch.start{ quiet = true, workers = 2, app = app_conf(sim.port) }
+end)
+teardown(function()
+  if app then app:stop() end
+  if sim then sim:stop() end
+end)
+before_each(function() sim:reset() end)
+
+local function qs(t)
+  local parts = {}
+  for k, v in pairs(t) do parts[#parts + 1] = k .. "=" .. tostring(v) end
+  table.sort(parts)
+  return table.concat(parts, "&")
+end
+
+local function get(path, args)
+  local url = app.base .. path .. (args and ("?" .. qs(args)) or "")
+  local p = io.popen("curl -s --max-time 30 " .. H.q(url))
+  local body = p:read("a")
+  p:close()
+  local ok, v = pcall(json.decode, body)
+  assert(ok, "not JSON from " .. path .. ": " .. body .. "\n" .. app:error_log():sub(-2000))
+  return v
+end
+
+-- n requests at once (curl --parallel): their decoded replies
+local function get_many(path, list)
+  local urls = {}
+  for i, args in ipairs(list) do urls[i] = H.q(app.base .. path .. "?" .. qs(args)) end
+  local p = io.popen("curl -s -Z --parallel-max 200 --max-time 60 " .. table.concat(urls, " ") .. " 2>/dev/null")
+  local body = p:read("a")
+  p:close()
+  local out = {}
+  for line in body:gmatch("[^\n]+") do out[#out + 1] = json.decode(line) end
+  assert(#out == #list, "expected " .. #list .. " replies, got " .. #out .. "\n" .. app:error_log():sub(-2000))
+  return out
+end
+
+local function count(list, f)
+  local n = 0
+  for _, v in ipairs(list) do if f(v) then n = n + 1 end end
+  return n
+end
+
+local function worst(args) return get("/worst", args).worst end
+
+describe("slm.shdict budget across 2 workers", function()
+  it("of N concurrent requests against a budget covering k, exactly k are sent", function()
+    local W = worst{}
+    local pids, sent_by = {}, {}
+    for _, case in ipairs{ { n = 40, k = 7 }, { n = 25, k = 25 }, { n = 30, k = 1 } } do
+      sim:reset()
+      local name = "b" .. case.k .. "x" .. case.n
+      local list = {}
+      for i = 1, case.n do
+        list[i] = { client = name, name = name, tokens = case.k * W, delay = 300 }
+      end
+      local out = get_many("/chat", list)
+      assert.equal(case.k, count(out, function(r) return r.ok end))
+      assert.equal(case.n - case.k, count(out, function(r) return r.kind == "budget" end))
+      assert.equal(case.k, sim:stats().requests)
+      for _, r in ipairs(out) do
+        pids[r.pid] = true
+        if r.ok then sent_by[r.pid] = true end
+      end
+      local t = get("/totals", { name = name })
+      assert.equal(0, t.held_tokens)
+      assert.is_true(t.spent_tokens > 0 and t.spent_tokens <= case.k * W)
+    end
+    -- both workers answered, and both sent
+    assert.equal(2, H.count_keys(pids))
+    assert.equal(2, H.count_keys(sent_by))
+  end)
+
+  it("a killed worker's reservation returns after hold_ttl", function()
+    local W = worst{}
+    local name = "killed"
+    local args = { client = name, name = name, tokens = W, hold_ttl = 2 }
+    -- the holder: a request that waits on the simulator while its worker is killed
+    local bg = io.popen("curl -s --max-time 20 " .. H.q(app.base .. "/chat?" .. qs{ client = name, name = name,
+      tokens = W, hold_ttl = 2, delay = 10000, mark = 1 }) .. " ; echo")
+    local pid
+    for _ = 1, 100 do
+      pid = get("/holder").pid
+      if pid then break end
+      os.execute("sleep 0.05")
+    end
+    assert.is_number(pid)
+    assert.equal(W, get("/totals", { name = name, hold_ttl = 2 }).held_tokens)
+    os.execute("kill -KILL " .. math.floor(pid))
+    bg:close()
+    -- still held: the budget refuses
+    local r = get("/chat", args)
+    assert.equal("budget", r.kind)
+    os.execute("sleep 2.2")
+    local t = get("/totals", { name = name, hold_ttl = 2 })
+    assert.equal(0, t.held_tokens)
+    assert.equal(0, t.spent_tokens)
+    r = get("/chat", args)
+    assert.is_true(r.ok, r.message)
+  end)
+
+  it("a period's totals start from zero at the UTC boundary (injected clock)", function()
+    local W = worst{}
+    local day1 = 1764719990 -- 2025-12-02 23:59:50 UTC
+    get("/clock", { t = day1 })
+    local args = { client = "daily", name = "daily", tokens = W, period = "day" }
+    local r = get("/chat", args)
+    assert.is_true(r.ok, r.message)
+    local spent = r.tokens -- the real usage, below the worst case W
+    assert.equal("budget", get("/chat", args).kind)
+    assert.equal(spent, get("/totals", { name = "daily", period = "day" }).spent_tokens)
+    get("/clock", { t = day1 + 20 }) -- the next day
+    assert.equal(0, get("/totals", { name = "daily", period = "day" }).spent_tokens)
+    assert.is_true(get("/chat", args).ok)
+    assert.equal("budget", get("/chat", args).kind)
+    get("/clock", { t = day1 + 5 }) -- the first day again: still spent
+    assert.equal(spent, get("/totals", { name = "daily", period = "day" }).spent_tokens)
+    get("/clock")
+  end)
+end)
+
+describe("slm.shdict rate limit and semaphore across 2 workers", function()
+  it("a shared rpm limit holds for the requests of both workers", function()
+    local list = {}
+    for i = 1, 9 do list[i] = { client = "rl", name = "rl", rpm = 3, per = 1 } end
+    local out = get_many("/chat", list)
+    local t = {}
+    for i, r in ipairs(out) do
+      assert.is_true(r.ok, r.message)
+      t[i] = r.t1
+    end
+    table.sort(t)
+    -- at most 3 sends in any second: the 4th is at least ~1 s after the 1st
+    for i = 1, #t - 3 do assert.is_true(t[i + 3] - t[i] > 0.9, "too close: " .. (t[i + 3] - t[i])) end
+    assert.equal(9, sim:stats().requests)
+  end)
+
+  it("a shared concurrency cap holds for both workers", function()
+    local list = {}
+    for i = 1, 12 do list[i] = { client = "sem", name = "sem", slots = 3, delay = 200 } end
+    local out = get_many("/chat", list)
+    for _, r in ipairs(out) do assert.is_true(r.ok, r.message) end
+    assert.equal(3, sim:stats().max_in_flight)
+    assert.equal(12, sim:stats().requests)
+  end)
+end)
