@@ -50,7 +50,7 @@ end
 function A.chat()
   local a = ngx.req.get_uri_args()
   local c = client_for(a)
-  local req = { model = "sim:delay=" .. (a.delay or "0"), max_tokens = num(a.max_tokens) or 16,
+  local req = { model = "sim:delay=" .. (a.delay or "0") .. (a.extra and ("," .. a.extra) or ""), max_tokens = num(a.max_tokens) or 16,
     messages = { { role = "user", content = a.text or "hello there" } } }
   if a.temperature then req.temperature = num(a.temperature) end
   if a.consumer then req.consumer = a.consumer end
@@ -61,7 +61,10 @@ function A.chat()
   local res, err
   if a.stream then
     req.stream = true
-    req.on_delta = function() deltas = deltas + 1 end
+    req.on_delta = function()
+      deltas = deltas + 1
+      if a.stop then return false end
+    end
   end
   res, err = c:chat(req)
   ngx.update_time()
@@ -96,12 +99,11 @@ end
 
 function A.holder() reply{ pid = T:get("holder") } end
 
--- GET /keys: every key of the dict (names only), to look for secrets
+-- GET /keys: every key of the dict and every string value (queues too), to look for secrets
 function A.keys()
   local keys = ngx.shared.slm:get_keys(0)
   local items = {}
   for _, k in ipairs(keys) do
-    items[#items + 1] = k
     local v = ngx.shared.slm:get(k)
     if type(v) == "string" then items[#items + 1] = v end
   end
@@ -115,12 +117,13 @@ function A.keys()
       end
     end
   end
-  reply{ keys = items }
+  reply{ keys = keys, values = items }
 end
 
 -- GET /store: a session store's round trip and errors in this worker
 function A.store()
   local s = F.store{ dict = "slm", prefix = "t:s:" }
+  local tiny = F.store{ dict = "slm_tiny" }
   local h = { { role = "user", content = "héllo" }, { role = "assistant", content = "hi", extra = { 1, 2 } } }
   local out = {}
   out.saved = s:save("ann@example.com", h)
@@ -129,9 +132,29 @@ function A.store()
   out.missing = s:load("nobody") == nil
   out.deleted = s:delete("ann@example.com")
   out.gone = s:load("ann@example.com") == nil
-  local _, err = s:save("big", { { role = "user", content = string.rep("x", 4 * 1024 * 1024) } })
+  local _, err = tiny:save("big", { { role = "user", content = string.rep("x", 200 * 1024) } })
   out.full_error = err
   reply(out)
+end
+
+-- GET /support?sid=..&text=..: one turn of a support bot whose sessions
+-- live in the dict (each worker has its own bot)
+local bot
+function A.support()
+  local a = ngx.req.get_uri_args()
+  if not bot then
+    bot = slm.support.new{
+      client = slm.client{ base_url = "http://127.0.0.1/v1", api_key = "sk-test-shdict", transport = rt,
+        max_retries = 0, model = "gpt-4o-mini" },
+      knowledge = { { id = "faq-1", title = "Delivery", text = "Parcels arrive within 3 working days." },
+        { id = "faq-2", title = "Returns", text = "You can return an item within 30 days." } },
+      store = F.store{ dict = "slm", prefix = "t:sup:" },
+    }
+  end
+  local res = bot:reply(a.sid, a.text)
+  local h = bot:history(a.sid)
+  reply{ text = res.text, error = res.error and tostring(res.error) or nil, history = h and #h or nil,
+    pid = ngx.worker.pid(), first = h and h[1] and h[1].content or nil }
 end
 
 return A

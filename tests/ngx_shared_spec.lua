@@ -14,16 +14,18 @@ local function app_conf(sim_port)
     http = [[
     lua_shared_dict slm 16m;
     lua_shared_dict slm_test 1m;
+    lua_shared_dict slm_tiny 100k;
     ]],
     server = ([=[
         location /__up/ {
             internal;
             proxy_pass http://127.0.0.1:%d/;
+            proxy_http_version 1.1;
             proxy_set_header Accept $arg_accept;
             proxy_set_header Content-Type application/json;
             proxy_set_header Authorization "Bearer sk-test-shdict";
         }
-        location ~ ^/(chat|worst|totals|clock|holder|keys|store)$ {
+        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support)$ {
             content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
         }
     ]=]):format(sim_port),
@@ -177,5 +179,151 @@ describe("slm.shdict rate limit and semaphore across 2 workers", function()
     for _, r in ipairs(out) do assert.is_true(r.ok, r.message) end
     assert.equal(3, sim:stats().max_in_flight)
     assert.equal(12, sim:stats().requests)
+  end)
+end)
+
+describe("the response cache in a shared dict", function()
+  local function chat(args)
+    local a = { client = "cache", cache = 1 }
+    for k, v in pairs(args) do a[k] = v end
+    return get("/chat", a)
+  end
+
+  it("serves a second identical deterministic request without sending it, from either worker", function()
+    local first = chat{ temperature = 0, text = "cache-one" }
+    assert.is_true(first.ok, first.message)
+    assert.is_false(first.cached)
+    assert.equal(1, sim:stats().requests)
+    local pids = { [first.pid] = true }
+    -- batches of 20 at once until both workers answered (which one takes a
+    -- connection is the kernel's choice)
+    for _ = 1, 20 do
+      local list = {}
+      for i = 1, 20 do list[i] = { client = "cache", cache = 1, temperature = 0, text = "cache-one" } end
+      for _, again in ipairs(get_many("/chat", list)) do
+        assert.is_true(again.cached)
+        assert.equal(first.text, again.text)
+        assert.equal(0, again.tokens)
+        pids[again.pid] = true
+      end
+      if H.count_keys(pids) == 2 then break end
+    end
+    assert.equal(1, sim:stats().requests)
+    assert.equal(2, H.count_keys(pids))
+    -- another body is another entry
+    assert.is_false(chat{ temperature = 0, text = "cache-two" }.cached)
+    assert.equal(2, sim:stats().requests)
+  end)
+
+  it("never caches a request that is not deterministic", function()
+    for _ = 1, 3 do assert.is_false(chat{ text = "cache-random" }.cached) end
+    for _ = 1, 2 do assert.is_false(chat{ temperature = 0.7, text = "cache-random" }.cached) end
+    assert.equal(5, sim:stats().requests)
+  end)
+
+  it("caches a stream once it completed and replays it, streamed or not", function()
+    local s1 = chat{ temperature = 0, text = "cache-stream", stream = 1 }
+    assert.is_true(s1.ok, s1.message)
+    assert.is_false(s1.cached)
+    assert.is_true(s1.deltas > 1)
+    local s2 = chat{ temperature = 0, text = "cache-stream", stream = 1 }
+    assert.is_true(s2.cached)
+    assert.equal(1, s2.deltas)
+    assert.equal(s1.text, s2.text)
+    local plain = chat{ temperature = 0, text = "cache-stream" }
+    assert.is_true(plain.cached)
+    assert.equal(s1.text, plain.text)
+    assert.equal(1, sim:stats().requests)
+  end)
+
+  it("never caches a cut stream, a stream stopped by the caller, or an error", function()
+    for _, extra in ipairs{ "eof_mid", "reset", "status=500" } do
+      for _ = 1, 2 do
+        local r = chat{ temperature = 0, text = "cache-cut", stream = 1, extra = extra }
+        assert.is_false(r.ok)
+      end
+    end
+    for _ = 1, 2 do
+      local r = chat{ temperature = 0, text = "cache-stopped", stream = 1, stop = 1 }
+      assert.is_false(r.cached)
+      assert.equal(1, r.deltas)
+    end
+    assert.equal(8, sim:stats().requests)
+  end)
+end)
+
+describe("per-consumer quotas", function()
+  local core = require "slm.core"
+  local KEY_A, KEY_B = "sk-live-consumer-AAAA-0001", "sk-live-consumer-BBBB-0002"
+
+  it("give each consumer its own budget, named by a hash of its key", function()
+    local W = worst{}
+    local args = { client = "quotas", name = "q1", quota_tokens = W }
+    local function with(key)
+      local t = { consumer = key }
+      for k, v in pairs(args) do t[k] = v end
+      return get("/chat", t)
+    end
+    local a1 = with(KEY_A)
+    assert.is_true(a1.ok, a1.message)
+    assert.equal("consumer:" .. core.sha256(KEY_A):sub(1, 12), a1.consumer)
+    local a2 = with(KEY_A)
+    assert.equal("budget", a2.kind)
+    assert.equal(a1.consumer, a2.consumer)
+    local b1 = with(KEY_B)
+    assert.is_true(b1.ok, b1.message)
+    assert.equal("consumer:" .. core.sha256(KEY_B):sub(1, 12), b1.consumer)
+    assert.equal("budget", with(KEY_B).kind)
+    assert.equal(2, sim:stats().requests)
+    -- the keys appear nowhere: not in the dict's keys or values, not in errors
+    local all = get("/keys")
+    local dump = table.concat(all.keys, "\n") .. table.concat(all.values, "\n")
+    assert.truthy(dump:find(core.sha256(KEY_A):sub(1, 24), 1, true))
+    assert.is_nil(dump:find("consumer-AAAA", 1, true))
+    assert.is_nil(dump:find("consumer-BBBB", 1, true))
+    assert.is_nil(a2.message:find("AAAA", 1, true))
+    assert.is_nil(app:error_log():find("AAAA", 1, true))
+    -- no consumer on a client with quotas: refused
+    local none = get("/chat", args)
+    assert.equal("auth", none.kind)
+  end)
+end)
+
+describe("session store in a shared dict", function()
+  it("round-trips a history and reports a full dict", function()
+    local r = get("/store")
+    assert.is_true(r.saved)
+    assert.is_true(r.same)
+    assert.is_true(r.missing)
+    assert.is_true(r.deleted)
+    assert.is_true(r.gone)
+    assert.equal("slm.store: shdict store 'slm_tiny': cannot save: no memory", r.full_error)
+  end)
+
+  it("keeps the support bot's sessions for both workers", function()
+    -- 10 sessions, 3 turns each, the turns of all sessions at once: the
+    -- turns of a session land on either worker
+    local N, by_session = 10, {}
+    for turn = 1, 3 do
+      local list = {}
+      for i = 1, N do
+        list[i] = { sid = "user" .. i .. "@example.com",
+          text = turn == 1 and "When%20will%20my%20parcel%20arrive%3F" or "And%20returns%3F" }
+      end
+      for i, r in ipairs(get_many("/support", list)) do
+        assert.is_nil(r.error)
+        assert.equal(2 * turn, r.history)
+        assert.equal("When will my parcel arrive?", r.first)
+        by_session[i] = by_session[i] or {}
+        by_session[i][r.pid] = true
+      end
+    end
+    local crossed = 0
+    for i = 1, N do if H.count_keys(by_session[i]) == 2 then crossed = crossed + 1 end end
+    assert.is_true(crossed > 0, "no session had turns on both workers")
+    -- sessions are named by a hash of their id (the document inside keeps it)
+    local keys = table.concat(get("/keys").keys, "\n")
+    assert.truthy(keys:find("t:sup:" .. require("slm.core").sha256("user1@example.com"), 1, true))
+    assert.is_nil(keys:find("@example.com", 1, true))
   end)
 end)
