@@ -97,7 +97,11 @@ function A.clock()
   reply{ ok = true }
 end
 
-function A.holder() reply{ pid = T:get("holder") } end
+-- GET /holder: the pid marked by a handler holding something (clear=1: forget it)
+function A.holder()
+  if ngx.var.arg_clear then T:delete("holder") end
+  reply{ pid = T:get("holder") }
+end
 
 -- GET /keys: every key of the dict and every string value (queues too), to look for secrets
 function A.keys()
@@ -135,6 +139,44 @@ function A.store()
   local _, err = tiny:save("big", { { role = "user", content = string.rep("x", 200 * 1024) } })
   out.full_error = err
   reply(out)
+end
+
+-- GET /full: with slm_tiny full, a shared budget refuses (fails closed),
+-- a limiter and a semaphore report the dict's error
+function A.full()
+  local d = ngx.shared.slm_tiny
+  d:flush_all()
+  local i = 0
+  for _, size in ipairs{ 4096, 512, 64, 8, 0 } do -- every slab size full
+    repeat i = i + 1 until not d:safe_set("f" .. i, string.rep("x", size))
+  end
+  local c = slm.client{ base_url = "http://127.0.0.1/v1", api_key = "sk-test-shdict", transport = rt,
+    max_retries = 0, budget = slm.budget{ tokens = 100000, backend = F.budget{ dict = "slm_tiny", name = "full" } } }
+  local res, err = c:chat{ model = "sim:delay=0", messages = { { role = "user", content = "hi" } }, max_tokens = 8 }
+  local lok, lerr = F.ratelimit{ dict = "slm_tiny", name = "full", limit = 5 }:take(1)
+  local tok, serr = F.semaphore{ dict = "slm_tiny", name = "full", n = 5 }:acquire(nil, 1)
+  d:flush_all()
+  reply{ sent = res ~= nil, kind = err and err.kind, storage = err and err.storage, message = err and err.message,
+    limiter = lok or lerr, semaphore = tok and "token" or serr }
+end
+
+-- GET /sem_hold?name=..&ttl=..: take the only slot and keep it (the spec
+-- kills this worker meanwhile); GET /sem_try: try for a moment
+function A.sem_hold()
+  local a = ngx.req.get_uri_args()
+  local s = F.semaphore{ dict = "slm", name = a.name, n = 1, ttl = num(a.ttl) }
+  local tok = s:acquire(nil, 1)
+  T:set("holder", ngx.worker.pid())
+  ngx.sleep(30)
+  s:release(tok)
+  reply{ ok = true }
+end
+function A.sem_try()
+  local a = ngx.req.get_uri_args()
+  local s = F.semaphore{ dict = "slm", name = a.name, n = 1, ttl = num(a.ttl) }
+  local tok, err = s:acquire(nil, 0.2)
+  if tok then s:release(tok) end
+  reply{ ok = tok ~= nil, err = err, taken = s:taken() }
 end
 
 -- GET /support?sid=..&text=..: one turn of a support bot whose sessions

@@ -25,7 +25,7 @@ local function app_conf(sim_port)
             proxy_set_header Content-Type application/json;
             proxy_set_header Authorization "Bearer sk-test-shdict";
         }
-        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support)$ {
+        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try)$ {
             content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
         }
     ]=]):format(sim_port),
@@ -80,6 +80,21 @@ end
 
 local function worst(args) return get("/worst", args).worst end
 
+-- Wait for the pid a handler marked as holding something, then SIGKILL it.
+local function kill_holder(path, args)
+  get("/holder", { clear = 1 })
+  local bg = io.popen("curl -s --max-time 40 " .. H.q(app.base .. path .. "?" .. qs(args)) .. " 2>/dev/null; echo")
+  local pid
+  for _ = 1, 100 do
+    pid = get("/holder").pid
+    if pid then break end
+    os.execute("sleep 0.05")
+  end
+  assert.is_number(pid)
+  os.execute("kill -KILL " .. math.floor(pid))
+  bg:close()
+end
+
 describe("slm.shdict budget across 2 workers", function()
   it("of N concurrent requests against a budget covering k, exactly k are sent", function()
     local W = worst{}
@@ -113,18 +128,8 @@ describe("slm.shdict budget across 2 workers", function()
     local name = "killed"
     local args = { client = name, name = name, tokens = W, hold_ttl = 2 }
     -- the holder: a request that waits on the simulator while its worker is killed
-    local bg = io.popen("curl -s --max-time 20 " .. H.q(app.base .. "/chat?" .. qs{ client = name, name = name,
-      tokens = W, hold_ttl = 2, delay = 10000, mark = 1 }) .. " ; echo")
-    local pid
-    for _ = 1, 100 do
-      pid = get("/holder").pid
-      if pid then break end
-      os.execute("sleep 0.05")
-    end
-    assert.is_number(pid)
+    kill_holder("/chat", { client = name, name = name, tokens = W, hold_ttl = 2, delay = 10000, mark = 1 })
     assert.equal(W, get("/totals", { name = name, hold_ttl = 2 }).held_tokens)
-    os.execute("kill -KILL " .. math.floor(pid))
-    bg:close()
     -- still held: the budget refuses
     local r = get("/chat", args)
     assert.equal("budget", r.kind)
@@ -156,6 +161,20 @@ describe("slm.shdict budget across 2 workers", function()
   end)
 end)
 
+describe("a shared dict that is full", function()
+  it("makes a budget refuse (fail closed) and a limiter and a semaphore report it", function()
+    local r = get("/full")
+    assert.is_false(r.sent)
+    assert.equal("budget", r.kind)
+    assert.is_true(r.storage)
+    assert.equal("budget unavailable, request refused: slm.shdict.budget 'full': the shared dict failed: no memory",
+      r.message)
+    assert.equal("slm.shdict.ratelimit 'full': the shared dict failed: no memory", r.limiter)
+    assert.equal("slm.shdict.semaphore 'full': the shared dict failed: no memory", r.semaphore)
+    assert.equal(0, sim:stats().requests)
+  end)
+end)
+
 describe("slm.shdict rate limit and semaphore across 2 workers", function()
   it("a shared rpm limit holds for the requests of both workers", function()
     local list = {}
@@ -179,6 +198,17 @@ describe("slm.shdict rate limit and semaphore across 2 workers", function()
     for _, r in ipairs(out) do assert.is_true(r.ok, r.message) end
     assert.equal(3, sim:stats().max_in_flight)
     assert.equal(12, sim:stats().requests)
+  end)
+
+  it("a killed worker's slot comes back after the semaphore's ttl", function()
+    kill_holder("/sem_hold", { name = "semkill", ttl = 1.5 })
+    local r = get("/sem_try", { name = "semkill", ttl = 1.5 })
+    assert.is_false(r.ok)
+    assert.equal("slm.shdict.semaphore 'semkill': no slot free within 0.2s (all 1 taken)", r.err)
+    os.execute("sleep 1.5")
+    r = get("/sem_try", { name = "semkill", ttl = 1.5 })
+    assert.is_true(r.ok, r.err)
+    assert.equal(0, r.taken)
   end)
 end)
 
