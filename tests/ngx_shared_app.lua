@@ -55,6 +55,10 @@ function A.chat()
   if a.temperature then req.temperature = num(a.temperature) end
   if a.consumer then req.consumer = a.consumer end
   if a.mark then T:set("holder", ngx.worker.pid()) end
+  if not slm.models[req.model] then -- priced, for USD budgets
+    slm.models[req.model] = { context = 128000, max_output = 1000, input_per_m = 0.15, output_per_m = 0.60,
+      tokenizer = "o200k_base", format = "openai" }
+  end
   ngx.update_time()
   local t0 = ngx.now()
   local deltas = 0
@@ -79,7 +83,8 @@ function A.worst()
   local a = ngx.req.get_uri_args()
   local body = { model = "sim:delay=0", messages = { { role = "user", content = a.text or "hello there" } } }
   local n = require("slm.guard").prompt_tokens(body, body.model)
-  reply{ worst = n + (num(a.max_tokens) or 16) }
+  local out = num(a.max_tokens) or 16
+  reply{ worst = n + out, worst_usd = (n * 0.15 + out * 0.60) / 1e6 }
 end
 
 -- GET /totals?name=..&period=..: the shared budget's figures
@@ -136,8 +141,20 @@ function A.store()
   out.missing = s:load("nobody") == nil
   out.deleted = s:delete("ann@example.com")
   out.gone = s:load("ann@example.com") == nil
+  ngx.shared.slm_tiny:flush_all()
   local _, err = tiny:save("big", { { role = "user", content = string.rep("x", 200 * 1024) } })
   out.full_error = err
+  -- sessions until the dict is full: every one saved still loads (none evicted)
+  local saved, ferr = 0, nil
+  for i = 1, 1000 do
+    local ok, e = tiny:save("user-" .. i, { { role = "user", content = string.rep("y", 2000) } })
+    if not ok then ferr = e; break end
+    saved = i
+  end
+  local loaded = 0
+  for i = 1, saved do if tiny:load("user-" .. i) then loaded = loaded + 1 end end
+  out.saved_n, out.loaded_n, out.fill_error = saved, loaded, ferr
+  ngx.shared.slm_tiny:flush_all()
   reply(out)
 end
 

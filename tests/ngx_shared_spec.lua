@@ -123,6 +123,21 @@ describe("slm.shdict budget across 2 workers", function()
     assert.equal(2, H.count_keys(sent_by))
   end)
 
+  it("a USD budget: exactly k of N concurrent requests are sent, the real cost is spent", function()
+    local w = get("/worst", {})
+    local k, n = 5, 24
+    local list = {}
+    for i = 1, n do list[i] = { client = "usd", name = "usd", usd = k * w.worst_usd, delay = 200 } end
+    local out = get_many("/chat", list)
+    assert.equal(k, count(out, function(r) return r.ok end))
+    assert.equal(n - k, count(out, function(r) return r.kind == "budget" end))
+    assert.equal(k, sim:stats().requests)
+    local t = get("/totals", { name = "usd" })
+    assert.equal(0, t.held_usd)
+    -- the real cost of k replies: below their worst case, above nothing
+    assert.is_true(t.spent_usd > 0 and t.spent_usd < k * w.worst_usd * 0.9, tostring(t.spent_usd))
+  end)
+
   it("a killed worker's reservation returns after hold_ttl", function()
     local W = worst{}
     local name = "killed"
@@ -328,6 +343,9 @@ describe("session store in a shared dict", function()
     assert.is_true(r.deleted)
     assert.is_true(r.gone)
     assert.equal("slm.store: shdict store 'slm_tiny': cannot save: no memory", r.full_error)
+    assert.is_true(r.saved_n > 5)
+    assert.equal(r.saved_n, r.loaded_n)
+    assert.equal("slm.store: shdict store 'slm_tiny': cannot save: no memory", r.fill_error)
   end)
 
   it("keeps the support bot's sessions for both workers", function()
