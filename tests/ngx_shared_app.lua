@@ -1,11 +1,11 @@
 -- tests/ngx_shared_app.lua: the handlers of tests/ngx_shared_spec.lua's
 -- nginx (two workers, lua_shared_dict slm): slm.client with shared
 -- budgets, limits, slots, a cache and quotas from slm.shdict, talking to
--- the simulator through tests/ngx_capture_rt.lua.  Each worker makes its
--- own client per configuration; what they share lives in the dict.
+-- the simulator ($sim_port) over the cosocket transport.  Each worker
+-- makes its own client per configuration; what they share lives in the
+-- dict.
 local slm = require "slm"
 local json = require "slm.json"
-local rt = require "ngx_capture_rt"
 
 local F = slm.shdict
 local T = ngx.shared.slm_test
@@ -18,12 +18,19 @@ local clients = {}
 
 local function num(v) return v and tonumber(v) end
 
+-- a client of the simulator, `o` on top
+local function sim_client(o)
+  local all = { base_url = "http://127.0.0.1:" .. ngx.var.sim_port .. "/v1", api_key = "sk-test-shdict",
+    max_retries = 0, timeout = 30 }
+  for k, v in pairs(o or {}) do all[k] = v end
+  return slm.client(all)
+end
+
 local function client_for(a)
   local key = ngx.var.arg_client or "plain"
   local c = clients[key]
   if c then return c end
-  local o = { base_url = "http://127.0.0.1/v1", api_key = "sk-test-shdict", transport = rt, max_retries = 0,
-    timeout = 30 }
+  local o = {}
   if a.tokens or a.usd then
     o.budget = slm.budget{ tokens = num(a.tokens), usd = num(a.usd),
       backend = F.budget{ dict = "slm", name = a.name, hold_ttl = num(a.hold_ttl), period = a.period, now = clock } }
@@ -36,7 +43,7 @@ local function client_for(a)
     o.quotas = slm.quotas{ storage = F, storage_options = { dict = "slm", now = clock }, name = a.name,
       tokens = num(a.quota_tokens) }
   end
-  c = slm.client(o)
+  c = sim_client(o)
   clients[key] = c
   return c
 end
@@ -167,8 +174,7 @@ function A.full()
   for _, size in ipairs{ 4096, 512, 64, 8, 0 } do -- every slab size full
     repeat i = i + 1 until not d:safe_set("f" .. i, string.rep("x", size))
   end
-  local c = slm.client{ base_url = "http://127.0.0.1/v1", api_key = "sk-test-shdict", transport = rt,
-    max_retries = 0, budget = slm.budget{ tokens = 100000, backend = F.budget{ dict = "slm_tiny", name = "full" } } }
+  local c = sim_client{ budget = slm.budget{ tokens = 100000, backend = F.budget{ dict = "slm_tiny", name = "full" } } }
   local res, err = c:chat{ model = "sim:delay=0", messages = { { role = "user", content = "hi" } }, max_tokens = 8 }
   local lok, lerr = F.ratelimit{ dict = "slm_tiny", name = "full", limit = 5 }:take(1)
   local tok, serr = F.semaphore{ dict = "slm_tiny", name = "full", n = 5 }:acquire(nil, 1)
@@ -203,8 +209,7 @@ function A.support()
   local a = ngx.req.get_uri_args()
   if not bot then
     bot = slm.support.new{
-      client = slm.client{ base_url = "http://127.0.0.1/v1", api_key = "sk-test-shdict", transport = rt,
-        max_retries = 0, model = "gpt-4o-mini" },
+      client = sim_client{ model = "gpt-4o-mini" },
       knowledge = { { id = "faq-1", title = "Delivery", text = "Parcels arrive within 3 working days." },
         { id = "faq-2", title = "Returns", text = "You can return an item within 30 days." } },
       store = F.store{ dict = "slm", prefix = "t:sup:" },

@@ -1,8 +1,8 @@
 -- Shared limits inside a real nginx with two workers (lua_shared_dict):
 -- slm.shdict's budget, rate limit, semaphore, cache and session store
--- under slm.client, and per-consumer quotas, against the simulator.  The
--- client inside nginx goes through tests/ngx_capture_rt.lua (subrequests
--- to the simulator); what the workers share is only what is in the dict.
+-- under slm.client (the cosocket transport), and per-consumer quotas,
+-- against the simulator; what the workers share is only what is in the
+-- dict.
 local H = require "tests.helpers"
 local launch = require "tests.upstream.launch"
 local json = require "cjson"
@@ -17,14 +17,7 @@ local function app_conf(sim_port)
     lua_shared_dict slm_tiny 100k;
     ]],
     server = ([=[
-        location /__up/ {
-            internal;
-            proxy_pass http://127.0.0.1:%d/;
-            proxy_http_version 1.1;
-            proxy_set_header Accept $arg_accept;
-            proxy_set_header Content-Type application/json;
-            proxy_set_header Authorization "Bearer sk-test-shdict";
-        }
+        set $sim_port %d;
         location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try)$ {
             content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
         }

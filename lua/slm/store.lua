@@ -34,8 +34,9 @@
 -- by its hash.  A corrupt session is an error, never an empty history.
 --
 -- The file and SQLite stores do blocking I/O: they are for scripts and
--- batch jobs.  Inside OpenResty they would block the worker; stores on
--- lua_shared_dict and Redis come with the OpenResty work.
+-- batch jobs.  Inside OpenResty they would block the worker: there
+-- slm.shdict.store (a lua_shared_dict) and the Redis store, built on
+-- M.class below, keep sessions every worker sees.
 local core = require "slm.core"
 local json = require "slm.json"
 
