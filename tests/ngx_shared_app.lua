@@ -202,6 +202,15 @@ function A.sem_try()
   reply{ ok = tok ~= nil, err = err, taken = s:taken() }
 end
 
+-- GET /zero: amounts of 0 (a free model under a USD budget, take(0))
+function A.zero()
+  local b = slm.budget{ usd = 1, tokens = 100, backend = F.budget{ dict = "slm", name = "zero" } }
+  local r, err = b:reserve(0, 10)
+  if r then b:settle(r, 0, 10) end
+  local lim = F.ratelimit{ dict = "slm", name = "zero", limit = 1 }
+  reply{ reserved = r ~= nil, err = err and tostring(err), take = lim:take(0), spent = select(2, b:spent()) }
+end
+
 -- GET /support?sid=..&text=..: one turn of a support bot whose sessions
 -- live in the dict (each worker has its own bot)
 local bot

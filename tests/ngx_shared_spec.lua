@@ -18,7 +18,7 @@ local function app_conf(sim_port)
     ]],
     server = ([=[
         set $sim_port %d;
-        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try)$ {
+        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try|zero)$ {
             content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
         }
     ]=]):format(sim_port),
@@ -114,6 +114,13 @@ describe("slm.shdict budget across 2 workers", function()
     -- both workers answered, and both sent
     assert.equal(2, H.count_keys(pids))
     assert.equal(2, H.count_keys(sent_by))
+  end)
+
+  it("takes amounts of zero (a free model under a USD budget, take(0))", function()
+    local r = get("/zero")
+    assert.is_true(r.reserved, r.err)
+    assert.is_true(r.take)
+    assert.equal(10, r.spent)
   end)
 
   it("a USD budget: exactly k of N concurrent requests are sent, the real cost is spent", function()

@@ -299,3 +299,16 @@ describe("slm.shdict outside nginx", function()
     assert.has_error(function() slm.shdict{ dict = "slm" } end)
   end)
 end)
+
+describe("the cache and quotas together", function()
+  it("a request without its consumer is refused even when its reply is cached", function()
+    local cache = memory_cache()
+    local c = client{ cache = cache, quotas = slm.quotas{ storage = { budget = function() return budget_mod.memory() end },
+      tokens = 100000 } }
+    assert(c:chat(req{ temperature = 0, consumer = "sk-live-CCCC" }))
+    assert.is_true(assert(c:chat(req{ temperature = 0, consumer = "sk-live-DDDD" })).cached)
+    local _, err = c:chat(req{ temperature = 0 })
+    assert.equal("auth", err.kind)
+    assert.equal(1, up:stats().requests)
+  end)
+end)

@@ -134,7 +134,7 @@ function Call:model() return self.chain[self.mi] end
 -- with a cache), or nil: then it must be sent.
 function Call:cached()
   local key = self.cache_key
-  if not key then return nil end
+  if not key or self.no_consumer then return nil end -- (refused in open())
   local res = cache.get(self.client, key)
   if not res then return nil end
   res.attempts = 0

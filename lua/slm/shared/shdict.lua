@@ -167,20 +167,20 @@ end
 -- amount, unless one would go over its limit; then record a hold of them.
 -- -> id | false, i (the take that did not fit), before (its value before) |
 --    nil, err (the dictionary failed; nothing is held)
+-- Lower the first `done` counters of `takes` again.
+local function undo(self, takes, done)
+  for j = 1, done do self:add(takes[j][1], -takes[j][2]) end
+end
+
 function Ledger:take(takes, extra)
   self:sweep()
-  local done = 0
-  local function undo()
-    for j = 1, done do self:add(takes[j][1], -takes[j][2]) end
-  end
   for i = 1, #takes do
     local t = takes[i]
     local v, err = self:add(t[1], t[2])
-    if not v then undo(); return nil, err end
-    done = i
-    if t[3] and v > t[3] + EPS then
-      undo()
-      return false, i, (v == true and 0 or v) - t[2]
+    if not v then undo(self, takes, i - 1); return nil, err end
+    if t[3] and v ~= true and v > t[3] + EPS then -- (true: an amount of 0, nothing to check)
+      undo(self, takes, i)
+      return false, i, v - t[2]
     end
   end
   local d = self.d
@@ -200,7 +200,7 @@ function Ledger:take(takes, extra)
     if not ok then d:delete(self.p .. "c:" .. id) end
   end
   if not ok then
-    undo()
+    undo(self, takes, #takes)
     return nil, err
   end
   if extra then for i = 1, #extra, 2 do self:add(extra[i], extra[i + 1]) end end
