@@ -20,7 +20,7 @@ local function num(v) return v and tonumber(v) end
 
 -- a client of the simulator, `o` on top
 local function sim_client(o)
-  local all = { base_url = "http://127.0.0.1:" .. ngx.var.sim_port .. "/v1", api_key = "sk-test-shdict",
+  local all = { base_url = "http://127.0.0.1:" .. ngx.var.sim_port .. "/v1", api_key = "sk-test-app-0001",
     max_retries = 0, timeout = 30 }
   for k, v in pairs(o or {}) do all[k] = v end
   return slm.client(all)
@@ -180,7 +180,7 @@ function A.full()
   local tok, serr = F.semaphore{ dict = "slm_tiny", name = "full", n = 5 }:acquire(nil, 1)
   d:flush_all()
   reply{ sent = res ~= nil, kind = err and err.kind, storage = err and err.storage, message = err and err.message,
-    limiter = lok or lerr, semaphore = tok and "token" or serr }
+    limiter = lok or tostring(lerr), semaphore = tok and "token" or tostring(serr) }
 end
 
 -- GET /sem_hold?name=..&ttl=..: take the only slot and keep it (the spec
@@ -199,7 +199,7 @@ function A.sem_try()
   local s = F.semaphore{ dict = "slm", name = a.name, n = 1, ttl = num(a.ttl) }
   local tok, err = s:acquire(nil, 0.2)
   if tok then s:release(tok) end
-  reply{ ok = tok ~= nil, err = err, taken = s:taken() }
+  reply{ ok = tok ~= nil, err = err and tostring(err), taken = s:taken() }
 end
 
 -- GET /zero: amounts of 0 (a free model under a USD budget, take(0))

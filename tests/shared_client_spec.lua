@@ -275,12 +275,15 @@ end)
 
 describe("a budget whose storage fails", function()
   it("refuses (kind budget, storage = true): nothing is sent", function()
-    local backend = { reserve = function() return nil, "slm.shdict.budget 'x': the shared dict failed: no memory" end,
+    local backend = { reserve = function()
+        return nil, slm.error("budget", "budget unavailable, request refused: slm.shdict.budget 'x': the shared "
+          .. "dict failed: no memory", { storage = "shdict" })
+      end,
       settle = function() end, totals = function() return 0, 0, 0, 0 end }
     local c = client{ budget = slm.budget{ tokens = 1000, backend = backend } }
     local _, err = c:chat(req())
     assert.equal("budget", err.kind)
-    assert.is_true(err.storage)
+    assert.equal("shdict", err.storage)
     assert.matches("no memory", err.message)
     assert.equal(0, up:stats().requests)
   end)

@@ -60,13 +60,13 @@ local lazy = {
   generate = function() return require("slm.tasks.generate") end,
   support = function() return require("slm.tasks.support") end,
   route = function() return require("slm.route").route end,
+  shdict = function() return require("slm.shared.shdict") end,
+  quotas = function() return require("slm.quotas").new end,
   evaluate = function() return require("slm.evaluate") end,
   schema = function() return require("slm.schema") end,
   store = function() return require("slm.store") end,
   pii = function() return require("slm.pii") end,
   bm25 = function() return require("slm.bm25") end,
-  shdict = function() return require("slm.shared.shdict") end,
-  quotas = function() return require("slm.quotas").new end,
 }
 
 return setmetatable(slm, {

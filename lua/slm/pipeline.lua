@@ -144,13 +144,19 @@ function Call:cached()
   return res
 end
 
+-- A shared limit's failure as the attempt's error: the slm error it gave
+-- (slm.shdict's, slm.redis'), else kind `kind` with its message.
+local function limit_error(self, err, kind, what)
+  if not errors.is(err) then err = errors.new(kind, what .. ": " .. tostring(err), { status = 0 }) end
+  err.model = err.model or self.chain[self.mi]
+  err.no_retry = true
+  return nil, err
+end
+
 -- Wait for the rate limits (client's, then the consumer's): true | nil, err
 local function take(self, lim, n, what)
   local ok, err = lim:take(n, self.rt)
-  if ok == false or (ok == nil and err ~= nil) then
-    return nil, errors.new("storage", what .. " limiter failed: " .. tostring(err),
-      { status = 0, model = self.chain[self.mi], no_retry = true })
-  end
+  if ok == false or (ok == nil and err ~= nil) then return limit_error(self, err, "storage", what .. " limiter") end
   return true
 end
 
@@ -161,9 +167,7 @@ local function slot(self, sem)
   local t0 = rt.now()
   local tok, err = sem:acquire(rt, self.timeout)
   if not tok then
-    local timed_out = rt.now() - t0 >= self.timeout
-    return nil, errors.new(timed_out and "timeout" or "storage", "concurrency slot: " .. tostring(err),
-      { status = 0, model = self.chain[self.mi], no_retry = true })
+    return limit_error(self, err, rt.now() - t0 >= self.timeout and "timeout" or "storage", "concurrency slot")
   end
   local t = self.tokens
   if not t then t = {}; self.tokens = t end

@@ -17,6 +17,10 @@
 -- Every constructor also takes now = function() -> seconds (the clock:
 -- ngx.now by default; tests move it across a period's end).
 --
+-- Errors are slm errors: a full dict is kind "storage" (err.storage =
+-- "shdict"), and a budget's reserve then refuses with kind "budget" (it
+-- fails closed); a semaphore's wait that runs out is kind "timeout".
+--
 -- The ledger.  Budgets, semaphores and rate limits are one mechanism: a
 -- counter of what is in use, raised with the dictionary's atomic incr and
 -- checked against the limit on the value incr returned (over it: lowered
@@ -32,6 +36,7 @@
 -- full); a full dictionary is an error, and a budget then refuses.
 local store = require "slm.store"
 local core = require "slm.core"
+local errors = require "slm.errors"
 
 local type, pairs, tostring, tonumber, setmetatable, error, format, floor, huge =
   type, pairs, tostring, tonumber, setmetatable, error, string.format, math.floor, math.huge
@@ -218,8 +223,10 @@ end
 
 local function get_num(d, key) return tonumber(d:get(key)) or 0 end
 
+-- The dict failed (full): an slm error of kind "storage" (err.storage = "shdict").
 local function storage_error(where, err)
-  return format("%s: the shared dict failed: %s", where, tostring(err))
+  return errors.new("storage", format("%s: the shared dict failed: %s", where, tostring(err)),
+    { status = 0, storage = "shdict" })
 end
 
 ------------------------------------------------------------------ periods
@@ -266,7 +273,11 @@ function Budget:reserve(usd, tokens, limit_usd, limit_tokens)
   local l = self:ledger()
   local id, i, before = l:take({ { "u", usd, limit_usd < huge and limit_usd or nil },
     { "t", tokens, limit_tokens < huge and limit_tokens or nil } }, { "hu", usd, "ht", tokens })
-  if id == nil then return nil, storage_error(self.where, i) end
+  if id == nil then -- the budget fails closed
+    local e = storage_error(self.where, i)
+    e.kind, e.message = "budget", "budget unavailable, request refused: " .. e.message
+    return nil, e
+  end
   if not id then
     local su, st = get_num(l.d, l.p .. "u"), get_num(l.d, l.p .. "t")
     if i == 1 then return nil, limit_usd - before, limit_tokens - st end
@@ -368,7 +379,8 @@ function Sem:acquire(rt, timeout)
     if id then return { id = id } end
     if id == nil then return nil, storage_error(self.where, err) end
     if timeout and now() - t0 + wait > timeout then
-      return nil, format("%s: no slot free within %gs (all %d taken)", self.where, timeout, self.n)
+      return nil, errors.new("timeout", format("%s: no slot free within %gs (all %d taken)", self.where,
+        timeout, self.n), { status = 0 })
     end
     sleep(wait)
     if wait < 0.05 then wait = wait * 2 end
