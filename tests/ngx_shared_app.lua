@@ -110,6 +110,17 @@ function A.clock()
 end
 
 -- GET /holder: the pid marked by a handler holding something (clear=1: forget it)
+-- GET /hold?name=..&period=..: a reservation never settled (as a dead holder leaves it)
+function A.hold()
+  local a = ngx.req.get_uri_args()
+  local b = slm.budget{ tokens = 1000, backend = F.budget{ dict = "slm", name = a.name, period = a.period,
+    now = clock } }
+  reply{ held = b:reserve(0, 1) ~= nil }
+end
+
+-- GET /ttl?key=..: the seconds a key of the dict has left (0: for ever)
+function A.ttl() reply{ ttl = ngx.shared.slm:ttl(ngx.var.arg_key) } end
+
 function A.holder()
   if ngx.var.arg_clear then T:delete("holder") end
   reply{ pid = T:get("holder") }

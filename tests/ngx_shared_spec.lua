@@ -18,7 +18,7 @@ local function app_conf(sim_port)
     ]],
     server = ([=[
         set $sim_port %d;
-        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try|zero)$ {
+        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try|zero|ttl|hold)$ {
             content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
         }
     ]=]):format(sim_port),
@@ -172,6 +172,13 @@ describe("slm.shdict budget across 2 workers", function()
     assert.equal("budget", get("/chat", args).kind)
     get("/clock", { t = day1 + 5 }) -- the first day again: still spent
     assert.equal(spent, get("/totals", { name = "daily", period = "day" }).spent_tokens)
+    -- a period's keys go a few days after it: its counters, and the queue
+    -- and claim key of a hold never settled
+    assert.is_true(get("/hold", { name = "daily", period = "day" }).held)
+    for _, k in ipairs{ "u", "t", "hu", "q", "c:2" } do
+      local ttl = get("/ttl", { key = "slm:b:daily:2025-12-02:" .. k }).ttl
+      assert.is_true(ttl > 2 * 86400 and ttl <= 3 * 86400, k .. ": " .. tostring(ttl))
+    end
     get("/clock")
   end)
 end)

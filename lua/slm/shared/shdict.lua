@@ -129,7 +129,6 @@ local function incr(d, key, v, ttl)
   if not ok and aerr ~= "exists" then return nil, aerr end
   return d:incr(key, v)
 end
-M._incr = incr
 
 function Ledger:add(suffix, v)
   if v == 0 then return true end
@@ -168,15 +167,16 @@ function Ledger:sweep()
   end
 end
 
---- Raise each counter of `takes` ({ suffix, amount, limit }, ...) by its
--- amount, unless one would go over its limit; then record a hold of them.
--- -> id | false, i (the take that did not fit), before (its value before) |
---    nil, err (the dictionary failed; nothing is held)
 -- Lower the first `done` counters of `takes` again.
 local function undo(self, takes, done)
   for j = 1, done do self:add(takes[j][1], -takes[j][2]) end
 end
 
+--- Raise each counter of `takes` ({ suffix, amount, limit }, ...) by its
+-- amount, unless one would go over its limit; then record a hold of them
+-- (and raise the counters of `extra`, { suffix, amount, ... }, with it).
+-- -> id | false, i (the take that did not fit), before (its value before) |
+--    nil, err (the dictionary failed; nothing is held)
 function Ledger:take(takes, extra)
   self:sweep()
   for i = 1, #takes do
@@ -191,7 +191,8 @@ function Ledger:take(takes, extra)
   local d = self.d
   local id, err = incr(d, self.p .. "seq", 1, 0)
   local ok
-  if id then ok, err = d:safe_add(self.p .. "c:" .. id, 0) end
+  -- (a period's claim keys and queue go when its counters go)
+  if id then ok, err = d:safe_add(self.p .. "c:" .. id, 0, self.cttl) end
   if ok then
     local parts = { id, self.now() + self.ttl }
     for i = 1, #takes do
@@ -202,7 +203,12 @@ function Ledger:take(takes, extra)
       for i = 1, #extra, 2 do parts[#parts + 1] = extra[i]; parts[#parts + 1] = format("%.17g", extra[i + 1]) end
     end
     ok, err = d:lpush(self.q, concat(parts, " "))
-    if not ok then d:delete(self.p .. "c:" .. id) end
+    if not ok then
+      d:delete(self.p .. "c:" .. id)
+    elseif self.cttl > 0 and not self.q_expires and d.expire then
+      d:expire(self.q, self.cttl)
+      self.q_expires = true
+    end
   end
   if not ok then
     undo(self, takes, #takes)
