@@ -19,6 +19,10 @@
 --                                               amounts really spent
 --   backend:totals() -> spent_usd, spent_tokens, held_usd, held_tokens
 --
+-- A backend on shared storage that cannot reach it returns nil, err (an
+-- slm error: kind "connect", "timeout", ...) from any of the three: the
+-- request is then refused (a budget fails closed) with that error.
+--
 -- slm.budget.memory() is the in-process backend (the default).  Backends
 -- shared by the workers of one nginx (lua_shared_dict) and by many hosts
 -- (Redis: reserve before sending, settle after, reservations that expire
@@ -126,6 +130,11 @@ function Budget:reserve(usd, tokens, model)
     error("slm.budget: reserve needs finite non-negative amounts", 2)
   end
   local id, left_usd, left_tok = self.backend:reserve(usd, tokens, self.usd, self.tokens)
+  if not id and type(left_usd) == "table" then -- the storage failed: refused
+    self.refused = self.refused + 1
+    left_usd.model = left_usd.model or model
+    return nil, left_usd
+  end
   if not id then
     self.refused = self.refused + 1
     local what
@@ -156,8 +165,10 @@ function Budget:settle(r, usd, tokens)
     self.rejected_amounts = self.rejected_amounts + 1
     u, t = r.usd, r.tokens
   end
-  self.backend:settle(r.id, u, t)
+  return self.backend:settle(r.id, u, t)
 end
+
+-- (spent, remaining and reserved: nil, err when a shared backend failed)
 
 --- -> usd, tokens spent so far (settled requests)
 function Budget:spent()
@@ -168,12 +179,14 @@ end
 --- -> usd, tokens still available (limits minus spent minus reserved)
 function Budget:remaining()
   local su, st, hu, ht = self.backend:totals()
+  if su == nil then return nil, st end
   return self.usd - su - hu, self.tokens - st - ht
 end
 
 --- -> usd, tokens reserved by requests in flight
 function Budget:reserved()
-  local _, _, hu, ht = self.backend:totals()
+  local su, st, hu, ht = self.backend:totals()
+  if su == nil then return nil, st end
   return hu, ht
 end
 
