@@ -163,7 +163,7 @@ local function take(self)
   end
   local rt = require("slm.runtime").get("curl")
   local sock, kind, msg = rt.tcp(self.host, self.port, { timeout = self.timeout })
-  if not sock then return nil, kind, "connect: " .. tostring(msg) end
+  if not sock then return nil, kind, msg end
   local pw = self.secret()
   local setup = {}
   if pw then setup[#setup + 1] = { "AUTH", pw } end
@@ -379,10 +379,10 @@ local pk = period_key(ARGV[6], secs)
 local k = KEYS[1] .. pk
 local hu, ht = reap(k, now_ms)
 local su, st = spent(k)
-local left_u = lu < 0 and -1 or lu - su - hu
-local left_t = lt < 0 and -1 or lt - st - ht
+local left_u, left_t = lu - su - hu, lt - st - ht
 if (lu >= 0 and usd > left_u + 1e-12) or (lt >= 0 and tokens > left_t) then
-  return { 0, tostring(left_u), tostring(left_t) }
+  return { 0, lu < 0 and "none" or string.format("%.17g", left_u),
+    lt < 0 and "none" or string.format("%.17g", left_t) }
 end
 local n = redis.call("HINCRBY", k .. ":spent", "seq", 1)
 local id = pk .. "#" .. n
@@ -416,7 +416,8 @@ local secs, now_ms = clock(ARGV[2])
 local k = KEYS[1] .. period_key(ARGV[1], secs)
 local hu, ht = reap(k, now_ms)
 local su, st = spent(k)
-return { tostring(su), tostring(st), tostring(hu), tostring(ht) }
+local f = "%.17g"
+return { string.format(f, su), string.format(f, st), string.format(f, hu), string.format(f, ht) }
 ]])
 
 local Budget = {}
@@ -458,8 +459,7 @@ function Budget:reserve(usd, tokens, limit_usd, limit_tokens)
       clock_arg(self) }, true)
   if not r then return nil, err end
   if tonumber(r[1]) == 1 then return r[2] end
-  local lu, lt = tonumber(r[2]), tonumber(r[3])
-  return nil, lu < 0 and huge or lu, lt < 0 and huge or lt
+  return nil, r[2] == "none" and huge or tonumber(r[2]), r[3] == "none" and huge or tonumber(r[3])
 end
 
 --- -> true | nil, err (then the hold expires after hold_ttl and the spend
@@ -492,7 +492,7 @@ if not level then level, at = limit, now end
 level = math.min(limit, level + (now - at) * limit / per)
 local wait = 0
 if level >= n then level = level - n else wait = math.ceil((n - level) * per / limit) end
-redis.call("HSET", KEYS[1], "level", tostring(level), "at", now)
+redis.call("HSET", KEYS[1], "level", string.format("%.17g", level), "at", now)
 redis.call("PEXPIRE", KEYS[1], per * 2)
 return wait
 ]])
