@@ -1199,7 +1199,6 @@ static int multi_watch(lua_State *L) {
     struct epoll_event ev;
     unsigned st;
     int rc;
-    if (!m->multi) return luaL_error(L, "slm.core: the multi is closed");
     if (!fd_room(m, fd)) return luaL_error(L, "slm.core: cannot watch a descriptor: out of memory");
     st = m->fdst[fd];
     if (st & (FD_IN | FD_OUT | FD_WANT)) return luaL_argerror(L, 2, "a socket of libcurl's");
@@ -1226,7 +1225,6 @@ static int multi_watch(lua_State *L) {
 #else
   {
     int i, j;
-    if (!m->multi) return luaL_error(L, "slm.core: the multi is closed");
     for (j = 0; j < m->npfd; j++)
       if (m->pfd[j].fd == fd) break;
     for (i = 0; i < m->nxfd; i++)

@@ -33,7 +33,7 @@
 -- Connections: inside nginx (where cosockets are allowed) resty.redis
 -- from Debian's lua-nginx-redis (`require "nginx.redis"`) with its
 -- keepalive pool; elsewhere lua-slm's own RESP client over the libcurl
--- runtime's non-blocking sockets (rt.tcp, slm.transport.tcp): inside a
+-- runtime's non-blocking sockets (rt.tcp, lua/slm/transport/tcp.lua): inside a
 -- task a Redis call yields and other tasks' HTTP requests go on.
 --
 -- Errors: a Redis that cannot be reached, times out or refuses a command
