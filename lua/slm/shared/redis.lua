@@ -216,7 +216,7 @@ local function call_ngx(self, args, n)
   resty_redis = resty_redis or require "nginx.redis"
   local red = resty_redis:new()
   local ms = ceil(self.timeout * 1000)
-  red:set_timeouts(ms, ms, ms)
+  red:set_timeout(ms)
   local ok, err = red:connect(self.host, self.port)
   if not ok then
     return nil, err == "timeout" and "timeout" or "connect", "connect: " .. tostring(err)
