@@ -15,40 +15,9 @@
 --      lua5.4 tests/redis_launch.lua stop <dir>
 local M = {}
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
-local function run(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  local ok = p:close()
-  return out, ok
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function port_taken(port)
-  local hex = ("%04X"):format(port)
-  for _, path in ipairs({ "/proc/net/tcp", "/proc/net/tcp6" }) do
-    local s = read_file(path) or ""
-    for lport, state in s:gmatch("\n%s*%d+: %x+:(%x+) %x+:%x+ (%x%x)") do
-      if lport == hex and state == "0A" then return true end
-    end
-  end
-  return false
-end
-
-local function alive(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat")
-  if not stat then return false end
-  local state = stat:match("^%d+ %b() (%a)")
-  return state ~= nil and state ~= "Z" and state ~= "X"
-end
+-- the simulator launcher's helpers: quoting, commands, files, ports, pids
+local U = require("tests.upstream.launch").util
+local q, run, read_file, port_taken, alive = U.q, U.run, U.read_file, U.port_taken, U.alive
 
 local Srv = {}
 Srv.__index = Srv

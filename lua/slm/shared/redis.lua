@@ -52,6 +52,13 @@ local select, unpack = select, table.unpack or unpack
 
 local M = {}
 
+local function class(name)
+  local C = {}
+  C.__index = C
+  C.__name = name
+  return C
+end
+
 ------------------------------------------------------------------ errors
 
 local function fail(conn, kind, what, msg)
@@ -111,9 +118,7 @@ end
 
 ------------------------------------------------------------------ connections
 
-local Conn = {}
-Conn.__index = Conn
-Conn.__name = "slm.redis.connection"
+local Conn = class("slm.redis.connection")
 function Conn:__tostring() return "slm.redis.connection(" .. self.where .. ")" end
 
 local CONN_OPTS = { host = true, port = true, password = true, db = true, timeout = true, prefix = true,
@@ -420,9 +425,7 @@ local f = "%.17g"
 return { string.format(f, su), string.format(f, st), string.format(f, hu), string.format(f, ht) }
 ]])
 
-local Budget = {}
-Budget.__index = Budget
-Budget.__name = "slm.redis.budget"
+local Budget = class("slm.redis.budget")
 function Budget:__tostring() return "slm.redis.budget(" .. self.key .. ")" end
 
 local BUDGET_OPTS = { redis = true, name = true, hold_ttl = true, period = true, clock = true }
@@ -497,9 +500,7 @@ redis.call("PEXPIRE", KEYS[1], per * 2)
 return wait
 ]])
 
-local Limit = {}
-Limit.__index = Limit
-Limit.__name = "slm.redis.ratelimit"
+local Limit = class("slm.redis.ratelimit")
 
 --- ratelimit{ redis, name, limit, per = 60 }: at most `limit` units per
 -- `per` seconds, shared by everyone on that Redis.
@@ -543,9 +544,7 @@ redis.call("PEXPIRE", KEYS[1], tonumber(ARGV[2]) * 2)
 return token
 ]])
 
-local Sem = {}
-Sem.__index = Sem
-Sem.__name = "slm.redis.semaphore"
+local Sem = class("slm.redis.semaphore")
 
 --- semaphore{ redis, name, n, ttl = 60 }: at most n holders at once; a
 -- holder that never releases (it died) loses its slot after ttl seconds.
@@ -591,9 +590,7 @@ end
 
 ------------------------------------------------------------------ session store
 
-local Store = {}
-Store.__index = Store
-Store.__name = "slm.redis.store"
+local Store = class("slm.redis.store")
 local SPFX = "slm.store: "
 
 --- store{ redis, prefix = "session:", ttl = nil } -> a session store with
@@ -653,9 +650,7 @@ Store.__close = Store.close
 
 ------------------------------------------------------------------ cache
 
-local Cache = {}
-Cache.__index = Cache
-Cache.__name = "slm.redis.cache"
+local Cache = class("slm.redis.cache")
 
 --- cache{ redis, ttl = 3600 }: an exact-match cache of strings; keys are
 -- hashed (SHA-256), so any string can be one.
