@@ -118,6 +118,27 @@ describe("slm.redis budget", function()
     assert.are.equal(7, up:stats().requests)
   end)
 
+  it("bounds tokens alone as well", function()
+    local b = slm.budget{ tokens = 250, backend = R.budget{ redis = conf(), name = name() } }
+    local r1 = assert(b:reserve(0, 200))
+    local no, err = b:reserve(0, 100)
+    assert.is_nil(no)
+    assert.matches("100 tokens exceeds the 50 left", err.message)
+    b:settle(r1, 0, 120)
+    assert(b:reserve(0, 130))
+    assert.is_nil(b:reserve(0, 1))
+  end)
+
+  it("survives a Redis restart: a dead pooled connection is replaced once", function()
+    local own = redis_launch.start{ quiet = true }
+    local conn = R.connect{ port = own.port }
+    assert.are.equal("OK", conn:command("SET", "a", "1"))
+    own:stop()
+    local again = redis_launch.start{ quiet = true, port = own.port }
+    assert.are.equal("OK", conn:command("SET", "a", "2"))
+    again:stop()
+  end)
+
   it("returns the hold of a holder that died once hold_ttl has passed", function()
     local nm = name()
     local dead = slm.budget{ usd = 1, backend = R.budget{ redis = conf(), name = nm, hold_ttl = 0.3 } }
