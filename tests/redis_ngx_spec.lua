@@ -24,7 +24,10 @@ local function app_conf()
     http = ([[
       init_by_lua_block {
         REDIS = { host = "127.0.0.1", port = %d, password = %q, timeout = 1 }
-      }]]):format(srv.port, PASSWORD),
+        SIM_URL = %q
+        require("slm").models["sim:delay=150"] = { context = 128000, max_output = 1000,
+          input_per_m = 0.15, output_per_m = 0.60, tokenizer = "o200k_base", format = "openai" }
+      }]]):format(srv.port, PASSWORD, sim.url),
     server = ([[
       location = /sim {
         internal;
@@ -58,6 +61,20 @@ local function app_conf()
               messages = { { role = "user", content = "hello" } } } })
           b:settle(r, tonumber(a.spend) or usd / 2, 5)
           ngx.say(cjson.encode{ ok = true, status = res.status, pid = ngx.worker.pid() })
+        }
+      }
+      location = /chat {
+        content_by_lua_block {
+          local cjson = require "cjson"
+          local slm = require "slm"
+          local a = ngx.req.get_uri_args()
+          local c = slm.client{ base_url = SIM_URL, api_key = "sk-test", model = "sim:delay=150",
+            max_retries = 0, timeout = 10,
+            budget = slm.budget{ usd = tonumber(a.limit), backend = slm.redis.budget{ redis = REDIS, name = a.name } } }
+          local res, err = c:chat{ max_tokens = 50,
+            messages = { { role = "user", content = "My parcel arrived damaged, I want a refund." } } }
+          ngx.say(cjson.encode{ ok = res ~= nil, kind = err and err.kind, message = err and tostring(err),
+            cost = res and res.cost })
         }
       }
       location = /kv {
@@ -159,6 +176,38 @@ describe("slm.redis inside nginx", function()
     assert.are.equal(0, hu)
   end)
 
+  it("client:chat in 2 nginx instances: of 30 concurrent chats against a budget covering 9, exactly 9 reach the simulator, the rest get kind budget", function()
+    local nm = name()
+    slm.models["sim:delay=150"] = { context = 128000, max_output = 1000, input_per_m = 0.15, output_per_m = 0.60,
+      tokenizer = "o200k_base", format = "openai" }
+    local req = { model = "sim:delay=150", max_tokens = 50,
+      messages = { { role = "user", content = "My parcel arrived damaged, I want a refund." } } }
+    local worst = slm.cost(req.model, { prompt_tokens = slm.count(req, req.model), completion_tokens = 50 })
+    slm.models["sim:delay=150"] = nil
+    local outcomes = {}
+    slm.run(function()
+      local ts = {}
+      for i = 1, 30 do
+        ts[i] = slm.spawn(function()
+          local _, body = get(apps[i % 2 + 1].base .. "/chat?name=" .. nm .. "&limit=" .. ("%.17g"):format(9.5 * worst))
+          outcomes[i] = json.decode(body)
+        end)
+      end
+      for i = 1, 30 do ts[i]:wait() end
+    end)
+    local ok, spent = 0, 0
+    for i = 1, 30 do
+      local o = outcomes[i]
+      if o.ok then ok = ok + 1; spent = spent + o.cost else assert.are.equal("budget", o.kind, o.message) end
+    end
+    assert.are.equal(9, ok)
+    assert.are.equal(9, sim:stats().requests)
+    -- settled with the real usage: what the clients were charged is what Redis holds
+    local su, _, hu = R.budget{ redis = srv.conf, name = nm }:totals()
+    assert.is_true(math.abs(su - spent) < 1e-12)
+    assert.are.equal(0, hu)
+  end)
+
   it("a batch job and the nginx fleet share one budget: exactly k pass in all", function()
     local nm = name()
     local conf = { host = srv.host, port = srv.port, password = PASSWORD }
@@ -194,6 +243,18 @@ describe("slm.redis inside nginx", function()
     assert.are.equal(ngx_ok, sim:stats().requests)
     -- every pass was charged its whole reservation: nothing came back
     assert.is_true(math.abs(b:spent() - 0.8) < 1e-9)
+  end)
+
+  it("reloads its scripts when Redis lost them (EVALSHA's NOSCRIPT: EVAL)", function()
+    local nm = name()
+    local function pass(app)
+      local status, body = get(reserve_url(app, { name = nm, usd = 0.1, limit = 10 }))
+      assert.are.equal(200, status)
+      return json.decode(body).ok
+    end
+    for _ = 1, 4 do assert.is_true(pass(apps[1])); assert.is_true(pass(apps[2])) end
+    srv:cli("SCRIPT", "FLUSH")
+    for _ = 1, 4 do assert.is_true(pass(apps[1])); assert.is_true(pass(apps[2])) end
   end)
 
   it("a killed worker's reservation returns after its expiry", function()
