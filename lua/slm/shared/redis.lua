@@ -258,16 +258,20 @@ local function call_ngx(self, args, n)
   return res
 end
 
---- conn:command(name, args...) -> reply | nil, err.  nil replies are false.
-function Conn:command(...)
-  local args = { ... }
-  local n = select("#", ...)
+-- One command -> reply | nil, err; `again`: it may be sent a second time
+-- on a fresh connection when a pooled one was dead (plain Lua).
+local function exec(self, args, n, again)
   local r, kind, msg
   if in_nginx() then r, kind, msg = call_ngx(self, args, n)
-  else r, kind, msg = call_plain(self, args, n, self.retry ~= false) end
+  else r, kind, msg = call_plain(self, args, n, again) end
   if r == nil then return fail(self, kind, args[1], msg) end
   if type(r) == "table" and r.err then return fail(self, reply_kind(r.err), args[1], r.err) end
   return r
+end
+
+--- conn:command(name, args...) -> reply | nil, err.  nil replies are false.
+function Conn:command(...)
+  return exec(self, { ... }, select("#", ...), true)
 end
 
 --- conn:close(): closes the idle connections of the plain-Lua pool.
@@ -291,14 +295,11 @@ local function run(conn, sc, keys, args, again)
     sc.sha = sha
   end
   a[1], a[2] = "EVALSHA", sc.sha
-  local saved = conn.retry
-  conn.retry = again
-  local r, err = conn:command(unpack(a, 1, n))
+  local r, err = exec(conn, a, n, again)
   if not r and err and find(err.message, "NOSCRIPT", 1, true) then
     a[1], a[2] = "EVAL", sc.src
-    r, err = conn:command(unpack(a, 1, n))
+    r, err = exec(conn, a, n, again)
   end
-  conn.retry = saved
   return r, err
 end
 
