@@ -65,6 +65,7 @@ function M.new(opts)
     budget = opts.budget,
     max_concurrency = opts.max_concurrency, -- nil: no cap of the client's own
     rpm = opts.rpm, tpm = opts.tpm,
+    cache = opts.cache, quotas = opts.quotas,
     check_context = opts.check_context ~= false,
     mask_pii = opts.mask_pii,
     max_body = opts.max_body or 64 * 1024 * 1024,
@@ -72,7 +73,7 @@ function M.new(opts)
     runtime = rt,
     user_agent = opts.user_agent or ("lua-slm/" .. VERSION),
     stats = { requests = 0, attempts = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0, errors = 0,
-      unpriced = 0 },
+      unpriced = 0, cached = 0, cache_errors = 0 },
   }, Client)
   c.base_url_display = c.base_url
   -- the real URL (with its password) is a secret too; kept with the key
@@ -90,10 +91,14 @@ function M.new(opts)
   secrets[c] = { key = key, url = base .. "/chat/completions", set = redact.set(secret_list) }
   -- OpenAI's own endpoint without a key can only answer 401: say so before sending
   c.key_missing = (key == nil or key == "") and base:match("^https?://api%.openai%.com[:/]?") ~= nil
-  if c.max_concurrency then c.sem = rt.semaphore(c.max_concurrency) end
+  -- a number: this client's own (in-process) limit; an object: a shared
+  -- one (slm.shdict, slm.redis), used through the same calls
+  local mc = c.max_concurrency
+  if type(mc) == "number" then c.sem = rt.semaphore(mc) elseif mc then c.shared_sem = mc end
   local ratelimit = require "slm.ratelimit"
-  if c.rpm then c.rpm_bucket = ratelimit.new(c.rpm, 60, rt) end
-  if c.tpm then c.tpm_bucket = ratelimit.new(c.tpm, 60, rt) end
+  local rpm, tpm = c.rpm, c.tpm
+  if rpm then c.rpm_bucket = type(rpm) == "number" and ratelimit.new(rpm, 60, rt) or rpm end
+  if tpm then c.tpm_bucket = type(tpm) == "number" and ratelimit.new(tpm, 60, rt) or tpm end
   return c
 end
 
@@ -133,7 +138,9 @@ function Client:chat(req)
   local m = mask.masker(self.mask_pii, opts.mask_pii)
   if m then mask.request(body, m) end
   if not opts.stream then
-    local res, err = pipeline.plain(pipeline.new(self, body, opts, false))
+    local call = pipeline.new(self, body, opts, false)
+    local res, err = call:cached()
+    if not res then res, err = pipeline.plain(call) end
     if m then return mask.result(m, res, err) end
     return res, err
   end
@@ -144,6 +151,7 @@ function Client:chat(req)
   local flush, given
   if m and on_delta then on_delta, flush, given = mask.on_delta(m, on_delta, chunks) end
   local s = stream.new(pipeline.new(self, body, opts, true), chunks)
+  if s.call.cache_key then s = stream.cached(s) end
   -- one pcall around the whole loop, not one per delta: an error raised by
   -- the callback (or anything else) stops the transfer, gives back what
   -- the call holds, and is raised again here
@@ -170,6 +178,7 @@ function Client:stream(req)
   local m = mask.masker(self.mask_pii, opts.mask_pii)
   if m then mask.request(body, m) end
   local s = stream.new(pipeline.new(self, body, opts, true))
+  if s.call.cache_key then s = stream.cached(s) end
   if m then s = mask.stream(s, m) end
   return s, nil, nil, s
 end

@@ -11,6 +11,7 @@ local KINDS = {
   timeout = true, connect = true, rate_limit = true, server = true, auth = true,
   invalid_request = true, context_length = true, budget = true, protocol = true,
   cancelled = true, http = true,
+  storage = true, -- a shared limit's storage failed (a full shared dict, Redis down)
   -- the task layer's
   validation = true, length = true,
 }

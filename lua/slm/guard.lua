@@ -13,6 +13,8 @@
 -- largest, + max output for each of n choices, at the model's prices) is
 -- reserved; settle() replaces the reservation with the real cost.
 -- settle() is idempotent; the caller calls it on every exit path.
+-- A request under a consumer's quota (h.quota, slm.quotas) reserves in the
+-- consumer's budget too, after the client's: both must have room.
 local json = require "slm.json"
 local errors = require "slm.errors"
 local models = require "slm.models"
@@ -76,11 +78,12 @@ end
 function M.open(h, client, body, opts, model, bytes)
   local info = models.find(model)
   local budget = opts.budget or client.budget
+  local qbudget = h.quota and h.quota.budget
   local check = opts.check_context
   if check == nil then check = client.check_context end
-  h.prompt, h.prompt_info, h.resv, h.budget = false, false, false, budget
+  h.prompt, h.prompt_info, h.resv, h.budget, h.qresv = false, false, false, budget, false
   local context = check and info and info.context
-  if not budget and not (context and not cheap_fits(body, bytes, context)) then return true end
+  if not budget and not qbudget and not (context and not cheap_fits(body, bytes, context)) then return true end
   local prompt, cinfo = M.prompt_tokens(body, model)
   h.prompt, h.prompt_info = prompt, cinfo
   local asked = max_out_of(body)
@@ -96,20 +99,31 @@ function M.open(h, client, body, opts, model, bytes)
         { status = 0, model = model, prompt_tokens = least, local_check = true })
     end
   end
-  if not budget then return true end
+  if not budget and not qbudget then return true end
   -- every choice of n > 1 can produce the whole max output
   local worst_out = (asked or (info and info.max_output) or 4096) * (body.n or 1)
   local usd = models.cost(info or model, { prompt_tokens = prompt, completion_tokens = worst_out })
-  if not usd and budget.usd and budget.usd ~= math.huge then
+  local function usd_bound(b) return b and b.usd and b.usd ~= math.huge end
+  if not usd and (usd_bound(budget) or usd_bound(qbudget)) then
     return nil, errors.new("budget", format("model %s has no price, so a USD budget cannot bound it "
       .. "(add its prices to slm.models, or use a token budget)", model), { status = 0, model = model })
   end
-  local resv, berr = budget:reserve(usd or 0, prompt + worst_out, model)
-  if not resv then
+  local resv, qresv, berr = false, false, nil
+  if budget then resv, berr = budget:reserve(usd or 0, prompt + worst_out, model) end
+  if budget and not resv then
     berr.model = model
     return nil, berr
   end
-  h.resv, h.reserved_usd = resv, usd or 0
+  if qbudget then
+    qresv, berr = qbudget:reserve(usd or 0, prompt + worst_out, model)
+    if not qresv then
+      if resv then budget:settle(resv, 0, 0) end -- nothing was sent
+      berr.model = model
+      berr.message = "the consumer's " .. berr.message
+      return nil, berr
+    end
+  end
+  h.resv, h.qresv, h.reserved_usd = resv or false, qresv or false, usd or 0
   return true
 end
 
@@ -123,10 +137,12 @@ end
 --- Replace h's reservation with what the request really cost (idempotent).
 -- usd nil (no price known for what answered) charges the reserved worst case.
 function M.settle(h, usd, tokens)
-  local r = h.resv
-  if not r then return end
-  h.resv = nil
-  h.budget:settle(r, usd or h.reserved_usd, tokens or 0)
+  local r, q = h.resv, h.qresv
+  if not r and not q then return end
+  h.resv, h.qresv = nil, nil
+  usd, tokens = usd or h.reserved_usd, tokens or 0
+  if r then h.budget:settle(r, usd, tokens) end
+  if q then h.quota.budget:settle(q, usd, tokens) end
 end
 
 return M

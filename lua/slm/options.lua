@@ -44,6 +44,12 @@ local function pos_int(v) return type(v) == "number" and v >= 1 and v < huge and
 local function positive(v) return type(v) == "number" and v > 0 and v < huge end
 local function boolean(v) return type(v) == "boolean" end
 local function is_budget(v) return type(v) == "table" and type(v.reserve) == "function" and type(v.settle) == "function" end
+-- shared limits (slm.shdict, slm.redis, your own): duck-typed by their methods
+local function has(v, a, b)
+  return type(v) == "table" and type(v[a]) == "function" and (b == nil or type(v[b]) == "function")
+end
+local function limiter(v) return positive(v) or has(v, "take") end
+local function slots(v) return pos_int(v) or has(v, "acquire", "release") end
 local function base_url(v)
   return header_safe(v) and v:match("^https?://[^/%s]") ~= nil and not v:find("%s")
 end
@@ -66,9 +72,11 @@ M.CLIENT = {
   max_retries = { nonneg_int, "a non-negative integer" },
   fallback = { is_list_of_strings, "a list of model names" },
   budget = { is_budget, "a slm.budget" },
-  max_concurrency = { pos_int, "a positive integer" },
-  rpm = { positive, "a positive number (requests per minute)" },
-  tpm = { positive, "a positive number (tokens per minute)" },
+  max_concurrency = { slots, "a positive integer or a semaphore (acquire, release)" },
+  rpm = { limiter, "a positive number (requests per minute) or a limiter (take)" },
+  tpm = { limiter, "a positive number (tokens per minute) or a limiter (take)" },
+  cache = { function(v) return has(v, "get", "set") end, "a cache (get, set)" },
+  quotas = { function(v) return has(v, "consumer") end, "a slm.quotas" },
   headers = { header_map, "a table of header name -> string value" },
   organization = { header_safe, TEXT },
   project = { header_safe, TEXT },
@@ -89,6 +97,7 @@ M.REQUEST = {
   on_delta = { function(v) return type(v) == "function" end, "a function" },
   timeout = { seconds, SECONDS },
   budget = { is_budget, "a slm.budget" },
+  consumer = { function(v) return type(v) == "string" and v ~= "" end, "a non-empty string (the consumer's key)" },
   max_retries = { nonneg_int, "a non-negative integer" },
   fallback = { function(v) return v == false or is_list_of_strings(v) end, "a list of model names or false" },
   check_context = { boolean, "a boolean" },

@@ -16,6 +16,13 @@
 -- __close, which LuaJIT lacks): the slot after each attempt, the budget
 -- reservation when a model is done (succeeded, failed for good, cancelled,
 -- or an error raised through the call: call:abort()).
+--
+-- Limits come from the client (rpm, tpm, max_concurrency: its own
+-- in-process ones, or shared objects of slm.shdict / slm.redis) and, for a
+-- request naming its consumer on a client with quotas, from that
+-- consumer's quota (slm.quotas): both apply, the client's first.  A
+-- deterministic request on a client with a cache is looked up first
+-- (call:cached()) and stored when it succeeds (slm.cache).
 local json = require "slm.json"
 local errors = require "slm.errors"
 local models = require "slm.models"
@@ -23,6 +30,7 @@ local retry = require "slm.retry"
 local redact = require "slm.redact"
 local decode = require "slm.decode"
 local guard = require "slm.guard"
+local cache = require "slm.cache"
 
 local type, ipairs, tostring, setmetatable, pcall, error, next =
   type, ipairs, tostring, setmetatable, pcall, error, next
@@ -87,12 +95,24 @@ function M.new(client, body, opts, stream)
     end
   end
   drop_empty(body)
+  local ckey = client.cache and cache.key(client.base_url_display, first, body) or false
   if stream then
     body.stream = true
     if type(body.stream_options) ~= "table" then body.stream_options = { include_usage = true } end
   end
   local rt = client.runtime
   client.stats.requests = client.stats.requests + 1
+  -- the consumer's quota; its key itself is never kept
+  local key, quota, display = opts.consumer, false, false
+  if key then
+    if client.quotas then
+      quota = client.quotas:consumer(key)
+      display = quota.display
+    else
+      display = require("slm.quotas").display(key)
+    end
+    opts.consumer = nil
+  end
   -- every field the call will have, so that the table is made at its size
   -- once (false: not yet)
   return setmetatable({
@@ -103,10 +123,84 @@ function M.new(client, body, opts, stream)
     bill_usd = 0, bill_tokens = 0, priced = true,
     ready = false, payload = false, slot = false, fresh = false, cancelled = false, errs = false,
     prompt = false, prompt_info = false, resv = false, budget = false, reserved_usd = 0,
+    qresv = false, quota = quota, consumer = display, cache_key = ckey, tokens = false,
+    no_consumer = client.quotas ~= nil and not key,
   }, Call)
 end
 
 function Call:model() return self.chain[self.mi] end
+
+--- The cached Response of this call (a deterministic request on a client
+-- with a cache), or nil: then it must be sent.
+function Call:cached()
+  local key = self.cache_key
+  if not key or self.no_consumer then return nil end -- (refused in open())
+  local res = cache.get(self.client, key)
+  if not res then return nil end
+  res.attempts = 0
+  res.latency = self.rt.now() - self.t0
+  res.requested_model = self.chain[1]
+  if self.consumer then res.consumer = self.consumer end
+  return res
+end
+
+-- A shared limit's failure as the attempt's error: the slm error it gave
+-- (slm.shdict's, slm.redis'), else kind `kind` with its message.
+local function limit_error(self, err, kind, what)
+  if not errors.is(err) then err = errors.new(kind, what .. ": " .. tostring(err), { status = 0 }) end
+  err.model = err.model or self.chain[self.mi]
+  err.no_retry = true
+  return nil, err
+end
+
+-- Wait for the rate limits (client's, then the consumer's): true | nil, err
+local function take(self, lim, n, what)
+  local ok, err = lim:take(n, self.rt)
+  if ok == false or (ok == nil and err ~= nil) then return limit_error(self, err, "storage", what .. " limiter") end
+  return true
+end
+
+-- A shared concurrency slot: true | nil, err (the ones taken are kept in
+-- self.tokens, given back by release()).
+local function slot(self, sem)
+  local rt = self.rt
+  local t0 = rt.now()
+  local tok, err = sem:acquire(rt, self.timeout)
+  if not tok then
+    return limit_error(self, err, rt.now() - t0 >= self.timeout and "timeout" or "storage", "concurrency slot")
+  end
+  local t = self.tokens
+  if not t then t = {}; self.tokens = t end
+  t[#t + 1] = sem
+  t[#t + 1] = tok
+  return true
+end
+
+local function limits(self, client)
+  local q = self.quota or nil
+  local ok, err = true, nil
+  local rpm, qrpm = client.rpm_bucket, q and q.rpm
+  if rpm then ok, err = take(self, rpm, 1, "rpm") end
+  if ok and qrpm then ok, err = take(self, qrpm, 1, "the consumer's rpm") end
+  local tpm, qtpm = client.tpm_bucket, q and q.tpm
+  if ok and (tpm or qtpm) then
+    local n = (self.prompt or ceil(#self.payload / 4)) + (guard.max_out(self.body) or 0)
+    if tpm then ok, err = take(self, tpm, n, "tpm") end
+    if ok and qtpm then ok, err = take(self, qtpm, n, "the consumer's tpm") end
+  end
+  if not ok then return nil, err end
+  if client.sem then
+    client.sem:acquire()
+    self.slot = true
+  end
+  if client.shared_sem then ok, err = slot(self, client.shared_sem) end
+  if ok and q and q.sem then ok, err = slot(self, q.sem) end
+  if not ok then
+    self:release()
+    return nil, err
+  end
+  return true
+end
 
 local function cancelled_error(model)
   return errors.new("cancelled", "cancelled by the caller", { status = 0, model = model })
@@ -118,6 +212,10 @@ function Call:open()
   local client, model = self.client, self.chain[self.mi]
   if self.cancelled then return nil, cancelled_error(model) end
   if not self.ready then
+    if self.no_consumer then
+      return nil, errors.new("auth", "this client has per-consumer quotas: the request must name its "
+        .. "consumer", { status = 0, model = model, no_retry = true })
+    end
     if client.key_missing then
       return nil, errors.new("auth", "no API key for " .. client.base_url_display .. ": set SLM_API_KEY or "
         .. "OPENAI_API_KEY (or pass api_key to slm.client); for a local server set SLM_BASE_URL",
@@ -140,14 +238,8 @@ function Call:open()
   self.attempts = self.attempts + 1
   self.model_attempts = self.model_attempts + 1
   client.stats.attempts = client.stats.attempts + 1
-  if client.rpm_bucket then client.rpm_bucket:take(1) end
-  if client.tpm_bucket then
-    client.tpm_bucket:take((self.prompt or ceil(#self.payload / 4)) + (guard.max_out(self.body) or 0))
-  end
-  if client.sem then
-    client.sem:acquire()
-    self.slot = true
-  end
+  local lok, lerr = limits(self, client)
+  if not lok then return nil, lerr end
   if self.cancelled then
     self:release()
     return nil, cancelled_error(model)
@@ -174,11 +266,16 @@ function Call:open()
   return conn
 end
 
---- Give the concurrency slot back (after each attempt; idempotent).
+--- Give the concurrency slots back (after each attempt; idempotent).
 function Call:release()
   if self.slot then
     self.slot = false
     self.client.sem:release()
+  end
+  local t = self.tokens
+  if t then
+    self.tokens = false
+    for i = 1, #t, 2 do t[i]:release(t[i + 1]) end
   end
 end
 
@@ -200,7 +297,7 @@ end
 
 -- This model is done: its reservation becomes what it was billed.
 function Call:settle()
-  if self.resv then guard.settle(self, self.priced and self.bill_usd or nil, self.bill_tokens) end
+  if self.resv or self.qresv then guard.settle(self, self.priced and self.bill_usd or nil, self.bill_tokens) end
   self.bill_usd, self.bill_tokens, self.priced = 0, 0, true
 end
 
@@ -276,6 +373,8 @@ function Call:succeeded(res)
   self:bill(res.usage, res.cost)
   self:settle()
   if self.mi > 1 then res.fallback_errors = self.errs end
+  if self.consumer then res.consumer = self.consumer end
+  if self.cache_key then cache.put(self.client, self.cache_key, res) end
   return res
 end
 
@@ -341,6 +440,7 @@ function Call:error()
     last.requested_model = self.chain[1]
   end
   self.client.stats.errors = self.client.stats.errors + 1
+  if self.consumer then last.consumer = self.consumer end
   return redact.deep(last, self.client:_secrets())
 end
 

@@ -1,7 +1,9 @@
 -- slm.ratelimit: a token bucket for client-side rpm/tpm limits.  take(n)
 -- waits (yielding inside tasks) until n units are available, through the
 -- runtime it was made with (rt.sleep, rt.now): the libcurl scheduler's or
--- OpenResty's.
+-- OpenResty's.  take(n) -> true, the interface of the shared limiters
+-- (slm.shdict.ratelimit, slm.redis' ratelimit), which take a runtime as
+-- their second argument.
 local min, setmetatable = math.min, setmetatable
 
 local Bucket = {}
@@ -28,7 +30,7 @@ function Bucket:take(n)
     self:refill()
     if self.level >= n then
       self.level = self.level - n
-      return
+      return true
     end
     self.sleep((n - self.level) / self.rate)
   end

@@ -34,8 +34,9 @@
 -- by its hash.  A corrupt session is an error, never an empty history.
 --
 -- The file and SQLite stores do blocking I/O: they are for scripts and
--- batch jobs.  Inside OpenResty they would block the worker; stores on
--- lua_shared_dict and Redis come with the OpenResty work.
+-- batch jobs.  Inside OpenResty they would block the worker: there
+-- slm.shdict.store (a lua_shared_dict) and the Redis store, built on
+-- M.class below, keep sessions every worker sees.
 local core = require "slm.core"
 local json = require "slm.json"
 
@@ -305,6 +306,10 @@ local function class(name, kind)
 
   return C
 end
+-- For lua-slm's own stores elsewhere (slm.shdict, slm.redis): a class
+-- whose instances define get, put, drop, where (and shut) get load, save,
+-- delete and close with the checks and errors of the stores here.
+M.class = class
 
 ------------------------------------------------------------------ memory
 

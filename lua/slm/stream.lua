@@ -53,6 +53,22 @@ function M.new(call, chunks)
     chunk_mt = chunks ~= false and LazyChunk or nil }, Stream)
 end
 
+--- The stream itself, or, when its call has a cached reply, a finished
+-- stream that hands out the reply's text as one delta (and a chunk made
+-- like a provider's), then gives the cached Response as its result.
+function M.cached(s)
+  local res = s.call:cached()
+  if not res then return s end
+  s.finished, s.res = true, res
+  if res.text ~= "" then
+    local chunk = s.chunk_mt and { id = res.id, model = res.model, object = "chat.completion.chunk",
+      choices = { { index = 0, delta = { role = "assistant", content = res.text },
+        finish_reason = res.finish_reason } } } or false
+    s.queue[1], s.queue[2], s.qtail = res.text, chunk, 2
+  end
+  return s
+end
+
 -- A stream that failed before it could start (an error known up front).
 function M.failed(call, err)
   local s = M.new(call)
