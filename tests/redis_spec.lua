@@ -341,6 +341,96 @@ describe("slm.redis semaphore", function()
   end)
 end)
 
+describe("slm.redis behind the client", function()
+  it("max_concurrency = a Redis semaphore: two clients never have more than n in flight, and every slot comes back", function()
+    local nm = name()
+    local function c() return slm.client{ base_url = up.url, api_key = "sk-test", timeout = 10, max_retries = 0,
+      model = "sim:delay=200", max_concurrency = R.semaphore{ redis = conf(), name = nm, n = 3 } } end
+    local c1, c2 = c(), c()
+    local list = {}
+    for i = 1, 10 do list[i] = i end
+    local results, errs = slm.map(list, function(i)
+      return (i % 2 == 0 and c1 or c2):chat(request("slot " .. i))
+    end, { concurrency = 10 })
+    for i = 1, 10 do assert.truthy(results[i], errs[i] and tostring(errs[i])) end
+    local st = up:stats()
+    assert.are.equal(10, st.requests)
+    assert.are.equal(3, st.max_in_flight)
+    assert.are.equal("0", srv:cli("ZCARD", "slm:semaphore:" .. nm))
+  end)
+
+  it("rpm = a Redis rate limit, shared by two clients", function()
+    local nm = name()
+    local lim = R.ratelimit{ redis = conf(), name = nm, limit = 3, per = 3 }
+    local takes, waited = 0, false
+    -- the limit as the clients see it, counting the takes and the waits
+    local seen = { take = function(_, n, rt)
+      takes = takes + 1
+      local spy = setmetatable({ sleep = function(s) waited = true; return rt.sleep(s) end }, { __index = rt })
+      return lim:take(n, spy)
+    end }
+    local function c() return slm.client{ base_url = up.url, api_key = "sk-test", timeout = 10, max_retries = 0,
+      model = SIM, rpm = seen } end
+    local c1, c2 = c(), c()
+    for i = 1, 5 do assert((i % 2 == 0 and c1 or c2):chat(request("rpm " .. i))) end
+    assert.are.equal(5, up:stats().requests)
+    assert.are.equal(5, takes)
+    assert.is_true(waited) -- the bucket of 3 ran dry: a later take waited for it
+    assert.truthy(srv:cli("HGET", "slm:ratelimit:" .. nm, "level"):match("^[%d.e-]+$"))
+  end)
+
+  it("cache = a Redis cache: a deterministic request is sent once for two clients", function()
+    local cache = R.cache{ redis = conf(), ttl = 60 }
+    local function c() return slm.client{ base_url = up.url, api_key = "sk-test", timeout = 10, max_retries = 0,
+      model = SIM, cache = cache } end
+    local r = request("cache me " .. name())
+    r.temperature = 0
+    local a = assert(c():chat(r))
+    local b = assert(c():chat(r))
+    assert.is_falsy(a.cached)
+    assert.is_true(b.cached)
+    assert.are.equal(a.text, b.text)
+    assert.are.equal(1, up:stats().requests)
+  end)
+
+  it("quotas on Redis: each consumer its own budget, shared by two clients", function()
+    local usd = worst(request())
+    local qname = "q-" .. name()
+    local function cl()
+      return slm.client{ base_url = up.url, api_key = "sk-test", timeout = 10, max_retries = 0, model = SIM,
+        quotas = slm.quotas{ storage = R, storage_options = { redis = conf() }, name = qname, usd = 2.5 * usd } }
+    end
+    local c1, c2 = cl(), cl()
+    local function ask(cli, who)
+      local rq = request()
+      rq.consumer = who
+      return cli:chat(rq)
+    end
+    local list = {}
+    for i = 1, 6 do list[i] = i end
+    local results, errs = slm.map(list, function(i) return ask(i % 2 == 0 and c1 or c2, "key-alice") end,
+      { concurrency = 6 })
+    local ok = 0
+    for i = 1, 6 do
+      if results[i] then ok = ok + 1 else assert.are.equal("budget", errs[i].kind, tostring(errs[i])) end
+    end
+    assert.are.equal(2, ok) -- alice's budget covers two worst cases at a time
+    assert(ask(c2, "key-bob"))
+    assert.are.equal(3, up:stats().requests)
+  end)
+
+  it("a Redis semaphore that cannot be reached: nothing is sent, no password", function()
+    local cl = slm.client{ base_url = up.url, api_key = "sk-test", timeout = 2, max_retries = 0, model = SIM,
+      max_concurrency = R.semaphore{ redis = { port = 1, password = PASSWORD }, name = "x", n = 1 } }
+    local res, err = cl:chat(request())
+    assert.is_nil(res)
+    assert.are.equal("connect", err.kind)
+    assert.are.equal("redis", err.storage)
+    no_secret(err)
+    assert.are.equal(0, up:stats().requests)
+  end)
+end)
+
 describe("slm.redis store and cache", function()
   it("round-trips a session and deletes it", function()
     local st = R.store{ redis = conf(), ttl = 60 }
