@@ -257,6 +257,25 @@ describe("slm.redis inside nginx", function()
     for _ = 1, 4 do assert.is_true(pass(apps[1])); assert.is_true(pass(apps[2])) end
   end)
 
+  it("survives a Redis restart under nginx's pool: dead pooled connections are replaced", function()
+    local nm = name()
+    local function pass(app)
+      local status, body = get(reserve_url(app, { name = nm, usd = 0.1, limit = 100 }))
+      assert.are.equal(200, status)
+      local o = json.decode(body)
+      return o.ok, o.message
+    end
+    for _ = 1, 6 do assert.is_true(pass(apps[1])); assert.is_true(pass(apps[2])) end
+    local port = srv.port
+    srv:stop()
+    srv = redis_launch.start{ quiet = true, password = PASSWORD, port = port }
+    for _ = 1, 6 do
+      local ok1, m1 = pass(apps[1])
+      local ok2, m2 = pass(apps[2])
+      assert.is_true(ok1, m1); assert.is_true(ok2, m2)
+    end
+  end)
+
   it("a killed worker's reservation returns after its expiry", function()
     local nm = name()
     local app = apps[1]

@@ -246,6 +246,8 @@ local function call_ngx(self, args, n)
   if res == nil and e then
     -- resty.redis: nil, "timeout" / "closed" for the socket; false, msg for
     -- a server's error reply (res == false, and the connection is fine)
+    -- (no second try on a pooled connection: nginx's pool drops the ones
+    -- the server closes while they are idle, redis_ngx_spec restarts Redis)
     red:close()
     return nil, e == "timeout" and "timeout" or "connect", cmd:upper() .. ": " .. tostring(e)
   end
