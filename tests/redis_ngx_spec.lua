@@ -245,35 +245,32 @@ describe("slm.redis inside nginx", function()
     assert.is_true(math.abs(b:spent() - 0.8) < 1e-9)
   end)
 
+  -- n reservations of 0.1 on each instance, against a budget that has room
+  local function all_pass(nm, n)
+    for _ = 1, n do
+      for i = 1, 2 do
+        local status, body = get(reserve_url(apps[i], { name = nm, usd = 0.1, limit = 100 }))
+        assert.are.equal(200, status)
+        local o = json.decode(body)
+        assert.is_true(o.ok, o.message)
+      end
+    end
+  end
+
   it("reloads its scripts when Redis lost them (EVALSHA's NOSCRIPT: EVAL)", function()
     local nm = name()
-    local function pass(app)
-      local status, body = get(reserve_url(app, { name = nm, usd = 0.1, limit = 10 }))
-      assert.are.equal(200, status)
-      return json.decode(body).ok
-    end
-    for _ = 1, 4 do assert.is_true(pass(apps[1])); assert.is_true(pass(apps[2])) end
+    all_pass(nm, 4)
     srv:cli("SCRIPT", "FLUSH")
-    for _ = 1, 4 do assert.is_true(pass(apps[1])); assert.is_true(pass(apps[2])) end
+    all_pass(nm, 4)
   end)
 
   it("survives a Redis restart under nginx's pool: dead pooled connections are replaced", function()
     local nm = name()
-    local function pass(app)
-      local status, body = get(reserve_url(app, { name = nm, usd = 0.1, limit = 100 }))
-      assert.are.equal(200, status)
-      local o = json.decode(body)
-      return o.ok, o.message
-    end
-    for _ = 1, 6 do assert.is_true(pass(apps[1])); assert.is_true(pass(apps[2])) end
+    all_pass(nm, 6)
     local port = srv.port
     srv:stop()
     srv = redis_launch.start{ quiet = true, password = PASSWORD, port = port }
-    for _ = 1, 6 do
-      local ok1, m1 = pass(apps[1])
-      local ok2, m2 = pass(apps[2])
-      assert.is_true(ok1, m1); assert.is_true(ok2, m2)
-    end
+    all_pass(nm, 6)
   end)
 
   it("a killed worker's reservation returns after its expiry", function()

@@ -215,7 +215,7 @@ describe("slm.redis failures", function()
     assert.is_nil(tostring(err):find("wrong-", 1, true))
   end)
 
-  it("a stalled Redis: kind timeout after the connection's timeout", function()
+  it("a stalled Redis: kind timeout after the connection's timeout #transport", function()
     local b = slm.budget{ usd = 1, backend = R.budget{ redis = conf{ timeout = 0.2 }, name = name() } }
     assert(b:reserve(0.1, 1)) -- connected and the scripts loaded
     srv:pause(0.8)
@@ -256,7 +256,7 @@ describe("slm.redis failures", function()
 end)
 
 describe("slm.redis does not block the event loop", function()
-  it("while one task's Redis call is stalled, another task's HTTP request completes", function()
+  it("while one task's Redis call is stalled, another task's HTTP request completes #transport", function()
     local conn = R.connect(conf{ timeout = 5 })
     assert(conn:command("PING"))
     local order = {}
@@ -284,7 +284,7 @@ describe("slm.redis does not block the event loop", function()
     assert.are.equal(1, up:stats().requests)
   end)
 
-  it("outside any task a Redis call drives the loop itself (blocking-looking)", function()
+  it("outside any task a Redis call drives the loop itself (blocking-looking) #transport", function()
     local conn = R.connect(conf())
     assert.are.equal("PONG", conn:command("PING"))
     assert.are.equal("OK", conn:command("SET", "plain", "x"))
