@@ -45,8 +45,8 @@ local errors = require "slm.errors"
 local store = require "slm.store"
 local core = require "slm.core"
 
-local type, pairs, tostring, tonumber, setmetatable, error, format, concat, pcall, require, getmetatable =
-  type, pairs, tostring, tonumber, setmetatable, error, string.format, table.concat, pcall, require, getmetatable
+local type, pairs, tostring, tonumber, setmetatable, error, format, concat, require, getmetatable =
+  type, pairs, tostring, tonumber, setmetatable, error, string.format, table.concat, require, getmetatable
 local find, sub, ceil, huge = string.find, string.sub, math.ceil, math.huge
 local select, unpack = select, table.unpack or unpack
 
@@ -148,12 +148,16 @@ function M.connect(opts)
   if opts.db ~= nil and (type(opts.db) ~= "number" or opts.db % 1 ~= 0 or opts.db < 0) then
     error("slm.redis: option 'db' must be a non-negative integer", 2)
   end
+  local pool = opts.pool_size or 32
+  if type(pool) ~= "number" or pool % 1 ~= 0 or pool < 1 then
+    error("slm.redis: option 'pool_size' must be a positive integer", 2)
+  end
   local prefix = opts.prefix or "slm:"
   if type(prefix) ~= "string" then error("slm.redis: option 'prefix' must be a string", 2) end
   -- the password lives in a closure, not in a field a dump would print
   local password = opts.password
   return setmetatable({ host = host, port = port, db = opts.db, timeout = timeout, prefix = prefix,
-    where = host .. ":" .. port, idle = {}, pool_size = opts.pool_size or 32,
+    where = host .. ":" .. port, idle = {}, pool_size = pool,
     secret = function() return password end }, Conn)
 end
 
