@@ -25,7 +25,14 @@
  *     reusing a pooled one (CURLOPT_FRESH_CONNECT); the connection is
  *     pooled afterwards as usual.  For a retry after kind "reused".
  *   Multi:step(timeout_s) -> { Request, ... } (requests with new activity)
- *   Multi:count() -> number of requests in flight
+ *   Multi:count() -> number of requests in flight, plus the descriptors
+ *                    armed with watch()
+ *   Multi:watch(fd, "r" | "w" | nil)         (a descriptor of the caller's,
+ *     a socket of slm.core's tcp_connect say, waited on by step() with
+ *     libcurl's sockets: one-shot, so once it is ready it is disarmed and
+ *     the integer fd is among what the next step() returns; "r"/"w" arms it
+ *     again, nil forgets it (before the caller closes it).  The Lua layer's
+ *     sockets that do not block the event loop are built on this.)
  *   Multi:fd() -> integer | nil              (descriptor for an outer event
  *                                             loop; nil on the poll() backend)
  *   Multi:timeout() -> seconds | nil         (when step() is due without
@@ -232,6 +239,13 @@ struct slm_multi {
   int rdy_lost;        /* an id could not be recorded: report by a full scan */
   CURL **pool;         /* easy handles of finished requests, reset for reuse */
   int npool;
+  int nxwatch;         /* descriptors of the caller's armed with watch() */
+  int *xrdy;           /* of those, the ones that fired since the last step */
+  int nxrdy, capxrdy;
+#if !SLM_EPOLL
+  int *xfd;            /* the caller's descriptors in pfd (the rest are libcurl's) */
+  int nxfd, capxfd;
+#endif
 };
 
 #define POOL_MAX 64    /* easy handles kept for reuse per multi */
@@ -317,6 +331,19 @@ static void mark_ready(slm_req *r) {
     m->caprdy = cap;
   }
   m->rdy[m->nrdy++] = r->id;
+}
+
+/* A descriptor armed with watch() fired: disarmed, noted for step(). */
+static void xfd_fired(slm_multi *m, int fd) {
+  m->nxwatch--;
+  if (m->nxrdy == m->capxrdy) {
+    int cap = m->capxrdy ? m->capxrdy * 2 : 16;
+    int *p = (int *)realloc(m->xrdy, (size_t)cap * sizeof *p);
+    if (!p) return; /* lost: its waiter's own deadline wakes it */
+    m->xrdy = p;
+    m->capxrdy = cap;
+  }
+  m->xrdy[m->nxrdy++] = fd;
 }
 
 /* ---- libcurl callbacks: pure C, no Lua ---- */
@@ -414,6 +441,8 @@ static int watch_failed(slm_multi *m, int err) {
 #define FD_IN 1u
 #define FD_OUT 2u
 #define FD_WANT 4u
+#define FD_EXT 8u      /* in the set for watch(), not libcurl's */
+#define FD_ARMED 16u   /* ... and armed (EPOLLONESHOT not fired yet) */
 
 static int fd_room(slm_multi *m, curl_socket_t s) {
   if (s < 0) return 0;
@@ -717,6 +746,14 @@ static int multi_close(lua_State *L) {
   free(m->rdy);
   m->rdy = NULL;
   m->nrdy = m->caprdy = 0;
+  free(m->xrdy);
+  m->xrdy = NULL;
+  m->nxrdy = m->capxrdy = m->nxwatch = 0;
+#if !SLM_EPOLL
+  free(m->xfd);
+  m->xfd = NULL;
+  m->nxfd = m->capxfd = 0;
+#endif
   if (m->weak_ref != LUA_NOREF) {
     luaL_unref(L, LUA_REGISTRYINDEX, m->weak_ref);
     m->weak_ref = LUA_NOREF;
@@ -984,7 +1021,7 @@ static void run_timer(slm_multi *m) {
 static void run_sockets(slm_multi *m, int ms) {
   enum { BATCH = 64 };
   struct epoll_event ev[BATCH];
-  int i, n, running = 0, seen = 0, limit = m->nwatch;
+  int i, n, running = 0, seen = 0, limit = m->nwatch + m->nxwatch;
   if (limit == 0 && ms == 0) return; /* nothing watched: no system call */
   do {
     /* an empty set sleeps `ms` too; -1 is EINTR (a signal): no events */
@@ -993,6 +1030,13 @@ static void run_sockets(slm_multi *m, int ms) {
     for (i = 0; i < n; i++) {
       unsigned e = (unsigned)ev[i].events;
       int fd = ev[i].data.fd, bits;
+      if (fd >= 0 && fd < m->capfd && (m->fdst[fd] & FD_EXT)) {
+        if (m->fdst[fd] & FD_ARMED) {
+          m->fdst[fd] = FD_EXT; /* one-shot: the kernel disarmed it too */
+          xfd_fired(m, fd);
+        }
+        continue;
+      }
       if (fd >= 0 && fd < m->capfd && !(m->fdst[fd] & FD_WANT)) {
         /* in the set but not watched by libcurl (an idle connection the
          * server closed, say): out of the set now, libcurl is not told */
@@ -1011,6 +1055,18 @@ static void run_sockets(slm_multi *m, int ms) {
   } while (n == BATCH && seen < limit);
 }
 #else
+/* Is fd one of the caller's (watch())?  If so it leaves pfd (one-shot). */
+static int xfd_take(slm_multi *m, int fd) {
+  int i, j;
+  for (i = 0; i < m->nxfd; i++)
+    if (m->xfd[i] == fd) break;
+  if (i == m->nxfd) return 0;
+  m->xfd[i] = m->xfd[--m->nxfd];
+  for (j = 0; j < m->npfd; j++)
+    if (m->pfd[j].fd == fd) { m->pfd[j] = m->pfd[--m->npfd]; break; }
+  return 1;
+}
+
 /* Wait up to `ms` for the watched sockets, then hand libcurl those that
  * fired.  libcurl's callbacks edit m->pfd during the hand-over (sockets
  * come and go), so the fired ones are taken out in batches and the scan
@@ -1037,7 +1093,10 @@ static void run_sockets(slm_multi *m, int ms) {
                 ((re & (POLLERR | POLLNVAL)) ? CURL_CSELECT_ERR : 0);
       n++;
     }
-    for (k = 0; k < n; k++) curl_multi_socket_action(m->multi, fd[k], bits[k], &running);
+    for (k = 0; k < n; k++) {
+      if (xfd_take(m, fd[k])) xfd_fired(m, fd[k]);
+      else curl_multi_socket_action(m->multi, fd[k], bits[k], &running);
+    }
   } while (n == BATCH);
 }
 #endif
@@ -1092,7 +1151,7 @@ static int multi_step(lua_State *L) {
   collect_done(L, m);
   now = slm_now();
   nearest = check_deadlines(L, m, now, &any);
-  if (m->nrdy == 0 && !m->rdy_lost && !any && timeout > 0) {
+  if (m->nrdy == 0 && !m->rdy_lost && m->nxrdy == 0 && !any && timeout > 0) {
     double wait = timeout;
     if (nearest >= 0 && nearest - now < wait) wait = nearest - now;
     if (m->timer_at >= 0 && m->timer_at - now < wait) wait = m->timer_at - now;
@@ -1109,9 +1168,100 @@ static int multi_step(lua_State *L) {
     return luaL_error(L, "slm.core: cannot watch a socket: %s%s", strerror(err),
                       err == ENOSPC ? " (fs.epoll.max_user_watches reached)" : "");
   }
-  lua_createtable(L, m->nrdy, 0);
+  lua_createtable(L, m->nrdy + m->nxrdy, 0);
   report_ready(L, m);
+  if (m->nxrdy > 0) {
+    int i, n = (int)lua_rawlen(L, -1);
+    for (i = 0; i < m->nxrdy; i++) {
+      lua_pushinteger(L, m->xrdy[i]);
+      slm_rawseti(L, -2, ++n);
+    }
+    m->nxrdy = 0;
+  }
   return 1;
+}
+
+/* Multi:watch(fd, "r" | "w" | nil): see the top of this file. */
+static int multi_watch(lua_State *L) {
+  slm_multi *m = check_multi(L, 1);
+  lua_Integer ifd = luaL_checkinteger(L, 2);
+  const char *w = luaL_optstring(L, 3, NULL);
+  int fd, want = 0;
+  if (ifd < 0 || ifd > 0x7fffffff) return luaL_argerror(L, 2, "not a descriptor");
+  fd = (int)ifd;
+  if (w) {
+    if (strcmp(w, "r") == 0) want = 1;
+    else if (strcmp(w, "w") == 0) want = 2;
+    else return luaL_argerror(L, 3, "expected \"r\", \"w\" or nil");
+  }
+#if SLM_EPOLL
+  {
+    struct epoll_event ev;
+    unsigned st;
+    int rc;
+    if (!fd_room(m, fd)) return luaL_error(L, "slm.core: cannot watch a descriptor: out of memory");
+    st = m->fdst[fd];
+    if (st & (FD_IN | FD_OUT | FD_WANT)) return luaL_argerror(L, 2, "a socket of libcurl's");
+    if (!want) {
+      if (st & FD_EXT) epoll_ctl(m->epfd, EPOLL_CTL_DEL, fd, NULL);
+      if (st & FD_ARMED) m->nxwatch--;
+      m->fdst[fd] = 0;
+      return 0;
+    }
+    memset(&ev, 0, sizeof ev);
+    ev.events = (want == 1 ? EPOLLIN : EPOLLOUT) | EPOLLONESHOT;
+    ev.data.fd = fd;
+    rc = epoll_ctl(m->epfd, (st & FD_EXT) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev);
+    /* closed without watch(fd, nil) and its number reused: start over */
+    if (rc < 0 && errno == ENOENT) rc = epoll_ctl(m->epfd, EPOLL_CTL_ADD, fd, &ev);
+    else if (rc < 0 && errno == EEXIST) rc = epoll_ctl(m->epfd, EPOLL_CTL_MOD, fd, &ev);
+    if (rc < 0) {
+      int err = errno;
+      return luaL_error(L, "slm.core: cannot watch a descriptor: %s", strerror(err));
+    }
+    if (!(st & FD_ARMED)) m->nxwatch++;
+    m->fdst[fd] = FD_EXT | FD_ARMED;
+  }
+#else
+  {
+    int i, j;
+    for (j = 0; j < m->npfd; j++)
+      if (m->pfd[j].fd == fd) break;
+    for (i = 0; i < m->nxfd; i++)
+      if (m->xfd[i] == fd) break;
+    if (j < m->npfd && i == m->nxfd) return luaL_argerror(L, 2, "a socket of libcurl's");
+    if (!want) {
+      if (i < m->nxfd) {
+        xfd_take(m, fd);
+        m->nxwatch--;
+      }
+      return 0;
+    }
+    if (i == m->nxfd) {
+      if (m->nxfd == m->capxfd) {
+        int cap = m->capxfd ? m->capxfd * 2 : 8;
+        int *p = (int *)realloc(m->xfd, (size_t)cap * sizeof *p);
+        if (!p) return luaL_error(L, "slm.core: cannot watch a descriptor: out of memory");
+        m->xfd = p;
+        m->capxfd = cap;
+      }
+      if (m->npfd == m->cappfd) {
+        int cap = m->cappfd ? m->cappfd * 2 : 16;
+        struct pollfd *p = (struct pollfd *)realloc(m->pfd, (size_t)cap * sizeof *p);
+        if (!p) return luaL_error(L, "slm.core: cannot watch a descriptor: out of memory");
+        m->pfd = p;
+        m->cappfd = cap;
+      }
+      m->xfd[m->nxfd++] = fd;
+      j = m->npfd++;
+      m->pfd[j].fd = fd;
+      m->nxwatch++;
+    }
+    m->pfd[j].events = (short)(want == 1 ? POLLIN : POLLOUT);
+    m->pfd[j].revents = 0;
+  }
+#endif
+  return 0;
 }
 
 /* Multi:fd() -> the descriptor an outer event loop waits on for
@@ -1139,7 +1289,7 @@ static int multi_timeout(lua_State *L) {
   slm_multi *m = check_multi(L, 1);
   double due = m->timer_at, dl, now;
   int none = 0;
-  if (m->nrdy > 0 || m->rdy_lost || m->sock_failed) {
+  if (m->nrdy > 0 || m->rdy_lost || m->sock_failed || m->nxrdy > 0) {
     lua_pushnumber(L, 0);
     return 1;
   }
@@ -1153,7 +1303,7 @@ static int multi_timeout(lua_State *L) {
 
 static int multi_count(lua_State *L) {
   slm_multi *m = (slm_multi *)luaL_checkudata(L, 1, MULTI_MT);
-  lua_pushinteger(L, m->count);
+  lua_pushinteger(L, m->count + m->nxwatch);
   return 1;
 }
 
@@ -1410,7 +1560,8 @@ static int curl_field(lua_State *L) {
 int slm_open_http(lua_State *L) {
   static const luaL_Reg multi_m[] = {
     {"add", multi_add}, {"step", multi_step}, {"count", multi_count},
-    {"fd", multi_fd}, {"timeout", multi_timeout}, {"close", multi_close}, {NULL, NULL}
+    {"fd", multi_fd}, {"timeout", multi_timeout}, {"watch", multi_watch},
+    {"close", multi_close}, {NULL, NULL}
   };
   static const luaL_Reg req_m[] = {
     {"read", req_read}, {"status", req_status}, {"headers", req_headers},

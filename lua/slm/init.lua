@@ -67,6 +67,7 @@ local lazy = {
   store = function() return require("slm.store") end,
   pii = function() return require("slm.pii") end,
   bm25 = function() return require("slm.bm25") end,
+  redis = function() return require("slm.shared.redis") end,
 }
 
 return setmetatable(slm, {

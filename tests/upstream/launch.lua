@@ -523,4 +523,7 @@ if arg and arg[0] and arg[0]:match("launch%.lua$") and select("#", ...) == #arg 
   os.exit(cli(arg))
 end
 
+-- shell quoting, commands, files and processes, for tests/redis_launch.lua
+M.util = { q = q, run = run, read_file = read_file, port_taken = port_taken, alive = alive }
+
 return M

@@ -20,6 +20,8 @@
 --   rt.spawn(fn, ...) -> task (task:wait() -> fn's results or raises; task:join())
 --   rt.run(fn, ...)   -- fn and everything it spawns, to completion
 --   rt.current()      -- the running task, or nil outside any task
+--   rt.tcp(host, port, { timeout }) -> a TCP socket that yields inside tasks
+--                     -- (slm.transport.tcp; for Redis: slm.shared.redis)
 --
 -- Kinds are lua-slm's: "timeout", "connect" (refused, reset, closed before
 -- or while replying, TLS), "cancelled", "protocol" (a reply larger than
@@ -37,6 +39,7 @@ local M = {
   spawn = sched.spawn,
   run = sched.run,
   current = sched.current,
+  tcp = require("slm.transport.tcp").connect,
   -- an outer event loop drives this runtime with these (examples/luv_loop.lua)
   step = sched.step,
   timeout = sched.timeout,

@@ -233,6 +233,39 @@ function M.await(req)
   main_woken = false
 end
 
+local function timer_cancel(e)
+  for i = 1, #timers do if timers[i] == e then remove(timers, i) return end end
+end
+
+--- Wait until descriptor fd (a slm.core Tcp's) is ready for want ("r" or
+-- "w"), or until the monotonic time deadline (nil: no limit): -> true, or
+-- false when the deadline came first.  Yields inside a task; outside, it
+-- drives the loop itself.  The descriptor is armed in the multi's event
+-- set (Multi:watch), so it wakes the loop as a libcurl socket does.
+function M.await_fd(fd, want, deadline)
+  local m = M.multi()
+  local t = M.current()
+  local who = t or MAIN
+  m:watch(fd, want)
+  waiting[fd] = who
+  nwaiting = nwaiting + 1
+  local e = deadline and timer_add(deadline, who)
+  local function over() return waiting[fd] == nil or (deadline ~= nil and now() >= deadline) end
+  if t then
+    repeat suspend(t) until over()
+  else
+    main_woken = false
+    drive(over)
+    main_woken = false
+  end
+  if e then timer_cancel(e) end
+  if waiting[fd] == nil then return true end
+  waiting[fd] = nil
+  nwaiting = nwaiting - 1
+  m:watch(fd, nil) -- disarmed: a late event must not wake anybody
+  return false
+end
+
 --- Sleep for s seconds (yields inside a task).
 function M.sleep(s)
   if type(s) ~= "number" then error("slm.sleep: expected seconds, got " .. type(s), 2) end
@@ -245,7 +278,7 @@ function M.sleep(s)
   end
   local e = timer_add(at, MAIN)
   drive(function() return now() >= at end)
-  for i = 1, #timers do if timers[i] == e then remove(timers, i) break end end
+  timer_cancel(e)
   main_woken = false
 end
 
