@@ -81,6 +81,8 @@ M.CLIENT = {
     "a path string (PEM CA certificates)" },
   http_version = { function(v) return v == "1.1" or v == "2" end, '"1.1" or "2"' },
   transport = { runtime, 'a runtime (a table with open, sleep, semaphore, now, spawn) or "curl" / "ngx"' },
+  -- called once per finished call with what it did (pipeline.lua, "observe")
+  observe = { function(v) return type(v) == "function" end, "a function (event)" },
 }
 
 -- Request options that are ours, not part of the chat-completions body.
@@ -95,6 +97,8 @@ M.REQUEST = {
   headers = { header_map, "a table of header name -> string value" },
   mask_pii = { function(v) return type(v) == "boolean" or type(v) == "table" end,
     "a boolean or a slm.pii options table" },
+  -- who the call is for (an API key's name, a tenant): metrics and quotas
+  consumer = { function(v) return type(v) == "string" and v ~= "" end, "a non-empty string" },
 }
 
 --- Raise (at `level` above the caller) unless option k = v is known and valid.

@@ -170,7 +170,11 @@ local function read_slice(s)
 end
 
 local function note_ttft(s)
-  if not s.ttft then s.ttft = s.call.rt.now() - s.call.t0 end
+  if not s.ttft then
+    local call = s.call
+    s.ttft = call.rt.now() - call.t0
+    call.ttft = s.ttft
+  end
 end
 
 -- Fold one SSE event (an event table) into the stream: returns true and,
