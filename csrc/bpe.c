@@ -89,6 +89,7 @@ typedef struct {
   size_t blob_len;
   uint32_t *off, *len; /* by rank; len 0: no token with that rank */
   uint32_t nranks;     /* max rank + 1 */
+  uint32_t rank_cap;   /* entries allocated in off and len */
   uint32_t ntokens;
   slot_t *tab;
   uint32_t mask;
@@ -247,6 +248,7 @@ static void ensure_rank(lua_State *L, bpe_t *b, uint32_t r, uint32_t *cap) {
   b->len = xrealloc(L, b->len, (size_t)c * sizeof *b->len);
   memset(b->len + old, 0, (size_t)(c - old) * sizeof *b->len);
   *cap = c;
+  b->rank_cap = c;
 }
 
 static void add_token(lua_State *L, bpe_t *b, uint32_t r, uint32_t off,
@@ -1054,12 +1056,31 @@ static int l_special(lua_State *L) {
   return 1;
 }
 
-/* :info() -> { tokens, ranks, specials, max_token_bytes } */
+/* Bytes of C heap this vocabulary holds: its tables, its specials and the
+ * scratch buffers and caches it has grown so far (the userdata itself
+ * included). */
+static size_t bpe_bytes(const bpe_t *b) {
+  size_t n = sizeof *b, i;
+  if (b->blob) n += b->blob_len + 1;
+  n += (size_t)b->rank_cap * (sizeof *b->off + sizeof *b->len);
+  if (b->tab) n += ((size_t)b->mask + 1) * sizeof *b->tab;
+  if (b->sp) n += (b->nsp + 1) * sizeof *b->sp;
+  for (i = 0; i < b->nsp; i++) n += b->sp[i].len;
+  if (b->allow) n += b->nsp + 1;
+  n += (b->ids_cap + b->ends_cap) * sizeof(uint32_t) + b->work_cap;
+  if (b->cache) n += CACHE_SIZE * sizeof *b->cache;
+  if (b->hot) n += HOT_SIZE * sizeof *b->hot;
+  return n;
+}
+
+/* :info() -> { tokens, ranks, specials, max_token_bytes, bytes } */
 static int l_info(lua_State *L) {
   bpe_t *b = check_bpe(L);
   uint32_t r, maxlen = 0;
   for (r = 0; r < b->nranks; r++) if (b->len[r] > maxlen) maxlen = b->len[r];
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, (lua_Integer)bpe_bytes(b));
+  lua_setfield(L, -2, "bytes");
   lua_pushinteger(L, (lua_Integer)b->ntokens);
   lua_setfield(L, -2, "tokens");
   lua_pushinteger(L, (lua_Integer)b->nranks);

@@ -312,12 +312,24 @@ describe("options", function()
     assert.has_error(function() c:chat{ messages = msgs(), max_tokens = -1 } end)
     assert.are.equal(0, up:stats().requests)
   end)
-  it("refuses to block an nginx worker: no libcurl inside OpenResty requests", function()
-    _G.ngx = { socket = {}, get_phase = function() return "content" end }
-    local ok, err = pcall(slm.client, { base_url = up.url })
+  it("never blocks an nginx worker: inside nginx the cosocket runtime, libcurl only when named", function()
+    -- an nginx as far as slm.runtime can tell (tests/ngx_transport_spec.lua runs the real one)
+    local phase = "init"
+    _G.ngx = { socket = { tcp = function() end }, thread = {}, get_phase = function() return phase end,
+      sleep = function() end, log = function() end, ERR = 4 }
+    package.loaded["ngx.semaphore"] = { new = function() return {} end }
+    local ok, a, b, c = pcall(function()
+      local made_in_init = slm.client{ base_url = up.url } -- a client made in init_by_lua
+      phase = "content"
+      return made_in_init, slm.client{ base_url = up.url }, slm.client{ base_url = up.url, transport = "curl" }
+    end)
     _G.ngx = nil
-    assert.is_false(ok)
-    assert.matches("cosocket transport", err)
+    package.loaded["ngx.semaphore"], package.loaded["slm.transport.ngx"] = nil, nil
+    assert.is_true(ok, a)
+    assert.equal("ngx", a.runtime.name)
+    assert.equal("ngx", b.runtime.name)
+    assert.equal("curl", c.runtime.name)
+    assert.equal("curl", slm.client{ base_url = up.url }.runtime.name) -- outside nginx
   end)
 
   it("takes base_url, api_key and model from the environment", function()

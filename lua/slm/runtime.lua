@@ -1,12 +1,17 @@
 -- slm.runtime: which runtime (slm.transport.*) moves the bytes here.
 --
 --   runtime.default() -> the libcurl runtime in plain Lua and batch jobs;
---                        inside an OpenResty request the cosocket runtime
+--                        inside nginx (ngx.get_phase exists) the cosocket
+--                        runtime, in every phase
 --   runtime.get("curl" | "ngx" | rt) -> a runtime
 --
 -- Under OpenResty libcurl would block the nginx worker, so it is never
--- chosen there: where cosockets are allowed the ngx runtime is, elsewhere
--- (init_by_lua, filters) a clear error.
+-- chosen there unless asked for by name (the client's transport = "curl").
+-- The cosocket runtime is the default in every phase, init_by_lua and
+-- init_worker_by_lua included (a client is usually made once per worker
+-- there); its calls raise a clear error, naming the phase, where nginx
+-- allows no cosockets (init, init_worker outside a timer, set, filters,
+-- log, balancer).
 local type, error, pcall, require = type, error, pcall, require
 
 local M = {}
@@ -17,24 +22,19 @@ local function load(name)
   local rt = cache[name]
   if rt then return rt end
   local ok, r = pcall(require, "slm.transport." .. name)
-  if not ok then
-    if name == "ngx" then
-      error("slm: inside OpenResty lua-slm needs its cosocket transport "
-        .. "(slm.transport.ngx), which this version does not have yet", 0)
-    end
-    error(r, 0)
-  end
+  if not ok then error(r, 0) end
   cache[name] = r
   return r
 end
 
-local function in_nginx()
+--- Whether this code runs inside nginx (lua-nginx-module or OpenResty).
+function M.in_nginx()
   return ngx ~= nil and type(ngx.get_phase) == "function" and ngx.socket ~= nil
 end
 
---- The runtime for this process and phase.
+--- The runtime for this process.
 function M.default()
-  if in_nginx() and ngx.get_phase() ~= "init" then return load("ngx") end
+  if M.in_nginx() then return load("ngx") end
   return load("curl")
 end
 

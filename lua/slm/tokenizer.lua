@@ -361,6 +361,14 @@ function Tokenizer:token_bytes(id)
   return self._bpe:token_bytes(id)
 end
 
+--- Bytes of C memory its vocabulary holds (tables, specials, caches and
+-- scratch grown so far).  One vocabulary per encoding and process: every
+-- tokenizer of it (estimates included) shares it; loaded in init_by_lua,
+-- nginx's workers share its pages copy-on-write.
+function Tokenizer:memory()
+  return self._bpe:info().bytes
+end
+
 function Tokenizer:__tostring()
   return format("slm.Tokenizer(%s%s)", self.name, self.estimate and ", estimate" or "")
 end

@@ -1,0 +1,133 @@
+-- The lua-slm side of tests/ngx_transport_spec.lua: handlers that run
+-- inside an app nginx (tests/upstream/app.conf.in), each answering JSON the
+-- spec compares with what the libcurl path gives.
+local slm = require "slm"
+local cjson = require "cjson.safe"
+local core = require "slm.core"
+
+local M = {}
+
+M.notes = {} -- what earlier phases (init, init_worker, timers) recorded
+
+local clients = {}
+
+-- One client per worker and option set, as an application keeps one.
+function M.client(name, opts)
+  local c = clients[name]
+  if not c then
+    local o = { base_url = M.sim_url, api_key = "sk-test-good", model = "gpt-4o-mini", timeout = 10,
+      max_retries = 0 }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    c = slm.client(o)
+    clients[name] = c
+  end
+  return c
+end
+
+-- The fields of a Response or Error that both transports must agree on.
+function M.fields(res, err)
+  if not res then
+    return { error = { kind = err.kind, status = err.status, message = tostring(err.message),
+      attempts = err.attempts, partial_text = err.partial and err.partial.text or nil } }
+  end
+  local tcs
+  if res.tool_calls then
+    tcs = {}
+    for i, tc in ipairs(res.tool_calls) do
+      tcs[i] = { id = tc.id, name = tc["function"].name, arguments = tc["function"].arguments }
+    end
+  end
+  return { text = res.text, usage = res.usage, cost = res.cost, finish_reason = res.finish_reason,
+    request_id = res.request_id, tool_calls = tcs, model = res.model, id = res.id,
+    attempts = res.attempts, refusal = res.refusal }
+end
+
+local function reply(t)
+  ngx.header["Content-Type"] = "application/json"
+  ngx.say(cjson.encode(t))
+end
+M.reply = reply
+
+-- The request of a query { prompt, scenario, stream, tools, timeout }
+-- (the spec makes the same one for the libcurl path).
+function M.request(q)
+  local req = { messages = { { role = "user", content = q.prompt or "hello" } } }
+  if q.scenario then req.headers = { ["X-Sim-Scenario"] = q.scenario } end
+  if q.stream then req.stream = true end
+  if q.tools then
+    req.tools = { { type = "function", ["function"] = { name = "get_weather", parameters = { type = "object",
+      properties = { city = { type = "string" } } } } } }
+  end
+  if q.timeout then req.timeout = tonumber(q.timeout) end
+  return req
+end
+
+-- GET /chat?prompt=..&scenario=..&stream=1&client=name: one call.
+function M.chat(opts)
+  local args = ngx.req.get_uri_args()
+  local res, err = M.client(args.client or "default", opts):chat(M.request(args))
+  reply(M.fields(res, err))
+end
+
+-- GET /many?n=100&scenario=delay=...: n calls at once through slm.map.
+function M.many()
+  local args = ngx.req.get_uri_args()
+  local n = tonumber(args.n) or 100
+  local c = M.client("many", { max_concurrency = n })
+  local items = {}
+  for i = 1, n do items[i] = i end
+  local t0 = core.now()
+  local results, errs, nfailed = slm.map(items, function(i)
+    return c:chat{ messages = { { role = "user", content = "many " .. i } },
+      headers = { ["X-Sim-Scenario"] = args.scenario or "delay=500" } }
+  end, { concurrency = n })
+  local texts = {}
+  for i = 1, n do texts[i] = results[i] and results[i].text or false end
+  local first
+  for i = 1, n do if errs[i] then first = tostring(errs[i]); break end end
+  reply{ ok = n - nfailed, failed = nfailed, texts = texts, first_error = first, seconds = core.now() - t0 }
+end
+
+-- GET /cancel: a stream read in one light thread, closed from another.
+function M.cancel()
+  local c = M.client("default")
+  local s = c:stream{ messages = { { role = "user", content = "cancel me" } },
+    headers = { ["X-Sim-Scenario"] = "stall=5000" } }
+  local got = {}
+  local reader = slm.spawn(function()
+    for text in s do got[#got + 1] = text end
+    return s:result()
+  end)
+  local closer = slm.spawn(function()
+    -- wait until the reader is blocked in the stall, then close
+    while #got < 3 do ngx.sleep(0.01) end
+    ngx.sleep(0.1)
+    s:close()
+  end)
+  local t0 = core.now()
+  local ok, res, err = reader:join()
+  closer:wait()
+  reply{ ok = ok, kind = err and err.kind, partial = err and err.partial and err.partial.text,
+    text = res and res.text, seconds = core.now() - t0, deltas = #got }
+end
+
+-- GET /core: whether this worker ever initialised libcurl, after counting
+-- tokens and making cosocket calls; the tokenizer's memory.
+function M.core_state()
+  local tok = slm.tokenizer("gpt-4o-mini")
+  local n = tok:count("How many tokens is this sentence?")
+  reply{ http_initialized = core.http_initialized(), tokens = n, memory = tok:memory(),
+    pid = ngx.worker.pid(), tokenizer_id = tostring(tok._bpe), runtime = M.client("default").runtime.name,
+    notes = M.notes }
+end
+
+-- Call client:chat here and record the error (phases without cosockets).
+function M.try(where)
+  local ok, err = pcall(function()
+    return M.client("default"):chat{ messages = { { role = "user", content = "from " .. where } } }
+  end)
+  M.notes[where] = ok and "no error" or tostring(err)
+  return ok, err
+end
+
+return M

@@ -1,0 +1,266 @@
+-- The cosocket runtime (slm.transport.ngx) inside a real nginx: an app
+-- nginx running lua-slm (tests/ngx_transport_app.lua) calls the simulator
+-- over cosockets; every answer is compared with what the libcurl path
+-- gives for the same request from this process.
+local launch = require "tests.upstream.launch"
+local H = require "tests.helpers"
+local cjson = require "cjson"
+
+local sim, app
+
+local function http_get(base, path, timeout)
+  local f = assert(io.popen(("env -u LD_PRELOAD curl -s --max-time %d %s"):format(timeout or 20,
+    H.q(base .. path))))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function get_json(path, timeout)
+  local s = http_get(app.base, path, timeout)
+  local ok, v = pcall(cjson.decode, s)
+  if not ok then error("not JSON from " .. path .. ": " .. s .. "\n" .. app:error_log(), 2) end
+  return v
+end
+
+local function esc(s) return (s:gsub("[^%w%-_.~]", function(ch) return ("%%%02X"):format(ch:byte()) end)) end
+
+local APP_HTTP = [[
+    lua_shared_dict slm_test_notes 1m;
+    init_by_lua_block {
+      local app = require "ngx_transport_app"
+      app.sim_url = "@SIM_URL@"
+      -- the vocabulary loaded before fork: every worker shares its pages
+      app.preloaded = require("slm").tokenizer("gpt-4o-mini")
+      app.try("init")
+    }
+    init_worker_by_lua_block {
+      local app = require "ngx_transport_app"
+      app.try("init_worker")
+      ngx.timer.at(0, function()
+        local res, err = app.client("default"):chat{ messages = { { role = "user", content = "from a timer" } } }
+        app.notes.timer = res and res.text or tostring(err)
+      end)
+    }
+]]
+
+local APP_SERVER = [[
+        location = /chat { content_by_lua_block { require("ngx_transport_app").chat() } }
+        location = /many { content_by_lua_block { require("ngx_transport_app").many() } }
+        location = /cancel { content_by_lua_block { require("ngx_transport_app").cancel() } }
+        location = /core { content_by_lua_block { require("ngx_transport_app").core_state() } }
+        location = /access {
+          access_by_lua_block { require("ngx_transport_app").try("access") }
+          content_by_lua_block { ngx.say(require("ngx_transport_app").notes.access) }
+        }
+        location = /rewrite {
+          rewrite_by_lua_block { require("ngx_transport_app").try("rewrite") }
+          content_by_lua_block { ngx.say(require("ngx_transport_app").notes.rewrite) }
+        }
+        location = /header_filter {
+          content_by_lua_block { ngx.say("body") }
+          header_filter_by_lua_block {
+            local ok, err = require("ngx_transport_app").try("header_filter")
+            ngx.header["X-Slm-Error"] = ngx.escape_uri(tostring(err))
+          }
+        }
+        location = /body_filter {
+          content_by_lua_block { ngx.say("body") }
+          body_filter_by_lua_block { require("ngx_transport_app").try("body_filter") }
+        }
+        location = /log {
+          content_by_lua_block { ngx.say("body") }
+          log_by_lua_block { require("ngx_transport_app").try("log") }
+        }
+        location = /set {
+          set_by_lua_block $slm_set {
+            local ok, err = require("ngx_transport_app").try("set")
+            return "done"
+          }
+          content_by_lua_block { ngx.say(ngx.var.slm_set) }
+        }
+]]
+
+setup(function()
+  sim = launch.start{ quiet = true }
+  app = launch.start{ quiet = true, app = { http = APP_HTTP:gsub("@SIM_URL@", sim.url), server = APP_SERVER } }
+end)
+teardown(function()
+  if app then app:stop() end
+  if sim then sim:stop() end
+end)
+before_each(function() sim:reset() end)
+
+local function curl_fields(query)
+  -- the same call as tests/ngx_transport_app.lua's chat(), through libcurl
+  local app_mod = dofile("tests/ngx_transport_app.lua")
+  local res, err = H.sim_client(sim, { max_retries = 0 }):chat(app_mod.request(query))
+  return cjson.decode(cjson.encode(app_mod.fields(res, err)))
+end
+
+local function ngx_fields(query)
+  local parts = {}
+  for k, v in pairs(query) do parts[#parts + 1] = k .. "=" .. esc(tostring(v)) end
+  table.sort(parts)
+  return get_json("/chat?" .. table.concat(parts, "&"))
+end
+
+-- ids, request ids and tool call ids differ per request: compare their
+-- shape, then the rest; a transport's own failure message is its own
+-- (libcurl's words or ours), its kind must be the same
+local function same_fields(query)
+  local a, b = curl_fields(query), ngx_fields(query)
+  for _, t in ipairs{ a, b } do
+    if t.id then t.id = t.id:match("^chatcmpl%-") and "chatcmpl-*" or t.id end
+    if t.request_id then t.request_id = #t.request_id > 0 and "req-*" or t.request_id end
+    for _, tc in ipairs(t.tool_calls or {}) do tc.id = tc.id:match("^call_") and "call_*" or tc.id end
+    if t.error and t.error.status == 0 then t.error.message = nil end
+    if t.error and t.error.message then t.error.message = t.error.message:gsub("chatcmpl%-sim%-%d+", "chatcmpl-*") end
+  end
+  assert.same(a, b)
+  return b
+end
+
+describe("slm.transport.ngx inside nginx", function()
+  it("gives a plain chat the same Response fields as the libcurl path", function()
+    local r = same_fields{ prompt = "hello there" }
+    assert.equal("Echo: hello there", r.text)
+    assert.equal("stop", r.finish_reason)
+    assert.is_number(r.cost)
+    assert.is_true(r.usage.total_tokens > 0)
+    assert.equal("req-*", r.request_id)
+  end)
+
+  it("gives a streamed chat the same Response fields as the libcurl path", function()
+    local r = same_fields{ prompt = "stream this please", stream = 1 }
+    assert.equal("Echo: stream this please", r.text)
+    same_fields{ prompt = "byte by byte", stream = 1, scenario = "bytewise" }
+    same_fields{ prompt = "crlf lines", stream = 1, scenario = "crlf" }
+  end)
+
+  it("gives tool calls, plain and streamed, as the libcurl path does", function()
+    local r = same_fields{ prompt = "weather in Paris", tools = 1 }
+    assert.equal(1, #r.tool_calls)
+    same_fields{ prompt = "weather in Paris", tools = 1, stream = 1, scenario = "tools_parallel" }
+  end)
+
+  it("maps provider errors to the same err.kind and status", function()
+    for _, sc in ipairs{ "status=429", "status=500", "status=401", "status=400", "status=404",
+        "code=context_length_exceeded,status=400" } do
+      local r = same_fields{ prompt = "err " .. sc, scenario = sc }
+      assert.is_table(r.error, sc)
+      r = same_fields{ prompt = "err " .. sc, scenario = sc, stream = 1 }
+      assert.is_table(r.error, sc)
+    end
+  end)
+
+  it("maps resets, closed connections and malformed replies to the same err.kind", function()
+    for _, q in ipairs{
+      { scenario = "close" }, { scenario = "malformed" }, { scenario = "empty" }, { scenario = "html" },
+      { scenario = "wrong_shape" }, { scenario = "reset", stream = 1 }, { scenario = "eof_mid", stream = 1 },
+      { scenario = "error_chunk", stream = 1 }, { scenario = "close", stream = 1 },
+    } do
+      q.prompt = "broken " .. q.scenario
+      local r = same_fields(q)
+      assert.is_table(r.error, q.scenario)
+    end
+  end)
+
+  it("maps timeouts to kind timeout, as libcurl does", function()
+    local r = same_fields{ prompt = "slow", scenario = "delay=1500", timeout = 0.5 }
+    assert.equal("timeout", r.error.kind)
+    r = same_fields{ prompt = "slow stream", scenario = "delay=1500", timeout = 0.5, stream = 1 }
+    assert.equal("timeout", r.error.kind)
+    r = same_fields{ prompt = "slow body", scenario = "body_delay=1500", timeout = 0.5 }
+    assert.equal("timeout", r.error.kind)
+  end)
+
+  it("keeps connections alive: sequential calls reuse one connection", function()
+    for i = 1, 5 do ngx_fields{ prompt = "keepalive " .. i } end
+    for i = 1, 3 do ngx_fields{ prompt = "keepalive stream " .. i, stream = 1 } end
+    local st = sim:stats()
+    assert.equal(8, st.requests)
+    assert.equal(1, st.connections)
+  end)
+
+  it("does not pool a connection whose body was not read in full", function()
+    ngx_fields{ prompt = "reset", scenario = "reset", stream = 1 }
+    ngx_fields{ prompt = "after the reset" }
+    ngx_fields{ prompt = "after the reset again" }
+    local st = sim:stats()
+    assert.equal(3, st.requests)
+    assert.equal(2, st.connections)
+  end)
+
+  it("runs 100 requests at once in one worker, which keeps answering meanwhile", function()
+    local p = assert(io.popen(("env -u LD_PRELOAD curl -s --max-time 30 %s"):format(H.q(app.base
+      .. "/many?n=100&scenario=" .. esc("delay=3000")))))
+    -- wait until the simulator holds all 100 (it cannot answer before 3 s)
+    local st
+    for _ = 1, 200 do
+      st = sim:stats()
+      if st.in_flight == 100 then break end
+      os.execute("sleep 0.02")
+    end
+    assert.equal(100, st.in_flight)
+    -- the same (only) worker answers while all 100 are in flight
+    assert.equal("ok\n", http_get(app.base, "/__health", 2))
+    assert.equal(100, sim:stats().in_flight)
+    local r = cjson.decode(p:read("a"))
+    p:close()
+    assert.equal(100, r.ok, r.first_error)
+    for i = 1, 100 do assert.equal("Echo: many " .. i, r.texts[i]) end
+    assert.equal(100, sim:stats().max_in_flight)
+  end)
+
+  it("wakes a reader blocked in a stream when another light thread closes it", function()
+    local r = get_json("/cancel")
+    assert.is_true(r.ok)
+    assert.equal("cancelled", r.kind)
+    assert.is_true(r.seconds < 3, "woke at once, not after the 5 s stall")
+    assert.is_string(r.partial)
+    -- the simulator saw the connection go away
+    local st = H.wait_idle(sim, function() os.execute("sleep 0.05") end, 3)
+    assert.equal(0, st.in_flight)
+  end)
+
+  it("never initialises libcurl in a worker that counted tokens and made calls", function()
+    ngx_fields{ prompt = "one call first" }
+    local r = get_json("/core")
+    assert.is_false(r.http_initialized)
+    assert.equal("ngx", r.runtime)
+    assert.is_true(r.tokens > 0)
+    assert.is_true(r.memory > 1000000, "the o200k vocabulary takes megabytes")
+  end)
+
+  it("makes calls from a timer started in init_worker_by_lua", function()
+    local r = get_json("/core")
+    assert.equal("Echo: from a timer", r.notes.timer)
+  end)
+
+  it("works in rewrite and access phases", function()
+    assert.equal("no error\n", http_get(app.base, "/access"))
+    assert.equal("no error\n", http_get(app.base, "/rewrite"))
+  end)
+
+  it("raises a clear error in phases without cosockets, naming the phase and where it works", function()
+    local r = get_json("/core")
+    for _, phase in ipairs{ "init", "init_worker" } do
+      assert.matches("cannot run in " .. phase .. "_by_lua", r.notes[phase], 1, true)
+      assert.matches("content_by_lua", r.notes[phase], 1, true)
+    end
+    local f = assert(io.popen("env -u LD_PRELOAD curl -s -D - --max-time 5 " .. H.q(app.base .. "/header_filter")))
+    local head = f:read("a")
+    f:close()
+    assert.matches("cannot%%20run%%20in%%20header_filter_by_lua", head)
+    http_get(app.base, "/body_filter")
+    http_get(app.base, "/log")
+    assert.equal("done\n", http_get(app.base, "/set"))
+    r = get_json("/core")
+    assert.matches("cannot run in body_filter_by_lua", r.notes.body_filter, 1, true)
+    assert.matches("cannot run in log_by_lua", r.notes.log, 1, true)
+    assert.matches("cannot run in set_by_lua", r.notes.set, 1, true)
+    assert.equal(0, sim:stats().requests)
+    assert.is_nil(app:error_log():find("sk-test-good", 1, true))
+  end)
+end)
