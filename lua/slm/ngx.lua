@@ -35,6 +35,8 @@
 -- that crosses it is cut at a UTF-8 boundary) and max_seconds (a watchdog
 -- light thread, and a check at each piece) close the stream the same way
 -- and end it with the done event, "capped": "bytes" | "duration".
+-- HTTP/1.0 clients are streamed only with `lua_http10_buffering off;`
+-- (otherwise nginx buffers their whole reply to send a Content-Length).
 local json = require "slm.json"
 
 local type, pairs, tostring, tonumber, error, pcall, format, setmetatable, concat =
@@ -228,10 +230,13 @@ function M.relay(src, opts)
     h["X-Accel-Buffering"] = "no"
     if opts.headers then for k, v in pairs(opts.headers) do h[k] = v end end
   end
+  -- false when the browser has gone.  An HTTP/1.0 request under
+  -- lua_http10_buffering (on by default) cannot be streamed: flush says
+  -- "buffering" and the events go out at the end, with a Content-Length.
   local function send(bytes)
-    local ok = ngx.print(bytes)
-    if ok then ok = ngx.flush(true) end
-    return ok
+    if not ngx.print(bytes) then return false end
+    local ok, ferr = ngx.flush(true)
+    return ok ~= nil or ferr == "buffering"
   end
   -- stop the upstream: the stream's close (from any light thread)
   local function stop()
