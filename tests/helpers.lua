@@ -118,4 +118,21 @@ function M.run_lua(code, env)
   return out
 end
 
+-- A simulator and an app nginx running lua-slm (tests/upstream/app.conf.in)
+-- whose http-level directives name it as @SIM_URL@: sim, app.  opts: more
+-- options for the app's start (workers, ...).
+function M.sim_and_app(http, server, opts)
+  local launch = require "tests.upstream.launch"
+  local sim = launch.start{ quiet = true }
+  local o = { quiet = true }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.app = { http = http:gsub("@SIM_URL@", sim.url), server = server }
+  local ok, app = pcall(launch.start, o)
+  if not ok then
+    sim:stop()
+    error(app, 0)
+  end
+  return sim, app
+end
+
 return M

@@ -5,7 +5,6 @@
 -- the upstream (the simulator's aborted / in_flight) with the budget
 -- charged for what was produced, the caps, the final usage event, the
 -- error paths, and the metrics text against the requests made.
-local launch = require "tests.upstream.launch"
 local H = require "tests.helpers"
 local cjson = require "cjson"
 local uv = require "luv"
@@ -114,10 +113,7 @@ end
 local function budget() return cjson.decode(get("/budget")) end
 
 describe("slm.ngx.relay in nginx", function()
-  setup(function()
-    sim = launch.start{ quiet = true }
-    app = launch.start{ quiet = true, app = { http = APP_HTTP:gsub("@SIM_URL@", sim.url), server = APP_SERVER } }
-  end)
+  setup(function() sim, app = H.sim_and_app(APP_HTTP, APP_SERVER) end)
   teardown(function()
     if app then app:stop() end
     if sim then sim:stop() end

@@ -62,9 +62,10 @@ local function knowledge()
   return list
 end
 
---- init{ base_url, api_key, model, simulated, budget_usd, max_bytes, max_seconds } (init_by_lua):
--- the options, else the environment; the knowledge base read once, before
--- the workers fork.
+--- init{ base_url, api_key, model, simulated, budget_usd, max_bytes, max_seconds, headers }
+-- (init_by_lua): the options, else the environment; the knowledge base
+-- read once, before the workers fork.  headers: extra request headers of
+-- the client (the specs slow the simulator's streams down with them).
 function M.init(opts)
   opts = opts or {}
   cfg = {
@@ -75,6 +76,7 @@ function M.init(opts)
     budget_usd = opts.budget_usd or tonumber(env("SLM_BUDGET_USD") or "") or 5,
     max_bytes = opts.max_bytes or 16384,
     max_seconds = opts.max_seconds or 120,
+    headers = opts.headers,
     knowledge = knowledge(),
   }
   if not cfg.base_url and not cfg.api_key then
@@ -94,7 +96,7 @@ local function get()
     base_url = cfg.base_url, api_key = cfg.api_key, model = cfg.model,
     max_retries = 1, timeout = 60,
     budget = slm.budget{ usd = cfg.budget_usd },
-    observe = metrics:observer(),
+    observe = metrics:observer(), headers = cfg.headers,
   }
   local bot = slm.support.new{
     client = client, system = SYSTEM, knowledge = cfg.knowledge, store = slm.store.memory(),

@@ -341,7 +341,8 @@ function M.relay(src, opts)
     model = partial and partial.model or nil,
     finish_reason = partial and partial.finish_reason or nil,
     usage = usage, cost = cost,
-    latency = round(partial and partial.latency, 4), ttft = round(partial and partial.ttft, 4),
+    latency = round(partial and partial.latency, 4),
+    ttft = round(partial and partial.ttft or (ngx.ctx and ngx.ctx.slm and ngx.ctx.slm.ttft), 4),
     bytes = st.bytes, capped = st.capped,
   }
   if opts.final then
