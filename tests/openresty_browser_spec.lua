@@ -12,16 +12,8 @@
 local H = require "tests.helpers"
 local cjson = require "cjson"
 
-local CLEAN = "unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS; "
-
-local function sh(cmd)
-  local p = assert(io.popen(CLEAN .. cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok = p:close()
-  return out, ok == true
-end
-
-local ROOT = sh("cd " .. H.q(H.FIXTURES .. "../..") .. " && pwd -P"):gsub("%s+$", "")
+local sh = H.sh
+local ROOT = H.root()
 local TOOLS = ROOT .. "/tests/tools/browser"
 local ARTEFACTS = os.getenv("SLM_ARTEFACTS") or (ROOT .. "/build/artefacts")
 

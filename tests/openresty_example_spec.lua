@@ -8,14 +8,8 @@ local cjson = require "cjson"
 
 local CLEAN = "env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS -u SLM_BASE_URL -u SLM_API_KEY -u OPENAI_API_KEY "
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok = p:close()
-  return out, ok == true
-end
-
-local ROOT = sh("cd " .. H.q(H.FIXTURES .. "../..") .. " && pwd -P"):gsub("%s+$", "")
+local sh = H.sh
+local ROOT = H.root()
 local RUN = ROOT .. "/examples/openresty/run"
 local LOGS = ROOT .. "/examples/openresty/logs"
 
