@@ -7,7 +7,8 @@
 -- error paths, and the metrics text against the requests made.
 local H = require "tests.helpers"
 local cjson = require "cjson"
-local uv = require "luv"
+local core = require "slm.core"
+local rt = require("slm.runtime").get("curl")
 
 local sim, app
 
@@ -19,7 +20,6 @@ local APP_HTTP = [[
 local APP_SERVER = [[
         location = /relay {
           lua_check_client_abort on;
-          lua_http10_buffering off; # the luv "browser" speaks HTTP/1.0
           content_by_lua_block { require("openresty_relay_app").relay() }
         }
         location = /budget { content_by_lua_block { require("openresty_relay_app").budget() } }
@@ -51,38 +51,29 @@ local function get(path)
   return s
 end
 
--- A browser that reads `leave_after` delta events, then closes the
--- connection (HTTP/1.0: the body is the raw event stream).
-local function leave_after(t, n)
-  local body = cjson.encode(t)
-  local tcp = uv.new_tcp()
-  local got, done = {}, false
-  local function finish()
-    if not done then
-      done = true
-      if not tcp:is_closing() then tcp:close() end
+-- A browser over lua-slm's own libcurl runtime (HTTP/1.1, chunked): the
+-- body as it arrives; with `leave` it closes the connection once it has
+-- seen that many delta events.  -> body, seconds to the first bytes
+local function browse(t, leave)
+  local conn = rt.open{ url = app.base .. "/relay", method = "POST", headers = { "Content-Type: application/json" },
+    body = cjson.encode(t), connect_timeout = 5, first_byte_timeout = 15, idle_timeout = 15, max_body = 1e8 }
+  local t0 = core.now()
+  local status = conn:response()
+  assert.equal(200, status)
+  local got, first = {}, nil
+  while true do
+    local b = conn:read()
+    if not b then break end
+    first = first or core.now() - t0
+    got[#got + 1] = b
+    if leave and select(2, table.concat(got):gsub('data: {"delta":', "")) >= leave then
+      conn:cancel()
+      break
     end
   end
-  tcp:connect("127.0.0.1", app.port, function(err)
-    assert(not err, err)
-    tcp:write(("POST /relay HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d"
-      .. "\r\n\r\n%s"):format(#body, body))
-    tcp:read_start(function(rerr, chunk)
-      if rerr or not chunk then return finish() end
-      got[#got + 1] = chunk
-      local _, k = table.concat(got):gsub('\ndata: {"delta":', "")
-      if k >= n then finish() end
-    end)
-  end)
-  local timer = uv.new_timer()
-  timer:start(15000, 0, finish)
-  while not done do uv.run("once") end
-  timer:stop()
-  timer:close()
-  uv.run("nowait")
-  local raw = table.concat(got)
-  return raw:match("\r\n\r\n(.*)$") or "", raw
+  return table.concat(got), first
 end
+local function leave_after(t, n) return (browse(t, n)) end
 
 -- The events of an SSE body: { event, data (decoded), raw }, and the deltas joined.
 local function events(body)
@@ -146,11 +137,8 @@ describe("slm.ngx.relay in nginx", function()
   end)
 
   it("sends each piece as it arrives (several events for a slow stream, the first before the last is made)", function()
-    local t0 = uv.hrtime()
-    local first
-    local tcp_body = leave_after({ message = "x", scenario = "chunks=6,slow_chunks=150" }, 1)
-    first = (uv.hrtime() - t0) / 1e9
-    assert.matches('^data: {"delta":', tcp_body)
+    local body, first = browse({ message = "x", scenario = "chunks=6,slow_chunks=150" }, 1)
+    assert.matches('^data: {"delta":', body)
     assert.is_true(first < 0.6, "the first piece came after " .. first .. " s") -- 6 x 150 ms would be 0.9 s
     wait_sim(function(st) return st.in_flight == 0 end)
   end)
@@ -208,9 +196,9 @@ describe("slm.ngx.relay in nginx", function()
     assert.equal(1, wait_sim(function(s) return s.aborted == 1 end).aborted)
 
     sim:reset()
-    local t0 = uv.hrtime()
+    local t0 = core.now()
     _, _, body = post("/relay", { message = "x", scenario = "chunks=2000,slow_chunks=50", max_seconds = 0.4 })
-    local secs = (uv.hrtime() - t0) / 1e9
+    local secs = core.now() - t0
     list = events(body)
     assert.equal("duration", list[#list].data.capped)
     assert.is_true(secs < 2, secs)
@@ -219,9 +207,9 @@ describe("slm.ngx.relay in nginx", function()
 
     -- a stalled upstream is cut by the watchdog too: no piece needed
     sim:reset()
-    t0 = uv.hrtime()
+    t0 = core.now()
     _, _, body = post("/relay", { message = "x", scenario = "delay=3000", max_seconds = 0.3 })
-    secs = (uv.hrtime() - t0) / 1e9
+    secs = core.now() - t0
     assert.is_true(secs < 2, secs)
     list = events(body)
     assert.equal(1, #list)
