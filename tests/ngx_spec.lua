@@ -193,7 +193,8 @@ describe("slm.ngx", function()
       local n = fake_ngx()
       _G.ngx = n
       up:reset()
-      local c = helpers.sim_client(up, { max_retries = 3, headers = { ["X-Sim-Scenario"] = "chunks=20,eof_mid" } })
+      -- a reset mid-stream is a "connect" error, which is retried before output
+      local c = helpers.sim_client(up, { max_retries = 3, headers = { ["X-Sim-Scenario"] = "chunks=20,reset" } })
       local res, err, rep = relay(c:stream{ messages = helpers.msgs("x") })
       assert.is_nil(res)
       assert.is_true(rep.started)
@@ -465,6 +466,7 @@ describe("slm.ngx", function()
         prev = v
       end
       assert.equal(3, prev)
+      assert.equal(3, t["slm_request_duration_seconds_bucket{" .. acme .. ',le="60"}'])
       assert.matches("# TYPE slm_request_duration_seconds histogram", text, 1, true)
       assert.matches("# TYPE slm_requests_total counter", text, 1, true)
       -- the access-log variables: the declared ones, for the last call of the request
@@ -472,6 +474,23 @@ describe("slm.ngx", function()
         + 0), ngx.var.slm_tokens)
       assert.equal("acme", ngx.var.slm_consumer)
       assert.matches("^%d+%.%d+$", ngx.var.slm_cost)
+    end)
+
+    it("keeps each histogram bucket as the count of observations at or below it", function()
+      _G.ngx = fake_ngx()
+      local m = metrics.new{ dict = fake_dict(), vars = false, buckets = { 0.1, 0.25, 1 } }
+      for _, v in ipairs{ 0.05, 0.2, 0.25, 3 } do
+        m:record{ model = "m", consumer = "c", outcome = "ok", latency = v, ttft = v / 10 }
+      end
+      local t = series(m:text())
+      local l = 'slm_request_duration_seconds_bucket{consumer="c",model="m",le="%s"}'
+      assert.equal(1, t[l:format("0.1")])
+      assert.equal(3, t[l:format("0.25")])
+      assert.equal(3, t[l:format("1")])
+      assert.equal(4, t[l:format("+Inf")])
+      assert.near(3.5, t['slm_request_duration_seconds_sum{consumer="c",model="m"}'], 1e-12)
+      assert.equal(4, t['slm_request_duration_seconds_count{consumer="c",model="m"}'])
+      assert.equal(3, t['slm_ttft_seconds_bucket{consumer="c",model="m",le="0.025"}']) -- 0.005, 0.02, 0.025
     end)
 
     it("escapes label values, drops increments when the dict is full, and serves the text", function()

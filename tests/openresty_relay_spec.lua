@@ -179,6 +179,15 @@ describe("slm.ngx.relay in nginx", function()
     assert.is_true(after.spent_usd > before.spent_usd)
   end)
 
+  it("stops the upstream from ngx.on_abort, without waiting for the next piece", function()
+    -- 3 s between pieces: only the abort handler can stop it sooner
+    leave_after({ message = "x", scenario = "chunks=3,slow_chunks=1500" }, 1)
+    local t0 = core.now() -- the browser has just left, the next piece is 1.5 s away
+    local st = wait_sim(function(s) return s.aborted == 1 and s.in_flight == 0 end)
+    assert.equal(1, st.aborted)
+    assert.is_true(core.now() - t0 < 1, "the upstream was stopped after " .. (core.now() - t0) .. " s")
+  end)
+
   it("stops a push source (client:chat's on_delta) when the browser leaves", function()
     leave_after({ message = "x", scenario = "chunks=2000,slow_chunks=5", form = "push" }, 2)
     local st = wait_sim(function(s) return s.aborted == 1 and s.in_flight == 0 end)
@@ -229,7 +238,8 @@ describe("slm.ngx.relay in nginx", function()
     assert.equal("rate_limit", cjson.decode(body).error.kind)
 
     sim:reset()
-    status, _, body = post("/relay", { message = "x", scenario = "chunks=50,eof_mid", retries = 3 })
+    -- a reset mid-stream is a "connect" error, which is retried before output
+    status, _, body = post("/relay", { message = "x", scenario = "chunks=50,reset", retries = 3 })
     assert.equal(200, status)
     local list = events(body)
     local last = list[#list]

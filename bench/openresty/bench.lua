@@ -11,8 +11,8 @@
 --    gateway worker's CPU time (utime + stime from /proc) per chunk.
 --
 -- Environment: BENCH_SECONDS (5 per measurement), BENCH_CONC (16),
--- BENCH_CHUNKS (200), REPEAT (3: rounds, alternating the contenders; the
--- median of each figure).  127.0.0.1 only.
+-- BENCH_CHUNKS (200), REPEAT (3: rounds, the contenders alternating
+-- which goes first; the median of each figure).  127.0.0.1 only.
 package.path = "./?.lua;./lua/?.lua;./lua/?/init.lua;" .. package.path
 local launch = require "tests.upstream.launch"
 local H = require "tests.helpers"
@@ -129,8 +129,15 @@ print(("bench/openresty: %d s per measurement, %d connections, %d rounds, %d-chu
 
 local r = { slm_rps = {}, px_rps = {}, slm_p99 = {}, px_p99 = {}, relay_cpu = {}, px_cpu = {} }
 for round = 1, REPEAT do
-  local a = wrk(app.base .. "/classify", classify_body, SECONDS)
-  local b = wrk(app.base .. "/proxy/v1/chat/completions", proxied, SECONDS)
+  -- the contenders alternate which goes first, round by round
+  local a, b
+  if round % 2 == 1 then
+    a = wrk(app.base .. "/classify", classify_body, SECONDS)
+    b = wrk(app.base .. "/proxy/v1/chat/completions", proxied, SECONDS)
+  else
+    b = wrk(app.base .. "/proxy/v1/chat/completions", proxied, SECONDS)
+    a = wrk(app.base .. "/classify", classify_body, SECONDS)
+  end
   if a.bad > 0 or b.bad > 0 then cleanup(); error(("non-2xx replies: slm %d, proxy %d"):format(a.bad, b.bad), 0) end
   r.slm_rps[round], r.px_rps[round], r.slm_p99[round], r.px_p99[round] = a.rps, b.rps, a.p99, b.p99
   local c0 = worker_cpu()

@@ -134,9 +134,18 @@ function Metrics:inc(family, labels, v)
   self:add(key(family, "", label_text(labels)), v or 1)
 end
 
+-- The shortest text that reads back as x (0.1, not 0.10000000000000001).
+local function shortest(x)
+  for p = 15, 17 do
+    local s = format("%." .. p .. "g", x)
+    if tonumber(s) == x then return s end
+  end
+  return format("%.17g", x)
+end
+
 local function le_text(x)
   if x == huge then return "+Inf" end
-  return format("%.17g", x):gsub("^(%-?%d+)$", "%1")
+  return shortest(x)
 end
 
 -- One observation of a histogram: every bucket it fits, +Inf, sum, count.
@@ -208,7 +217,7 @@ end
 local function value_text(v)
   if v == huge then return "+Inf" end
   if v % 1 == 0 and v > -1e15 and v < 1e15 then return format("%d", v) end
-  return format("%.17g", v)
+  return shortest(v)
 end
 
 --- m:text() -> the Prometheus text exposition (version 0.0.4) of every series.
