@@ -264,3 +264,129 @@ describe("slm.transport.ngx inside nginx", function()
     assert.is_nil(app:error_log():find("sk-test-good", 1, true))
   end)
 end)
+
+describe("slm.transport.ngx over TLS", function()
+  local tsim, good, wrong, dir, bundle, echo_port
+
+  local function sh(cmd)
+    local f = assert(io.popen(cmd .. " 2>&1"))
+    local out = f:read("a")
+    local ok = f:close()
+    assert(ok, cmd .. ": " .. out)
+    return out
+  end
+
+  -- an HTTPS server of our own: a certificate for "localhost" and a chat
+  -- completion whose text is the server name (SNI) the client sent
+  local ECHO = [[
+    server {
+      listen 127.0.0.1:@ECHO_PORT@ ssl;
+      ssl_certificate @DIR@/localhost.pem;
+      ssl_certificate_key @DIR@/localhost.key;
+      location / {
+        content_by_lua_block {
+          ngx.req.read_body()
+          ngx.header["Content-Type"] = "application/json"
+          ngx.header["X-Request-Id"] = "req-echo"
+          ngx.say(require("cjson").encode{ id = "chatcmpl-echo", object = "chat.completion", model = "gpt-4o-mini",
+            choices = { { index = 0, message = { role = "assistant", content = "sni=" .. (ngx.var.ssl_server_name or "") },
+              finish_reason = "stop" } }, usage = { prompt_tokens = 3, completion_tokens = 2, total_tokens = 5 } })
+        }
+      }
+    }
+  ]]
+
+  local function tls_app(trusted, declared, echo)
+    local http = ([[
+      lua_ssl_trusted_certificate %s;
+      lua_ssl_verify_depth 2;
+      init_by_lua_block {
+        local app = require "ngx_transport_app"
+        app.sim_url = "%s"
+        require("slm.transport.ngx").configure{ trusted_certificate = %s,
+          resolve = { localhost = "127.0.0.1" } }
+      }
+    ]]):format(trusted, tsim.tls_url, declared and ("%q"):format(declared) or "false")
+      .. (echo and ECHO:gsub("@ECHO_PORT@", tostring(echo_port)):gsub("@DIR@", dir) or "")
+    return launch.start{ quiet = true, app = { http = http, server = ([[
+        location = /chat { content_by_lua_block { require("ngx_transport_app").chat() } }
+        location = /chat_ca {
+          content_by_lua_block { require("ngx_transport_app").chat{ ca_file = ngx.unescape_uri(ngx.var.arg_ca) } }
+        }
+        location = /echo {
+          content_by_lua_block {
+            require("ngx_transport_app").chat{ base_url = "https://" .. ngx.var.arg_host .. ":@ECHO_PORT@/v1" }
+          }
+        }
+    ]]):gsub("@ECHO_PORT@", tostring(echo_port)) } }
+  end
+
+  setup(function()
+    tsim = launch.start{ quiet = true, tls = true }
+    dir = sh("mktemp -d"):match("^[^\n]+")
+    sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout %s/localhost.key"
+      .. " -out %s/localhost.pem -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost"):format(dir, dir))
+    sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout %s/other.key"
+      .. " -out %s/other.pem -days 2 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1"):format(dir, dir))
+    bundle = dir .. "/bundle.pem"
+    sh(("cat %s %s/localhost.pem > %s"):format(H.q(tsim.ca_file), dir, bundle))
+    echo_port = math.random(46000, 52000)
+    good = tls_app(bundle, bundle, true)
+    wrong = tls_app(dir .. "/other.pem", nil)
+  end)
+  teardown(function()
+    if good then good:stop() end
+    if wrong then wrong:stop() end
+    if tsim then tsim:stop() end
+    if dir then os.execute("rm -rf " .. H.q(dir)) end
+  end)
+  before_each(function() tsim:reset() end)
+
+  local function call(inst, path)
+    local s = http_get(inst.base, path)
+    local ok, v = pcall(cjson.decode, s)
+    assert(ok, s)
+    return v
+  end
+
+  it("passes with the right CA, with the same Response as libcurl with ca_file", function()
+    local r = call(good, "/chat?prompt=secure")
+    assert.equal("Echo: secure", r.text, cjson.encode(r))
+    local c = H.sim_client(tsim, { base_url = tsim.tls_url, ca_file = tsim.ca_file, max_retries = 0 })
+    local res = assert(c:chat{ messages = H.msgs("secure") })
+    assert.equal(res.text, r.text)
+    assert.same(res.usage, r.usage)
+    assert.equal(res.cost, r.cost)
+  end)
+
+  it("keeps TLS connections alive: one handshake for several calls", function()
+    for i = 1, 4 do assert.equal("Echo: again " .. i, call(good, "/chat?prompt=again%20" .. i).text) end
+    assert.equal(1, tsim:stats().connections)
+  end)
+
+  it("fails with kind connect, nothing sent, when nginx does not trust the server's CA", function()
+    local r = call(wrong, "/chat?prompt=insecure")
+    assert.equal("connect", r.error.kind, cjson.encode(r))
+    assert.matches("TLS handshake", r.error.message)
+    assert.equal(0, tsim:stats().requests)
+  end)
+
+  it("sends the host name as SNI and checks the certificate against it", function()
+    assert.equal("sni=localhost", call(good, "/echo?host=localhost&client=echo_name").text)
+    -- the same server by IP: its certificate names localhost only
+    local r = call(good, "/echo?host=127.0.0.1&client=echo_ip")
+    assert.equal("connect", r.error.kind, cjson.encode(r))
+  end)
+
+  it("takes a ca_file that is the trusted file, refuses any other before sending", function()
+    assert.equal("Echo: with ca", call(good, "/chat_ca?prompt=with%20ca&client=ca_ok&ca=" .. esc(bundle)).text)
+    local r = call(good, "/chat_ca?prompt=other%20ca&client=ca_bad&ca=" .. esc(dir .. "/other.pem"))
+    assert.equal("connect", r.error.kind)
+    assert.matches("lua_ssl_trusted_certificate", r.error.message)
+    -- not declared at all: refused too, never silently ignored
+    r = call(wrong, "/chat_ca?prompt=undeclared&client=ca_undeclared&ca=" .. esc(dir .. "/other.pem"))
+    assert.equal("connect", r.error.kind)
+    assert.matches("configure", r.error.message)
+    assert.equal(1, tsim:stats().requests)
+  end)
+end)

@@ -33,8 +33,8 @@ local ngx = ngx
 local tcp, spawn_thread, kill_thread = ngx.socket.tcp, ngx.thread.spawn, ngx.thread.kill
 local get_phase, ngx_sleep, ngx_log, ERR = ngx.get_phase, ngx.sleep, ngx.log, ngx.ERR
 local semaphore = require "ngx.semaphore"
-local type, pcall, error, tostring, setmetatable, select, floor, max, format =
-  type, pcall, error, tostring, setmetatable, select, math.floor, math.max, string.format
+local type, pairs, pcall, error, tostring, setmetatable, select, floor, max, format =
+  type, pairs, pcall, error, tostring, setmetatable, select, math.floor, math.max, string.format
 local unpack = unpack or table.unpack
 local co_running = coroutine.running
 local now = core.now
@@ -46,16 +46,27 @@ local settings = {
   pool_size = 64,              -- kept-alive connections per pool and worker
   keepalive_timeout = 60,      -- seconds an idle pooled connection is kept
   read_size = 65536,           -- receiveany's maximum
+  resolve = false,             -- host name -> IP address, used instead of nginx's resolver
 }
 
---- configure{ trusted_certificate = path, pool_size = n, keepalive_timeout = s }
+--- configure{ trusted_certificate = path, pool_size = n, keepalive_timeout = s,
+--   resolve = { [host] = "ip" } }
 function M.configure(opts)
   if type(opts) ~= "table" then error("slm.transport.ngx.configure: expected a table", 2) end
   for k, v in pairs(opts) do
     if settings[k] == nil or k == "read_size" then
       error("slm.transport.ngx.configure: unknown option '" .. tostring(k) .. "'", 2)
     end
-    if k == "trusted_certificate" then
+    if k == "resolve" then
+      if v ~= false and type(v) ~= "table" then
+        error("slm.transport.ngx.configure: resolve must be a table of host name -> IP address", 2)
+      end
+      for name, ip in pairs(v or {}) do
+        if type(name) ~= "string" or type(ip) ~= "string" or not ip:match("^[%x.:]+$") then
+          error("slm.transport.ngx.configure: resolve must map host names to IP address strings", 2)
+        end
+      end
+    elseif k == "trusted_certificate" then
       if v ~= false and (type(v) ~= "string" or v == "") then
         error("slm.transport.ngx.configure: trusted_certificate must be a path string", 2)
       end
@@ -298,10 +309,6 @@ local function budget(c, phase)
   return left or 3600
 end
 
-local function is_ip(host)
-  return host:match("^%d+%.%d+%.%d+%.%d+$") ~= nil or host:find(":", 1, true) ~= nil
-end
-
 local function io_main(c)
   local o, u = c.opts, c.url
   local tls = u.scheme == "https"
@@ -316,7 +323,7 @@ local function io_main(c)
     local left = budget(c, "connect")
     if left <= 0 then return conclude(c, nil, "timeout", "connect timed out") end
     sock:settimeouts(ms(left), ms(left), ms(left))
-    local ok, err = sock:connect(u.host, u.port, { pool = pool })
+    local ok, err = sock:connect(settings.resolve and settings.resolve[u.host] or u.host, u.port, { pool = pool })
     if c.cancelled then return close_socket(c) end
     if not ok then
       local kind, msg = socket_failure(c, err, "connect to " .. u.authority)
@@ -335,7 +342,10 @@ local function io_main(c)
   if tls and reused == 0 then
     local left = budget(c, "connect")
     sock:settimeouts(ms(left), ms(left), ms(left))
-    local session, err = sock:sslhandshake(nil, u.host, true)
+    -- false: no session object wanted back (lua-resty-core 0.1.25 asserts
+    -- when a handshake that completed at once fails verification and a
+    -- session was asked for)
+    local session, err = sock:sslhandshake(false, u.host, true)
     if c.cancelled then return close_socket(c) end
     if not session then
       close_socket(c)
