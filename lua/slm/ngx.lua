@@ -233,10 +233,23 @@ function M.relay(src, opts)
   -- false when the browser has gone.  An HTTP/1.0 request under
   -- lua_http10_buffering (on by default) cannot be streamed: flush says
   -- "buffering" and the events go out at the end, with a Content-Length.
-  local function send(bytes)
-    if not ngx.print(bytes) then return false end
+  local function flush()
     local ok, ferr = ngx.flush(true)
     return ok ~= nil or ferr == "buffering"
+  end
+  -- A piece is flushed at once unless the stream has more at hand from the
+  -- same read (stream:pending()): those go out together, with one write,
+  -- as soon as it has none, so no piece waits for the network.
+  local unflushed = false
+  local pending = stream and stream.pending
+  local function send(bytes, hold)
+    if not ngx.print(bytes) then return false end
+    if hold then
+      unflushed = true
+      return true
+    end
+    unflushed = false
+    return flush()
   end
   -- stop the upstream: the stream's close (from any light thread)
   local function stop()
@@ -280,7 +293,7 @@ function M.relay(src, opts)
     end
     if out ~= "" then
       if not st.started then start() end
-      if not send(event(nil, { delta = out })) then
+      if not send(event(nil, { delta = out }), pending and pending(stream)) then
         st.aborted = true
         return false
       end
@@ -301,6 +314,13 @@ function M.relay(src, opts)
       local text, chunk = stream:next()
       if text == nil then break end
       if not piece(text, chunk) then break end
+      if unflushed and not pending(stream) then
+        unflushed = false
+        if not flush() then
+          st.aborted = true
+          break
+        end
+      end
     end
     if st.aborted or st.capped then stream:close() end
     res, err = stream:result()

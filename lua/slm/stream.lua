@@ -347,6 +347,19 @@ function Stream:next()
   end
 end
 
+--- Whether next() can return without waiting for the network: a delta, or
+-- bytes to parse, from what the last read brought (a relay flushes its
+-- output only when nothing more is at hand: slm.ngx).
+function Stream:pending()
+  local evs = self.evs
+  if evs then
+    for i = self.ei, self.en - 1, 2 do
+      if evs[i] then return true end
+    end
+  end
+  return self.queue[self.qhead] ~= nil or self.rbuf ~= nil
+end
+
 -- generic-for protocol: `for text, chunk in stream do ... end`
 function Stream:__call() return self:next() end
 
