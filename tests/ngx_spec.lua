@@ -427,10 +427,19 @@ describe("slm.ngx", function()
       assert.is_true(evs[1].completion_tokens >= 3)
     end)
 
-    it("survives an observer that raises", function()
-      local c = client({ observe = function() error("boom") end })
-      local res = c:chat{ messages = helpers.msgs("x") }
-      assert.equal("Echo: x", res.text)
+    it("survives an observer that raises, and says so once", function()
+      local said = {}
+      local real = io.stderr
+      io.stderr = { write = function(_, ...) said[#said + 1] = table.concat({ ... }) end }
+      local ok, why = pcall(function()
+        local c = client({ observe = function() error("boom") end })
+        assert.equal("Echo: x", c:chat{ messages = helpers.msgs("x") }.text)
+        assert.equal("Echo: y", c:chat{ messages = helpers.msgs("y") }.text)
+      end)
+      io.stderr = real
+      assert(ok, why)
+      assert.equal(1, #said)
+      assert.matches("observe hook failed %(reported once%): .*boom", said[1])
     end)
 
     it("refuses a non-function observer and a bad consumer", function()
