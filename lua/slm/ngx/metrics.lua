@@ -176,6 +176,10 @@ function Metrics:consumer_of(ev)
   return tostring(c):sub(1, 128)
 end
 
+-- Phases with a request whose variables the access log will show (not
+-- timers, init_worker, ...).
+local REQUEST_PHASE = { rewrite = true, access = true, content = true }
+
 local function num(v)
   if type(v) == "number" and v == v and v >= 0 and v < huge then return v end
   return 0
@@ -197,7 +201,7 @@ function Metrics:record(ev)
   self:add(key("slm_attempts_total", "", base), num(ev.attempts))
   if type(ev.latency) == "number" then observe(self, "slm_request_duration_seconds", base, num(ev.latency), self.buckets) end
   if type(ev.ttft) == "number" then observe(self, "slm_ttft_seconds", base, num(ev.ttft), self.ttft_buckets) end
-  if self.vars and ngx and ngx.var and ngx.get_phase and ngx.get_phase() ~= "timer" then
+  if self.vars and ngx and ngx.var and ngx.get_phase and REQUEST_PHASE[ngx.get_phase()] then
     require("slm.ngx").log_vars(ev, consumer)
   end
 end
