@@ -139,4 +139,35 @@ function M.run_lua(code, env)
   return out
 end
 
+-- Run a shell command without the sanitizer runtimes the ASan stage
+-- preloads: its output (stdout and stderr) and whether it exited 0.
+function M.sh(cmd)
+  local p = assert(io.popen("unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS; " .. cmd .. " 2>&1"))
+  local out = p:read("a")
+  local ok = p:close()
+  return out, ok == true
+end
+
+-- The checkout's absolute path (nginx configs need absolute paths).
+function M.root()
+  return (M.sh("cd " .. M.q(M.FIXTURES .. "../..") .. " && pwd -P"):gsub("%s+$", ""))
+end
+
+-- A simulator and an app nginx running lua-slm (tests/upstream/app.conf.in)
+-- whose http-level directives name it as @SIM_URL@: sim, app.  opts: more
+-- options for the app's start (workers, ...).
+function M.sim_and_app(http, server, opts)
+  local launch = require "tests.upstream.launch"
+  local sim = launch.start{ quiet = true }
+  local o = { quiet = true }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.app = { http = http:gsub("@SIM_URL@", sim.url), server = server }
+  local ok, app = pcall(launch.start, o)
+  if not ok then
+    sim:stop()
+    error(app, 0)
+  end
+  return sim, app
+end
+
 return M

@@ -70,6 +70,7 @@ function M.new(opts)
     mask_pii = opts.mask_pii,
     max_body = opts.max_body or 64 * 1024 * 1024,
     ca_file = opts.ca_file, http_version = opts.http_version,
+    observe = opts.observe,
     runtime = rt,
     user_agent = opts.user_agent or ("lua-slm/" .. VERSION),
     stats = { requests = 0, attempts = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0, errors = 0,

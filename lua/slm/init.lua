@@ -68,6 +68,7 @@ local lazy = {
   pii = function() return require("slm.pii") end,
   bm25 = function() return require("slm.bm25") end,
   redis = function() return require("slm.shared.redis") end,
+  ngx = function() return require("slm.ngx") end,
 }
 
 return setmetatable(slm, {

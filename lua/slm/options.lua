@@ -89,6 +89,8 @@ M.CLIENT = {
     "a path string (PEM CA certificates)" },
   http_version = { function(v) return v == "1.1" or v == "2" end, '"1.1" or "2"' },
   transport = { runtime, 'a runtime (a table with open, sleep, semaphore, now, spawn) or "curl" / "ngx"' },
+  -- called once per finished call with what it did (pipeline.lua, "observe")
+  observe = { function(v) return type(v) == "function" end, "a function (event)" },
 }
 
 -- Request options that are ours, not part of the chat-completions body.

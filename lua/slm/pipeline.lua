@@ -125,6 +125,9 @@ function M.new(client, body, opts, stream)
     prompt = false, prompt_info = false, resv = false, budget = false, reserved_usd = 0,
     qresv = false, quota = quota, consumer = display, cache_key = ckey, tokens = false,
     no_consumer = client.quotas ~= nil and not key,
+    -- what every attempt of the call was billed, and the stream's first
+    -- token: for the client's observe hook
+    used_prompt = 0, used_completion = 0, used_cost = 0, ttft = false,
   }, Call)
 end
 
@@ -285,7 +288,10 @@ function Call:bill(usage, cost)
   local st = self.client.stats
   st.prompt_tokens = st.prompt_tokens + usage.prompt_tokens
   st.completion_tokens = st.completion_tokens + usage.completion_tokens
+  self.used_prompt = self.used_prompt + usage.prompt_tokens
+  self.used_completion = self.used_completion + usage.completion_tokens
   if cost then
+    self.used_cost = self.used_cost + cost
     st.cost = st.cost + cost
     self.bill_usd = self.bill_usd + cost
   else
@@ -366,6 +372,31 @@ function Call:finish(res)
   return res
 end
 
+-- The client's observe hook, once per finished call (succeeded or failed
+-- for good): what it was for, what it did and cost.  The hook runs under
+-- pcall: a broken observer is logged, never the call's failure.
+local observer_warned = false
+local function observe(call, res, err)
+  local fn = call.client.observe
+  if not fn then return end
+  local ok, why = pcall(fn, {
+    model = call.chain[call.mi], requested_model = call.chain[1],
+    answered_model = res and res.model or nil,
+    consumer = call.consumer or nil, -- the display form: a key is never passed on
+    outcome = res and "ok" or "error", kind = err and err.kind or nil, status = err and err.status or nil,
+    prompt_tokens = call.used_prompt, completion_tokens = call.used_completion,
+    cost = call.used_cost,
+    latency = call.rt.now() - call.t0, ttft = call.ttft or nil,
+    attempts = call.attempts, stream = call.stream and true or false,
+    finish_reason = res and res.finish_reason or nil,
+  })
+  if not ok and not observer_warned then
+    observer_warned = true
+    local msg = "slm: the client's observe hook failed (reported once): " .. tostring(why)
+    if ngx and ngx.log then ngx.log(ngx.ERR, msg) else io.stderr:write(msg, "\n") end
+  end
+end
+
 --- The current model answered: -> res (finished, billed, settled).
 function Call:succeeded(res)
   self:release()
@@ -375,6 +406,7 @@ function Call:succeeded(res)
   if self.mi > 1 then res.fallback_errors = self.errs end
   if self.consumer then res.consumer = self.consumer end
   if self.cache_key then cache.put(self.client, self.cache_key, res) end
+  observe(self, res, nil)
   return res
 end
 
@@ -441,7 +473,9 @@ function Call:error()
   end
   self.client.stats.errors = self.client.stats.errors + 1
   if self.consumer then last.consumer = self.consumer end
-  return redact.deep(last, self.client:_secrets())
+  local err = redact.deep(last, self.client:_secrets())
+  observe(self, nil, err)
+  return err
 end
 
 ------------------------------------------------------------------ plain calls

@@ -186,7 +186,11 @@ local function read_slice(s)
 end
 
 local function note_ttft(s)
-  if not s.ttft then s.ttft = s.call.rt.now() - s.call.t0 end
+  if not s.ttft then
+    local call = s.call
+    s.ttft = call.rt.now() - call.t0
+    call.ttft = s.ttft
+  end
 end
 
 -- Fold one SSE event (an event table) into the stream: returns true and,
@@ -357,6 +361,19 @@ function Stream:next()
       if bytes then feed(self, bytes) else ended(self) end
     end
   end
+end
+
+--- Whether next() can return without waiting for the network: a delta, or
+-- bytes to parse, from what the last read brought (a relay flushes its
+-- output only when nothing more is at hand: slm.ngx).
+function Stream:pending()
+  local evs = self.evs
+  if evs then
+    for i = self.ei, self.en - 1, 2 do
+      if evs[i] then return true end
+    end
+  end
+  return self.queue[self.qhead] ~= nil or self.rbuf ~= nil
 end
 
 -- generic-for protocol: `for text, chunk in stream do ... end`

@@ -1,0 +1,554 @@
+-- slm.ngx (relay, access-log variables) and slm.ngx.metrics in plain Lua:
+-- a fake `ngx` (what the relay prints, flushes, logs; a browser that fails
+-- a flush; a clock) over real streams from the simulator (client:stream on
+-- the libcurl runtime), and the client's observe hook.  The same relay in
+-- a real nginx: tests/openresty_relay_spec.lua.
+local helpers = require "tests.helpers"
+local json = require "slm.json"
+
+-- A fake ngx for one request.  fail_after: the flush after that many
+-- successful ones fails (the browser has gone).
+local function fake_ngx(o)
+  o = o or {}
+  local n = {
+    out = {}, logs = {}, header = {}, status = 0, ctx = {}, var = {}, flushes = 0, t = 0,
+    WARN = 5, ERR = 4, INFO = 7, shared = o.shared or {},
+  }
+  function n.print(s)
+    if n.gone then return nil, "broken pipe" end
+    n.out[#n.out + 1] = s
+    return 1
+  end
+  function n.flush(wait)
+    assert(wait == true, "flush(true)")
+    if o.fail_after and n.flushes >= o.fail_after then
+      n.gone = true
+      return nil, "broken pipe"
+    end
+    n.flushes = n.flushes + 1
+    return 1
+  end
+  function n.log(level, ...) n.logs[#n.logs + 1] = { level, table.concat({ ... }) } end
+  function n.now() return n.t + os.clock() end
+  function n.get_phase() return "content" end
+  if o.abort then
+    function n.on_abort(fn)
+      if n.abort_handler then return nil, "duplicate call" end
+      n.abort_handler = fn
+      return 1
+    end
+  end
+  -- declared variables only, like nginx: writing another one raises
+  if o.declared then
+    local store = {}
+    n.var = setmetatable({}, {
+      __index = function(_, k) return store[k] end,
+      __newindex = function(_, k, v)
+        if not o.declared[k] then error('variable "' .. k .. '" not found for writing', 2) end
+        store[k] = v
+      end,
+    })
+  end
+  n.body = function() return table.concat(n.out) end
+  return n
+end
+
+-- A lua_shared_dict stand-in: incr with init, get, get_keys, delete.
+local function fake_dict(capacity)
+  local d = { data = {}, n = 0 }
+  function d:incr(k, v, init)
+    if self.data[k] == nil then
+      if capacity and self.n >= capacity then return nil, "no memory" end
+      self.n = self.n + 1
+      self.data[k] = init
+    end
+    self.data[k] = self.data[k] + v
+    return self.data[k]
+  end
+  function d:get(k) return self.data[k] end
+  function d:delete(k)
+    if self.data[k] ~= nil then self.n = self.n - 1 end
+    self.data[k] = nil
+  end
+  function d:get_keys()
+    local ks = {}
+    for k in pairs(self.data) do ks[#ks + 1] = k end
+    return ks
+  end
+  return d
+end
+
+local slm, relay, parse, metrics
+
+describe("slm.ngx", function()
+  local up
+  setup(function()
+    up = helpers.upstream()
+    slm = require "slm"
+    relay = require("slm.ngx").relay
+    parse = require("slm.ngx").parse_events
+    metrics = require "slm.ngx.metrics"
+  end)
+  teardown(function()
+    _G.ngx = nil
+    if up then up:stop() end
+  end)
+  after_each(function() _G.ngx = nil end)
+
+  local function client(opts, scenario)
+    local o = { max_retries = 0 }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    if scenario then o.headers = { ["X-Sim-Scenario"] = scenario } end
+    return helpers.sim_client(up, o)
+  end
+
+  it("is reachable as slm.ngx, and slm.ngx.metrics as its metrics", function()
+    assert.equal(require("slm.ngx"), slm.ngx)
+    assert.equal(metrics, slm.ngx.metrics)
+  end)
+
+  describe("relay", function()
+    it("relays every delta as one SSE event, flushed, and ends with usage and cost", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local c = client({}, "chunks=12")
+      local plain = c:chat{ messages = helpers.msgs("x") }
+      local s = c:stream{ messages = helpers.msgs("x") }
+      local res, err, rep = relay(s)
+      assert.is_nil(err)
+      assert.equal(200, n.status)
+      assert.equal("text/event-stream", n.header["Content-Type"])
+      assert.equal("no-cache", n.header["Cache-Control"])
+      assert.equal("no", n.header["X-Accel-Buffering"])
+      local body = n.body()
+      local text, final, events = parse(body)
+      assert.equal(plain.text, text) -- byte for byte
+      assert.equal(res.text, text)
+      assert.equal(12, rep.pieces)
+      assert.equal(13, #events)
+      -- the pieces one read brought go out together: fewer writes than events
+      assert.is_true(n.flushes >= 2 and n.flushes < #events, n.flushes)
+      -- the framing, exactly
+      for i = 1, #events - 1 do
+        assert.equal("data: " .. json.encode{ delta = events[i].data.delta }, events[i].raw)
+      end
+      assert.equal("done", events[#events].event)
+      assert.matches("^event: done\ndata: {.*}\n\n$", n.out[#n.out])
+      assert.same({ prompt_tokens = res.usage.prompt_tokens, completion_tokens = res.usage.completion_tokens,
+        total_tokens = res.usage.total_tokens }, final.usage)
+      assert.near(res.cost, final.cost, 1e-15)
+      assert.equal("gpt-4o-mini", final.model)
+      assert.equal("stop", final.finish_reason)
+      assert.equal(#text, final.bytes)
+    end)
+
+    it("flushes each piece before it waits for the next one", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local printed_unflushed = 0
+      local print0, flush0 = n.print, n.flush
+      n.print = function(s) printed_unflushed = printed_unflushed + 1; return print0(s) end
+      n.flush = function(w) printed_unflushed = 0; return flush0(w) end
+      local s = client({}, "chunks=6,slow_chunks=30"):stream{ messages = helpers.msgs("x") }
+      local next0 = s.next
+      local waits_with_output = 0
+      s.next = function(self)
+        if not self:pending() and printed_unflushed > 0 then waits_with_output = waits_with_output + 1 end
+        return next0(self)
+      end
+      local _, _, rep = relay(s)
+      assert.equal(6, rep.pieces)
+      assert.equal(0, waits_with_output)
+      assert.equal(7, n.flushes) -- 30 ms apart: one write each, and the done event
+    end)
+
+    it("keeps multi-byte text and newlines exact", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local c = client()
+      local q = "Привет,\nмир — \"quoted\" \\ back\r\n\tend ✓"
+      local text = parse(select(1, (function() relay(c:stream{ messages = helpers.msgs(q) }); return n.body() end)()))
+      assert.equal("Echo: " .. q, text)
+    end)
+
+    it("streams a request table through opts.client, and on_delta transforms, drops or logs pieces", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local seen = {}
+      local res = relay({ messages = helpers.msgs("a b c") }, { client = client(), on_delta = function(t)
+        seen[#seen + 1] = t
+        if t:find("b") then return false end
+        return t:upper()
+      end })
+      local text = parse(n.body())
+      assert.equal(res.text, table.concat(seen))
+      local want = {}
+      for _, t in ipairs(seen) do if not t:find("b") then want[#want + 1] = t:upper() end end
+      assert.equal(table.concat(want), text)
+    end)
+
+    it("answers an error before any output with its HTTP status and a JSON body", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local res, err, rep = relay(client({}, "status=503"):stream{ messages = helpers.msgs("x") })
+      assert.is_nil(res)
+      assert.equal("server", err.kind)
+      assert.is_false(rep.started)
+      assert.equal(502, n.status)
+      assert.equal("application/json", n.header["Content-Type"])
+      local body = json.decode(n.body())
+      assert.equal("server", body.error.kind)
+      assert.equal(503, body.error.status)
+      assert.is_string(body.error.message)
+      -- a budget refusal: 429, nothing sent
+      n = fake_ngx()
+      _G.ngx = n
+      local before = up:stats().requests
+      relay(client{ budget = slm.budget{ usd = 1e-9 } }:stream{ messages = helpers.msgs("x") })
+      assert.equal(429, n.status)
+      assert.equal("budget", json.decode(n.body()).error.kind)
+      assert.equal(before, up:stats().requests)
+    end)
+
+    it("ends with an error event when the stream breaks after output, and never retries then", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      up:reset()
+      -- a reset mid-stream is a "connect" error, which is retried before output
+      local c = helpers.sim_client(up, { max_retries = 3, headers = { ["X-Sim-Scenario"] = "chunks=20,reset" } })
+      local res, err, rep = relay(c:stream{ messages = helpers.msgs("x") })
+      assert.is_nil(res)
+      assert.is_true(rep.started)
+      assert.equal(1, up:stats().requests) -- no retry after output started
+      local text, final, events = parse(n.body())
+      assert.equal("error", events[#events].event)
+      assert.equal(err.kind, final.error.kind)
+      assert.equal(err.partial.text, text)
+      assert.is_number(final.usage.completion_tokens)
+    end)
+
+    it("retries before output has started (the stream's own rule)", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      up:reset()
+      local c = helpers.sim_client(up, { max_retries = 2, headers = { ["X-Sim-Scenario"] = "status=503,fail=1",
+        ["X-Sim-Key"] = "relay-retry-" .. os.time() .. math.random(1e9) } })
+      local res = relay(c:stream{ messages = helpers.msgs("x") })
+      assert.is_table(res)
+      assert.equal(2, up:stats().requests)
+      assert.equal(200, n.status)
+      assert.equal(res.text, (parse(n.body())))
+    end)
+
+    it("stops the upstream at once when the browser goes away, charges the budget for what was delivered, logs it",
+      function()
+        local n = fake_ngx{ fail_after = 3 }
+        _G.ngx = n
+        up:reset()
+        local b = slm.budget{ usd = 1 }
+        local c = client({ budget = b }, "chunks=400,slow_chunks=5")
+        local res, err, rep = relay(c:stream{ messages = helpers.msgs("x") })
+        assert.is_nil(res)
+        assert.equal("cancelled", err.kind)
+        assert.is_true(rep.aborted)
+        assert.equal(3, rep.pieces)
+        -- the upstream saw the connection closed, long before its 400 chunks
+        local st
+        for _ = 1, 100 do
+          st = up:stats()
+          if st.aborted == 1 and st.in_flight == 0 then break end
+          os.execute("sleep 0.02")
+        end
+        assert.equal(1, st.aborted)
+        assert.equal(0, st.in_flight)
+        -- billed: the prompt and the pieces that arrived, no more; nothing held
+        local usd, tokens = b:spent()
+        assert.equal(err.partial.usage.total_tokens, tokens)
+        assert.is_true(err.partial.usage.completion_tokens >= 3 and err.partial.usage.completion_tokens < 400)
+        assert.near(err.partial.cost, usd, 1e-12)
+        assert.equal(0, select(2, b:reserved()))
+        -- no final event to a browser that is gone; a WARN line
+        local _, final, events = parse(n.body())
+        assert.is_nil(final)
+        assert.equal(4, #events) -- the fourth was printed, its flush failed
+        assert.equal(n.WARN, n.logs[1][1])
+        assert.matches("client went away after %d+ bytes in 3 pieces", n.logs[1][2])
+      end)
+
+    it("registers ngx.on_abort, whose handler closes the stream", function()
+      local n = fake_ngx{ abort = true }
+      _G.ngx = n
+      up:reset()
+      local b = slm.budget{ tokens = 1e6 }
+      local c = client({ budget = b }, "chunks=200,slow_chunks=5")
+      local got = 0
+      local _, err, rep = relay(c:stream{ messages = helpers.msgs("x") }, { on_delta = function()
+        got = got + 1
+        if got == 5 then n.abort_handler() end -- the browser leaves here
+      end })
+      assert.equal("cancelled", err.kind)
+      assert.is_true(rep.aborted)
+      assert.equal(5, got)
+      assert.equal(4, rep.pieces) -- the fifth was not sent: the browser was gone
+      local _, tokens = b:spent()
+      assert.equal(err.partial.usage.total_tokens, tokens)
+      assert.is_true(tokens > 0)
+    end)
+
+    it("caps the relayed bytes, cutting at a UTF-8 boundary, and says so in the done event", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      up:reset()
+      local b = slm.budget{ usd = 1 }
+      local c = client({ budget = b }, "chunks=300,slow_chunks=2")
+      local _, err, rep = relay(c:stream{ messages = helpers.msgs("x") }, { max_bytes = 50 })
+      assert.equal("bytes", rep.capped)
+      assert.equal("cancelled", err.kind)
+      local text, final = parse(n.body())
+      assert.equal(50, #text)
+      assert.equal(("tok "):rep(13):sub(1, 50), text)
+      assert.equal("bytes", final.capped)
+      assert.equal(err.partial.usage.completion_tokens, final.usage.completion_tokens)
+      assert.equal(final.usage.total_tokens, select(2, b:spent()))
+      for _ = 1, 100 do
+        if up:stats().aborted == 1 then break end
+        os.execute("sleep 0.02")
+      end
+      assert.equal(1, up:stats().aborted)
+      assert.equal("абв", require("slm.ngx").utf8_prefix("абвг", 7))
+      assert.equal("аб", require("slm.ngx").utf8_prefix("абвг", 5))
+    end)
+
+    it("caps the duration", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local c = client({}, "chunks=300,slow_chunks=20")
+      local t0 = os.time()
+      local calls = 0
+      local _, _, rep = relay(c:stream{ messages = helpers.msgs("x") }, { max_seconds = 0.25,
+        on_delta = function()
+          calls = calls + 1
+          if calls == 4 then n.t = n.t + 1 end -- a second passes on the fake clock
+        end })
+      assert.equal("duration", rep.capped)
+      assert.equal(4, rep.pieces)
+      assert.equal("duration", select(2, parse(n.body())).capped)
+      assert.is_true(os.time() - t0 < 5)
+    end)
+
+    it("relays a push source (bot:reply with on_delta = emit) and stops it when the browser leaves", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local c = client()
+      local res = relay(function(emit)
+        return c:chat{ messages = helpers.msgs("push it"), stream = true, on_delta = emit }
+      end, { final = function(r) return { extra = r and #r.text } end })
+      local text, final = parse(n.body())
+      assert.equal("Echo: push it", text)
+      assert.equal(res.text, text)
+      assert.equal(#text, final.extra)
+
+      n = fake_ngx{ fail_after = 2 }
+      _G.ngx = n
+      up:reset()
+      local b = slm.budget{ tokens = 1e6 }
+      c = client({ budget = b }, "chunks=300,slow_chunks=5")
+      local r2, err, rep = relay(function(emit)
+        return c:chat{ messages = helpers.msgs("x"), stream = true, on_delta = emit }
+      end)
+      assert.is_nil(r2)
+      assert.equal("cancelled", err.kind)
+      assert.is_true(rep.aborted)
+      local _, tokens = b:spent()
+      assert.is_true(tokens > 0)
+      assert.equal(0, select(2, b:reserved()))
+      for _ = 1, 100 do
+        if up:stats().aborted == 1 then break end
+        os.execute("sleep 0.02")
+      end
+      assert.equal(1, up:stats().aborted)
+    end)
+
+    it("refuses misuse at once", function()
+      _G.ngx = fake_ngx()
+      assert.has_error(function() relay(42) end,
+        "slm.ngx.relay: expected a stream, a request table or a function(emit), got number")
+      assert.has_error(function() relay({ messages = {} }) end, "slm.ngx.relay: a request table needs opts.client")
+      assert.has_error(function() relay(function() end, { max_bytes = 0 }) end,
+        "slm.ngx.relay: option 'max_bytes' must be a positive number")
+      assert.has_error(function() relay(function() end, { nope = 1 }) end, "slm.ngx.relay: unknown option 'nope'")
+    end)
+  end)
+
+  describe("observe", function()
+    it("is called once per finished call with what it did", function()
+      local evs = {}
+      local c = client({ observe = function(e) evs[#evs + 1] = e end })
+      local res = c:chat{ messages = helpers.msgs("hello"), consumer = "acme" }
+      assert.equal(1, #evs)
+      local e = evs[1]
+      assert.equal("gpt-4o-mini", e.model)
+      assert.equal("acme", e.consumer)
+      assert.equal("ok", e.outcome)
+      assert.equal(res.usage.prompt_tokens, e.prompt_tokens)
+      assert.equal(res.usage.completion_tokens, e.completion_tokens)
+      assert.near(res.cost, e.cost, 1e-15)
+      assert.equal(1, e.attempts)
+      assert.is_false(e.stream)
+      assert.is_nil(e.ttft)
+      assert.is_true(e.latency > 0)
+      -- the consumer never goes into the body
+      assert.is_nil(up:last().body.consumer)
+
+      local s = c:stream{ messages = helpers.msgs("hello") }
+      for _ in s do end
+      assert.equal(2, #evs)
+      assert.is_true(evs[2].stream)
+      assert.is_true(evs[2].ttft > 0 and evs[2].ttft <= evs[2].latency)
+
+      local bad = client({ observe = function(e) evs[#evs + 1] = e end }, "status=500")
+      assert.is_nil(bad:chat{ messages = helpers.msgs("x") })
+      assert.equal(3, #evs)
+      assert.equal("error", evs[3].outcome)
+      assert.equal("server", evs[3].kind)
+      assert.equal(0, evs[3].completion_tokens)
+    end)
+
+    it("reports a cancelled stream with the tokens billed for it", function()
+      local evs = {}
+      local c = client({ observe = function(e) evs[#evs + 1] = e end }, "chunks=100,slow_chunks=3")
+      local s = c:stream{ messages = helpers.msgs("x") }
+      for _ = 1, 3 do s:next() end
+      s:close()
+      local _, err = s:result()
+      assert.equal(1, #evs)
+      assert.equal("cancelled", evs[1].kind)
+      assert.equal(err.partial.usage.completion_tokens, evs[1].completion_tokens)
+      assert.is_true(evs[1].completion_tokens >= 3)
+    end)
+
+    it("survives an observer that raises, and says so once", function()
+      local said = {}
+      local real = io.stderr
+      io.stderr = { write = function(_, ...) said[#said + 1] = table.concat({ ... }) end }
+      local ok, why = pcall(function()
+        local c = client({ observe = function() error("boom") end })
+        assert.equal("Echo: x", c:chat{ messages = helpers.msgs("x") }.text)
+        assert.equal("Echo: y", c:chat{ messages = helpers.msgs("y") }.text)
+      end)
+      io.stderr = real
+      assert(ok, why)
+      assert.equal(1, #said)
+      assert.matches("observe hook failed %(reported once%): .*boom", said[1])
+    end)
+
+    it("refuses a non-function observer and a bad consumer", function()
+      assert.has_error(function() slm.client{ observe = 1 } end,
+        "slm.client: option 'observe' must be a function (event), got number")
+      assert.has_error(function() client():chat{ messages = helpers.msgs("x"), consumer = 5 } end)
+    end)
+  end)
+
+  describe("metrics", function()
+    local function series(text)
+      local t = {}
+      for line in text:gmatch("[^\n]+") do
+        if not line:find("^#") then
+          local k, v = line:match("^(%S+) (%S+)$")
+          assert(k, "a bad line: " .. line)
+          t[k] = tonumber(v)
+        end
+      end
+      return t
+    end
+
+    it("counts requests, errors, tokens, cost and the histograms per model and consumer", function()
+      _G.ngx = fake_ngx{ declared = { slm_tokens = true, slm_cost = true, slm_consumer = true, slm_ttft = true } }
+      local d = fake_dict()
+      local m = metrics.new{ dict = d, consumer = function() return "fallback-co" end }
+      local c = client({ observe = m:observer() })
+      local r1 = c:chat{ messages = helpers.msgs("one"), consumer = "acme" }
+      local s = c:stream{ messages = helpers.msgs("two"), consumer = "acme" }
+      for _ in s do end
+      local r2 = s:result()
+      local r3 = c:chat{ messages = helpers.msgs("three") }
+      client({ observe = m:observer() }, "status=429"):chat{ messages = helpers.msgs("x"), consumer = "acme" }
+      local text = m:text()
+      local t = series(text)
+      local acme = 'consumer="acme",model="gpt-4o-mini"'
+      assert.equal(2, t['slm_requests_total{' .. 'consumer="acme",model="gpt-4o-mini",outcome="ok"}'])
+      assert.equal(1, t['slm_requests_total{' .. 'consumer="acme",model="gpt-4o-mini",outcome="error"}'])
+      assert.equal(1, t['slm_requests_total{' .. 'consumer="fallback-co",model="gpt-4o-mini",outcome="ok"}'])
+      assert.equal(1, t['slm_errors_total{' .. 'consumer="acme",kind="rate_limit",model="gpt-4o-mini"}'])
+      assert.equal(r1.usage.prompt_tokens + r2.usage.prompt_tokens, t["slm_prompt_tokens_total{" .. acme .. "}"])
+      assert.equal(r1.usage.completion_tokens + r2.usage.completion_tokens,
+        t["slm_completion_tokens_total{" .. acme .. "}"])
+      assert.near(r1.cost + r2.cost, t["slm_cost_usd_total{" .. acme .. "}"], 1e-12)
+      assert.equal(3, t["slm_request_duration_seconds_count{" .. acme .. "}"])
+      assert.equal(3, t["slm_request_duration_seconds_bucket{" .. acme .. ',le="+Inf"}'])
+      assert.equal(1, t["slm_ttft_seconds_count{" .. acme .. "}"])
+      assert.near(r2.ttft, t["slm_ttft_seconds_sum{" .. acme .. "}"], 1e-9)
+      -- buckets cumulative and in order
+      local prev = 0
+      for le in text:gmatch('slm_request_duration_seconds_bucket{consumer="acme",model="gpt%-4o%-mini",le="([^"]+)"}') do
+        local v = t['slm_request_duration_seconds_bucket{' .. acme .. ',le="' .. le .. '"}']
+        assert.is_true(v >= prev)
+        prev = v
+      end
+      assert.equal(3, prev)
+      assert.equal(3, t["slm_request_duration_seconds_bucket{" .. acme .. ',le="60"}'])
+      assert.matches("# TYPE slm_request_duration_seconds histogram", text, 1, true)
+      assert.matches("# TYPE slm_requests_total counter", text, 1, true)
+      -- the access-log variables: the declared ones, for the last call of the request
+      assert.equal(tostring(r1.usage.total_tokens + r2.usage.total_tokens + r3.usage.total_tokens
+        + 0), ngx.var.slm_tokens)
+      assert.equal("acme", ngx.var.slm_consumer)
+      assert.matches("^%d+%.%d+$", ngx.var.slm_cost)
+    end)
+
+    it("keeps each histogram bucket as the count of observations at or below it", function()
+      _G.ngx = fake_ngx()
+      local m = metrics.new{ dict = fake_dict(), vars = false, buckets = { 0.1, 0.25, 1 } }
+      for _, v in ipairs{ 0.05, 0.2, 0.25, 3 } do
+        m:record{ model = "m", consumer = "c", outcome = "ok", latency = v, ttft = v / 10 }
+      end
+      local t = series(m:text())
+      local l = 'slm_request_duration_seconds_bucket{consumer="c",model="m",le="%s"}'
+      assert.equal(1, t[l:format("0.1")])
+      assert.equal(3, t[l:format("0.25")])
+      assert.equal(3, t[l:format("1")])
+      assert.equal(4, t[l:format("+Inf")])
+      assert.near(3.5, t['slm_request_duration_seconds_sum{consumer="c",model="m"}'], 1e-12)
+      assert.equal(4, t['slm_request_duration_seconds_count{consumer="c",model="m"}'])
+      assert.equal(3, t['slm_ttft_seconds_bucket{consumer="c",model="m",le="0.025"}']) -- 0.005, 0.02, 0.025
+    end)
+
+    it("escapes label values, drops increments when the dict is full, and serves the text", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local d = fake_dict(3)
+      local m = metrics.new{ dict = d, vars = false }
+      m:record{ model = 'we"ird\\m\nodel', consumer = "a\tb", outcome = "ok", prompt_tokens = 1,
+        completion_tokens = 2, cost = 0.5, attempts = 1, latency = 0.2 }
+      assert.equal(1, #n.logs) -- reported once
+      assert.matches("dropped", n.logs[1][2])
+      local text = m:text()
+      assert.matches('model="we\\"ird\\\\m\\nodel"', text, 1, true)
+      assert.matches('consumer="a b"', text, 1, true)
+      m:serve()
+      assert.equal("text/plain; version=0.0.4; charset=utf-8", n.header["Content-Type"])
+      assert.equal(text, n.body())
+      m:reset()
+      assert.same({}, d:get_keys())
+    end)
+
+    it("resolves a lua_shared_dict by name and says which one is missing", function()
+      _G.ngx = fake_ngx{ shared = { mine = fake_dict() } }
+      assert.is_table(metrics.new{ dict = "mine" })
+      assert.has_error(function() metrics.new{ dict = "nope" } end,
+        "slm.ngx.metrics: no lua_shared_dict 'nope' (add `lua_shared_dict nope 4m;` to http{})")
+      assert.has_error(function() metrics.new{ buckets = { 1, 0.5 } } end,
+        "slm.ngx.metrics: option 'buckets' must be increasing finite numbers")
+    end)
+  end)
+end)
