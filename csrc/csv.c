@@ -87,7 +87,7 @@ static void fault(slm_csv *p, int code, const char *bad) {
   p->err_field = p->nfields + 1;
   n = p->len - p->field_start;
   if (n > room) n = room;
-  memcpy(p->excerpt, p->data + p->len - n, n);
+  if (n) memcpy(p->excerpt, p->data + p->len - n, n);
   if (bad) p->excerpt[n++] = *bad;
   p->excerpt_len = n;
 }
@@ -95,6 +95,9 @@ static void fault(slm_csv *p, int code, const char *bad) {
 static int append(slm_csv *p, const char *s, size_t n) {
   if (p->err) return 1;
   if (p->max_record && n > p->max_record - p->len) {
+    /* keep what fits, so that the excerpt does not depend on the chunks */
+    size_t fit = p->max_record - p->len;
+    if (fit && !append(p, s, fit)) return 0;
     fault(p, SLM_CSV_ETOOBIG, NULL);
     return 1;
   }
@@ -120,7 +123,7 @@ static int end_field(slm_csv *p) {
 
 static void emit(slm_csv *p, slm_csv_on_record on_record, void *ud) {
   slm_csv_record r;
-  r.data = p->data;
+  r.data = p->data ? p->data : ""; /* never NULL: callers add offsets to it */
   r.ends = p->ends;
   r.nfields = p->err ? 0 : p->nfields;
   r.line = p->rec_line;
