@@ -14,6 +14,8 @@ local KINDS = {
   storage = true, -- a shared limit's storage failed (a full shared dict, Redis down)
   -- the task layer's
   validation = true, length = true,
+  -- slm.csv / slm.jsonl: a malformed record or line, a file that cannot be read or written
+  input = true,
 }
 M.KINDS = KINDS
 
