@@ -65,6 +65,8 @@ local lazy = {
   store = function() return require("slm.store") end,
   pii = function() return require("slm.pii") end,
   bm25 = function() return require("slm.bm25") end,
+  csv = function() return require("slm.csv") end,
+  jsonl = function() return require("slm.jsonl") end,
 }
 
 return setmetatable(slm, {
