@@ -139,6 +139,49 @@ describe("slm classify", function()
     assert.are.equal(before, H.read_file(out))
   end)
 
+  it("a rerun of a finished job reads neither input rows nor ledger, unless the input or output changed", function()
+    local input = tickets(4, dir .. "/in.jsonl")
+    local out = dir .. "/out.jsonl"
+    local cmd = ("classify %s --no-progress -o %s %s"):format(LABELS, out, input)
+    local _, err, code = run(cmd)
+    assert.are.equal(0, code, err)
+    local ledger = lines_of(out .. ".ledger")
+    assert.are.equal(5, #ledger)
+    local mark = json.decode(ledger[5])
+    assert.is_string(mark.complete)
+    assert.is_nil(mark.key)
+    assert.are.equal(#H.read_file(out), mark.output_size)
+    _, err, code = run(cmd)
+    assert.are.equal(0, code, err)
+    assert.matches("4 rows: 0 succeeded, 0 failed, 4 done before", err)
+    assert.are.equal(5, #lines_of(out .. ".ledger"))
+    -- the output cut short: rebuilt from the ledger, nothing sent
+    H.write_file(out, "")
+    _, err, code = run(cmd)
+    assert.are.equal(0, code, err)
+    assert.are.equal(4, #jsonl_rows(out))
+    -- a row added to the input: only it is sent
+    H.write_file(input, H.read_file(input) .. '{"id":5,"text":"refund once more"}\n')
+    _, err, code = run(cmd)
+    assert.are.equal(0, code, err)
+    assert.are.equal(5, #jsonl_rows(out))
+    assert.are.equal(5, up:stats().requests)
+    -- a torn last record (a kill in the middle of a write) is skipped, and
+    -- the next record starts on a line of its own
+    local fh = assert(io.open(out .. ".ledger", "ab"))
+    fh:write('{"cost":0,"key":"00ff')
+    fh:close()
+    H.write_file(input, H.read_file(input) .. '{"id":6,"text":"refund the rest"}\n')
+    _, err, code = run(cmd)
+    assert.are.equal(0, code, err)
+    assert.are.equal(6, up:stats().requests)
+    H.write_file(input, H.read_file(input) .. '{"id":7,"text":"late again"}\n')
+    _, err, code = run(cmd)
+    assert.are.equal(0, code, err)
+    assert.are.equal(7, up:stats().requests) -- row 6 was read back from the ledger: only row 7 sent
+    assert.are.equal(7, #jsonl_rows(out))
+  end)
+
   it("sends one request for rows with the same input, and gives each the reply", function()
     local input = dir .. "/in.jsonl"
     H.write_file(input, '{"id":1,"text":"refund please"}\n{"id":2,"text":"refund please"}\n')
@@ -342,7 +385,7 @@ describe("slm classify interrupted", function()
       local keys, n = {}, 0
       for _, line in ipairs(lines_of(out .. ".ledger")) do
         local ok, rec = pcall(json.decode, line)
-        if ok and type(rec) == "table" and not keys[rec.key] then keys[rec.key] = true; n = n + 1 end
+        if ok and type(rec) == "table" and rec.key and not keys[rec.key] then keys[rec.key] = true; n = n + 1 end
       end
       return n
     end
@@ -376,7 +419,7 @@ describe("slm classify interrupted", function()
     local seen = {}
     for _, line in ipairs(lines_of(out .. ".ledger")) do
       local ok, rec = pcall(json.decode, line)
-      if ok and type(rec) == "table" then
+      if ok and type(rec) == "table" and rec.key then
         assert.is_nil(seen[rec.key], "a row finished twice")
         seen[rec.key] = true
       end
@@ -458,6 +501,67 @@ describe("the other batch tasks", function()
     _, err, code = run(("generate --template %s --no-progress -o %s %s"):format(tpl, dir .. "/g2.jsonl", input))
     assert.are.equal(1, code)
     assert.are.equal("missing_column", jsonl_rows(dir .. "/g2.jsonl")[1].error_kind)
+  end)
+end)
+
+describe("progress", function()
+  it("plain lines when stderr is no terminal, a bar with the running cost with --progress", function()
+    local input = tickets(8, dir .. "/in.jsonl")
+    local _, err, code = run(("classify %s --header 'X-Sim-Scenario: delay=60' -c 2 --progress-every 0.05 -o %s %s")
+      :format(LABELS, dir .. "/o1.jsonl", input))
+    assert.are.equal(0, code, err)
+    assert.matches("slm classify: %d/8 rows, 0 failed, %d+ tokens, %$[%d.]+, [%d.]+ s\n", err)
+    _, err, code = run(("classify %s --progress -o %s %s"):format(LABELS, dir .. "/o2.jsonl", input))
+    assert.are.equal(0, code, err)
+    assert.matches("8/8 100%%.-ETA 0s  %$0%.%d%d%d%d", err)
+  end)
+end)
+
+describe("slm compare", function()
+  it("prices a file's rows per model, counts what does not fit, and measures speed when asked", function()
+    local input = tickets(5, dir .. "/in.jsonl")
+    local out, err, code = run("compare -m gpt-4o-mini,nousresearch/hermes-3-llama-3.1-405b --output-tokens 50 " .. input)
+    assert.are.equal(0, code, err)
+    assert.matches("\ngpt%-4o%-mini +5 +%d+ +250 +[%d.]+ +[%d.]+ +0\n", out)
+    assert.are.equal(0, up:stats().requests)
+    out, err, code = run("compare --json -m gpt-4o-mini --prompt-tokens 200000 --output-tokens 10")
+    assert.are.equal(0, code, err)
+    local row = json.decode(out)
+    assert.are.equal(1, row.over_context)
+    assert.is_true(math.abs(row.cost - (200000 * 0.15 + 10 * 0.6) / 1e6) < 1e-9)
+    out, err, code = run("compare --json --measure 2 -m gpt-4o-mini,nousresearch/hermes-3-llama-3.1-405b " .. input)
+    assert.are.equal(0, code, err)
+    assert.are.equal(4, up:stats().requests)
+    for line in out:gmatch("[^\n]+") do
+      local r = json.decode(line)
+      assert.are.equal(2, r.measured)
+      assert.is_number(r.p50)
+      assert.is_number(r.tokens_per_s)
+    end
+  end)
+end)
+
+describe("slm chat on a terminal", function()
+  it("is interactive: streamed replies, the history kept, /reset forgets it", function()
+    local f = io.popen(("printf 'first question\\nsecond one\\n/reset\\nthird\\n/exit\\n' | %s script -qec 'bin/slm chat' /dev/null 2>&1")
+      :format(env()))
+    local out = f:read("a")
+    f:close()
+    assert.matches("Echo: first question", out)
+    assert.matches("Echo: second one", out)
+    assert.matches("Echo: third", out)
+    assert.are.equal(3, up:stats().requests)
+    local body = H.last(up).body
+    assert.are.equal(1, #body.messages)   -- after /reset: the new turn alone
+    assert.is_true(body.stream)
+    f = io.popen(("printf 'one\\ntwo\\n' | %s script -qec 'bin/slm chat -s terse' /dev/null 2>&1"):format(env()))
+    out = f:read("a")
+    f:close()
+    assert.matches("Echo: two", out)
+    body = H.last(up).body
+    assert.are.same({ "system", "user", "assistant", "user" }, { body.messages[1].role, body.messages[2].role,
+      body.messages[3].role, body.messages[4].role })
+    assert.are.equal("Echo: one", body.messages[3].content)
   end)
 end)
 

@@ -507,6 +507,7 @@ function Job:run(opts)
   s.seconds = core.now() - s.t0
   s.t0, s.done = nil, nil
   s.written = M.write_output(self)
+  if self.stamp and self.ledger_path and not stopped then self:mark_complete(s) end
   -- rows done before that failed count as failed now too
   for _, row in ipairs(self.rows) do
     local rec = not row.bad and seen[row.key] == nil and self.ledger_done[row.key]
@@ -520,6 +521,67 @@ function Job:run(opts)
   elseif stopped == "budget" then code = M.EXIT.budget
   elseif s.failed > 0 then code = M.EXIT.failed end
   return s, code
+end
+
+------------------------------------------------------------------ a finished job
+
+-- After a run that stopped for nothing, the ledger's last record is
+--   { "complete": stamp, "output_size": bytes, "rows": n, "failed": n, "failed_by_kind": {...} }
+-- (no "key": readers of rows skip it).  job.stamp (the CLI's: a hash of
+-- the input files' bytes and of everything the keys depend on, the output
+-- path and format, --limit) says which job it was; M.finished finds it at
+-- the end of the ledger, so a rerun of a finished job with an unchanged
+-- input and output reads neither (the resume costs a hash of the input).
+
+local function file_size(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local n = f:seek("end")
+  f:close()
+  return n
+end
+
+function Job:mark_complete(s)
+  local f = io.open(self.ledger_path, "ab")
+  if not f then return end
+  f:write(json.encode({ complete = self.stamp, output_size = file_size(self.output), rows = s.rows,
+    failed = s.failed, failed_by_kind = s.failed_by_kind }), "\n")
+  core.fsync(f)
+  f:close()
+end
+
+--- The complete-record of a finished job whose stamp is `stamp` and whose
+-- output is as that run left it, or nil.
+function M.finished(ledger_path, stamp, output)
+  local f = io.open(ledger_path, "rb")
+  if not f then return nil end
+  local size = f:seek("end")
+  f:seek("set", size > 65536 and size - 65536 or 0)
+  local tail = f:read("a") or ""
+  f:close()
+  if tail:sub(-1) ~= "\n" then return nil end
+  local from = tail:sub(1, -2):match(".*\n()") or 1 -- the start of the last line (greedy: one pass)
+  local last = tail:sub(from, -2)
+  if not last:find('"complete"', 1, true) then return nil end
+  local ok, rec = pcall(json.decode, last)
+  if not ok or type(rec) ~= "table" or rec.complete ~= stamp or rec.key ~= nil then return nil end
+  if not output or file_size(output) ~= rec.output_size then return nil end
+  return rec
+end
+
+--- The summary of a rerun of a finished job (M.finished's record): ->
+-- summary, exit code.
+function M.finished_summary(task, rec)
+  local kinds = type(rec.failed_by_kind) == "table" and rec.failed_by_kind or {}
+  local failed = tonumber(rec.failed) or 0
+  local rows = tonumber(rec.rows) or 0
+  local bad = 0
+  local s = { task = task, rows = rows, done_before = 0, sent = 0, succeeded = 0, failed = failed,
+    failed_by_kind = kinds, not_attempted = 0, tokens = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0,
+    seconds = 0, finished_before = true }
+  for k, n in pairs(kinds) do if k == "parse" or k == "ragged" or k == "missing_column" then bad = bad + n end end
+  s.done_before = rows - bad
+  return s, failed > 0 and M.EXIT.failed or M.EXIT.ok
 end
 
 --- The summary as text lines (for stderr).
