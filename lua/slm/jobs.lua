@@ -51,13 +51,18 @@
 -- A task column whose name the input already has is written "slm_<name>".
 --
 -- Usage log: one JSON line per task call (a row sent; a task that made
--- several HTTP requests says how many in `calls`):
+-- several HTTP requests says how many in `calls`; a row refused before
+-- sending, its prompt over the context, has calls = 0):
 --   { time (UTC, ISO 8601), run, task, model, prompt_tokens, completion_tokens,
 --     tokens, cost, latency, ttft, attempts, calls, outcome ("ok" | error kind),
 --     prompt (only with log_prompts: the row's input, its JSON when not a string) }
 -- never the row key; appended and flushed per line.
 --
--- Summary (job:run's first value): { rows, done_before, sent, succeeded,
+-- A finished job's rerun: see "a finished job" below (the ledger's last
+-- record { complete = stamp, ... } and M.finished).
+--
+-- Summary (job:run's first value): { rows, done_before, sent (requests
+-- sent, not rows refused here), succeeded,
 -- failed, failed_by_kind = { kind -> n }, not_attempted, tokens,
 -- prompt_tokens, completion_tokens, cost, seconds, stopped = nil |
 -- "budget" | "interrupted" }.  Exit codes (job:run's second): EXIT below.
@@ -171,7 +176,8 @@ function M.usage_line(job, info, outcome, prompt, id)
   return {
     time = iso_now(), run = job.run_id, task = job.task, model = info.model or job.model,
     prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or 0,
-    latency = info.latency, ttft = info.ttft, attempts = info.attempts or 1, calls = info.calls or 1,
+    latency = info.latency, ttft = info.ttft, attempts = info.local_check and 0 or info.attempts or 1,
+    calls = info.local_check and 0 or info.calls or 1,
     outcome = outcome, id = id, prompt = prompt,
   }
 end
@@ -475,7 +481,9 @@ function Job:run(opts)
         -- refused before it was sent: the row stays for the next run
         stopped = stopped or "budget"
       else
-        s.sent = s.sent + 1
+        -- refused here (a prompt over the context): an error row, nothing sent
+        local here = type(err) == "table" and err.local_check == true
+        if not here then s.sent = s.sent + 1 end
         record(row, result, info, err)
         s.done = s.done + 1
         if bar then
