@@ -514,8 +514,15 @@ function Job:run(opts)
   s.stopped = stopped
   s.seconds = core.now() - s.t0
   s.t0, s.done = nil, nil
-  s.written = M.write_output(self)
-  if self.stamp and self.ledger_path and not stopped then self:mark_complete(s) end
+  local wrote, written = pcall(M.write_output, self)
+  if not wrote then
+    -- the ledger has every finished row: a rerun writes the output
+    s.output_error = tostring(written)
+    if self.output then os.remove(self.output .. ".tmp") end
+  else
+    s.written = written
+    if self.stamp and self.ledger_path and not stopped then self:mark_complete(s) end
+  end
   -- rows done before that failed count as failed now too
   for _, row in ipairs(self.rows) do
     local rec = not row.bad and seen[row.key] == nil and self.ledger_done[row.key]
@@ -527,7 +534,7 @@ function Job:run(opts)
   local code = M.EXIT.ok
   if stopped == "interrupted" then code = M.EXIT.interrupted
   elseif stopped == "budget" then code = M.EXIT.budget
-  elseif s.failed > 0 then code = M.EXIT.failed end
+  elseif s.failed > 0 or s.output_error then code = M.EXIT.failed end
   return s, code
 end
 
@@ -605,6 +612,10 @@ function M.summary_text(s)
     format("slm %s: %d requests, %d tokens (%d prompt + %d completion), $%.6f, %.2f s", s.task, s.sent, s.tokens,
       s.prompt_tokens, s.completion_tokens, s.cost, s.seconds),
   }
+  if s.output_error then
+    lines[#lines + 1] = format("slm %s: cannot write the output (%s); the ledger has every finished row: rerun to write it",
+      s.task, s.output_error)
+  end
   if s.stopped == "budget" then
     lines[#lines + 1] = format("slm %s: stopped: the budget is spent; rerun with a larger --budget to do the %d rows left",
       s.task, s.not_attempted)
