@@ -65,6 +65,7 @@ local lazy = {
   store = function() return require("slm.store") end,
   pii = function() return require("slm.pii") end,
   bm25 = function() return require("slm.bm25") end,
+  batchapi = function() return require("slm.batchapi") end,
 }
 
 return setmetatable(slm, {

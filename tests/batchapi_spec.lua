@@ -1,0 +1,308 @@
+-- tests/batchapi_spec.lua: slm.batchapi and client:request against the
+-- simulator's Batch API (tests/upstream/batches.lua): upload, create,
+-- poll, collect, results matched by custom_id, the error file, expiry and
+-- resume, cancel, split, the batch price, the ledger across processes.
+--
+--   lua5.4 /usr/bin/busted tests/batchapi_spec.lua
+
+local slm = require "slm"
+local json = require "slm.json"
+local H = require "tests.helpers"
+local batchapi = slm.batchapi
+
+local up
+local dirs = {}
+
+local function tmpdir()
+  local p = os.tmpname()
+  os.remove(p)
+  dirs[#dirs + 1] = p
+  return p
+end
+
+local function client(opts)
+  return H.sim_client(up, opts, { max_retries = 0 })
+end
+
+local function req(id, text, model)
+  return { custom_id = id, body = { model = model, messages = H.msgs(text) } }
+end
+
+-- n requests "row 1" ... "row n", with directives spliced in by index
+local function requests(n, extra)
+  local list = {}
+  for i = 1, n do list[i] = req("row-" .. i, "row " .. i .. ((extra and extra[i]) or "")) end
+  return list
+end
+
+local function batch_stats() return up:stats().batch end
+
+-- the directives of every batch created from now on
+local function batch_mode(directives)
+  up:post("/__sim/batch_mode", json.encode({ directives = directives }))
+end
+
+setup(function() up = H.upstream() end)
+teardown(function()
+  if up then up:stop() end
+  for _, d in ipairs(dirs) do os.execute("rm -rf " .. H.q(d)) end
+end)
+before_each(function()
+  up:reset()
+  batch_mode(nil)
+end)
+
+describe("client:request", function()
+  it("uploads multipart/form-data and reads the file back", function()
+    local c = client()
+    local res, err = c:request{ method = "POST", path = "/files", multipart = {
+      { name = "purpose", value = "batch" },
+      { name = "file", filename = "x.jsonl", value = "line one\r\n--not a boundary\n", type = "application/jsonl" },
+    } }
+    assert.is_nil(err)
+    assert.equal(200, res.status)
+    assert.equal("file", res.json.object)
+    assert.equal("batch", res.json.purpose)
+    assert.equal("x.jsonl", res.json.filename)
+    assert.equal(#"line one\r\n--not a boundary\n", res.json.bytes)
+    local body = assert(c:request{ path = "/files/" .. res.json.id .. "/content", raw = true })
+    assert.equal("line one\r\n--not a boundary\n", body.body)
+    assert.is_nil(body.json)
+  end)
+
+  it("turns an error reply into a lua-slm Error with its kind, the key never in it", function()
+    local c = client{ api_key = "sk-secret-key-123456" }
+    local res, err = c:request{ path = "/batches/batch_nope" }
+    assert.is_nil(res)
+    assert.is_true(slm.is_error(err))
+    assert.equal("invalid_request", err.kind)
+    assert.equal(404, err.status)
+    assert.matches("No such Batch", err.message)
+    local dead = H.sim_client({ url = "http://127.0.0.1:1/v1" }, { api_key = "sk-secret-key-123456", max_retries = 0 })
+    res, err = dead:request{ path = "/batches" }
+    assert.is_nil(res)
+    assert.equal("connect", err.kind)
+    assert.falsy(tostring(err):find("sk-secret", 1, true))
+  end)
+
+  it("raises on misuse", function()
+    local c = client()
+    assert.has_error(function() c:request{ path = "files" } end)
+    assert.has_error(function() c:request{ path = "/x", body = {}, multipart = {} } end)
+    assert.has_error(function() c:request{ path = "/x", bogus = 1 } end)
+  end)
+end)
+
+describe("the simulator's Batch API", function()
+  it("moves a batch validating -> in_progress -> finalizing -> completed, one stage per poll", function()
+    local c = client()
+    local f = assert(batchapi.upload(c, json.encode({ custom_id = "a", method = "POST", url = "/v1/chat/completions",
+      body = { model = "gpt-4o-mini", messages = H.msgs("hi") } }) .. "\n"))
+    local b = assert(batchapi.create(c, f.id, { metadata = { team = "ops" } }))
+    assert.equal("validating", b.status)
+    assert.equal("24h", b.completion_window)
+    assert.equal("ops", b.metadata.team)
+    local seen = {}
+    for _ = 1, 3 do seen[#seen + 1] = assert(batchapi.retrieve(c, b.id)).status end
+    assert.same({ "in_progress", "finalizing", "completed" }, seen)
+    local last = assert(batchapi.retrieve(c, b.id))
+    assert.same({ total = 1, completed = 1, failed = 0 }, last.request_counts)
+    local list = assert(batchapi.list(c, { limit = 5 }))
+    assert.equal("list", list.object)
+    assert.equal(b.id, list.data[1].id)
+  end)
+
+  it("rejects a wrong endpoint and completion window at once, and bad lines at validation", function()
+    local c = client()
+    local f = assert(batchapi.upload(c, '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}\n'))
+    local b, err = batchapi.create(c, f.id, { endpoint = "/v1/nothing" })
+    assert.is_nil(b)
+    assert.equal("invalid_request", err.kind)
+    assert.equal("endpoint", err.param)
+    local bad = table.concat({
+      '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}',
+      "not json",
+      '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}',
+      '{"custom_id":"b","method":"POST","url":"/v1/embeddings","body":{"messages":[]}}',
+    }, "\n")
+    f = assert(batchapi.upload(c, bad))
+    b = assert(batchapi.create(c, f.id))
+    b = assert(batchapi.retrieve(c, b.id))
+    assert.equal("failed", b.status)
+    local codes = {}
+    for _, e in ipairs(b.errors.data) do codes[#codes + 1] = ("%s@%d"):format(e.code, e.line) end
+    assert.same({ "invalid_json_line@2", "duplicate_custom_id@3", "mismatched_endpoint@4" }, codes)
+  end)
+end)
+
+describe("slm.batchapi jobs", function()
+  it("submits, polls, collects: every row's Response matched by custom_id, at half the price", function()
+    local c = client()
+    local n = 12
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(n), poll_interval = 0.01 }
+    local progress = {}
+    local results = assert(job:run{ on_progress = function(b) progress[#progress + 1] = b.status end })
+    assert.same({ "in_progress", "finalizing", "completed" }, progress)
+    for i = 1, n do
+      local r = results["row-" .. i]
+      assert.is_false(slm.is_error(r))
+      assert.equal("Echo: row " .. i, r.text)
+      assert.equal("batch", r.via)
+      assert.equal("row-" .. i, r.custom_id)
+      local full = slm.cost("gpt-4o-mini", r.usage)
+      assert.is_true(full > 0)
+      assert.near(full * 0.5, r.cost, 1e-15)
+    end
+    -- the output file really was out of order
+    local b = job.ledger.batches[1]
+    local text = assert(batchapi.content(c, b.output_file_id))
+    local order = {}
+    for line in text:gmatch("[^\n]+") do order[#order + 1] = json.decode(line).custom_id end
+    assert.equal(n, #order)
+    local same = true
+    for i = 1, n do if order[i] ~= "row-" .. i then same = false end end
+    assert.is_false(same)
+    local st = job:status()
+    assert.equal(n, st.succeeded)
+    assert.equal(0, st.failed)
+    assert.equal(1, #st.batches)
+  end)
+
+  it("an option or the model's data sets the price factor", function()
+    local c = client()
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(2), poll_interval = 0.01,
+      price_factor = 0.25 }
+    local results = assert(job:run())
+    local r = results["row-1"]
+    assert.near(slm.cost("gpt-4o-mini", r.usage) * 0.25, r.cost, 1e-15)
+    assert.equal(0.5, slm.models["gpt-4o-mini"].batch_factor)
+  end)
+
+  it("makes Errors of the error file's lines, per row, with their kinds", function()
+    local c = client()
+    local list = requests(5, { [2] = " [sim:status=500]", [4] = " [sim:status=400]" })
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = list, poll_interval = 0.01 }
+    local results = assert(job:run())
+    assert.equal("server", results["row-2"].kind)
+    assert.equal(500, results["row-2"].status)
+    assert.equal("invalid_request", results["row-4"].kind)
+    for _, i in ipairs{ 1, 3, 5 } do assert.equal("Echo: row " .. i, results["row-" .. i].text) end
+    local st = job:status()
+    assert.equal(3, st.succeeded)
+    assert.equal(2, st.failed)
+    assert.same({ "invalid_request", "server" }, st.kinds)
+  end)
+
+  it("resumes an expired batch with only its unfinished rows, never a finished one again", function()
+    local c = client()
+    batch_mode("expire=3")
+    local list = requests(8, { [2] = " [sim:status=503,fail=1]", [5] = " [sim:status=400]" })
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = list, poll_interval = 0.01 }
+    assert(job:run())
+    assert.equal("expired", job.ledger.batches[1].status)
+    local st = job:status()
+    assert.equal(2, st.succeeded)     -- rows 1 and 3 ran
+    assert.equal(6, st.failed)        -- row 2 (503) and 4..8 (expired)
+    assert.equal(5, st.by_kind.timeout)
+    batch_mode(nil)
+    assert(job:resume())
+    st = job:status()
+    -- row 2 succeeded the second time; row 5 stays invalid
+    assert.equal(7, st.succeeded)
+    assert.equal(1, st.failed)
+    assert.equal("invalid_request", job:results()["row-5"].kind)
+    assert.equal(2, #job.ledger.batches)
+    assert.equal(6, #job.ledger.batches[2].rows)
+    -- server side: no row that had succeeded ran again
+    local bs = batch_stats()
+    for i = 1, 8 do
+      assert.is_true((bs.ok_by_custom_id["row-" .. i] or 0) <= 1, "row-" .. i)
+    end
+    assert.equal(1, bs.lines_by_custom_id["row-1"])
+    assert.equal(2, bs.lines_by_custom_id["row-2"])
+    -- and a second resume sends nothing more
+    local creates = bs.creates
+    assert(job:resume())
+    assert.equal(creates, batch_stats().creates)
+  end)
+
+  it("cancels: cancelling, then cancelled; its rows are cancelled errors, sent again on resume", function()
+    local c = client()
+    batch_mode("polls=100")
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(3), poll_interval = 0.01 }
+    assert(job:submit())
+    assert.is_false(job:poll())
+    assert.equal("validating", job.ledger.batches[1].status)
+    assert(job:cancel())
+    assert.equal("cancelling", job.ledger.batches[1].status)
+    assert(job:wait())
+    assert.equal("cancelled", job.ledger.batches[1].status)
+    assert(job:collect())
+    local st = job:status()
+    assert.equal(3, st.by_kind.cancelled)
+    assert.equal(0, batch_stats().lines)
+    batch_mode(nil)
+    assert(job:resume())
+    assert.equal(3, job:status().succeeded)
+  end)
+
+  it("splits a job over the request or byte limit into several batches", function()
+    local c = client()
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(7), poll_interval = 0.01,
+      max_requests = 3 }
+    assert(job:run())
+    local sizes = {}
+    for i, b in ipairs(job.ledger.batches) do sizes[i] = #b.rows end
+    assert.same({ 3, 3, 1 }, sizes)
+    assert.equal(7, job:status().succeeded)
+    local line = #json.encode({ custom_id = "row-1", method = "POST", url = "/v1/chat/completions",
+      body = { model = "gpt-4o-mini", messages = H.msgs("row 1") } }) + 1
+    job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(4), poll_interval = 0.01,
+      max_bytes = line * 2 + 1 }
+    local made = assert(job:submit())
+    assert.equal(2, #made)
+    assert.equal(3 + 2, batch_stats().uploads)
+  end)
+
+  it("keeps everything in the ledger: submitted in one process, collected in another", function()
+    local dir = tmpdir()
+    local code = ([[
+      local slm = require "slm"
+      local c = slm.client{ base_url = %q, api_key = "sk-test-good", model = "gpt-4o-mini", max_retries = 0 }
+      local list = {}
+      for i = 1, 4 do list[i] = { custom_id = "row-" .. i, body = { messages = {{ role = "user", content = "row " .. i }} } } end
+      local job = slm.batchapi.job{ client = c, dir = %q, requests = list }
+      assert(job:submit())
+      print("submitted " .. job.ledger.batches[1].id)
+    ]]):format(up.url, dir)
+    local out = H.run_lua(code)
+    assert.matches("submitted batch_sim", out)
+    local c = client()
+    local job = assert(batchapi.open(c, dir))
+    assert.equal(1, #job.ledger.batches)
+    assert.equal(4, job:status().pending)
+    assert(job:run{ interval = 0.01 })
+    local st = job:status()
+    assert.equal(4, st.succeeded)
+    assert.equal("Echo: row 3", job:results()["row-3"].text)
+    assert.equal(1, batch_stats().creates)
+    -- the same requests given again find the same job, nothing re-sent
+    local list = {}
+    for i = 1, 4 do list[i] = { custom_id = "row-" .. i, body = { messages = H.msgs("row " .. i) } } end
+    local again = batchapi.job{ client = c, dir = dir, requests = list }
+    assert(again:run())
+    assert.equal(1, batch_stats().creates)
+    -- other requests in the same directory are refused
+    assert.has_error(function() batchapi.job{ client = c, dir = dir, requests = requests(2) } end)
+  end)
+
+  it("derives stable custom_ids and refuses duplicates", function()
+    assert.equal("slm-abc", batchapi.custom_id("abc"))
+    assert.is_true(#batchapi.custom_id(string.rep("k", 100)) <= 64)
+    assert.equal(batchapi.custom_id(string.rep("k", 100)), batchapi.custom_id(string.rep("k", 100)))
+    local c = client()
+    assert.has_error(function()
+      batchapi.job{ client = c, dir = tmpdir(), requests = { req("x", "a"), req("x", "b") } }
+    end)
+  end)
+end)
