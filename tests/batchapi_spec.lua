@@ -176,6 +176,14 @@ describe("slm.batchapi jobs", function()
     local r = results["row-1"]
     assert.near(slm.cost("gpt-4o-mini", r.usage) * 0.25, r.cost, 1e-15)
     assert.equal(0.5, slm.models["gpt-4o-mini"].batch_factor)
+    -- a model without a batch_factor of its own: slm.batchapi.BATCH_FACTOR
+    slm.models["sim-priced"] = { context = 8000, input_per_m = 2, output_per_m = 4, tokenizer = "o200k_base" }
+    job = batchapi.job{ client = c, dir = tmpdir(), requests = { req("p", "priced", "sim-priced") },
+      poll_interval = 0.01 }
+    r = assert(job:run())["p"]
+    assert.equal(0.5, batchapi.BATCH_FACTOR)
+    assert.near((r.usage.prompt_tokens * 2 + r.usage.completion_tokens * 4) / 1e6 * 0.5, r.cost, 1e-15)
+    slm.models["sim-priced"] = nil
   end)
 
   it("makes Errors of the error file's lines, per row, with their kinds", function()
@@ -224,6 +232,12 @@ describe("slm.batchapi jobs", function()
     local creates = bs.creates
     assert(job:resume())
     assert.equal(creates, batch_stats().creates)
+    -- all = true: the invalid row too, and still nothing that succeeded
+    assert(job:resume{ all = true })
+    bs = batch_stats()
+    assert.equal(creates + 1, bs.creates)
+    assert.equal(2, bs.lines_by_custom_id["row-5"])
+    for i = 1, 8 do assert.equal(1, bs.ok_by_custom_id["row-" .. i] or 1, "row-" .. i) end
   end)
 
   it("cancels: cancelling, then cancelled; its rows are cancelled errors, sent again on resume", function()

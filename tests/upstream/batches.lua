@@ -57,18 +57,7 @@ local function get_json(key)
   return s and decode(s) or nil
 end
 
-local function read_body()
-  ngx.req.read_body()
-  local raw = ngx.req.get_body_data()
-  if not raw then
-    local path = ngx.req.get_body_file()
-    if path then
-      local f = io.open(path, "rb")
-      if f then raw = f:read("*a") f:close() end
-    end
-  end
-  return raw or ""
-end
+local function read_body() return require("sim").read_body() end
 
 -- Settings for batches created from now on (POST /__sim/batch_mode).
 local function settings()

@@ -979,6 +979,7 @@ local function read_body()
   end
   return raw or ""
 end
+M.read_body = read_body -- batches.lua's too
 
 -- opts.reset_reused: a request on a reused connection is read, then the
 -- connection is dropped without a reply (location /reset-reused/).
