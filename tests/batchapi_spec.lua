@@ -112,6 +112,38 @@ describe("the simulator's Batch API", function()
     assert.equal(b.id, list.data[1].id)
   end)
 
+  it("moves by time with step_ms, and keeps files within the size limit", function()
+    local c = client()
+    batch_mode("step_ms=150")
+    local line = json.encode({ custom_id = "a", method = "POST", url = "/v1/chat/completions",
+      body = { model = "gpt-4o-mini", messages = H.msgs("hi") } }) .. "\n"
+    local f = assert(batchapi.upload(c, line))
+    local meta = assert(c:request{ path = "/files/" .. f.id }).json
+    assert.same({ f.id, "batch", #line }, { meta.id, meta.purpose, meta.bytes })
+    local b = assert(batchapi.create(c, f.id))
+    assert.equal("validating", assert(batchapi.retrieve(c, b.id)).status) -- a poll alone does not move it
+    slm.sleep(0.2)
+    assert.equal("in_progress", assert(batchapi.retrieve(c, b.id)).status)
+    up:post("/__sim/batch_mode", json.encode({ max_file_bytes = 100 }))
+    local big, err = batchapi.upload(c, string.rep("x", 200))
+    assert.is_nil(big)
+    assert.equal(413, err.status)
+  end)
+
+  it("serves the same batches from every worker", function()
+    local launch = require "tests.upstream.launch"
+    local many = launch.start{ quiet = true, workers = 4 }
+    local ok, why = pcall(function()
+      local c = H.sim_client(many, { max_retries = 0 })
+      local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(6), poll_interval = 0.01 }
+      local results = assert(job:run())
+      for i = 1, 6 do assert.equal("Echo: row " .. i, results["row-" .. i].text) end
+      assert.equal(6, many:stats().batch.lines)
+    end)
+    many:stop()
+    assert(ok, why)
+  end)
+
   it("rejects a wrong endpoint and completion window at once, and bad lines at validation", function()
     local c = client()
     local f = assert(batchapi.upload(c, '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}\n'))
