@@ -485,8 +485,8 @@ local function mode()
   return send(200, '{"ok":true}')
 end
 
---- The batch counters for GET /__sim/stats.
-function M.stats()
+--- The batch counters: GET /__sim/batch_stats.
+local function stats()
   local d = counters()
   local lines_by_id, ok_by_id = {}, {}
   for _, k in ipairs(d:get_keys(0)) do
@@ -499,13 +499,13 @@ function M.stats()
   if s then
     for _, k in ipairs(s:get_keys(0)) do if sub(k, 1, 2) == "b:" then n = n + 1 end end
   end
-  return {
+  return send(200, encode({
     uploads = d:get("batch_uploads") or 0, creates = d:get("batch_creates") or 0,
     cancels = d:get("batch_cancels") or 0, downloads = d:get("batch_downloads") or 0,
     lines = d:get("batch_lines") or 0, batches = n,
     lines_by_custom_id = next(lines_by_id) and lines_by_id or nil,
     ok_by_custom_id = next(ok_by_id) and ok_by_id or nil,
-  }
+  }))
 end
 
 function M.reset()
@@ -521,6 +521,7 @@ function M.handle(uri)
   local path = match(uri, "^.-(/v1/.*)$") or uri
   path = path:gsub("/+$", "")
   if uri == "/__sim/batch_mode" then return mode() end
+  if uri == "/__sim/batch_stats" then return stats() end
   if path == "/v1/files" then
     if method == "POST" then return upload() end
     return fail(405, "Use POST to upload a file.", "method_not_allowed")

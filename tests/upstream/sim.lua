@@ -1145,7 +1145,6 @@ local function stats()
     connections = connections,
     aborted = d:get("aborted") or 0,
     by_key = by_key,
-    batch = require("batches").stats(),
   }))
 end
 
