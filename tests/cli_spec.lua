@@ -83,21 +83,24 @@ describe("bin/slm", function()
     for line in out:gmatch("[^\n]+") do
       i = i + 1
       local o = json.decode(line)
-      assert.are.equal(i, o.index)
+      assert.are.equal(i <= 12 and ("ticket " .. i) or nil, o.prompt)
       assert.are.equal(i <= 12 and ("Echo: ticket " .. i) or "Echo: raw messages", o.text)
+      assert.are.equal("ok", o.status)
     end
     assert.are.equal(13, i)
     assert.are.equal(6, up:stats().max_in_flight)
-    assert.matches("13 requests, 0 failed", err)
+    assert.matches("13 rows: 13 succeeded, 0 failed", err)
+    assert.matches("13 requests", err)
   end)
 
-  it("batch reports failed items as error lines and exits 1", function()
+  it("batch reports failed items as error rows and exits 1", function()
     local input = json.encode{ prompt = "ok" } .. "\n" .. json.encode{ prompt = "bad", model = "sim:status=400" }
     local out, _, code = run("batch --no-progress", input)
     assert.are.equal(1, code)
     local l1, l2 = out:match("([^\n]+)\n([^\n]+)")
     assert.are.equal("Echo: ok", json.decode(l1).text)
-    assert.are.equal("invalid_request", json.decode(l2).error.kind)
+    assert.are.equal("error", json.decode(l2).status)
+    assert.are.equal("invalid_request", json.decode(l2).error_kind)
   end)
 
   it("batch --progress draws a progress bar on stderr", function()
@@ -111,7 +114,7 @@ describe("bin/slm", function()
       json.encode{ prompt = "first" },
       "not json",
       "",                                   -- blank lines are skipped, not rows
-      json.encode{ text = "no prompt" },
+      json.encode{ note = "no prompt" },
       json.encode{ prompt = "last" },
     }, "\n")
     local out, err, code = run("batch --no-progress", input)
@@ -120,18 +123,19 @@ describe("bin/slm", function()
     for line in out:gmatch("[^\n]+") do rows[#rows + 1] = json.decode(line) end
     assert.are.equal(4, #rows)
     assert.are.equal("Echo: first", rows[1].text)
-    assert.are.same({ index = 2, error = { kind = "invalid_request", message = "line 2 is not a JSON object" } }, rows[2])
-    assert.are.equal(3, rows[3].index)
-    assert.are.equal("invalid_request", rows[3].error.kind)
-    assert.matches("line 4 has neither", rows[3].error.message)
+    assert.are.equal("parse", rows[2].error_kind)
+    assert.matches("line 2", rows[2].error)
+    assert.are.equal("no prompt", rows[3].note)         -- the input's own column, kept
+    assert.are.equal("invalid_request", rows[3].error_kind)
+    assert.matches("line 4 has neither", rows[3].error)
     assert.are.equal("Echo: last", rows[4].text)
     assert.are.equal(2, up:stats().requests)
-    assert.matches("4 requests, 2 failed", err)
+    assert.matches("4 rows: 2 succeeded, 2 failed %(invalid_request 1, parse 1%)", err)
     -- nothing usable at all: still one row per line
     local out2, _, code2 = run("batch --no-progress", "[1, 2]\n42\n")
     assert.are.equal(1, code2)
     local n = 0
-    for line in out2:gmatch("[^\n]+") do n = n + 1; assert.are.equal("invalid_request", json.decode(line).error.kind) end
+    for line in out2:gmatch("[^\n]+") do n = n + 1; assert.are.equal("parse", json.decode(line).error_kind) end
     assert.are.equal(2, n)
   end)
 
@@ -143,11 +147,9 @@ describe("bin/slm", function()
     local lines = {}
     for line in out:gmatch("[^\n]+") do lines[#lines + 1] = line end
     assert.are.equal(3, #lines)
-    local orders = key_orders(lines[1])
-    assert.are.same({ "completion_tokens", "prompt_tokens", "total_tokens" }, orders[1])
-    assert.are.same({ "cost", "finish_reason", "index", "model", "text", "usage" }, orders[#orders])
-    assert.are.same({ "kind", "message", "status" }, key_orders(lines[2])[1])
-    assert.are.same({ "error", "index" }, key_orders(lines[2])[2])
+    -- the input has a "model" column too (line 2): the reply's is slm_model
+    assert.are.same({ "cost", "error", "error_kind", "finish_reason", "prompt", "slm_model", "status", "text", "tokens",
+      "tool_calls" }, key_orders(lines[1])[1])
     for _, line in ipairs(lines) do
       for _, keys in ipairs(key_orders(line)) do
         local sorted = { table.unpack(keys) }
@@ -160,10 +162,11 @@ describe("bin/slm", function()
   it("rejects bad usage", function()
     local _, err, code = run("chat --bogus x")
     assert.are.equal(2, code)
-    assert.matches("unknown option %-%-bogus", err)
+    assert.matches("unknown option '%-%-bogus'", err)
+    assert.matches("^Usage: slm chat", err)
     local _, err2, code2 = run("sim bogus")
     assert.are.equal(2, code2)
-    assert.matches("unknown subcommand 'bogus'", err2)
+    assert.matches("unknown command 'bogus'", err2)
   end)
 
   it("sim start prints the URL and a stop command; status lists it; stop stops it", function()

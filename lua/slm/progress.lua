@@ -1,5 +1,6 @@
 -- slm.progress: a terminal progress bar with count, rate and ETA, written
--- to stderr (redrawn at most 10 times a second).
+-- to stderr (redrawn at most 10 times a second); a bar whose `cost` field
+-- is set (the batch runner's) shows the running cost too.
 local core = require "slm.core"
 local now, floor, format, rep = core.now, math.floor, string.format, string.rep
 
@@ -36,6 +37,7 @@ function Bar:line()
   local s = format("%s[%s%s] %d/%d %3d%%  %.1f/s  ETA %s", self.label ~= "" and self.label .. " " or "",
     rep("#", fill), rep(".", self.width - fill), self.done, self.total, floor(frac * 100), rate,
     self.done >= self.total and "0s" or fmt_time(eta))
+  if self.cost then s = s .. format("  $%.4f", self.cost) end
   if self.failed > 0 then s = s .. format("  (%d failed)", self.failed) end
   return s
 end

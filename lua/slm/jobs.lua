@@ -1,0 +1,570 @@
+--- slm.jobs: the resumable batch runner behind `slm classify|extract|
+-- generate|summarize|batch` (and the provider Batch API path, which reuses
+-- its keys, ledger, result rows, usage log, summary and exit codes).
+--
+-- A job:
+--   local job = jobs.new{
+--     task = "classify",             -- the task's name (part of every key)
+--     version = jobs.version(text),  -- hash of the labels / schema / template (part of every key)
+--     model = "gpt-4o-mini",         -- part of every key
+--     params = { max_tokens = 20 },  -- anything else that changes a reply (part of every key)
+--     columns = { "label", "confidence", "review" },  -- the task's result columns, in order
+--     output = "out.csv",            -- nil: stdout, and no ledger
+--     format = "csv" | "jsonl",      -- the output's
+--     ledger = path,                 -- default output .. ".ledger"
+--     usage_log = path | false,      -- default output .. ".usage.jsonl"; false: none
+--     log_prompts = false,
+--   }
+--   job:add(row)  for every input row, in input order:
+--     row = { n = <input row number>, fields = { name -> value }, names = { ...in input order },
+--             input = <what goes to the model: a string or a table, JSON-encodable> }
+--     or, for a row that cannot run, row.bad = { kind = "ragged" | "missing_column" | "parse" | ..., message }
+--   local summary, code = job:run{ call = fn, client = c, concurrency = 8, progress = bool | "plain" }
+--     fn(row, client) -> result, info | nil, err
+--        result: column -> value (the task's columns); info / err carry
+--        usage, cost, attempts, calls, latency, ttft, model (what the usage log records)
+--
+-- Row key: core.sha256 of the JSON (keys sorted) of { task, version, model,
+-- params, input }; rows with the same key are one request (the same reply
+-- goes to each).  A changed prompt, schema, template, model or parameter
+-- gives new keys: those rows run again, the others are kept.
+--
+-- Ledger (`OUT.ledger`): an append-only JSON-lines file of finished rows,
+--   { "key": hex, "status": "ok" | "error", "result": { column -> value },
+--     "error_kind": kind, "error": message, "cost": usd, "tokens": n, "model": name }
+-- each written with one write and flushed as it finishes, fsync'd at most
+-- every `sync_every` rows (64) or 1 s and at the end.  A SIGKILL at any
+-- instant leaves at most a torn last line, which is skipped when the
+-- ledger is read again (a newline is written first so the next record
+-- starts clean): finished rows are never lost, in-flight rows are redone.
+-- The output is never appended to: it is rebuilt from the input and the
+-- ledger at the end of every run (also an interrupted or budget-stopped
+-- one), written to OUT.tmp and renamed over OUT, so it holds each finished
+-- row exactly once, in input order, and never a half-written file.
+-- On a rerun a key found in the ledger with status "ok", or with an error
+-- of the row itself (FINAL: context_length, invalid_request, validation,
+-- length), is not sent again; rows that failed for a reason outside the
+-- row (network, server, rate limit, timeout, auth, budget) are.
+--
+-- Result rows: the input's columns (fields) as they were, then the task's
+-- columns, then status ("ok" | "error"), error_kind, error, cost, tokens.
+-- A task column whose name the input already has is written "slm_<name>".
+--
+-- Usage log: one JSON line per task call (a row sent; a task that made
+-- several HTTP requests says how many in `calls`):
+--   { time (UTC, ISO 8601), run, task, model, prompt_tokens, completion_tokens,
+--     tokens, cost, latency, ttft, attempts, calls, outcome ("ok" | error kind),
+--     prompt (only with log_prompts: the row's input, its JSON when not a string) }
+-- never the row key; appended and flushed per line.
+--
+-- Summary (job:run's first value): { rows, done_before, sent, succeeded,
+-- failed, failed_by_kind = { kind -> n }, not_attempted, tokens,
+-- prompt_tokens, completion_tokens, cost, seconds, stopped = nil |
+-- "budget" | "interrupted" }.  Exit codes (job:run's second): EXIT below.
+local core = require "slm.core"
+local json = require "slm.json"
+local runtime = require "slm.runtime"
+
+local type, pairs, ipairs, tostring, pcall, format, concat, min, floor =
+  type, pairs, ipairs, tostring, pcall, string.format, table.concat, math.min, math.floor
+
+local M = {}
+
+-- Until slm.jsonl lands (h14/csv): a minimal JSON-lines reader and writer
+-- of the same interface.  Removed when it is merged.
+local function jsonl()
+  local ok, mod = pcall(require, "slm.jsonl")
+  if ok then return mod end
+  return {
+    reader = function(path)
+      local f = io.open(path, "rb")
+      if not f then error("cannot open " .. path, 0) end
+      return { rows = function()
+        local n = 0
+        return function()
+          while true do
+            local line = f:read("l")
+            if not line then f:close() return nil end
+            n = n + 1
+            if line:match("%S") then
+              local okd, v = pcall(json.decode, line)
+              if okd then return v, nil, n end
+              return false, "not JSON", n
+            end
+          end
+        end
+      end }
+    end,
+    writer = function(fh) return { row = function(_, t) fh:write(json.encode(t), "\n") end } end,
+  }
+end
+
+M.EXIT = { ok = 0, failed = 1, usage = 2, budget = 3, interrupted = 130 }
+
+-- Errors of the row itself: a rerun would fail the same way (and may have
+-- been paid for), so it is not sent again.
+M.FINAL = { context_length = true, invalid_request = true, validation = true, length = true }
+
+M.STATUS_COLUMNS = { "status", "error_kind", "error", "cost", "tokens" }
+
+--- A short content hash (for a template's, schema's or label set's version).
+function M.version(content)
+  return core.sha256(content):sub(1, 16)
+end
+
+--- The key of one input under a job's task, version, model and params.
+function M.key(job, input)
+  return core.sha256(json.encode({ task = job.task, version = job.version or "", model = job.model or "",
+    params = job.params or {}, input = input }))
+end
+
+------------------------------------------------------------------ ledger
+
+local Ledger = {}
+Ledger.__index = Ledger
+
+--- Open (or create) the ledger at path: -> ledger | nil, message.
+-- opts.read_only: read it, never write (a dry run); sync_every (64).
+-- ledger.done: key -> the last record of that key.
+function M.ledger(path, opts)
+  opts = opts or {}
+  local done, torn = {}, false
+  local f = io.open(path, "rb")
+  local size = 0
+  if f then
+    local data = f:read("a")
+    f:close()
+    size = #data
+    torn = size > 0 and data:sub(-1) ~= "\n"
+    for line in data:gmatch("[^\n]+") do
+      local ok, rec = pcall(json.decode, line)
+      if ok and type(rec) == "table" and type(rec.key) == "string" then done[rec.key] = rec end
+    end
+  end
+  local fh, err
+  if not opts.read_only then
+    fh, err = io.open(path, "ab")
+    if not fh then return nil, err end
+    if torn then fh:write("\n") end
+  end
+  return setmetatable({ path = path, fh = fh, done = done, pending = 0, last_sync = core.now(),
+    sync_every = opts.sync_every or 64, existed = size > 0 }, Ledger)
+end
+
+--- Is this key finished (not to be sent again)?
+function Ledger:final(key)
+  local rec = self.done[key]
+  return rec ~= nil and (rec.status == "ok" or M.FINAL[rec.error_kind] == true)
+end
+
+function Ledger:add(rec)
+  self.done[rec.key] = rec
+  local fh = self.fh
+  assert(fh:write(json.encode(rec) .. "\n"))
+  fh:flush()
+  self.pending = self.pending + 1
+  local t = core.now()
+  if self.pending >= self.sync_every or t - self.last_sync >= 1 then self:sync(t) end
+end
+
+function Ledger:sync(t)
+  if self.pending > 0 then core.fsync(self.fh) end
+  self.pending, self.last_sync = 0, t or core.now()
+end
+
+function Ledger:close()
+  if self.fh then
+    self:sync()
+    self.fh:close()
+    self.fh = nil
+  end
+end
+
+------------------------------------------------------------------ usage log
+
+local function iso_now()
+  return os.date("!%Y-%m-%dT%H:%M:%SZ")
+end
+
+local function usage_of(x)
+  local u = type(x) == "table" and type(x.usage) == "table" and x.usage or {}
+  local p, c = u.prompt_tokens or 0, u.completion_tokens or 0
+  return p, c
+end
+
+--- One usage-log line for a task call (info: the result's or error's
+-- usage, cost, attempts, calls, latency, ttft, model).
+function M.usage_line(job, info, outcome, prompt, id)
+  local p, c = usage_of(info)
+  info = type(info) == "table" and info or {}
+  return {
+    time = iso_now(), run = job.run_id, task = job.task, model = info.model or job.model,
+    prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or 0,
+    latency = info.latency, ttft = info.ttft, attempts = info.attempts or 1, calls = info.calls or 1,
+    outcome = outcome, id = id, prompt = prompt,
+  }
+end
+
+------------------------------------------------------------------ output
+
+local function cell(v)
+  if v == nil or v == json.null then return "" end
+  if type(v) == "table" then return json.encode(v) end
+  if type(v) == "number" and v % 1 == 0 and v > -1e15 and v < 1e15 then return format("%d", v) end
+  return tostring(v)
+end
+M.cell = cell
+
+-- The output's column names: the input's, then the task's and the status
+-- columns, renamed slm_<name> where the input has the name already.
+local function out_columns(job, names)
+  local have, cols, res = {}, {}, {}
+  for i, n in ipairs(names) do have[n] = true; cols[i] = n end
+  local function add(n)
+    local as = have[n] and "slm_" .. n or n
+    have[as] = true
+    cols[#cols + 1] = as
+    res[#res + 1] = { n, as }
+  end
+  for _, n in ipairs(job.columns) do add(n) end
+  for _, n in ipairs(M.STATUS_COLUMNS) do add(n) end
+  return cols, res
+end
+
+-- The result part of a row: task columns + status columns, from a ledger
+-- record or a bad row.
+local function result_of(row, rec)
+  if row.bad then
+    return { status = "error", error_kind = row.bad.kind, error = row.bad.message, cost = 0, tokens = 0 }
+  end
+  local r = {}
+  for k, v in pairs(rec.result or {}) do r[k] = v end
+  r.status, r.error_kind, r.error, r.cost, r.tokens = rec.status, rec.error_kind, rec.error, rec.cost, rec.tokens
+  return r
+end
+
+--- Rebuild the output from the rows and the ledger: -> rows written.
+-- Rows without a finished record (not attempted, in flight) are left out.
+function M.write_output(job)
+  local path = job.output
+  local tmp = path and path .. ".tmp"
+  local fh = io.stdout
+  if path then fh = assert(io.open(tmp, "wb")) end
+  local names = job.names or {}
+  local cols, res_cols = out_columns(job, names)
+  local w
+  if job.format == "csv" then
+    w = require("slm.csv").writer(fh)
+    w:row(cols)
+  else
+    w = jsonl().writer(fh)
+  end
+  local written = 0
+  for _, row in ipairs(job.rows) do
+    local rec = not row.bad and job.ledger_done[row.key]
+    if row.bad or rec then
+      local r = result_of(row, rec)
+      if job.format == "csv" then
+        local list = {}
+        for i, n in ipairs(names) do list[i] = cell(row.fields[n]) end
+        for _, p in ipairs(res_cols) do list[#list + 1] = cell(r[p[1]]) end
+        w:row(list)
+      else
+        local t = {}
+        for k, v in pairs(row.fields or {}) do t[k] = v end
+        for _, p in ipairs(res_cols) do
+          local v = r[p[1]]
+          if v == nil then v = json.null end
+          t[p[2]] = v
+        end
+        w:row(t)
+      end
+      written = written + 1
+    end
+  end
+  if path then
+    assert(fh:close())
+    assert(os.rename(tmp, path))
+  else
+    fh:flush()
+  end
+  return written
+end
+
+------------------------------------------------------------------ the job
+
+local Job = {}
+Job.__index = Job
+
+function M.new(o)
+  local job = setmetatable({}, Job)
+  for k, v in pairs(o) do job[k] = v end
+  job.rows = {}
+  job.columns = job.columns or {}
+  job.format = job.format or "jsonl"
+  job.run_id = format("%s-%d", os.date("!%Y%m%dT%H%M%SZ"), floor(core.now() * 1000) % 100000)
+  if job.output then
+    job.ledger_path = job.ledger or job.output .. ".ledger"
+    if job.usage_log == nil then job.usage_log = job.output .. ".usage.jsonl" end
+  end
+  return job
+end
+
+------------------------------------------------------------------ input
+
+--- Read an input file's rows into the job (see the header for a row).
+-- o: format ("csv" | "jsonl"), column (the text column, or nil), id_column,
+-- limit, input_of(fields, row) -> input | nil, bad (the task's part: what
+-- goes to the model, or why the row cannot run).  -> true | nil, message
+-- (a file that cannot be read at all; a bad row is an error row instead).
+function Job:read(path, o)
+  local n = 0
+  local function add(row)
+    n = n + 1
+    if not row.bad then
+      if o.column and row.fields[o.column] == nil then
+        row.bad = { kind = "missing_column", message = format("row %d has no column '%s'", row.n, o.column) }
+      elseif o.id_column and row.fields[o.id_column] == nil then
+        row.bad = { kind = "missing_column", message = format("row %d has no column '%s'", row.n, o.id_column) }
+      else
+        local input, bad = o.input_of(row.fields, row)
+        if input == nil then row.bad = bad else row.input = input end
+      end
+    end
+    row.id = o.id_column and row.fields[o.id_column] or nil
+    self:add(row)
+    return not (o.limit and n >= o.limit)
+  end
+  if o.format == "csv" then
+    local ok, r = pcall(require("slm.csv").reader, path, o.csv)
+    if not ok or not r then return nil, tostring(not ok and r or "cannot read " .. path) end
+    local names
+    for rec, err in r:rows() do
+      names = names or r:header()
+      if not self.names then self.names = names end
+      local row = { n = (rec and rec.line) or n + 1, fields = {}, names = names }
+      if not rec then
+        row.bad = { kind = "parse", message = tostring(err) }
+      elseif rec.ragged then
+        row.bad = { kind = "ragged", message = format("line %d has %d fields, the header %d", rec.line or 0, #rec,
+          #names) }
+        for i, name in ipairs(names) do row.fields[name] = rec[i] end
+      else
+        for i, name in ipairs(names) do row.fields[name] = rec[i] end
+      end
+      if not add(row) then break end
+    end
+    if not self.names then self.names = r:header() or {} end
+  else
+    local ok, r = pcall(jsonl().reader, path)
+    if not ok or not r then return nil, tostring(not ok and r or "cannot read " .. path) end
+    local names, seen_name = {}, {}
+    for obj, err, line in r:rows() do
+      local row = { n = line or n + 1, fields = {} }
+      if not obj then
+        row.bad = { kind = "parse", message = format("line %d: %s", line or 0, tostring(err)) }
+      elseif type(obj) ~= "table" or obj[1] ~= nil then
+        row.bad = { kind = "parse", message = format("line %d is not a JSON object", line or 0) }
+      else
+        row.fields = obj
+        local keys = {}
+        for k in pairs(obj) do if not seen_name[k] then keys[#keys + 1] = k end end
+        table.sort(keys)
+        for _, k in ipairs(keys) do seen_name[k] = true; names[#names + 1] = k end
+      end
+      if not add(row) then break end
+    end
+    self.names = names
+  end
+  return true
+end
+
+--- Add an input row (see the header); computes its key.
+function Job:add(row)
+  if not row.bad then row.key = M.key(self, row.input) end
+  self.rows[#self.rows + 1] = row
+  if not self.names and row.names then self.names = row.names end
+end
+
+--- The rows to send, once per key, in input order: -> list, set of their
+-- keys.  Without a ledger given, the one on disk is read (not created):
+-- a dry run prices only what a run would send.
+function Job:pending(ledger)
+  if not ledger and self.ledger_path then
+    local f = io.open(self.ledger_path, "rb")
+    if f then
+      f:close()
+      ledger = M.ledger(self.ledger_path, { read_only = true })
+    end
+  end
+  local todo, seen = {}, {}
+  for _, row in ipairs(self.rows) do
+    if not row.bad and not seen[row.key] and not (ledger and ledger:final(row.key)) then
+      seen[row.key] = true
+      todo[#todo + 1] = row
+    end
+  end
+  return todo, seen
+end
+
+-- A plain progress line (stderr is not a terminal).
+local function plain_line(s, total)
+  return format("slm %s: %d/%d rows, %d failed, %d tokens, $%.6f, %.1f s", s.task, s.done, total, s.failed,
+    s.tokens, s.cost, core.now() - s.t0)
+end
+
+--- Run the job: -> summary, exit code.  opts: call, client, concurrency
+-- (8), progress (true: bar, "plain": a line every progress_every s, false),
+-- progress_every (10), on_send (hook, tests), stop_on = { budget = true }.
+function Job:run(opts)
+  local call, client = opts.call, opts.client
+  local ledger
+  if self.ledger_path then
+    local err
+    ledger, err = M.ledger(self.ledger_path)
+    if not ledger then return nil, M.EXIT.usage, "cannot open the ledger " .. self.ledger_path .. ": " .. tostring(err) end
+    self.ledger_done = ledger.done
+  else
+    self.ledger_done = {}
+  end
+  local usage_fh
+  if self.usage_log then
+    usage_fh = io.open(self.usage_log, "ab")
+    if not usage_fh then
+      if ledger then ledger:close() end
+      return nil, M.EXIT.usage, "cannot open the usage log " .. self.usage_log
+    end
+  end
+  local s = { task = self.task, rows = #self.rows, done_before = 0, sent = 0, succeeded = 0, failed = 0,
+    failed_by_kind = {}, not_attempted = 0, tokens = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0,
+    t0 = core.now(), done = 0 }
+  local todo, seen = self:pending(ledger)
+  for _, row in ipairs(self.rows) do
+    if row.bad then
+      s.failed = s.failed + 1
+      s.failed_by_kind[row.bad.kind] = (s.failed_by_kind[row.bad.kind] or 0) + 1
+    elseif not seen[row.key] then
+      s.done_before = s.done_before + 1
+    end
+  end
+  local total = #todo
+  local bar, next_plain = nil, nil
+  if opts.progress == true and total > 0 then
+    bar = require("slm.progress").new(total, { label = self.task })
+  elseif opts.progress == "plain" and total > 0 then
+    next_plain = core.now() + (opts.progress_every or 10)
+  end
+  local stopped
+  local nexti = 1
+  local rt = runtime.default()
+  local function record(row, result, info, err)
+    local cost = (info and info.cost) or (err and type(err) == "table" and err.cost) or 0
+    local p, c = usage_of(info or err)
+    s.prompt_tokens, s.completion_tokens = s.prompt_tokens + p, s.completion_tokens + c
+    s.tokens, s.cost = s.tokens + p + c, s.cost + cost
+    local rec = { key = row.key, cost = cost, tokens = p + c, model = (info or err or {}).model or self.model }
+    if result then
+      rec.status, rec.result = "ok", result
+      s.succeeded = s.succeeded + 1
+    else
+      local kind = type(err) == "table" and err.kind or "error"
+      rec.status, rec.error_kind = "error", kind
+      rec.error = type(err) == "table" and (err.message or tostring(err)) or tostring(err)
+      s.failed = s.failed + 1
+      s.failed_by_kind[kind] = (s.failed_by_kind[kind] or 0) + 1
+    end
+    if ledger then ledger:add(rec) else self.ledger_done[row.key] = rec end
+    if usage_fh then
+      local line = M.usage_line(self, info or err, result and "ok" or rec.error_kind,
+        self.log_prompts and (type(row.input) == "string" and row.input or json.encode(row.input)) or nil, row.id)
+      usage_fh:write(json.encode(line), "\n")
+      usage_fh:flush()
+    end
+  end
+  local function worker()
+    while nexti <= total and not stopped do
+      if core.trapped() then stopped = "interrupted" break end
+      local row = todo[nexti]
+      nexti = nexti + 1
+      local ok, result, info = pcall(call, row, client)
+      local err
+      if not ok then
+        err, result, info = { kind = "error", message = tostring(result) }, nil, nil
+      elseif result == nil then
+        err, info = info, nil
+      end
+      if type(err) == "table" and err.kind == "budget" then
+        -- refused before it was sent: the row stays for the next run
+        stopped = stopped or "budget"
+      else
+        s.sent = s.sent + 1
+        record(row, result, info, err)
+        s.done = s.done + 1
+        if bar then
+          bar.cost = s.cost
+          bar:tick(err ~= nil)
+        elseif next_plain and core.now() >= next_plain then
+          io.stderr:write(plain_line(s, total), "\n")
+          next_plain = core.now() + (opts.progress_every or 10)
+        end
+      end
+    end
+  end
+  if total > 0 then
+    rt.run(function()
+      local workers = {}
+      for w = 1, min(opts.concurrency or 8, total) do workers[w] = rt.spawn(worker) end
+      for w = 1, #workers do workers[w]:wait() end
+    end)
+  end
+  if bar then bar:finish() end
+  if not stopped and core.trapped() then stopped = "interrupted" end
+  if ledger then ledger:close() end
+  if usage_fh then usage_fh:close() end
+  -- rows not finished now and not before
+  for _, row in ipairs(self.rows) do
+    if not row.bad and not self.ledger_done[row.key] then s.not_attempted = s.not_attempted + 1 end
+  end
+  s.stopped = stopped
+  s.seconds = core.now() - s.t0
+  s.t0, s.done = nil, nil
+  s.written = M.write_output(self)
+  -- rows done before that failed count as failed now too
+  for _, row in ipairs(self.rows) do
+    local rec = not row.bad and seen[row.key] == nil and self.ledger_done[row.key]
+    if rec and rec.status ~= "ok" then
+      s.failed = s.failed + 1
+      s.failed_by_kind[rec.error_kind or "error"] = (s.failed_by_kind[rec.error_kind or "error"] or 0) + 1
+    end
+  end
+  local code = M.EXIT.ok
+  if stopped == "interrupted" then code = M.EXIT.interrupted
+  elseif stopped == "budget" then code = M.EXIT.budget
+  elseif s.failed > 0 then code = M.EXIT.failed end
+  return s, code
+end
+
+--- The summary as text lines (for stderr).
+function M.summary_text(s)
+  local kinds = {}
+  for k, n in pairs(s.failed_by_kind) do kinds[#kinds + 1] = format("%s %d", k, n) end
+  table.sort(kinds)
+  local lines = {
+    format("slm %s: %d rows: %d succeeded, %d failed%s%s%s", s.task, s.rows, s.succeeded, s.failed,
+      #kinds > 0 and " (" .. concat(kinds, ", ") .. ")" or "",
+      s.done_before > 0 and format(", %d done before", s.done_before) or "",
+      s.not_attempted > 0 and format(", %d not attempted", s.not_attempted) or ""),
+    format("slm %s: %d requests, %d tokens (%d prompt + %d completion), $%.6f, %.2f s", s.task, s.sent, s.tokens,
+      s.prompt_tokens, s.completion_tokens, s.cost, s.seconds),
+  }
+  if s.stopped == "budget" then
+    lines[#lines + 1] = format("slm %s: stopped: the budget is spent; rerun with a larger --budget to do the %d rows left",
+      s.task, s.not_attempted)
+  elseif s.stopped == "interrupted" then
+    lines[#lines + 1] = format("slm %s: interrupted; rerun the same command to do the %d rows left", s.task,
+      s.not_attempted)
+  end
+  return lines
+end
+
+return M

@@ -1,0 +1,430 @@
+-- The batch commands of bin/slm (classify, extract, generate, summarize,
+-- batch) and their runner (lua/slm/jobs.lua), end to end against the
+-- simulator: outputs, resume, dry runs, budgets, signals, the usage log.
+-- The simulator's counters (requests, aborted, by_key: attempts per
+-- request body) prove what was sent and that nothing was paid twice.
+local H = require "tests.helpers"
+local json = require "cjson"
+
+local up
+setup(function() up = H.upstream() end)
+teardown(function() if up then up:stop() end end)
+before_each(function() up:reset() end)
+
+local dir
+before_each(function()
+  local p = io.popen("mktemp -d")
+  dir = p:read("l")
+  p:close()
+end)
+after_each(function() if dir then os.execute("rm -rf '" .. dir .. "'") end end)
+
+local function env() return ("SLM_BASE_URL=%s SLM_API_KEY=sk-jobs "):format(up.url) end
+
+-- Runs bin/slm in the foreground: stdout, stderr, exit status.
+local function run(cmdline, stdin)
+  local inf, errf = dir .. "/stdin", dir .. "/stderr"
+  H.write_file(inf, stdin or "")
+  local p = io.popen(env() .. "bin/slm " .. cmdline .. " <" .. inf .. " 2>" .. errf)
+  local out = p:read("a")
+  local ok, _, code = p:close()
+  return out, H.read_file(errf), ok and 0 or code
+end
+
+-- Starts bin/slm in the background: a handle with pid, wait() -> exit status.
+local function spawn(cmdline)
+  local pidf, rcf = dir .. "/pid", dir .. "/rc"
+  os.remove(pidf); os.remove(rcf)
+  H.write_file(dir .. "/bg.sh", ("%sbin/slm %s </dev/null >%s/bg.out 2>%s/bg.err &\necho $! >%s\nwait $!\necho $? >%s\n")
+    :format(env(), cmdline, dir, dir, pidf, rcf))
+  assert(os.execute("sh " .. dir .. "/bg.sh 2>/dev/null &"))
+  local pid
+  for _ = 1, 200 do
+    local f = io.open(pidf)
+    pid = f and f:read("l")
+    if f then f:close() end
+    if pid and pid ~= "" then break end
+    os.execute("sleep 0.01")
+  end
+  local h = { pid = assert(tonumber(pid)) }
+  function h.wait()
+    for _ = 1, 3000 do
+      local f = io.open(rcf)
+      local rc = f and f:read("l")
+      if f then f:close() end
+      if rc and rc ~= "" then return tonumber(rc) end
+      os.execute("sleep 0.01")
+    end
+    error("bin/slm did not exit")
+  end
+  function h.kill(sig) os.execute(("kill -%s %d"):format(sig, h.pid)) end
+  function h.stderr() return H.read_file(dir .. "/bg.err") end
+  return h
+end
+
+local function lines_of(path)
+  local f = io.open(path, "rb")
+  if not f then return {} end
+  local t = {}
+  for line in f:lines() do t[#t + 1] = line end
+  f:close()
+  return t
+end
+
+local function jsonl_rows(path)
+  local rows = {}
+  for _, line in ipairs(lines_of(path)) do rows[#rows + 1] = json.decode(line) end
+  return rows
+end
+
+-- n JSONL tickets, each its own text (so each its own request body)
+local function tickets(n, path)
+  local t = {}
+  local words = { "refund charged twice", "parcel courier late", "thanks great service" }
+  for i = 1, n do t[i] = json.encode{ id = i, text = ("ticket %d: %s"):format(i, words[i % 3 + 1]) } end
+  H.write_file(path, table.concat(t, "\n") .. "\n")
+  return path
+end
+
+-- by_key counts of the simulator: how many keys were sent more than once
+local function doubled()
+  local n, total = 0, 0
+  for _, count in pairs(up:stats().by_key) do
+    total = total + 1
+    if count > 1 then n = n + 1 end
+  end
+  return n, total
+end
+
+local LABELS = "--labels billing,delivery,other"
+
+describe("slm classify", function()
+  it("keeps the input columns, appends the results, and reruns nothing that is done", function()
+    local input = tickets(6, dir .. "/in.jsonl")
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    local rows = jsonl_rows(out)
+    assert.are.equal(6, #rows)
+    for i, r in ipairs(rows) do
+      assert.are.equal(i, r.id)
+      assert.matches("^ticket " .. i .. ":", r.text)
+      assert.are.equal("ok", r.status)
+      assert.truthy(({ billing = true, delivery = true, other = true })[r.label], r.label)
+      assert.is_number(r.cost)
+      assert.is_true(r.tokens > 0)
+    end
+    assert.are.equal("billing", rows[3].label) -- "refund charged twice"
+    assert.are.equal(6, up:stats().requests)
+    assert.matches("6 rows: 6 succeeded, 0 failed", err)
+    -- the same command again: nothing sent, the same output
+    local before = H.read_file(out)
+    _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    assert.are.equal(6, up:stats().requests)
+    assert.matches("6 done before", err)
+    assert.are.equal(before, H.read_file(out))
+    -- another label set, another model: every row again
+    _, err, code = run(("classify --labels billing,delivery,other,spam --no-progress -o %s %s"):format(out, input))
+    assert.are.equal(0, code, err)
+    assert.are.equal(12, up:stats().requests)
+    _, err, code = run(("classify %s -m nousresearch/hermes-3-llama-3.1-405b --no-progress -o %s %s")
+      :format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    assert.are.equal(18, up:stats().requests)
+    -- the first label set and model again: all in the ledger still
+    _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    assert.are.equal(18, up:stats().requests)
+    assert.are.equal(before, H.read_file(out))
+  end)
+
+  it("sends one request for rows with the same input, and gives each the reply", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"id":1,"text":"refund please"}\n{"id":2,"text":"refund please"}\n')
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    local rows = jsonl_rows(out)
+    assert.are.equal(2, #rows)
+    assert.are.equal(rows[1].label, rows[2].label)
+    assert.are.equal(1, up:stats().requests)
+  end)
+
+  it("turns a bad JSONL line and a row without the column into error rows and goes on (exit 1)", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"text":"refund"}\n{"text": broken\n{"body":"no text column"}\n[1,2]\n{"text":"late parcel"}\n')
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(1, code, err)
+    local rows = jsonl_rows(out)
+    assert.are.equal(5, #rows)
+    assert.are.same({ "ok", "error", "error", "error", "ok" },
+      { rows[1].status, rows[2].status, rows[3].status, rows[4].status, rows[5].status })
+    assert.are.same({ "parse", "missing_column", "parse" }, { rows[2].error_kind, rows[3].error_kind, rows[4].error_kind })
+    assert.matches("line 2", rows[2].error)
+    assert.are.equal("no text column", rows[3].body)
+    assert.are.equal(2, up:stats().requests)
+    assert.matches("5 rows: 2 succeeded, 3 failed %(missing_column 1, parse 2%)", err)
+  end)
+
+  it("--column and --id-column pick the text and the id; --limit the first rows", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"ref":"A","msg":"refund"}\n{"ref":"B","msg":"parcel late"}\n{"ref":"C","msg":"thanks"}\n')
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(("classify %s --column msg --id-column ref --limit 2 --no-progress -o %s %s")
+      :format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    local rows = jsonl_rows(out)
+    assert.are.equal(2, #rows)
+    assert.are.equal("A", rows[1].ref)
+    local log = jsonl_rows(out .. ".usage.jsonl")
+    assert.are.equal(2, #log)
+    assert.are.equal("A", log[1].id == "A" and "A" or log[2].id)
+    _, err, code = run(("classify %s --column nope --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(1, code)
+    assert.are.equal("missing_column", jsonl_rows(out)[1].error_kind)
+  end)
+
+  it("--dry-run counts and prices per model and sends nothing", function()
+    local input = tickets(5, dir .. "/in.jsonl")
+    local out, err, code = run(("classify %s --dry-run -m gpt-4o-mini,nousresearch/hermes-3-llama-3.1-405b -o %s %s")
+      :format(LABELS, dir .. "/out.jsonl", input))
+    assert.are.equal(0, code, err)
+    assert.matches("\ngpt%-4o%-mini +5 +%d+ +5%-320 +[%d.]+ +[%d.]+ +0", out) -- 1 to 64 reply tokens a row
+    assert.matches("\nnousresearch/hermes%-3%-llama%-3%.1%-405b +5 ", out)
+    assert.matches("nothing was sent", err)
+    local low, high = out:match("\ngpt%-4o%-mini +5 +%d+ +%S+ +([%d.]+) +([%d.]+)")
+    assert.is_true(tonumber(low) < tonumber(high))
+    assert.are.equal(0, up:stats().requests)
+    assert.is_nil(io.open(dir .. "/out.jsonl"))
+    assert.is_nil(io.open(dir .. "/out.jsonl.ledger"))
+  end)
+
+  it("stops at the budget with exit 3, and a rerun with more budget does the rest, none twice", function()
+    local input = tickets(20, dir .. "/in.jsonl")
+    local out = dir .. "/out.jsonl"
+    -- a row costs about 1.3e-5 USD and reserves about 4.9e-5 (64 reply tokens): room for a few rows only
+    local _, err, code = run(("classify %s -c 1 --budget 0.00015 --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(3, code, err)
+    assert.matches("budget", err)
+    local done = #jsonl_rows(out)
+    assert.is_true(done >= 1 and done < 20, tostring(done))
+    assert.are.equal(done, up:stats().requests)
+    assert.are.equal(done, #lines_of(out .. ".ledger"))
+    _, err, code = run(("classify %s -c 4 --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    assert.are.equal(20, #jsonl_rows(out))
+    assert.are.equal(20, up:stats().requests)
+    local twice, keys = doubled()
+    assert.are.equal(0, twice)
+    assert.are.equal(0, keys) -- no scenario: by_key has no entries; the request count above is the proof
+  end)
+end)
+
+describe("slm classify interrupted", function()
+  local N = 24
+  local SLOW = "--header 'X-Sim-Scenario: delay=150' -c 4 --no-progress"
+
+  -- An uninterrupted run's output, to compare with.
+  local function reference(input)
+    local ref = dir .. "/ref.jsonl"
+    local _, err, code = run(("classify %s %s -o %s %s"):format(LABELS, SLOW, ref, input))
+    assert.are.equal(0, code, err)
+    local text = H.read_file(ref)
+    up:reset()
+    return text
+  end
+
+  -- Wait until the ledger has at least n finished rows.
+  local function wait_rows(path, n)
+    for _ = 1, 1000 do
+      if #lines_of(path) >= n then return end
+      os.execute("sleep 0.01")
+    end
+    error("the ledger never reached " .. n .. " rows")
+  end
+
+  for _, sig in ipairs({ "INT", "TERM" }) do
+    it("SIG" .. sig .. ": stops sending, finishes the rows in flight, exits 130; a rerun completes it", function()
+      local input = tickets(N, dir .. "/in.jsonl")
+      local want = reference(input)
+      local out = dir .. "/out.jsonl"
+      local h = spawn(("classify %s %s -o %s %s"):format(LABELS, SLOW, out, input))
+      wait_rows(out .. ".ledger", 5)
+      h.kill(sig)
+      assert.are.equal(130, h.wait(), h.stderr())
+      assert.matches("interrupted", h.stderr())
+      local done = #jsonl_rows(out)
+      assert.is_true(done >= 5 and done < N, tostring(done))
+      local st = up:stats()
+      assert.are.equal(done, st.requests)   -- the rows in flight were waited for, and recorded
+      assert.are.equal(0, st.aborted)
+      local _, err, code = run(("classify %s %s -o %s %s"):format(LABELS, SLOW, out, input))
+      assert.are.equal(0, code, err)
+      assert.are.equal(want, H.read_file(out))
+      st = up:stats()
+      assert.are.equal(N, st.requests)
+      local twice, keys = doubled()
+      assert.are.equal(0, twice)
+      assert.are.equal(N, keys)
+    end)
+  end
+
+  it("SIGKILL at several points: no row lost or doubled, only the rows in flight sent again", function()
+    local input = tickets(N, dir .. "/in.jsonl")
+    local want = reference(input)
+    local out = dir .. "/out.jsonl"
+    local function finished()
+      local keys, n = {}, 0
+      for _, line in ipairs(lines_of(out .. ".ledger")) do
+        local ok, rec = pcall(json.decode, line)
+        if ok and type(rec) == "table" and not keys[rec.key] then keys[rec.key] = true; n = n + 1 end
+      end
+      return n
+    end
+    local kills = 0
+    for _, at in ipairs({ 1, 9, 17 }) do
+      local sent_before, done_before = up:stats().requests, finished()
+      local h = spawn(("classify %s %s -o %s %s"):format(LABELS, SLOW, out, input))
+      wait_rows(out .. ".ledger", at)
+      h.kill("KILL")
+      h.wait()
+      kills = kills + 1
+      -- this run sent only rows not finished before it, and each once: at
+      -- most the 4 it had in flight when killed are not in the ledger
+      local sent, done = up:stats().requests - sent_before, finished() - done_before
+      assert.is_true(sent >= done and sent <= done + 4, ("sent %d, finished %d"):format(sent, done))
+      -- the output of a killed run is the last complete one: never torn
+      for _, line in ipairs(lines_of(out)) do json.decode(line) end
+    end
+    local sent_before, done_before = up:stats().requests, finished()
+    local _, err, code = run(("classify %s %s -o %s %s"):format(LABELS, SLOW, out, input))
+    assert.are.equal(0, code, err)
+    assert.are.equal(want, H.read_file(out))
+    -- the last run sent exactly the rows no run had finished
+    assert.are.equal(N - done_before, up:stats().requests - sent_before)
+    local st = up:stats()
+    assert.is_true(st.requests - N <= kills * 4, tostring(st.requests))
+    local twice, keys = doubled()
+    assert.are.equal(N, keys)
+    assert.is_true(twice <= kills * 4)
+    -- the ledger holds each row once: a row is never finished twice
+    local seen = {}
+    for _, line in ipairs(lines_of(out .. ".ledger")) do
+      local ok, rec = pcall(json.decode, line)
+      if ok and type(rec) == "table" then
+        assert.is_nil(seen[rec.key], "a row finished twice")
+        seen[rec.key] = true
+      end
+    end
+  end)
+end)
+
+describe("the usage log", function()
+  it("has one line per request, no key, and sums to the summary; slm usage sums it", function()
+    local input = tickets(7, dir .. "/in.jsonl")
+    H.write_file(dir .. "/in.jsonl", H.read_file(input) .. '{"text":"bad","model":"x"}\n')
+    local out = dir .. "/out.jsonl"
+    local log = dir .. "/usage.jsonl"
+    local _, err, code = run(("classify %s --no-progress --usage-log %s -o %s %s"):format(LABELS, log, out, input))
+    assert.are.equal(0, code, err)
+    local lines = jsonl_rows(log)
+    assert.are.equal(8, #lines)
+    local cost, tokens = 0, 0
+    for _, l in ipairs(lines) do
+      assert.is_nil(l.key)
+      assert.is_nil(l.prompt)
+      assert.are.equal("classify", l.task)
+      assert.are.equal("gpt-4o-mini", l.model)
+      assert.are.equal("ok", l.outcome)
+      assert.matches("^%d%d%d%d%-%d%d%-%d%dT", l.time)
+      assert.is_number(l.latency)
+      cost, tokens = cost + l.cost, tokens + l.tokens
+    end
+    local s_tokens, s_cost = err:match("8 requests, (%d+) tokens .-, %$([%d.]+),")
+    assert.are.equal(tonumber(s_tokens), tokens)
+    assert.are.equal(tonumber(s_cost), tonumber(("%.6f"):format(cost)))
+    local sums, uerr, ucode = run("usage --json --by model " .. log)
+    assert.are.equal(0, ucode, uerr)
+    local g = json.decode(sums)
+    assert.are.equal("gpt-4o-mini", g.model)
+    assert.are.equal(8, g.requests)
+    assert.are.equal(tokens, g.tokens)
+    assert.is_true(math.abs(cost - g.cost) < 1e-12)
+    local by_day = run("usage --by day " .. log)
+    assert.matches(os.date("!%Y-%m-%d"):gsub("%-", "%%-") .. " +8 +0 ", by_day)
+    -- --log-prompts puts the text in; the default usage log sits beside the output
+    run(("classify %s --no-progress --log-prompts -o %s %s"):format(LABELS, dir .. "/o2.jsonl", input))
+    local l2 = jsonl_rows(dir .. "/o2.jsonl.usage.jsonl")
+    assert.are.equal(8, #l2)
+    assert.matches("^ticket", l2[1].prompt)
+  end)
+end)
+
+describe("the other batch tasks", function()
+  it("extract writes the JSON, generate the text, summarize the summary", function()
+    local schema = dir .. "/s.json"
+    H.write_file(schema, json.encode{ type = "object", required = { "order" },
+      properties = { order = { type = "string" } }, additionalProperties = false })
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"text":"Order 58213 is late","name":"Kettle","features":"steel, 1.7 l"}\n')
+    local _, err, code = run(("extract --schema %s --no-progress -o %s %s"):format(schema, dir .. "/e.jsonl", input))
+    assert.are.equal(0, code, err)
+    local r = jsonl_rows(dir .. "/e.jsonl")[1]
+    assert.are.equal("table", type(r.data))
+    assert.is_string(r.data.order)
+    local tpl = dir .. "/t.txt"
+    H.write_file(tpl, "Describe {{name}}: {{features}}")
+    _, err, code = run(("generate --template %s --max-words 30 --no-progress -o %s %s"):format(tpl, dir .. "/g.jsonl", input))
+    assert.are.equal(0, code, err)
+    assert.is_string(jsonl_rows(dir .. "/g.jsonl")[1].text)
+    _, err, code = run(("summarize --max-words 20 --no-progress -o %s %s"):format(dir .. "/m.jsonl", input))
+    assert.are.equal(0, code, err)
+    assert.is_string(jsonl_rows(dir .. "/m.jsonl")[1].summary)
+    -- documents: each file one row
+    local doc = dir .. "/contract.txt"
+    H.write_file(doc, "Order 777 ships on Monday.")
+    _, err, code = run(("extract --schema %s --no-progress -o %s %s"):format(schema, dir .. "/d.jsonl", doc))
+    assert.are.equal(0, code, err)
+    r = jsonl_rows(dir .. "/d.jsonl")[1]
+    assert.are.equal(doc, r.file)
+    assert.is_string(r.data.order)
+    -- a template variable the row lacks: an error row
+    H.write_file(input, '{"name":"Kettle"}\n')
+    _, err, code = run(("generate --template %s --no-progress -o %s %s"):format(tpl, dir .. "/g2.jsonl", input))
+    assert.are.equal(1, code)
+    assert.are.equal("missing_column", jsonl_rows(dir .. "/g2.jsonl")[1].error_kind)
+  end)
+end)
+
+describe("usage errors and help", function()
+  it("exit 2 with the command's usage; --help per command; completion scripts", function()
+    local _, err, code = run("classify " .. dir .. "/none.jsonl")
+    assert.are.equal(2, code)
+    assert.matches("labels", err)
+    _, err, code = run("classify --labels a,b --concurrency zero x.jsonl")
+    assert.are.equal(2, code)
+    assert.matches("^Usage: slm classify", err)
+    assert.matches("'zero' is not a positive integer", err)
+    _, err, code = run("extract x.txt")
+    assert.are.equal(2, code)
+    assert.matches("missing option '%-%-schema'", err)
+    _, err, code = run("nope")
+    assert.are.equal(2, code)
+    local out
+    out, _, code = run("classify --help")
+    assert.are.equal(0, code)
+    assert.matches("%-%-budget", out)
+    assert.matches("%-%-dry%-run", out)
+    out, _, code = run("--help")
+    assert.are.equal(0, code)
+    assert.matches("Exit codes: 0", out)
+    for _, shell in ipairs({ "bash", "zsh", "fish" }) do
+      out, _, code = run("completion " .. shell)
+      assert.are.equal(0, code)
+      assert.matches("classify", out)
+    end
+    assert.are.equal(0, up:stats().requests)
+  end)
+end)
