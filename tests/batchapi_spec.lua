@@ -335,11 +335,17 @@ describe("slm.batchapi jobs", function()
     -- the same requests given again find the same job, nothing re-sent
     local list = {}
     for i = 1, 4 do list[i] = { custom_id = "row-" .. i, body = { messages = H.msgs("row " .. i) } } end
-    local again = batchapi.job{ client = c, dir = dir, requests = list }
+    local again = batchapi.job{ client = c, dir = dir, requests = list, poll_interval = 0.01 }
     assert(again:run())
     assert.equal(1, batch_stats().creates)
-    -- other requests in the same directory are refused
-    assert.has_error(function() batchapi.job{ client = c, dir = dir, requests = requests(2) } end)
+    -- new requests in the same directory join the job; only they are sent
+    list[5] = { custom_id = "row-5", body = { messages = H.msgs("row 5") } }
+    local more = batchapi.job{ client = c, dir = dir, requests = list, poll_interval = 0.01 }
+    assert.equal(5, #more.ledger.order)
+    assert(more:run())
+    assert.equal(2, batch_stats().creates)
+    assert.equal(1, #more.ledger.batches[2].rows)
+    assert.equal("Echo: row 5", assert(batchapi.open(c, dir)):results()["row-5"].text)
   end)
 
   it("derives stable custom_ids and refuses duplicates", function()

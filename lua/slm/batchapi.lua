@@ -286,9 +286,9 @@ local function new_job(opts, ledger)
   return self
 end
 
---- A new job (or the one already in `dir` when its requests are the
--- same): -> job.  Raises on misuse (duplicate custom_ids, a ledger that
--- holds other requests).
+--- A new job, or the one already in `dir` with the requests it does not
+-- hold yet added: -> job.  Raises on misuse (duplicate custom_ids, a
+-- directory that holds no ledger of ours).
 function M.job(opts)
   check_opts(opts, "slm.batchapi.job")
   local reqs = opts.requests
@@ -315,15 +315,30 @@ function M.job(opts)
   local dir = opts.dir
   local existing = read_all(dir .. "/ledger.json")
   if existing then
-    local job = M.open(client, dir, opts)
-    local L = job.ledger
-    if #L.order ~= #order then
-      error("slm.batchapi.job: " .. dir .. " holds another job (" .. #L.order .. " requests, not " .. #order .. ")", 2)
-    end
-    for i = 1, #order do
-      if L.order[i] ~= order[i] then
-        error("slm.batchapi.job: " .. dir .. " holds another job (request " .. i .. " differs)", 2)
+    -- the job already there: requests it does not hold are added (a
+    -- changed prompt or model gives new custom_ids); the ones it holds
+    -- keep their batches and results
+    local job, err = M.open(client, dir, opts)
+    if not job then error("slm.batchapi.job: " .. tostring(err), 2) end
+    local L, known = job.ledger, job.ledger.rows
+    local old_lines = job:request_lines()
+    local added = {}
+    for i, id in ipairs(order) do
+      if not known[id] then
+        added[#added + 1] = lines[i]
+        L.order[#L.order + 1] = id
+        known[id] = rows[id]
+        job.model_of[id] = rows[id].model
+        old_lines[#old_lines + 1] = lines[i]
       end
+    end
+    if #added > 0 then
+      -- requests.jsonl first: a crash before the ledger names them leaves
+      -- lines the ledger does not count, which the next open ignores
+      local all = concat(old_lines, "\n") .. "\n"
+      local ok, werr = write_atomic(dir .. "/requests.jsonl", all)
+      if not ok then error("slm.batchapi.job: cannot write " .. dir .. "/requests.jsonl: " .. tostring(werr), 2) end
+      job:save()
     end
     return job
   end
@@ -365,9 +380,10 @@ function Job:request_lines()
   if not text then error("slm.batchapi: " .. self.dir .. "/requests.jsonl is missing", 0) end
   local lines = {}
   for line in text:gmatch("[^\n]+") do lines[#lines + 1] = line end
-  if #lines ~= #self.ledger.order then
+  if #lines < #self.ledger.order then
     error("slm.batchapi: " .. self.dir .. "/requests.jsonl does not match the ledger", 0)
   end
+  for i = #self.ledger.order + 1, #lines do lines[i] = nil end
   self.lines = lines
   return lines
 end
