@@ -163,7 +163,6 @@ local function result_of(obj, job)
     res.usage = usage
     res.cost = M.cost(res.model, usage, job.price_factor) or M.cost(model, usage, job.price_factor)
     res.attempts = 1
-    res.latency = false
     res.requested_model = model or res.model
     res.request_id = decode.nn(resp.request_id)
     res.custom_id = obj.custom_id

@@ -54,7 +54,8 @@
 -- several HTTP requests says how many in `calls`):
 --   { time (UTC, ISO 8601), run, task, model, prompt_tokens, completion_tokens,
 --     tokens, cost, latency, ttft, attempts, calls, outcome ("ok" | error kind),
---     prompt (only with log_prompts: the row's input, its JSON when not a string) }
+--     prompt (only with log_prompts: the row's input, its JSON when not a string),
+--     via ("batch" for rows sent through the Batch API, slm.viabatch; absent otherwise) }
 -- never the row key; appended and flushed per line.
 --
 -- Summary (job:run's first value): { rows, done_before, sent, succeeded,
@@ -201,7 +202,7 @@ function M.usage_line(job, info, outcome, prompt, id)
     time = iso_now(), run = job.run_id, task = job.task, model = info.model or job.model,
     prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or 0,
     latency = info.latency, ttft = info.ttft, attempts = info.attempts or 1, calls = info.calls or 1,
-    outcome = outcome, id = id, prompt = prompt,
+    outcome = outcome, id = id, prompt = prompt, via = job.via,
   }
 end
 

@@ -1,0 +1,206 @@
+-- tests/batchapi_cli_spec.lua: `slm classify|batch ... --via batch` and
+-- `slm batch status|resume|cancel ID`, the real bin/slm against the
+-- simulator's Batch API: the same result rows as the direct path, the usage
+-- log marked via = "batch", partial failure, expiry and resume, and the
+-- job submitted by one process and collected by another.  The simulator's
+-- batch counters (lines run per custom_id, those answered 200) prove that no
+-- row that succeeded was sent twice.
+local H = require "tests.helpers"
+local json = require "cjson"
+
+local up
+setup(function() up = H.upstream() end)
+teardown(function() if up then up:stop() end end)
+
+local dir
+before_each(function()
+  up:reset()
+  up:post("/__sim/batch_mode", "{}")
+  local p = io.popen("mktemp -d")
+  dir = p:read("l")
+  p:close()
+end)
+after_each(function() if dir then os.execute("rm -rf " .. H.q(dir)) end end)
+
+local function env()
+  return ("SLM_BASE_URL=%s SLM_API_KEY=sk-batch-secret-123 SLM_STATE_DIR=%s "):format(up.url, H.q(dir .. "/state"))
+end
+
+-- bin/slm in the foreground: stdout, stderr, exit status.
+local function run(cmdline)
+  local errf = dir .. "/stderr"
+  local p = io.popen(env() .. "bin/slm " .. cmdline .. " </dev/null 2>" .. errf)
+  local out = p:read("a")
+  local ok, _, code = p:close()
+  return out, H.read_file(errf), ok and 0 or code
+end
+
+local function rows_of(path)
+  local rows = {}
+  local f = io.open(path, "rb")
+  if not f then return rows end
+  for line in f:lines() do rows[#rows + 1] = json.decode(line) end
+  f:close()
+  return rows
+end
+
+-- n tickets; extra[i] is appended to ticket i's text (directives)
+local function tickets(n, extra)
+  local lines = {}
+  for i = 1, n do
+    lines[i] = json.encode({ id = i, text = ("ticket %d: my invoice %d is wrong%s"):format(i, i, extra and extra[i] or "") })
+  end
+  local path = dir .. "/in.jsonl"
+  H.write_file(path, table.concat(lines, "\n") .. "\n")
+  return path
+end
+
+local function mode(directives)
+  up:post("/__sim/batch_mode", json.encode({ directives = directives }))
+end
+
+local CLASSIFY = "classify --labels billing,tech,other --poll-interval 0.02 "
+
+describe("slm --via batch", function()
+  it("writes the same rows as the direct path, at half the price, the usage log marked via = batch", function()
+    local input = tickets(6)
+    local _, err, code = run(CLASSIFY .. "-o " .. dir .. "/direct.jsonl " .. input)
+    assert.equal(0, code, err)
+    assert.equal(0, up:batch_stats().creates)
+    _, err, code = run(CLASSIFY .. "--via batch -o " .. dir .. "/batch.jsonl " .. input)
+    assert.equal(0, code, err)
+    assert.matches("batch batch_sim%d+: completed, 6 of 6 done, 0 failed", err)
+    local bs = up:batch_stats()
+    assert.equal(1, bs.creates)
+    assert.equal(6, bs.lines)
+    local direct, batch = rows_of(dir .. "/direct.jsonl"), rows_of(dir .. "/batch.jsonl")
+    assert.equal(6, #batch)
+    for i = 1, 6 do
+      local d, b = direct[i], batch[i]
+      local dk, bk = {}, {}
+      for k in pairs(d) do dk[#dk + 1] = k end
+      for k in pairs(b) do bk[#bk + 1] = k end
+      table.sort(dk); table.sort(bk)
+      assert.same(dk, bk)
+      assert.equal(d.id, b.id)
+      assert.equal(d.label, b.label)
+      assert.equal("ok", b.status)
+      assert.equal(d.tokens, b.tokens)
+      assert.near(d.cost / 2, b.cost, 1e-12)
+    end
+    local usage = rows_of(dir .. "/batch.jsonl.usage.jsonl")
+    assert.equal(6, #usage)
+    local sum = 0
+    for _, u in ipairs(usage) do
+      assert.equal("batch", u.via)
+      sum = sum + u.cost
+    end
+    for _, u in ipairs(rows_of(dir .. "/direct.jsonl.usage.jsonl")) do assert.is_nil(u.via) end
+    assert.matches(("%.6f"):format(sum):gsub("%.", "%%."), err)
+    -- the key never in anything written
+    for _, f in ipairs{ "batch.jsonl", "batch.jsonl.usage.jsonl", "batch.jsonl.batch/ledger.json",
+      "batch.jsonl.batch/requests.jsonl", "batch.jsonl.batch/results.jsonl" } do
+      assert.falsy(H.read_file(dir .. "/" .. f):find("sk-batch-secret", 1, true), f)
+    end
+  end)
+
+  it("keeps failed rows as error rows, then resume sends only them", function()
+    local input = tickets(5, { [2] = " [sim:status=500,fail=1]", [4] = " [sim:status=503,fail=1]" })
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(CLASSIFY .. "--via batch -o " .. out .. " " .. input)
+    assert.equal(1, code, err)
+    local rows = rows_of(out)
+    assert.equal("error", rows[2].status)
+    assert.equal("server", rows[2].error_kind)
+    assert.equal("error", rows[4].status)
+    assert.equal("ok", rows[1].status)
+    local id = assert(H.read_file(dir .. "/out.jsonl.batch/ledger.json"):match('"id":"(%x+)"'))
+    local st
+    st, err, code = run("batch status " .. id)
+    assert.equal(0, code, err)
+    assert.matches("rows 5: 3 succeeded, 2 failed %(server 2%)", st)
+    _, err, code = run("batch resume " .. id)
+    assert.equal(0, code, err)
+    rows = rows_of(out)
+    for i = 1, 5 do assert.equal("ok", rows[i].status, "row " .. i) end
+    local bs = up:batch_stats()
+    assert.equal(2, bs.creates)
+    local per_row = {}
+    for cid, n in pairs(bs.ok_by_custom_id) do per_row[#per_row + 1] = n; assert.equal(1, n, cid) end
+    assert.equal(5, #per_row)
+    assert.equal(7, bs.lines) -- 5, then the 2 that failed
+  end)
+
+  it("resumes an expired batch with its unfinished rows only", function()
+    mode("expire=2")
+    local input = tickets(6)
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(CLASSIFY .. "--via batch -o " .. out .. " " .. input)
+    assert.equal(1, code, err)
+    assert.matches("expired", err)
+    local rows = rows_of(out)
+    local ok, timeouts = 0, 0
+    for _, r in ipairs(rows) do
+      if r.status == "ok" then ok = ok + 1 elseif r.error_kind == "timeout" then timeouts = timeouts + 1 end
+    end
+    assert.same({ 2, 4 }, { ok, timeouts })
+    mode(nil)
+    -- the same command again resumes
+    _, err, code = run(CLASSIFY .. "--via batch -o " .. out .. " " .. input)
+    assert.equal(0, code, err)
+    assert.matches("4 succeeded, 0 failed, 2 done before", err)
+    local bs = up:batch_stats()
+    assert.equal(6, bs.lines)
+    for cid, n in pairs(bs.lines_by_custom_id) do assert.equal(1, n, cid) end
+  end)
+
+  it("submits in one process and collects in another; status and cancel by ID", function()
+    mode("polls=3")
+    local input = tickets(4)
+    local out = dir .. "/out.jsonl"
+    local id, err, code = run(CLASSIFY .. "--via batch --no-wait -o " .. out .. " " .. input)
+    assert.equal(0, code, err)
+    id = id:match("^(%x+)\n$")
+    assert.truthy(id, err)
+    assert.matches("4 rows submitted in 1 batches", err)
+    assert.is_nil(io.open(out))
+    local st
+    st, err, code = run("batch status " .. id)
+    assert.equal(0, code, err)
+    assert.matches("batch job " .. id, st)
+    assert.matches("4 not collected", st)
+    assert.matches("batch_sim%d+  validating", st)
+    _, err, code = run("batch resume " .. id)
+    assert.equal(0, code, err)
+    local rows = rows_of(out)
+    assert.equal(4, #rows)
+    for _, r in ipairs(rows) do assert.equal("ok", r.status) end
+    assert.equal(1, up:batch_stats().creates)
+    local lines = up:batch_stats().lines
+    -- cancel: a second job, cancelled before it ran
+    H.write_file(dir .. "/in2.jsonl", '{"prompt":"hello"}\n{"prompt":"again"}\n')
+    mode("polls=100")
+    id = run("batch --via batch --no-wait --poll-interval 0.02 -o " .. dir .. "/raw.jsonl " .. dir .. "/in2.jsonl")
+    id = assert(id:match("^(%x+)\n$"))
+    st, err, code = run("batch cancel " .. id)
+    assert.equal(0, code, err)
+    assert.matches("cancelling", st)
+    st = run("batch status " .. id)
+    assert.matches("cancelled", st)
+    assert.equal(lines, up:batch_stats().lines)
+    assert.equal(1, up:batch_stats().cancels)
+  end)
+
+  it("splits a job at --batch-max-requests, and says what is wrong with bad usage", function()
+    local input = tickets(5)
+    local _, err, code = run(CLASSIFY .. "--via batch --batch-max-requests 2 -o " .. dir .. "/o.jsonl " .. input)
+    assert.equal(0, code, err)
+    assert.equal(3, up:batch_stats().creates)
+    _, err, code = run(CLASSIFY .. "--via batch " .. input)
+    assert.equal(2, code)
+    assert.matches("needs %-o OUTPUT", err)
+    _, err, code = run("batch status nosuchjob")
+    assert.equal(1, code)
+    assert.matches("no batch job 'nosuchjob'", err)
+  end)
+end)
