@@ -198,13 +198,20 @@ function M.run(job, ad, client, o)
     end }
 end
 
---- `slm batch status ID`: -> lines (refreshed from the provider).
-function M.status(client, id)
+-- A registered job's batchapi job: -> bjob, entry | nil, message
+local function open_job(client, id)
   local e, err = M.lookup(id)
   if not e then return nil, err end
   local bjob
   bjob, err = batchapi.open(client, e.dir)
   if not bjob then return nil, tostring(err) end
+  return bjob, e
+end
+
+--- `slm batch status ID`: -> lines (refreshed from the provider).
+function M.status(client, id)
+  local bjob, e = open_job(client, id)
+  if not bjob then return nil, e end
   local _, perr = bjob:poll()
   local s = bjob:status()
   local kinds = {}
@@ -226,11 +233,8 @@ end
 
 --- `slm batch cancel ID`: -> lines | nil, message
 function M.cancel(client, id)
-  local e, err = M.lookup(id)
-  if not e then return nil, err end
-  local bjob
-  bjob, err = batchapi.open(client, e.dir)
-  if not bjob then return nil, tostring(err) end
+  local bjob, err = open_job(client, id)
+  if not bjob then return nil, err end
   local ok, cerr = bjob:cancel()
   if not ok then return nil, tostring(cerr) end
   local lines = {}
