@@ -191,6 +191,18 @@ describe("slm --via batch", function()
     assert.equal(1, up:batch_stats().cancels)
   end)
 
+  it("a changed label set sends every row again, and only this run's rows", function()
+    local input = tickets(3, { [2] = " [sim:status=500]" })
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(CLASSIFY .. "--via batch -o " .. out .. " " .. input)
+    assert.equal(1, code, err)
+    _, err, code = run("classify --labels billing,tech --poll-interval 0.02 --via batch -o " .. out .. " " .. input)
+    assert.equal(1, code, err)
+    local bs = up:batch_stats()
+    assert.equal(2, bs.creates)
+    assert.equal(6, bs.lines) -- 3 rows twice: the first run's failed row is not sent for the second run
+  end)
+
   it("splits a job at --batch-max-requests, and says what is wrong with bad usage", function()
     local input = tickets(5)
     local _, err, code = run(CLASSIFY .. "--via batch --batch-max-requests 2 -o " .. dir .. "/o.jsonl " .. input)
