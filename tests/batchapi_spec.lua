@@ -348,6 +348,37 @@ describe("slm.batchapi jobs", function()
     assert.equal("Echo: row 5", assert(batchapi.open(c, dir)):results()["row-5"].text)
   end)
 
+  it("reads output lines by custom_id only: garbage and unknown rows are left out, a crash before the ledger is saved collects again harmlessly", function()
+    local c = client()
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(3), poll_interval = 0.01 }
+    local text = table.concat({
+      '{"custom_id":"row-2","response":{"status_code":200,"body":{"id":"x","object":"chat.completion","created":1,'
+        .. '"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"two"},'
+        .. '"finish_reason":"stop"}],"usage":{"prompt_tokens":-5,"completion_tokens":2,"total_tokens":-3}}},"error":null}',
+      "not json at all",
+      '{"custom_id":"row-1","response":{"status_code":429,"body":{"error":{"message":"slow down","type":"requests",'
+        .. '"code":"rate_limit_exceeded"}}},"error":null}',
+      '{"custom_id":"row-3","response":null,"error":{"code":"batch_expired","message":"too late"}}',
+    }, "\n")
+    local out, bad = batchapi.parse(text, job)
+    assert.equal(1, bad)
+    assert.equal("two", out["row-2"].text)
+    assert.is_true(out["row-2"].usage.estimated) -- a negative count is not believed
+    assert.is_true(out["row-2"].cost >= 0)
+    assert.equal("rate_limit", out["row-1"].kind)
+    assert.equal("timeout", out["row-3"].kind)
+    assert.equal("batch_expired", out["row-3"].code)
+    -- collected, then the ledger "lost" the fact: collecting again gives the same results
+    assert(job:run())
+    job.ledger.batches[1].collected = false
+    job:save()
+    local again = assert(batchapi.open(c, job.dir))
+    assert(again:collect())
+    local st = again:status()
+    assert.same({ 3, 3, 0 }, { st.rows, st.succeeded, st.failed })
+    assert.equal(1, batch_stats().creates)
+  end)
+
   it("derives stable custom_ids and refuses duplicates", function()
     assert.equal("slm-abc", batchapi.custom_id("abc"))
     assert.is_true(#batchapi.custom_id(string.rep("k", 100)) <= 64)
