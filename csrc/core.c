@@ -1,7 +1,7 @@
 /*
  * core.c - entry point of the slm.core module: builds the module table and
- * lets each concept (clock, http, sse, bpe, idlist, json, base64, sha256, proc)
- * register itself.
+ * lets each concept (clock, http, sse, bpe, idlist, json, base64, sha256,
+ * csv, proc) register itself.
  */
 #include "slm.h"
 
@@ -25,5 +25,6 @@ SLM_EXPORT int luaopen_slm_core(lua_State *L) {
   slm_open_base64(L);
   slm_open_sha256(L);
   slm_open_proc(L);
+  slm_open_csv(L);
   return 1;
 }

@@ -23,6 +23,7 @@ int slm_open_json(lua_State *L);   /* json.c: json_encode() */
 int slm_open_base64(lua_State *L); /* base64.c: base64_encode(), base64_decode() */
 int slm_open_sha256(lua_State *L); /* sha256.c: sha256() */
 int slm_open_proc(lua_State *L);   /* proc.c: fsync(), trap_signals(), trapped() */
+int slm_open_csv(lua_State *L);    /* csv.c: csv_parser(), csv_format() */
 
 double slm_now(void);              /* monotonic seconds */
 

@@ -124,7 +124,7 @@ describe("bin/slm", function()
     assert.are.equal(4, #rows)
     assert.are.equal("Echo: first", rows[1].text)
     assert.are.equal("parse", rows[2].error_kind)
-    assert.matches("line 2", rows[2].error)
+    assert.matches(":2: ", rows[2].error)
     assert.are.equal("no prompt", rows[3].note)         -- the input's own column, kept
     assert.are.equal("invalid_request", rows[3].error_kind)
     assert.matches("line 4 has neither", rows[3].error)

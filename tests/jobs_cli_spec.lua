@@ -162,7 +162,7 @@ describe("slm classify", function()
     assert.are.same({ "ok", "error", "error", "error", "ok" },
       { rows[1].status, rows[2].status, rows[3].status, rows[4].status, rows[5].status })
     assert.are.same({ "parse", "missing_column", "parse" }, { rows[2].error_kind, rows[3].error_kind, rows[4].error_kind })
-    assert.matches("line 2", rows[2].error)
+    assert.matches(":2: ", rows[2].error)
     assert.are.equal("no text column", rows[3].body)
     assert.are.equal(2, up:stats().requests)
     assert.matches("5 rows: 2 succeeded, 3 failed %(missing_column 1, parse 2%)", err)
@@ -219,6 +219,69 @@ describe("slm classify", function()
     local twice, keys = doubled()
     assert.are.equal(0, twice)
     assert.are.equal(0, keys) -- no scenario: by_key has no entries; the request count above is the proof
+  end)
+end)
+
+describe("CSV through the CLI", function()
+  local csv = require "slm.csv"
+
+  local function read_csv(path)
+    local r = assert(csv.reader(path))
+    local header = r:header()
+    local rows = {}
+    for row, err in r:rows() do
+      assert(row, tostring(err))
+      rows[#rows + 1] = csv.by_name(header, row)
+    end
+    r:close()
+    return header, rows
+  end
+
+  it("quotes, embedded newlines and quotes, a BOM, CRLF; ragged rows and a bad record as error rows", function()
+    local input = dir .. "/in.csv"
+    H.write_file(input, "\239\187\191id,text,note\r\n"
+      .. '1,"refund, charged ""twice""",a\r\n'
+      .. '2,"parcel\r\nlate, line two",b\r\n'
+      .. "3,thanks\r\n"                        -- ragged: 2 fields
+      .. "4,refund again,c,extra\r\n"          -- ragged: 4 fields
+      .. '5,bad "quote" here,d\r\n'             -- a quote inside an unquoted field
+      .. "6,the courier is late,e\r\n")
+    local out = dir .. "/out.csv"
+    local _, err, code = run(("classify %s --id-column id --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(1, code, err)
+    local header, rows = read_csv(out)
+    assert.are.same({ "id", "text", "note", "label", "confidence", "review", "status", "error_kind", "error", "cost",
+      "tokens" }, { table.unpack(header) })
+    assert.are.equal(6, #rows)
+    assert.are.equal('refund, charged "twice"', rows[1].text)
+    assert.are.equal("billing", rows[1].label)
+    assert.are.equal("parcel\r\nlate, line two", rows[2].text)
+    assert.are.equal("ok", rows[2].status)
+    assert.are.same({ "ragged", "ragged", "parse" }, { rows[3].error_kind, rows[4].error_kind, rows[5].error_kind })
+    assert.are.equal("3", rows[3].id)
+    assert.are.equal("ok", rows[6].status)
+    assert.are.equal(3, up:stats().requests)
+    assert.matches("6 rows: 3 succeeded, 3 failed %(parse 1, ragged 2%)", err)
+    -- CSV in, JSONL out by --format
+    _, err, code = run(("classify %s --format jsonl --no-progress -o %s %s"):format(LABELS, dir .. "/o.txt", input))
+    assert.are.equal(1, code, err)
+    local first = json.decode(lines_of(dir .. "/o.txt")[1])
+    assert.are.equal('refund, charged "twice"', first.text)
+    assert.are.equal("1", first.id)
+  end)
+
+  it("an unterminated quoted field is an error row, and the rows before it run", function()
+    local input = dir .. "/in.csv"
+    H.write_file(input, 'text\nrefund please\n"never closed\nmore\n')
+    local out = dir .. "/out.csv"
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(1, code, err)
+    local _, rows = read_csv(out)
+    assert.are.equal(2, #rows)
+    assert.are.equal("ok", rows[1].status)
+    assert.are.equal("parse", rows[2].error_kind)
+    assert.matches("not closed", rows[2].error)
+    assert.are.equal(1, up:stats().requests)
   end)
 end)
 

@@ -13,6 +13,8 @@ local KINDS = {
   cancelled = true, http = true,
   -- the task layer's
   validation = true, length = true,
+  -- slm.csv / slm.jsonl: a malformed record or line, a file that cannot be read or written
+  input = true,
 }
 M.KINDS = KINDS
 

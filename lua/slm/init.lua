@@ -66,6 +66,8 @@ local lazy = {
   pii = function() return require("slm.pii") end,
   bm25 = function() return require("slm.bm25") end,
   batchapi = function() return require("slm.batchapi") end,
+  csv = function() return require("slm.csv") end,
+  jsonl = function() return require("slm.jsonl") end,
 }
 
 return setmetatable(slm, {

@@ -71,35 +71,6 @@ local type, pairs, ipairs, tostring, pcall, format, concat, min, floor =
 
 local M = {}
 
--- Until slm.jsonl lands (h14/csv): a minimal JSON-lines reader and writer
--- of the same interface.  Removed when it is merged.
-local function jsonl()
-  local ok, mod = pcall(require, "slm.jsonl")
-  if ok then return mod end
-  return {
-    reader = function(path)
-      local f = io.open(path, "rb")
-      if not f then error("cannot open " .. path, 0) end
-      return { rows = function()
-        local n = 0
-        return function()
-          while true do
-            local line = f:read("l")
-            if not line then f:close() return nil end
-            n = n + 1
-            if line:match("%S") then
-              local okd, v = pcall(json.decode, line)
-              if okd then return v, nil, n end
-              return false, "not JSON", n
-            end
-          end
-        end
-      end }
-    end,
-    writer = function(fh) return { row = function(_, t) fh:write(json.encode(t), "\n") end } end,
-  }
-end
-
 M.EXIT = { ok = 0, failed = 1, usage = 2, budget = 3, interrupted = 130 }
 
 -- Errors of the row itself: a rerun would fail the same way (and may have
@@ -255,10 +226,10 @@ function M.write_output(job)
   local cols, res_cols = out_columns(job, names)
   local w
   if job.format == "csv" then
-    w = require("slm.csv").writer(fh)
-    w:row(cols)
+    w = assert(require("slm.csv").writer(fh))
+    assert(w:row(cols))
   else
-    w = jsonl().writer(fh)
+    w = assert(require("slm.jsonl").writer(fh))
   end
   local written = 0
   for _, row in ipairs(job.rows) do
@@ -269,7 +240,7 @@ function M.write_output(job)
         local list = {}
         for i, n in ipairs(names) do list[i] = cell(row.fields[n]) end
         for _, p in ipairs(res_cols) do list[#list + 1] = cell(r[p[1]]) end
-        w:row(list)
+        assert(w:row(list))
       else
         local t = {}
         for k, v in pairs(row.fields or {}) do t[k] = v end
@@ -278,11 +249,12 @@ function M.write_output(job)
           if v == nil then v = json.null end
           t[p[2]] = v
         end
-        w:row(t)
+        assert(w:row(t))
       end
       written = written + 1
     end
   end
+  assert(w:close())
   if path then
     assert(fh:close())
     assert(os.rename(tmp, path))
@@ -313,7 +285,8 @@ end
 
 ------------------------------------------------------------------ input
 
---- Read an input file's rows into the job (see the header for a row).
+--- Read an input file's rows (a path or an open file) into the job (see
+-- the header for a row); slm.csv / slm.jsonl read it.
 -- o: format ("csv" | "jsonl"), column (the text column, or nil), id_column,
 -- limit, input_of(fields, row) -> input | nil, bad (the task's part: what
 -- goes to the model, or why the row cannot run).  -> true | nil, message
@@ -336,34 +309,38 @@ function Job:read(path, o)
     self:add(row)
     return not (o.limit and n >= o.limit)
   end
+  local function message(err) return type(err) == "table" and err.message or tostring(err) end
   if o.format == "csv" then
-    local ok, r = pcall(require("slm.csv").reader, path, o.csv)
-    if not ok or not r then return nil, tostring(not ok and r or "cannot read " .. path) end
+    local csv = require "slm.csv"
+    local r, err = csv.reader(path, o.csv)
+    if not r then return nil, message(err) end
     local names
-    for rec, err in r:rows() do
-      names = names or r:header()
+    for rec, rerr in r:rows() do
+      names = names or r:header() or {}
       if not self.names then self.names = names end
-      local row = { n = (rec and rec.line) or n + 1, fields = {}, names = names }
+      local row = { n = (rec and rec.line) or (type(rerr) == "table" and rerr.line) or n + 1, fields = {},
+        names = names }
       if not rec then
-        row.bad = { kind = "parse", message = tostring(err) }
-      elseif rec.ragged then
-        row.bad = { kind = "ragged", message = format("line %d has %d fields, the header %d", rec.line or 0, #rec,
-          #names) }
-        for i, name in ipairs(names) do row.fields[name] = rec[i] end
+        row.bad = { kind = "parse", message = message(rerr) }
       else
-        for i, name in ipairs(names) do row.fields[name] = rec[i] end
+        row.fields = csv.by_name(names, rec)
+        if rec.ragged then
+          row.bad = { kind = "ragged", message = format("line %d has %d fields, the header %d", rec.line or 0, #rec,
+            #names) }
+        end
       end
       if not add(row) then break end
     end
+    r:close()
     if not self.names then self.names = r:header() or {} end
   else
-    local ok, r = pcall(jsonl().reader, path)
-    if not ok or not r then return nil, tostring(not ok and r or "cannot read " .. path) end
+    local r, err = require("slm.jsonl").reader(path)
+    if not r then return nil, message(err) end
     local names, seen_name = {}, {}
-    for obj, err, line in r:rows() do
+    for obj, rerr, line in r:rows() do
       local row = { n = line or n + 1, fields = {} }
       if not obj then
-        row.bad = { kind = "parse", message = format("line %d: %s", line or 0, tostring(err)) }
+        row.bad = { kind = "parse", message = message(rerr) }
       elseif type(obj) ~= "table" or obj[1] ~= nil then
         row.bad = { kind = "parse", message = format("line %d is not a JSON object", line or 0) }
       else
@@ -375,6 +352,7 @@ function Job:read(path, o)
       end
       if not add(row) then break end
     end
+    r:close()
     self.names = names
   end
   return true
