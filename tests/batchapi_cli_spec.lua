@@ -104,6 +104,38 @@ describe("slm --via batch", function()
     end
   end)
 
+  it("CSV in and out: the direct path's file but for the cost column", function()
+    local input = dir .. "/in.csv"
+    H.write_file(input, '\239\187\191id,text\r\n1,"my invoice, it is ""wrong"""\r\n2,"the app\ncrashes"\r\n3,refund please\r\n')
+    local _, err, code = run(CLASSIFY .. "-o " .. dir .. "/direct.csv " .. input)
+    assert.equal(0, code, err)
+    _, err, code = run(CLASSIFY .. "--via batch -o " .. dir .. "/batch.csv " .. input)
+    assert.equal(0, code, err)
+    local csv = require "slm.csv"
+    local function rows(path)
+      local list = {}
+      for rec in csv.reader(path):rows() do list[#list + 1] = rec end
+      return list
+    end
+    local d, b = rows(dir .. "/direct.csv"), rows(dir .. "/batch.csv")
+    assert.equal(3, #b)
+    local cost_col
+    local r = csv.reader(dir .. "/batch.csv")
+    r:rows()()
+    for i, name in ipairs(r:header()) do if name == "cost" then cost_col = i end end
+    assert.truthy(cost_col)
+    for i = 1, 3 do
+      for j = 1, #d[i] do
+        if j == cost_col then
+          assert.near(tonumber(d[i][j]) / 2, tonumber(b[i][j]), 1e-12)
+        else
+          assert.equal(d[i][j], b[i][j])
+        end
+      end
+    end
+    assert.equal("the app\ncrashes", b[2][2])
+  end)
+
   it("keeps failed rows as error rows, then resume sends only them", function()
     local input = tickets(5, { [2] = " [sim:status=500,fail=1]", [4] = " [sim:status=503,fail=1]" })
     local out = dir .. "/out.jsonl"
