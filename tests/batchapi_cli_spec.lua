@@ -190,11 +190,16 @@ describe("slm --via batch", function()
     mode("polls=3")
     local input = tickets(4)
     local out = dir .. "/out.jsonl"
-    local id, err, code = run(CLASSIFY .. "--via batch --no-wait -o " .. out .. " " .. input)
+    local id, err, code = run(CLASSIFY .. "--via batch --no-wait --header 'X-Api-Key: sk-hdr-secret-999' "
+      .. "--header 'X-Title: tickets' -o " .. out .. " " .. input)
     assert.equal(0, code, err)
     id = id:match("^(%x+)\n$")
     assert.truthy(id, err)
     assert.matches("4 rows submitted in 1 batches", err)
+    assert.matches("a secret %-%-header is not recorded", err)
+    local record = H.read_file(dir .. "/state/batches/" .. id .. ".json")
+    assert.falsy(record:find("sk-hdr-secret", 1, true))
+    assert.truthy(record:find("X-Title: tickets", 1, true))
     assert.is_nil(io.open(out))
     local st
     st, err, code = run("batch status " .. id)
@@ -233,6 +238,23 @@ describe("slm --via batch", function()
     local bs = up:batch_stats()
     assert.equal(2, bs.creates)
     assert.equal(6, bs.lines) -- 3 rows twice: the first run's failed row is not sent for the second run
+  end)
+
+  it("a --budget submits the rows whose worst case fits, exit 3, and a rerun does the rest", function()
+    local input = tickets(5)
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(CLASSIFY .. "--via batch --budget 0.00005 -o " .. out .. " " .. input)
+    assert.equal(3, code, err)
+    assert.matches("budget", err)
+    local first = up:batch_stats().lines
+    assert.is_true(first >= 1 and first < 5, tostring(first))
+    assert.equal(first, #rows_of(out))
+    _, err, code = run(CLASSIFY .. "--via batch --budget 1 -o " .. out .. " " .. input)
+    assert.equal(0, code, err)
+    assert.equal(5, #rows_of(out))
+    local bs = up:batch_stats()
+    assert.equal(5, bs.lines)
+    for cid, n in pairs(bs.lines_by_custom_id) do assert.equal(1, n, cid) end
   end)
 
   it("splits a job at --batch-max-requests, and says what is wrong with bad usage", function()

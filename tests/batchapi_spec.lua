@@ -272,6 +272,19 @@ describe("slm.batchapi jobs", function()
     for i = 1, 8 do assert.equal(1, bs.ok_by_custom_id["row-" .. i] or 1, "row-" .. i) end
   end)
 
+  it("never makes a batch twice when the reply to its creation is lost", function()
+    for n, retries in ipairs{ 0, 2 } do
+      up:post("/__sim/batch_mode", json.encode({ lose_reply = n })) -- the next create's reply is lost
+      local c = client{ max_retries = retries }
+      local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(3), poll_interval = 0.01 }
+      assert(job:run())
+      assert.equal(3, job:status().succeeded)
+    end
+    local bs = batch_stats()
+    assert.equal(2, bs.creates) -- one per job: the lost one was found by its input file
+    assert.equal(6, bs.lines)
+  end)
+
   it("cancels: cancelling, then cancelled; its rows are cancelled errors, sent again on resume", function()
     local c = client()
     batch_mode("polls=100")

@@ -64,13 +64,50 @@ function M.upload(client, data, filename)
   } })
 end
 
---- Create a batch of an uploaded file: -> Batch object | nil, err
+--- The batch made of an input file, if there is one (the newest
+-- `pages` x 100 batches are looked at): -> Batch object | nil
+function M.find_by_file(client, file_id, pages)
+  local after
+  for _ = 1, pages or 5 do
+    local list = M.list(client, { limit = 100, after = after })
+    if type(list) ~= "table" or type(list.data) ~= "table" then return nil end
+    for _, b in ipairs(list.data) do
+      if type(b) == "table" and b.input_file_id == file_id then return b end
+    end
+    if list.has_more ~= true or #list.data == 0 then return nil end
+    after = list.data[#list.data].id
+  end
+  return nil
+end
+
+--- Create a batch of an uploaded file: -> Batch object | nil, err.
+-- Creating is not idempotent: a retry after a reply that was lost could
+-- make a second batch of the same rows, paid twice.  So before each retry
+-- the batches are searched for one made of this file, and that one is
+-- taken.
 function M.create(client, file_id, opts)
   opts = opts or {}
-  return api(client, { method = "POST", path = "/batches", body = {
+  local spec = { method = "POST", path = "/batches", max_retries = 0, body = {
     input_file_id = file_id, endpoint = opts.endpoint or M.ENDPOINT, completion_window = "24h",
     metadata = opts.metadata,
-  } })
+  } }
+  local tries = 0
+  while true do
+    tries = tries + 1
+    local b, err = api(client, spec)
+    if b then return b end
+    if tries > (opts.max_retries or client.max_retries) or not retry.should_retry(err) then
+      -- even a failure that is not retried may have made the batch
+      if err.kind == "connect" or err.kind == "timeout" then
+        local found = M.find_by_file(client, file_id)
+        if found then return found end
+      end
+      return nil, err
+    end
+    local found = M.find_by_file(client, file_id)
+    if found then return found end
+    client.runtime.sleep(retry.delay(err, tries - 1))
+  end
 end
 
 function M.retrieve(client, id) return api(client, { path = "/batches/" .. id }) end

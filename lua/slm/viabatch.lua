@@ -148,6 +148,31 @@ function M.run(job, ad, client, o)
       by_key[row.key] = cid
     end
   end
+  -- a budget: the rows whose worst case (counted prompt + max_tokens, at
+  -- the batch price) still fits go; the others stay for a later run (exit
+  -- 3), as the direct path leaves the rows a budget refuses
+  local refused, nrefused = {}, 0
+  local budget = client.budget
+  if budget then
+    local left = budget:remaining()
+    local count = require("slm.count").count
+    local models = require("slm.models")
+    local kept, spent = {}, 0
+    for _, r in ipairs(requests) do
+      local m = models.find(r.body.model)
+      local out = r.body.max_tokens or r.body.max_completion_tokens or (m and m.max_output) or 0
+      local okc, n = pcall(count, r.body, r.body.model)
+      local worst = batchapi.cost(r.body.model, { prompt_tokens = okc and n or 0, completion_tokens = out }) or 0
+      if left and spent + worst > left then
+        refused[r.custom_id] = true
+        nrefused = nrefused + 1
+      else
+        spent = spent + worst
+        kept[#kept + 1] = r
+      end
+    end
+    requests = kept
+  end
   local ok, bjob = pcall(batchapi.job, { client = client, dir = o.dir, requests = requests,
     poll_interval = o.poll_interval, max_poll_interval = o.max_poll_interval, max_requests = o.max_requests,
     max_bytes = o.max_bytes, metadata = { slm_task = job.task } })
@@ -185,7 +210,15 @@ function M.run(job, ad, client, o)
   if err then return nil, 1, "collecting: " .. tostring(err) end
   local results = bjob:results()
   job.via = "batch"
-  return job:run{ client = client, concurrency = o.concurrency, progress = o.progress,
+  if nrefused > 0 then
+    -- left out of this run's output, like rows a direct run did not reach
+    local keep = {}
+    for _, row in ipairs(job.rows) do
+      if not (row.key and refused[by_key[row.key]]) then keep[#keep + 1] = row end
+    end
+    job.rows = keep
+  end
+  local summary, code, msg = job:run{ client = client, concurrency = o.concurrency, progress = o.progress,
     progress_every = o.progress_every,
     call = function(row, c)
       local cid = by_key[row.key]
@@ -196,6 +229,11 @@ function M.run(job, ad, client, o)
       end
       return ad.call(row, replaying(c, r))
     end }
+  if summary and nrefused > 0 then
+    summary.rows, summary.not_attempted = summary.rows + nrefused, summary.not_attempted + nrefused
+    summary.stopped, code = "budget", require("slm.jobs").EXIT.budget
+  end
+  return summary, code, msg
 end
 
 -- A registered job's batchapi job: -> bjob, entry | nil, message

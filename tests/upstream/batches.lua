@@ -413,6 +413,10 @@ local function create()
   local ok, err = save(b)
   if not ok then return fail(507, err, "storage_full", nil, "server_error") end
   counters():incr("batch_creates", 1, 0)
+  -- lose_reply=N: the first N creates make the batch, then drop the
+  -- connection without a reply (a client must not make it twice)
+  local lose = tonumber(settings().lose_reply)
+  if lose and counters():incr("batch_lost_replies", 1, 0) <= lose then return ngx.exit(444) end
   return send(200, public(b))
 end
 
