@@ -272,6 +272,22 @@ describe("slm.batchapi jobs", function()
     for i = 1, 8 do assert.equal(1, bs.ok_by_custom_id["row-" .. i] or 1, "row-" .. i) end
   end)
 
+  it("waits through failed polls, and gives up after max_failures in a row", function()
+    batch_mode("flaky_polls=3")
+    local c = client()
+    local job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(2), poll_interval = 0.01 }
+    assert(job:run())
+    assert.equal(2, job:status().succeeded)
+    job = batchapi.job{ client = c, dir = tmpdir(), requests = requests(2), poll_interval = 0.01 }
+    assert(job:submit())
+    local ok, err = job:wait{ max_failures = 2 }
+    assert.is_nil(ok)
+    assert.equal("server", err.kind)
+    assert(job:wait()) -- the ledger still has it: the next wait goes on
+    assert(job:collect())
+    assert.equal(2, job:status().succeeded)
+  end)
+
   it("never makes a batch twice when the reply to its creation is lost", function()
     for n, retries in ipairs{ 0, 2 } do
       up:post("/__sim/batch_mode", json.encode({ lose_reply = n })) -- the next create's reply is lost

@@ -423,6 +423,11 @@ end
 local function retrieve(id)
   local b = load(id)
   if not b then return fail(404, "No such Batch object: " .. id, "not_found", "id") end
+  -- flaky_polls=N: the batch's first N polls answer 500 (and do not move it)
+  local flaky = tonumber(b._sc.flaky_polls)
+  if flaky and counters():incr("bf:" .. id, 1, 0) <= flaky then
+    return fail(500, "The server had an error while processing your request.", "server_error", nil, "server_error")
+  end
   if advance(b) then
     local ok, err = save(b)
     if not ok then return fail(507, err, "storage_full", nil, "server_error") end
