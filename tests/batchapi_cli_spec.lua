@@ -269,4 +269,27 @@ describe("slm --via batch", function()
     assert.equal(1, code)
     assert.matches("no batch job 'nosuchjob'", err)
   end)
+
+  it("the stand-ins: the batched request is answered by its body, any other goes to the real client", function()
+    local viabatch = require "slm.viabatch"
+    local sent = {}
+    local real = { model = "gpt-4o-mini", chat = function(_, req)
+      sent[#sent + 1] = req.messages[1].content
+      return { text = "direct " .. req.messages[1].content }
+    end }
+    local sink = {}
+    local cap = viabatch.capturing(real, sink)
+    local res, err = cap:chat{ messages = { { role = "user", content = "first" } }, max_tokens = 5 }
+    assert.is_nil(res)
+    assert.equal("cancelled", err.kind)
+    cap:chat{ messages = { { role = "user", content = "second" } } }
+    assert.same({ model = "gpt-4o-mini", max_tokens = 5, messages = { { role = "user", content = "first" } } }, sink.body)
+    assert.same({}, sent)
+    local rep = viabatch.replaying(real, sink.text, { text = "from the batch" })
+    -- a task that makes its calls in another order: "second" first
+    assert.equal("direct second", rep:chat{ messages = { { role = "user", content = "second" } } }.text)
+    assert.equal("from the batch", rep:chat{ messages = { { role = "user", content = "first" } }, max_tokens = 5 }.text)
+    assert.equal("direct first", rep:chat{ messages = { { role = "user", content = "first" } }, max_tokens = 5 }.text)
+    assert.same({ "second", "first" }, sent)
+  end)
 end)

@@ -6,8 +6,8 @@
 -- a stand-in client that keeps the first request the task makes (instead of
 -- sending it); those requests go out as batches, custom_id = the row key.
 -- When the batches are collected, each row's task runs again against a
--- stand-in whose first call answers with the row's batch result, so the
--- task reads, validates and prices it as it would a direct reply, and the
+-- stand-in that answers that same request (the same body, whatever the
+-- order of the task's calls) with the row's batch result, so the task reads, validates and prices it as it would a direct reply, and the
 -- runner writes the same result rows, ledger records and usage-log lines
 -- (marked via = "batch").  A follow-up the task makes (a repair re-ask, a
 -- second chunk) goes to the real client directly.
@@ -91,30 +91,42 @@ end
 
 ------------------------------------------------------------------ stand-in clients
 
+-- The chat-completions body of a task's request, as a batch line holds it.
+local function body_of(req, client)
+  local body = options.request(req, "slm --via batch", 3)
+  body.model = body.model or client.model
+  body.stream, body.stream_options = nil, nil
+  return body
+end
+
 -- A client that keeps the first request a task makes and sends nothing.
 local function capturing(client, sink)
   return { model = client.model, fallback = {}, chat = function(_, req)
     if not sink.body then
-      local body = options.request(req, "slm --via batch", 2)
-      body.model = body.model or client.model
-      body.stream, body.stream_options = nil, nil
-      sink.body = body
+      sink.body = body_of(req, client)
+      sink.text = json.encode(sink.body)
     end
     return nil, errors.new("cancelled", "kept for the Batch API", { status = 0 })
   end }
 end
 
--- A client whose first call answers with `result` (a Response or an
--- Error); later calls go to the real client.
-local function replaying(client, result)
+-- A client that answers the request that was batched (the same body:
+-- not merely the first call, since a task may make its calls in another
+-- order) with `result`, a Response or an Error; other calls go to the
+-- real client.
+local function replaying(client, text, result)
   local used = false
   return { model = client.model, fallback = {}, chat = function(_, req)
-    if used then return client:chat(req) end
-    used = true
-    if errors.is(result) then return nil, result end
-    return result
+    if not used and json.encode(body_of(req, client)) == text then
+      used = true
+      if errors.is(result) then return nil, result end
+      return result
+    end
+    return client:chat(req)
   end }
 end
+
+M.capturing, M.replaying = capturing, replaying -- for tests/batchapi_cli_spec.lua
 
 ------------------------------------------------------------------ the run
 
@@ -138,14 +150,14 @@ end
 --    "submitted", info (wait = false)
 function M.run(job, ad, client, o)
   local todo = job:pending()
-  local requests, by_key = {}, {}
+  local requests, by_key, texts = {}, {}, {}
   for _, row in ipairs(todo) do
     local sink = {}
     pcall(ad.call, row, capturing(client, sink))
     if sink.body then
       local cid = batchapi.custom_id(row.key)
       requests[#requests + 1] = { custom_id = cid, body = sink.body }
-      by_key[row.key] = cid
+      by_key[row.key], texts[cid] = cid, sink.text
     end
   end
   -- a budget: the rows whose worst case (counted prompt + max_tokens, at
@@ -227,7 +239,7 @@ function M.run(job, ad, client, o)
       if r == nil then
         return nil, errors.new("cancelled", "no result from the Batch API yet", { status = 0 })
       end
-      return ad.call(row, replaying(c, r))
+      return ad.call(row, replaying(c, texts[cid], r))
     end }
   if summary and nrefused > 0 then
     summary.rows, summary.not_attempted = summary.rows + nrefused, summary.not_attempted + nrefused
