@@ -244,6 +244,12 @@ describe("slm.csv reader: errors", function()
     assert.equal("next", out[3][1])
   end)
 
+  it("quote the field up to the fault, the byte at fault included", function()
+    local _, errs = csv.parse('id\nabc"def\n"x"yz\n', { name = "e.csv" })
+    assert.matches('(near "abc\\x22")', tostring(errs[1]), 1, true)
+    assert.matches('(near "xy")', tostring(errs[2]), 1, true)
+  end)
+
   it("say that nothing after an unterminated quote can be read", function()
     local _, errs = csv.parse('a\n"b,c\nd\ne\n', { name = "f.csv" })
     assert.equal(1, #errs)
@@ -316,7 +322,8 @@ describe("slm.csv reader: streaming", function()
     local path = temp_file("a\nb\n")
     local r = assert(csv.reader(path))
     local fh = r._f
-    for _ in r:rows() do end
+    local next_row = r:rows() -- by hand: a for loop would also close it (__close, Lua 5.4)
+    while next_row() do end
     assert.equal("closed file", io.type(fh))
     r = assert(csv.reader(path))
     fh = r._f
@@ -324,6 +331,40 @@ describe("slm.csv reader: streaming", function()
     r:close()
     assert.equal("closed file", io.type(fh))
     os.remove(path)
+  end)
+end)
+
+describe("slm.csv reader: a 50 MB file", function()
+  it("streams in bounded memory", function()
+    -- 5 MB under valgrind (bin/test's valgrind stage), else 50 MB
+    local mb = os.getenv("SLM_TEST_VALGRIND") and 5 or 50
+    local block = {}
+    for i = 1, 10 do
+      block[i] = format('%d,"multi\r\nline, with ""quotes"" and commas",%s\r\n', i, ("x"):rep(60))
+    end
+    block = concat(block)
+    local copies = math.ceil(mb * 1048576 / #block)
+    local path = os.tmpname()
+    local f = assert(io.open(path, "wb"))
+    local piece = block:rep(1000)
+    for _ = 1, math.ceil(copies / 1000) do f:write(piece) end
+    local size = f:seek("end")
+    f:close()
+    piece = nil
+    collectgarbage()
+    local base = collectgarbage("count")
+    local r = assert(csv.reader(path, { header = false }))
+    local n, most = 0, 0
+    for row, err in r:rows() do
+      assert(row, err)
+      n = n + 1
+      if n % 5000 == 0 then most = math.max(most, collectgarbage("count") - base) end
+    end
+    os.remove(path)
+    assert.equal(math.ceil(copies / 1000) * 10000, n)
+    assert.is_true(size >= mb * 1048576)
+    -- the rows of a block (256 KiB) and garbage not yet collected: far below the file
+    assert.is_true(most < 24 * 1024, format("%.1f MB in use while reading %.0f MB", most / 1024, size / 1048576))
   end)
 end)
 

@@ -87,6 +87,7 @@ function Reader:_next()
     else
       -- at a read failure, the record cut by it is not reported
       self._q = err and {} or self._p:finish()
+      self._i = 1
       self._done = true
       fileio.close_reader(self)
       if err then

@@ -51,14 +51,19 @@
 -- A task column whose name the input already has is written "slm_<name>".
 --
 -- Usage log: one JSON line per task call (a row sent; a task that made
--- several HTTP requests says how many in `calls`):
+-- several HTTP requests says how many in `calls`; a row refused before
+-- sending, its prompt over the context, has calls = 0):
 --   { time (UTC, ISO 8601), run, task, model, prompt_tokens, completion_tokens,
 --     tokens, cost, latency, ttft, attempts, calls, outcome ("ok" | error kind),
 --     prompt (only with log_prompts: the row's input, its JSON when not a string),
 --     via ("batch" for rows sent through the Batch API, slm.viabatch; absent otherwise) }
 -- never the row key; appended and flushed per line.
 --
--- Summary (job:run's first value): { rows, done_before, sent, succeeded,
+-- A finished job's rerun: see "a finished job" below (the ledger's last
+-- record { complete = stamp, ... } and M.finished).
+--
+-- Summary (job:run's first value): { rows, done_before, sent (requests
+-- sent, not rows refused here), succeeded,
 -- failed, failed_by_kind = { kind -> n }, not_attempted, tokens,
 -- prompt_tokens, completion_tokens, cost, seconds, stopped = nil |
 -- "budget" | "interrupted" }.  Exit codes (job:run's second): EXIT below.
@@ -172,7 +177,8 @@ function M.usage_line(job, info, outcome, prompt, id)
   return {
     time = iso_now(), run = job.run_id, task = job.task, model = info.model or job.model,
     prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or 0,
-    latency = info.latency, ttft = info.ttft, attempts = info.attempts or 1, calls = info.calls or 1,
+    latency = info.latency, ttft = info.ttft, attempts = info.local_check and 0 or info.attempts or 1,
+    calls = info.local_check and 0 or info.calls or 1,
     outcome = outcome, id = id, prompt = prompt, via = job.via,
   }
 end
@@ -476,7 +482,9 @@ function Job:run(opts)
         -- refused before it was sent: the row stays for the next run
         stopped = stopped or "budget"
       else
-        s.sent = s.sent + 1
+        -- refused here (a prompt over the context): an error row, nothing sent
+        local here = type(err) == "table" and err.local_check == true
+        if not here then s.sent = s.sent + 1 end
         record(row, result, info, err)
         s.done = s.done + 1
         if bar then
@@ -507,7 +515,22 @@ function Job:run(opts)
   s.stopped = stopped
   s.seconds = core.now() - s.t0
   s.t0, s.done = nil, nil
-  s.written = M.write_output(self)
+  local wrote, written = pcall(M.write_output, self)
+  if not wrote then
+    -- the ledger has every finished row: a rerun writes the output
+    s.output_error = tostring(written)
+    if self.output then os.remove(self.output .. ".tmp") end
+  else
+    s.written = written
+    -- complete only when a rerun has nothing to send: no row failed for a
+    -- reason outside the row (those are sent again, see the header)
+    local again = false
+    for _, row in ipairs(self.rows) do
+      local rec = not row.bad and self.ledger_done[row.key]
+      if rec and rec.status ~= "ok" and not M.FINAL[rec.error_kind] then again = true break end
+    end
+    if self.stamp and self.ledger_path and not stopped and not again then self:mark_complete(s) end
+  end
   -- rows done before that failed count as failed now too
   for _, row in ipairs(self.rows) do
     local rec = not row.bad and seen[row.key] == nil and self.ledger_done[row.key]
@@ -519,8 +542,69 @@ function Job:run(opts)
   local code = M.EXIT.ok
   if stopped == "interrupted" then code = M.EXIT.interrupted
   elseif stopped == "budget" then code = M.EXIT.budget
-  elseif s.failed > 0 then code = M.EXIT.failed end
+  elseif s.failed > 0 or s.output_error then code = M.EXIT.failed end
   return s, code
+end
+
+------------------------------------------------------------------ a finished job
+
+-- After a run that stopped for nothing, the ledger's last record is
+--   { "complete": stamp, "output_size": bytes, "rows": n, "failed": n, "failed_by_kind": {...} }
+-- (no "key": readers of rows skip it).  job.stamp (the CLI's: a hash of
+-- the input files' bytes and of everything the keys depend on, the output
+-- path and format, --limit) says which job it was; M.finished finds it at
+-- the end of the ledger, so a rerun of a finished job with an unchanged
+-- input and output reads neither (the resume costs a hash of the input).
+
+local function file_size(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local n = f:seek("end")
+  f:close()
+  return n
+end
+
+function Job:mark_complete(s)
+  local f = io.open(self.ledger_path, "ab")
+  if not f then return end
+  f:write(json.encode({ complete = self.stamp, output_size = file_size(self.output), rows = s.rows,
+    failed = s.failed, failed_by_kind = s.failed_by_kind }), "\n")
+  core.fsync(f)
+  f:close()
+end
+
+--- The complete-record of a finished job whose stamp is `stamp` and whose
+-- output is as that run left it, or nil.
+function M.finished(ledger_path, stamp, output)
+  local f = io.open(ledger_path, "rb")
+  if not f then return nil end
+  local size = f:seek("end")
+  f:seek("set", size > 65536 and size - 65536 or 0)
+  local tail = f:read("a") or ""
+  f:close()
+  if tail:sub(-1) ~= "\n" then return nil end
+  local from = tail:sub(1, -2):match(".*\n()") or 1 -- the start of the last line (greedy: one pass)
+  local last = tail:sub(from, -2)
+  if not last:find('"complete"', 1, true) then return nil end
+  local ok, rec = pcall(json.decode, last)
+  if not ok or type(rec) ~= "table" or rec.complete ~= stamp or rec.key ~= nil then return nil end
+  if not output or file_size(output) ~= rec.output_size then return nil end
+  return rec
+end
+
+--- The summary of a rerun of a finished job (M.finished's record): ->
+-- summary, exit code.
+function M.finished_summary(task, rec)
+  local kinds = type(rec.failed_by_kind) == "table" and rec.failed_by_kind or {}
+  local failed = tonumber(rec.failed) or 0
+  local rows = tonumber(rec.rows) or 0
+  local bad = 0
+  local s = { task = task, rows = rows, done_before = 0, sent = 0, succeeded = 0, failed = failed,
+    failed_by_kind = kinds, not_attempted = 0, tokens = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0,
+    seconds = 0, finished_before = true }
+  for k, n in pairs(kinds) do if k == "parse" or k == "ragged" or k == "missing_column" then bad = bad + n end end
+  s.done_before = rows - bad
+  return s, failed > 0 and M.EXIT.failed or M.EXIT.ok
 end
 
 --- The summary as text lines (for stderr).
@@ -536,6 +620,10 @@ function M.summary_text(s)
     format("slm %s: %d requests, %d tokens (%d prompt + %d completion), $%.6f, %.2f s", s.task, s.sent, s.tokens,
       s.prompt_tokens, s.completion_tokens, s.cost, s.seconds),
   }
+  if s.output_error then
+    lines[#lines + 1] = format("slm %s: cannot write the output (%s); the ledger has every finished row: rerun to write it",
+      s.task, s.output_error)
+  end
   if s.stopped == "budget" then
     lines[#lines + 1] = format("slm %s: stopped: the budget is spent; rerun with a larger --budget to do the %d rows left",
       s.task, s.not_attempted)

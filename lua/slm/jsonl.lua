@@ -8,7 +8,7 @@
 --   w:row{ id = 1, label = "billing" }   -- slm.json: one line, keys sorted
 --   w:close()
 --
--- Lines end with LF (a CR before it is dropped); blank lines are skipped;
+-- Lines end with LF (a CR before it is JSON whitespace); blank lines are skipped;
 -- a UTF-8 BOM at the start is dropped; a line may be of any length (it is
 -- put together from the blocks it spans). A line that is not a JSON object
 -- gives false, err (kind "input", with its line number) and reading goes on.
@@ -94,7 +94,6 @@ function Reader:rows()
       local n = self._line + 1
       self._line = n
       if n == 1 and sub(s, 1, 3) == "\239\187\191" then s = sub(s, 4) end
-      if sub(s, -1) == "\r" then s = sub(s, 1, -2) end
       local first = find(s, "[^ \t\r]")
       if first then
         if sub(s, first, first) ~= "{" then

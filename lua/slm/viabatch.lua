@@ -229,6 +229,7 @@ function M.run(job, ad, client, o)
       if not (row.key and refused[by_key[row.key]]) then keep[#keep + 1] = row end
     end
     job.rows = keep
+    job.stamp = nil -- not a finished job: a rerun has rows to send
   end
   local summary, code, msg = job:run{ client = client, concurrency = o.concurrency, progress = o.progress,
     progress_every = o.progress_every,

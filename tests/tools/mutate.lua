@@ -1,6 +1,7 @@
--- tests/tools/mutate.lua: the runner of the mutation tools that break one
--- Lua module of lua/ and run its spec (mutate_schema.lua,
--- mutate_support.lua):
+-- tests/tools/mutate.lua: the runners of the mutation tools. M.run breaks
+-- one Lua module of lua/ and runs its spec (mutate_schema.lua,
+-- mutate_support.lua); M.run_tree (below) breaks any file of a copy of the
+-- tree, C included, and builds it (mutate_json.lua, mutate_csv.lua):
 --
 --   os.exit(require("tests.tools.mutate").run{
 --     module = "slm/schema.lua",          -- under lua/
@@ -44,6 +45,18 @@ local function mutate(source, m)
     text = text:sub(1, a - 1) .. m[j + 1] .. text:sub(a + #m[j])
   end
   return text
+end
+
+-- After a full run: the specs no mutation made fail; true when there are any.
+local function never_failed(specs, failed_once, mutations)
+  local never = {}
+  for _, name in ipairs(specs) do
+    if not failed_once[name] then never[#never + 1] = name end
+  end
+  print(("\n%d specs, %d mutations; %d specs never failed%s"):format(#specs, mutations, #never,
+    #never > 0 and ":" or ""))
+  for _, name in ipairs(never) do print("  " .. name) end
+  return #never > 0
 end
 
 function M.run(o, argv)
@@ -104,16 +117,67 @@ function M.run(o, argv)
   end
   sh("rm -rf " .. q(scratch))
 
-  if next(wanted) == nil then
-    local never = {}
-    for _, name in ipairs(specs) do
-      if not failed_once[name] then never[#never + 1] = name end
+  if next(wanted) == nil and never_failed(specs, failed_once, #o.mutations) then status = 1 end
+  return status
+end
+
+-- M.run_tree{ mutations = { { "what it breaks", "file", "text", "replacement" [, ...] }, ... },
+--   specs = { "tests/x_spec.lua", ... }, scratch = "slm-mutate-x" }
+-- For mutations of the C core too (mutate_json.lua, mutate_csv.lua): each
+-- one is applied to a copy of the tree (bin, csrc, lua, tests) under $TMPDIR,
+-- which is built (build/) and whose specs run there; the report and the
+-- exit status are run's.
+function M.run_tree(o, argv)
+  local wanted = {}
+  for _, a in ipairs(argv or {}) do wanted[tonumber(a)] = true end
+  local tree = (os.getenv("TMPDIR") or "/tmp") .. "/" .. o.scratch .. "/tree"
+  local specs = table.concat(o.specs, " ")
+  local busted = "lua5.4 /usr/bin/busted --cpath=build/?.so "
+  local width = 0
+  for _, m in ipairs(o.mutations) do width = math.max(width, #m[1]) end
+
+  local ok, listing = sh("cd " .. q(root) .. " && " .. busted .. "--list " .. specs)
+  assert(ok, listing)
+  local all, failed_once = {}, {}
+  for name in listing:gmatch("[^\n]*:%d+: ([^\n]+)") do all[#all + 1] = name end
+
+  local status = 0
+  for i, m in ipairs(o.mutations) do
+    if next(wanted) == nil or wanted[i] then
+      assert(sh("rm -rf " .. q(tree) .. " && mkdir -p " .. q(tree) .. " && cd " .. q(root)
+        .. " && cp -r bin csrc lua tests CMakeLists.txt .busted " .. q(tree)))
+      local path = tree .. "/" .. m[2]
+      local text = mutate(H.read_file(path), { m[1], table.unpack(m, 3) })
+      local line
+      if not text then
+        line, status = "DOES NOT APPLY (exactly once)", 1
+      else
+        H.write_file(path, text)
+        local built, bout = sh("cd " .. q(tree) .. " && cmake -S . -B build -DCMAKE_INSTALL_PREFIX=/usr >/dev/null"
+          .. " && cmake --build build -j2 >/dev/null")
+        if not built then
+          line, status = "BUILD FAILED " .. bout:sub(-300), 1
+        else
+          local _, out = sh("cd " .. q(tree) .. " && " .. busted .. "-o TAP " .. specs)
+          local failing = {}
+          for name in ("\n" .. out):gmatch("\nnot ok %d+ %- ([^\n]+)") do
+            failing[#failing + 1] = name
+            failed_once[name] = true
+          end
+          if #failing == 0 then
+            line, status = "BROKE NO SPEC", 1
+          else
+            line = #failing .. " failing: " .. table.concat(failing, " | "):sub(1, 150)
+          end
+        end
+      end
+      print(("%3d %-" .. width .. "s %s"):format(i, m[1], line))
+      io.stdout:flush()
     end
-    print(("\n%d specs, %d mutations; %d specs never failed%s"):format(#specs, #o.mutations, #never,
-      #never > 0 and ":" or ""))
-    for _, name in ipairs(never) do print("  " .. name) end
-    if #never > 0 then status = 1 end
   end
+  sh("rm -rf " .. q(tree))
+
+  if next(wanted) == nil and never_failed(all, failed_once, #o.mutations) then status = 1 end
   return status
 end
 

@@ -11,7 +11,6 @@
 -- or a spec never failed.  A dev tool: bin/test does not run it (about
 -- three minutes on two cores).
 local root = debug.getinfo(1, "S").source:match("^@(.*)/tests/tools/") or "."
-local tmp = (os.getenv("TMPDIR") or "/tmp") .. "/slm-mutate-json"
 
 local M = {
   { "integer branch dropped", "csrc/json.c",
@@ -66,75 +65,7 @@ local M = {
     "fail_key(e, d, \"cannot encode a table with a string key (\"" },
 }
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok = p:close()
-  return ok, out
-end
-
 package.path = root .. "/?.lua;" .. package.path
-local H = require "tests.helpers"
-local q, read = H.q, H.read_file
-
-local only = {}
-for _, a in ipairs(arg) do only[tonumber(a)] = true end
-
-local ok, list = sh("cd " .. q(root) .. " && lua5.4 /usr/bin/busted --list tests/json_spec.lua")
-assert(ok, list)
-local all, seen = {}, {}
-for name in list:gmatch("[^\n]*:%d+: ([^\n]+)") do all[#all + 1] = name end
-
-local status = 0
-for i, m in ipairs(M) do
-  if next(only) == nil or only[i] then
-    local name, file = m[1], m[2]
-    local tree = tmp .. "/tree"
-    assert(sh("rm -rf " .. q(tree) .. " && mkdir -p " .. q(tree) .. " && cd " .. q(root)
-      .. " && cp -r csrc lua tests CMakeLists.txt .busted " .. q(tree)))
-    local path = tree .. "/" .. file
-    local s, applies = read(path), true
-    for j = 3, #m, 2 do
-      local old, new = m[j], m[j + 1]
-      local at = s:find(old, 1, true)
-      if not at or s:find(old, at + 1, true) then
-        applies = false
-      else
-        s = s:sub(1, at - 1) .. new .. s:sub(at + #old)
-      end
-    end
-    if not applies then
-      print(("%2d %-44s PATCH DOES NOT APPLY"):format(i, name))
-      status = 1
-    else
-      local f = assert(io.open(path, "wb"))
-      f:write(s)
-      f:close()
-      local built, bout = sh("cd " .. q(tree) .. " && cmake -S . -B build -DCMAKE_INSTALL_PREFIX=/usr >/dev/null"
-        .. " && cmake --build build -j2 >/dev/null")
-      if not built then
-        print(("%2d %-44s BUILD FAILED\n%s"):format(i, name, bout:sub(-400)))
-        status = 1
-      else
-        local _, out = sh("cd " .. q(tree) .. " && lua5.4 /usr/bin/busted -o TAP tests/json_spec.lua")
-        local fails = {}
-        for t in ("\n" .. out):gmatch("\nnot ok %d+ %- ([^\n]+)") do
-          fails[#fails + 1] = t
-          seen[t] = true
-        end
-        print(("%2d %-44s %d failing: %s"):format(i, name, #fails, table.concat(fails, " | "):sub(1, 160)))
-        if #fails == 0 then status = 1 end
-      end
-    end
-    io.stdout:flush()
-  end
-end
-
-if next(only) == nil then
-  local never = {}
-  for _, name in ipairs(all) do if not seen[name] then never[#never + 1] = name end end
-  print(("\n%d specs, %d never failed%s"):format(#all, #never, #never > 0 and ":" or ""))
-  for _, name in ipairs(never) do print("  " .. name) end
-  if #never > 0 then status = 1 end
-end
-os.exit(status)
+os.exit(require("tests.tools.mutate").run_tree({
+  mutations = M, specs = { "tests/json_spec.lua" }, scratch = "slm-mutate-json",
+}, arg))
