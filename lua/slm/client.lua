@@ -89,7 +89,7 @@ function M.new(opts)
     end
   end
   c.header_list = hdrs
-  secrets[c] = { key = key, url = base .. "/chat/completions", set = redact.set(secret_list) }
+  secrets[c] = { key = key, url = base .. "/chat/completions", base = base, set = redact.set(secret_list) }
   -- OpenAI's own endpoint without a key can only answer 401: say so before sending
   c.key_missing = (key == nil or key == "") and base:match("^https?://api%.openai%.com[:/]?") ~= nil
   -- a number: this client's own (in-process) limit; an object: a shared
@@ -119,6 +119,7 @@ end
 function Client:_secret() return secrets[self].key end
 function Client:_secrets() return secrets[self].set end
 function Client:_url() return secrets[self].url end
+function Client:_base() return secrets[self].base end
 
 -- Hand every delta of s to on_delta; stop when it returns false.
 local function deliver(s, on_delta)
@@ -182,6 +183,14 @@ function Client:stream(req)
   if s.call.cache_key then s = stream.cached(s) end
   if m then s = mask.stream(s, m) end
   return s, nil, nil, s
+end
+
+--- client:request{ method, path, body | multipart, headers, query, raw }
+-- -> { status, headers, body, json } | nil, err: the provider's other
+-- endpoints (files, batches), with this client's URL, key, headers,
+-- timeouts and retries (slm.request).
+function Client:request(spec)
+  return require("slm.request").call(self, spec)
 end
 
 M.Client = Client

@@ -69,6 +69,7 @@ local lazy = {
   bm25 = function() return require("slm.bm25") end,
   redis = function() return require("slm.shared.redis") end,
   ngx = function() return require("slm.ngx") end,
+  batchapi = function() return require("slm.batchapi") end,
   csv = function() return require("slm.csv") end,
   jsonl = function() return require("slm.jsonl") end,
 }

@@ -55,7 +55,8 @@
 -- sending, its prompt over the context, has calls = 0):
 --   { time (UTC, ISO 8601), run, task, model, prompt_tokens, completion_tokens,
 --     tokens, cost, latency, ttft, attempts, calls, outcome ("ok" | error kind),
---     prompt (only with log_prompts: the row's input, its JSON when not a string) }
+--     prompt (only with log_prompts: the row's input, its JSON when not a string),
+--     via ("batch" for rows sent through the Batch API, slm.viabatch; absent otherwise) }
 -- never the row key; appended and flushed per line.
 --
 -- A finished job's rerun: see "a finished job" below (the ledger's last
@@ -178,7 +179,7 @@ function M.usage_line(job, info, outcome, prompt, id)
     prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or 0,
     latency = info.latency, ttft = info.ttft, attempts = info.local_check and 0 or info.attempts or 1,
     calls = info.local_check and 0 or info.calls or 1,
-    outcome = outcome, id = id, prompt = prompt,
+    outcome = outcome, id = id, prompt = prompt, via = job.via,
   }
 end
 
@@ -521,7 +522,14 @@ function Job:run(opts)
     if self.output then os.remove(self.output .. ".tmp") end
   else
     s.written = written
-    if self.stamp and self.ledger_path and not stopped then self:mark_complete(s) end
+    -- complete only when a rerun has nothing to send: no row failed for a
+    -- reason outside the row (those are sent again, see the header)
+    local again = false
+    for _, row in ipairs(self.rows) do
+      local rec = not row.bad and self.ledger_done[row.key]
+      if rec and rec.status ~= "ok" and not M.FINAL[rec.error_kind] then again = true break end
+    end
+    if self.stamp and self.ledger_path and not stopped and not again then self:mark_complete(s) end
   end
   -- rows done before that failed count as failed now too
   for _, row in ipairs(self.rows) do

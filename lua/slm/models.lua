@@ -3,7 +3,9 @@
 -- (OpenAI's strict structured outputs) | "json_object" (JSON mode) |
 -- "none"; `logprobs` = whether the endpoint returns them).
 --
--- Prices are USD per 1M tokens.  This is data, not code: users add models
+-- Prices are USD per 1M tokens; `batch_factor` is the share of them a
+-- request sent through the provider's Batch API costs (slm.batchapi;
+-- its default is slm.batchapi.BATCH_FACTOR, 0.5).  This is data, not code: users add models
 -- or override prices with `slm.models["my-model"] = { ... }`.  Aliases map
 -- a name to another entry; dated snapshots (gpt-4o-mini-2024-07-18) and
 -- provider prefixes (openai/gpt-4o-mini) resolve to their base entry.
@@ -13,6 +15,7 @@ local models = {
   ["gpt-4o-mini"] = {
     context = 128000, max_output = 16384,
     input_per_m = 0.15, output_per_m = 0.60, cached_input_per_m = 0.075,
+    batch_factor = 0.5, -- the Batch API's share of these prices (slm.batchapi)
     vision = true, tokenizer = "o200k_base", format = "openai",
     structured = "json_schema", logprobs = true,
   },

@@ -287,6 +287,11 @@ function Upstream:stats()
   return self:get("/__sim/stats")
 end
 
+-- the Batch API's counters (batches.lua): {uploads, creates, lines, lines_by_custom_id, ...}
+function Upstream:batch_stats()
+  return self:get("/__sim/batch_stats")
+end
+
 function Upstream:reset()
   return self:post("/__sim/reset", "")
 end

@@ -30,6 +30,8 @@ M.known = {
   -- task failures (the scripted model's replies gone wrong)
   invalid_json = "flag", prose_json = "flag", trailing_comma = "flag", bad_label = "flag",
   missing_field = "flag", cut = "flag", banned = "word", bad_quote = "flag",
+  -- Batch API (batches.lua): a batch's own (X-Sim-Batch, POST /__sim/batch_mode)
+  polls = "count", step_ms = "ms", expire = "flag|lines", flaky_polls = "count",
 }
 
 -- "a=1, b ,c=x" -> { a = "1", b = true, c = "x" }, plus a list of the

@@ -979,6 +979,7 @@ local function read_body()
   end
   return raw or ""
 end
+M.read_body = read_body -- batches.lua's too
 
 -- opts.reset_reused: a request on a reused connection is read, then the
 -- connection is dropped without a reply (location /reset-reused/).
@@ -1102,6 +1103,25 @@ local function chat(ctx, opts)
     completion_body(id, model, choices, usage_json(sc, info.prompt_tokens, completion), req))
 end
 
+-- One chat request of a batch (batches.lua): the non-streamed reply the
+-- chat endpoint would give, without the HTTP exchange.  `sc` holds the
+-- line's directives.  -> status, body (JSON text)
+function M.batch_reply(req, sc, seq)
+  local id = "chatcmpl-sim-b" .. seq
+  if type(req) ~= "table" or type(req.messages) ~= "table" or next(req.messages) == nil then
+    return 400, error_body("Missing required parameter: 'messages'.", "invalid_request_error",
+      "missing_required_parameter", "messages")
+  end
+  local info = analyse(req)
+  local status = tonumber(sc.status)
+  if status and status ~= 200 then return status, (scenario_error(status, sc, req, info)) end
+  local n = floor(tonumber(req.n) or 1)
+  if n < 1 then n = 1 elseif n > 128 then n = 128 end
+  local reply = decide(req, info, sc, seq, encode(req))
+  local choices, completion = build_choices(req, reply, n)
+  return 200, completion_body(id, req.model, choices, usage_json(sc, info.prompt_tokens, completion), req)
+end
+
 -- Control endpoints -----------------------------------------------------------
 
 local function stats()
@@ -1138,6 +1158,7 @@ local function reset()
   local in_flight = d:get("in_flight") or 0
   d:flush_all()
   d:flush_expired()
+  require("batches").reset()
   d:set("in_flight", in_flight)
   for n = 1, in_flight do mark_level(d, n) end
   last_request = nil
@@ -1178,6 +1199,8 @@ function M.handle(opts)
     return last()
   elseif find(uri, "/models/?$") then
     return models()
+  elseif find(uri, "/v1/files", 1, true) or find(uri, "/v1/batches", 1, true) or find(uri, "^/__sim/batch") then
+    return require("batches").handle(uri)
   end
   send_json(404, error_body("Unknown endpoint " .. uri, "invalid_request_error", "unknown_url"))
 end

@@ -25,7 +25,10 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { parse } from "yaml";
 
-const ROOTS = [
+// SLM_OPENAPI_ROOTS (a comma list) replaces them: the Batch API's
+// fixture (tests/fixtures/openapi/batch.json) is these plus Batch,
+// OpenAIFile and ListBatchesResponse.
+const ROOTS = process.env.SLM_OPENAPI_ROOTS ? process.env.SLM_OPENAPI_ROOTS.split(",") : [
   "CreateChatCompletionRequest",
   "CreateChatCompletionResponse",
   "CreateChatCompletionStreamResponse",
