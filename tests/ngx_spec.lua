@@ -5,6 +5,7 @@
 -- a real nginx: tests/openresty_relay_spec.lua.
 local helpers = require "tests.helpers"
 local json = require "slm.json"
+local ACME = require("slm.quotas").display("acme") -- what observe and the metrics see of consumer "acme"
 
 -- A fake ngx for one request.  fail_after: the flush after that many
 -- successful ones fails (the browser has gone).
@@ -388,7 +389,7 @@ describe("slm.ngx", function()
       assert.equal(1, #evs)
       local e = evs[1]
       assert.equal("gpt-4o-mini", e.model)
-      assert.equal("acme", e.consumer)
+      assert.equal(ACME, e.consumer) -- the display form: a consumer key may be a secret
       assert.equal("ok", e.outcome)
       assert.equal(res.usage.prompt_tokens, e.prompt_tokens)
       assert.equal(res.usage.completion_tokens, e.completion_tokens)
@@ -475,11 +476,11 @@ describe("slm.ngx", function()
       client({ observe = m:observer() }, "status=429"):chat{ messages = helpers.msgs("x"), consumer = "acme" }
       local text = m:text()
       local t = series(text)
-      local acme = 'consumer="acme",model="gpt-4o-mini"'
-      assert.equal(2, t['slm_requests_total{' .. 'consumer="acme",model="gpt-4o-mini",outcome="ok"}'])
-      assert.equal(1, t['slm_requests_total{' .. 'consumer="acme",model="gpt-4o-mini",outcome="error"}'])
+      local acme = 'consumer="' .. ACME .. '",model="gpt-4o-mini"'
+      assert.equal(2, t['slm_requests_total{' .. 'consumer="' .. ACME .. '",model="gpt-4o-mini",outcome="ok"}'])
+      assert.equal(1, t['slm_requests_total{' .. 'consumer="' .. ACME .. '",model="gpt-4o-mini",outcome="error"}'])
       assert.equal(1, t['slm_requests_total{' .. 'consumer="fallback-co",model="gpt-4o-mini",outcome="ok"}'])
-      assert.equal(1, t['slm_errors_total{' .. 'consumer="acme",kind="rate_limit",model="gpt-4o-mini"}'])
+      assert.equal(1, t['slm_errors_total{' .. 'consumer="' .. ACME .. '",kind="rate_limit",model="gpt-4o-mini"}'])
       assert.equal(r1.usage.prompt_tokens + r2.usage.prompt_tokens, t["slm_prompt_tokens_total{" .. acme .. "}"])
       assert.equal(r1.usage.completion_tokens + r2.usage.completion_tokens,
         t["slm_completion_tokens_total{" .. acme .. "}"])
@@ -490,7 +491,7 @@ describe("slm.ngx", function()
       assert.near(r2.ttft, t["slm_ttft_seconds_sum{" .. acme .. "}"], 1e-9)
       -- buckets cumulative and in order
       local prev = 0
-      for le in text:gmatch('slm_request_duration_seconds_bucket{consumer="acme",model="gpt%-4o%-mini",le="([^"]+)"}') do
+      for le in text:gmatch('slm_request_duration_seconds_bucket{consumer="' .. ACME .. '",model="gpt%-4o%-mini",le="([^"]+)"}') do
         local v = t['slm_request_duration_seconds_bucket{' .. acme .. ',le="' .. le .. '"}']
         assert.is_true(v >= prev)
         prev = v
@@ -502,7 +503,7 @@ describe("slm.ngx", function()
       -- the access-log variables: the declared ones, for the last call of the request
       assert.equal(tostring(r1.usage.total_tokens + r2.usage.total_tokens + r3.usage.total_tokens
         + 0), ngx.var.slm_tokens)
-      assert.equal("acme", ngx.var.slm_consumer)
+      assert.equal(ACME, ngx.var.slm_consumer)
       assert.matches("^%d+%.%d+$", ngx.var.slm_cost)
     end)
 

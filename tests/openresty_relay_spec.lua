@@ -271,10 +271,10 @@ describe("slm.ngx.relay in nginx", function()
         t[k] = tonumber(v)
       end
     end
-    local acme = 'consumer="acme",model="gpt-4o-mini"'
+    local acme = 'consumer="' .. require("slm.quotas").display("acme") .. '",model="gpt-4o-mini"'
     assert.equal(3, t['slm_requests_total{' .. acme .. ',outcome="ok"}'])
     assert.equal(1, t['slm_requests_total{' .. acme .. ',outcome="error"}'])
-    assert.equal(1, t['slm_errors_total{consumer="acme",kind="server",model="gpt-4o-mini"}'])
+    assert.equal(1, t['slm_errors_total{consumer="' .. require("slm.quotas").display("acme") .. '",kind="server",model="gpt-4o-mini"}'])
     assert.equal(1, t['slm_requests_total{consumer="from-header",model="gpt-4o-mini",outcome="ok"}'])
     assert.equal(made.prompt, t["slm_prompt_tokens_total{" .. acme .. "}"])
     assert.equal(made.completion, t["slm_completion_tokens_total{" .. acme .. "}"])
