@@ -117,6 +117,9 @@ describe("slm classify", function()
     assert.are.equal("billing", rows[3].label) -- "refund charged twice"
     assert.are.equal(6, up:stats().requests)
     assert.matches("6 rows: 6 succeeded, 0 failed", err)
+    -- a dry run now prices nothing: every row is done
+    local dry = run(("classify %s --dry-run -o %s %s"):format(LABELS, out, input))
+    assert.matches("\ngpt%-4o%-mini +0 +0 ", dry)
     -- the same command again: nothing sent, the same output
     local before = H.read_file(out)
     _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
@@ -267,6 +270,17 @@ describe("slm classify", function()
     _, err, code = run(("classify %s --column nope --no-progress -o %s %s"):format(LABELS, out, input))
     assert.are.equal(1, code)
     assert.are.equal("missing_column", jsonl_rows(out)[1].error_kind)
+    _, err, code = run(("classify %s --column msg --id-column nope --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(1, code)
+    assert.are.equal("missing_column", jsonl_rows(out)[1].error_kind)
+    assert.matches("no column 'nope'", jsonl_rows(out)[1].error)
+    -- an input column named like a result column: the result's is slm_<name>
+    H.write_file(input, '{"text":"refund","label":"gold"}\n')
+    _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    local r = jsonl_rows(out)[1]
+    assert.are.equal("gold", r.label)
+    assert.are.equal("billing", r.slm_label)
   end)
 
   it("--dry-run counts and prices per model and sends nothing", function()
