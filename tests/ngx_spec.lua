@@ -252,7 +252,9 @@ describe("slm.ngx", function()
         assert.is_nil(res)
         assert.equal("cancelled", err.kind)
         assert.is_true(rep.aborted)
-        assert.equal(3, rep.pieces)
+        -- three flushes went through (a flush takes what one read brought:
+        -- one piece or more), the fourth failed
+        assert.is_true(rep.pieces >= 4 and rep.pieces < 100, rep.pieces)
         -- the upstream saw the connection closed, long before its 400 chunks
         local st
         for _ = 1, 100 do
@@ -265,15 +267,15 @@ describe("slm.ngx", function()
         -- billed: the prompt and the pieces that arrived, no more; nothing held
         local usd, tokens = b:spent()
         assert.equal(err.partial.usage.total_tokens, tokens)
-        assert.is_true(err.partial.usage.completion_tokens >= 3 and err.partial.usage.completion_tokens < 400)
+        assert.is_true(err.partial.usage.completion_tokens >= rep.pieces and err.partial.usage.completion_tokens < 400)
         assert.near(err.partial.cost, usd, 1e-12)
         assert.equal(0, select(2, b:reserved()))
         -- no final event to a browser that is gone; a WARN line
         local _, final, events = parse(n.body())
         assert.is_nil(final)
-        assert.equal(4, #events) -- the fourth was printed, its flush failed
+        assert.equal(rep.pieces, #events) -- every piece written, the last ones' flush failed
         assert.equal(n.WARN, n.logs[1][1])
-        assert.matches("client went away after %d+ bytes in 3 pieces", n.logs[1][2])
+        assert.matches("client went away after " .. rep.bytes .. " bytes in " .. rep.pieces .. " pieces", n.logs[1][2])
       end)
 
     it("registers ngx.on_abort, whose handler closes the stream", function()

@@ -293,12 +293,15 @@ function M.relay(src, opts)
     end
     if out ~= "" then
       if not st.started then start() end
-      if not send(event(nil, { delta = out }), pending and pending(stream)) then
+      -- counted as written to nginx (the last ones may not have reached a
+      -- browser that has gone)
+      local ok = send(event(nil, { delta = out }), pending and pending(stream))
+      st.bytes = st.bytes + #out
+      st.pieces = st.pieces + 1
+      if not ok then
         st.aborted = true
         return false
       end
-      st.bytes = st.bytes + #out
-      st.pieces = st.pieces + 1
     end
     if st.capped then return false end
     if max_seconds and ngx.now() - t0 >= max_seconds then
