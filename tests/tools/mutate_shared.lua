@@ -16,7 +16,7 @@
 local root = debug.getinfo(1, "S").source:match("^@(.*)/tests/tools/") or "."
 package.path = root .. "/?.lua;" .. package.path
 local H = require "tests.helpers"
-local q = H.q
+local q, sh = H.q, H.sh
 
 local S, NG, CL = "lua/slm/shared/shdict.lua", "tests/ngx_shared_spec.lua", "tests/shared_client_spec.lua"
 local P, C, G, Q = "lua/slm/pipeline.lua", "lua/slm/cache.lua", "lua/slm/guard.lua", "lua/slm/quotas.lua"
@@ -81,13 +81,6 @@ local MUTATIONS = {
 
 local wanted = {}
 for _, a in ipairs(arg) do wanted[tonumber(a)] = true end
-
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok = p:close()
-  return ok, out
-end
 
 local env = ("LUA_PATH=%s LUA_CPATH=%s"):format(q(root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. root
   .. "/?.lua;;"), q(root .. "/build/?.so;;"))
