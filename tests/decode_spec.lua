@@ -4,6 +4,7 @@
 local decode = require "slm.decode"
 local redact = require "slm.redact"
 local json = require "slm.json"
+local helpers = require "tests.helpers"
 
 describe("slm.decode.kind", function()
   it("maps statuses", function()
@@ -60,7 +61,7 @@ describe("slm.decode.provider_error", function()
       "m", set)
     assert.are.equal("server", e.kind)
     assert.are.equal(500, e.code)
-    assert.are.equal("integer", math.type(e.code))
+    assert.are.equal("integer", helpers.math_type(e.code))
     e = decode.provider_error(200, '{"code":400,"message":"x","type":"exceed_context_size_error"}', {}, "m", set)
     assert.are.equal("context_length", e.kind)
   end)
@@ -93,7 +94,7 @@ describe("slm.decode.usage", function()
       .. '"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":'
       .. '{"reasoning_tokens":2}}'), 128000)
     assert.is_nil(problem)
-    assert.are.equal("integer", math.type(u.prompt_tokens))
+    assert.are.equal("integer", helpers.math_type(u.prompt_tokens))
     assert.are.equal(15, u.total_tokens)
     assert.are.equal(4, u.prompt_tokens_details.cached_tokens)
     assert.are.equal(0, u.prompt_tokens_details.audio_tokens)
@@ -150,8 +151,8 @@ describe("slm.decode.response", function()
     assert.is_nil(res.logprobs)
     assert.are.equal("", res.text)
     assert.are.equal("f", res.tool_calls[1]["function"].name)
-    assert.are.equal("integer", math.type(res.created))
-    assert.are.equal("integer", math.type(res.choices[1].index))
+    assert.are.equal("integer", helpers.math_type(res.created))
+    assert.are.equal("integer", helpers.math_type(res.choices[1].index))
   end)
   it("keeps logprobs, for the first choice and each one", function()
     local res = decode.response(json.decode('{"choices":[{"index":1,"message":{"content":"b"},"logprobs":'

@@ -4,6 +4,27 @@ local M = {}
 -- tests/fixtures/, wherever busted runs from
 M.FIXTURES = (debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./") .. "fixtures/"
 
+-- math.type under Lua 5.4; under LuaJIT (one number type) what it would
+-- say of the value: "integer" when integral and in the 64-bit range.
+-- float_subtype: false under LuaJIT, where 1.0 and 1 are the same number.
+M.float_subtype = math.type ~= nil
+function M.math_type(v)
+  if math.type then return math.type(v) end
+  if type(v) ~= "number" then return nil end
+  if v % 1 == 0 and v >= -2 ^ 63 and v < 2 ^ 63 then return "integer" end
+  return "float"
+end
+
+-- utf8.char for one code point (LuaJIT has no utf8 library)
+function M.utf8_char(cp)
+  if utf8 then return utf8.char(cp) end
+  local f = math.floor
+  if cp < 0x80 then return string.char(cp) end
+  if cp < 0x800 then return string.char(0xC0 + f(cp / 64), 0x80 + cp % 64) end
+  if cp < 0x10000 then return string.char(0xE0 + f(cp / 4096), 0x80 + f(cp / 64) % 64, 0x80 + cp % 64) end
+  return string.char(0xF0 + f(cp / 262144), 0x80 + f(cp / 4096) % 64, 0x80 + f(cp / 64) % 64, 0x80 + cp % 64)
+end
+
 function M.read_file(path)
   local f = assert(io.open(path, "rb"))
   local s = f:read("a")

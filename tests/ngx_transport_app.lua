@@ -62,10 +62,25 @@ function M.request(q)
   return req
 end
 
+-- Client options a query may set (stall_timeout, max_body, http_version),
+-- and the name of the client that has them.
+function M.client_options(q)
+  local o, name = {}, ""
+  for _, k in ipairs{ "stall_timeout", "max_body", "http_version" } do
+    if q[k] then
+      o[k] = k == "http_version" and q[k] or tonumber(q[k])
+      name = name .. k .. "=" .. q[k] .. ";"
+    end
+  end
+  return o, name
+end
+
 -- GET /chat?prompt=..&scenario=..&stream=1&client=name: one call.
 function M.chat(opts)
   local args = ngx.req.get_uri_args()
-  local res, err = M.client(args.client or "default", opts):chat(M.request(args))
+  local qopts, qname = M.client_options(args)
+  if qname ~= "" then opts = qopts end
+  local res, err = M.client(args.client or (qname ~= "" and qname) or "default", opts):chat(M.request(args))
   reply(M.fields(res, err))
 end
 
@@ -86,6 +101,18 @@ function M.many()
   local first
   for i = 1, n do if errs[i] then first = tostring(errs[i]); break end end
   reply{ ok = n - nfailed, failed = nfailed, texts = texts, first_error = first, seconds = core.now() - t0 }
+end
+
+-- GET /fresh: two kept-alive connections to a server that drops every
+-- request on a reused one; then one call, with one retry.
+function M.fresh()
+  local c = M.client("fresh", { base_url = M.sim_url:gsub("/v1$", "/reset-reused/v1"), max_retries = 1 })
+  slm.map({ 1, 2 }, function(i)
+    return c:chat{ messages = { { role = "user", content = "warm " .. i } },
+      headers = { ["X-Sim-Scenario"] = "delay=200" } }
+  end, { concurrency = 2 })
+  local res, err = c:chat{ messages = { { role = "user", content = "on a fresh one" } } }
+  reply(M.fields(res, err))
 end
 
 -- GET /cancel: a stream read in one light thread, closed from another.
@@ -117,6 +144,7 @@ function M.core_state()
   local tok = slm.tokenizer("gpt-4o-mini")
   local n = tok:count("How many tokens is this sentence?")
   reply{ http_initialized = core.http_initialized(), tokens = n, memory = tok:memory(),
+    preloaded = M.preloaded ~= nil and M.preloaded == tok,
     pid = ngx.worker.pid(), tokenizer_id = tostring(tok._bpe), runtime = M.client("default").runtime.name,
     notes = M.notes }
 end

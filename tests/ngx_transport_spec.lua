@@ -47,6 +47,7 @@ local APP_HTTP = [[
 local APP_SERVER = [[
         location = /chat { content_by_lua_block { require("ngx_transport_app").chat() } }
         location = /many { content_by_lua_block { require("ngx_transport_app").many() } }
+        location = /fresh { content_by_lua_block { require("ngx_transport_app").fresh() } }
         location = /cancel { content_by_lua_block { require("ngx_transport_app").cancel() } }
         location = /core { content_by_lua_block { require("ngx_transport_app").core_state() } }
         location = /access {
@@ -94,7 +95,9 @@ before_each(function() sim:reset() end)
 local function curl_fields(query)
   -- the same call as tests/ngx_transport_app.lua's chat(), through libcurl
   local app_mod = dofile("tests/ngx_transport_app.lua")
-  local res, err = H.sim_client(sim, { max_retries = 0 }):chat(app_mod.request(query))
+  local o = app_mod.client_options(query)
+  o.max_retries = 0
+  local res, err = H.sim_client(sim, o):chat(app_mod.request(query))
   return cjson.decode(cjson.encode(app_mod.fields(res, err)))
 end
 
@@ -166,13 +169,38 @@ describe("slm.transport.ngx inside nginx", function()
     end
   end)
 
+  -- each query fails the same way on both paths, with this kind
+  local function same_kind(kind, queries)
+    local last
+    for _, q in ipairs(queries) do
+      last = same_fields(q)
+      assert.equal(kind, last.error and last.error.kind, q.prompt)
+    end
+    return last
+  end
+
   it("maps timeouts to kind timeout, as libcurl does", function()
-    local r = same_fields{ prompt = "slow", scenario = "delay=1500", timeout = 0.5 }
-    assert.equal("timeout", r.error.kind)
-    r = same_fields{ prompt = "slow stream", scenario = "delay=1500", timeout = 0.5, stream = 1 }
-    assert.equal("timeout", r.error.kind)
-    r = same_fields{ prompt = "slow body", scenario = "body_delay=1500", timeout = 0.5 }
-    assert.equal("timeout", r.error.kind)
+    local r = same_kind("timeout", {
+      { prompt = "slow", scenario = "delay=1500", timeout = 0.5 },
+      { prompt = "slow stream", scenario = "delay=1500", timeout = 0.5, stream = 1 },
+      { prompt = "slow body", scenario = "body_delay=1500", timeout = 0.5 },
+      -- a stream that stalls longer than stall_timeout
+      { prompt = "a stream that stalls", scenario = "stall=1500", stream = 1, stall_timeout = 0.4 },
+    })
+    assert.matches("^Echo", r.error.partial_text)
+  end)
+
+  it("refuses a reply above max_body with kind protocol, as libcurl does", function()
+    same_kind("protocol", {
+      { prompt = "big", scenario = "big=200000", max_body = 50000 },
+      { prompt = "big stream", scenario = "big=200000", stream = 1, max_body = 50000 },
+    })
+    same_fields{ prompt = "small enough", max_body = 50000 }
+  end)
+
+  it("serves http_version = \"2\" over HTTP/1.1 inside nginx", function()
+    local r = ngx_fields{ prompt = "over one point one", http_version = "2" }
+    assert.equal("Echo: over one point one", r.text)
   end)
 
   it("keeps connections alive: sequential calls reuse one connection", function()
@@ -190,6 +218,14 @@ describe("slm.transport.ngx inside nginx", function()
     local st = sim:stats()
     assert.equal(3, st.requests)
     assert.equal(2, st.connections)
+  end)
+
+  it("retries on a new connection, not another pooled one, after a kept-alive one died (fresh_connect)", function()
+    local r = get_json("/fresh")
+    assert.equal("Echo: on a fresh one", r.text, cjson.encode(r))
+    -- the first attempt went out on a pooled connection and was lost; the
+    -- retry passed over the other pooled ones (each would lose it too)
+    assert.equal(2, r.attempts)
   end)
 
   it("runs 100 requests at once in one worker, which keeps answering meanwhile", function()
@@ -231,6 +267,7 @@ describe("slm.transport.ngx inside nginx", function()
     assert.equal("ngx", r.runtime)
     assert.is_true(r.tokens > 0)
     assert.is_true(r.memory > 1000000, "the o200k vocabulary takes megabytes")
+    assert.is_true(r.preloaded, "the worker uses the vocabulary init_by_lua loaded before fork")
   end)
 
   it("makes calls from a timer started in init_worker_by_lua", function()
@@ -345,7 +382,7 @@ describe("slm.transport.ngx over TLS", function()
   local function call(inst, path)
     local s = http_get(inst.base, path)
     local ok, v = pcall(cjson.decode, s)
-    assert(ok, s)
+    assert(ok, "not JSON from " .. path .. ": " .. s .. "\n" .. inst:error_log())
     return v
   end
 

@@ -38,7 +38,7 @@ local function oracle(data, known)
   if not ok or type(c) ~= "table" then return nil end
   if not absent(c.usage) or not absent(c.error) then return nil end
   for k, bit in pairs(BITS) do
-    if known & bit == 0 and not absent(c[k]) then return nil end
+    if math.floor(known / bit) % 2 == 0 and not absent(c[k]) then return nil end
   end
   local chs = c.choices
   if type(chs) ~= "table" or chs[1] == nil or next(chs, (next(chs))) ~= nil then return nil end

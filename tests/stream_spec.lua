@@ -222,11 +222,14 @@ describe("client:stream iterator", function()
   it("leaving the loop early aborts the transfer and frees the connection", function()
     local c = client()
     local n = 0
-    for _ in c:stream{ messages = msgs(), model = "sim:slow_chunks=50" } do
+    local s, a, b, closing = c:stream{ messages = msgs(), model = "sim:slow_chunks=50" }
+    for _ in s, a, b, closing do
       n = n + 1
       if n == 3 then break end
     end
-    -- the generic for closed the stream (its to-be-closed value)
+    -- the generic for closed the stream (its to-be-closed value); LuaJIT's
+    -- generic for has none: there the caller closes it (README, Limits)
+    if _VERSION == "Lua 5.1" then s:close() end
     assert.are.equal(3, n)
     H.wait_idle(up, function() slm.sleep(0.05) end)
     assert.are.equal(0, up:stats().in_flight)

@@ -34,11 +34,15 @@ end
 -- LuaJIT takes LUA_PATH / LUA_CPATH as its own and would load 5.4's cjson.so.
 local CLEAN = "unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS LUA_PATH LUA_CPATH LUA_INIT; "
 
+-- The command's output and whether it exited 0.  The status is echoed by
+-- the shell: LuaJIT's popen close() returns true whatever the exit status
+-- (Lua 5.1 semantics), which made a failed nginx start look like a success.
 local function run(cmd)
-  local p = assert(io.popen(CLEAN .. cmd .. " 2>&1", "r"))
+  local p = assert(io.popen(CLEAN .. "( " .. cmd .. "\n) 2>&1; echo \"@rc=$?\"", "r"))
   local out = p:read("a")
-  local ok = p:close()
-  return out, ok == true
+  p:close()
+  local rc = out:match("@rc=(%d+)%s*$")
+  return (out:gsub("@rc=%d+%s*$", "")), rc == "0"
 end
 
 local function read_file(path)

@@ -342,12 +342,16 @@ local function io_main(c)
   if tls and reused == 0 then
     local left = budget(c, "connect")
     sock:settimeouts(ms(left), ms(left), ms(left))
-    -- false: no session object wanted back (lua-resty-core 0.1.25 asserts
-    -- when a handshake that completed at once fails verification and a
-    -- session was asked for)
-    local session, err = sock:sslhandshake(false, u.host, true)
+    -- lua-resty-core 0.1.25: a handshake that completes at once but fails
+    -- verification raises "assertion failed!" when a session is asked for,
+    -- and returns true when none is (false), leaving a dead socket; so ask
+    -- for one (nil) and take the raise as the failed verification it is
+    local hok, session, err = pcall(sock.sslhandshake, sock, nil, u.host, true)
+    if not hok then
+      session, err = nil, "certificate verify failed (or the server refused the handshake)"
+    end
     if c.cancelled then return close_socket(c) end
-    if not session then
+    if not session and err then
       close_socket(c)
       local kind, msg = socket_failure(c, err, "TLS handshake with " .. u.authority)
       if kind ~= "timeout" then msg = msg .. " (the CAs trusted are lua_ssl_trusted_certificate's)" end
@@ -527,11 +531,8 @@ function Conn:result()
 end
 
 function Conn:cancel()
-  if self.cancelled then return end
-  if self.ended and not self.kind then
-    -- already complete: nothing to stop, and the result stays a success
-    return
-  end
+  -- already over (complete or failed): nothing to stop, the result stays
+  if self.cancelled or self.ended then return end
   self.cancelled = true
   conclude(self, nil, "cancelled", "cancelled")
   waiter_notify(self)
