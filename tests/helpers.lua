@@ -131,6 +131,15 @@ function M.spawn_lua(code, env)
   return assert(io.popen((env and env .. " " or "") .. M.q(lua) .. " -e " .. M.q(code) .. " 2>&1"))
 end
 
+-- Run a shell command: ok (its exit status was 0), what it wrote (stdout
+-- and stderr).
+function M.sh(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1"))
+  local out = p:read("a")
+  local ok = p:close()
+  return ok, out
+end
+
 -- spawn_lua, waiting for the end: returns what the process wrote.
 function M.run_lua(code, env)
   local p = M.spawn_lua(code, env)

@@ -39,9 +39,9 @@ local function client_for(a)
   if a.slots then o.max_concurrency = F.semaphore{ dict = "slm", name = a.name .. ":slots", n = num(a.slots),
     ttl = num(a.ttl) } end
   if a.cache then o.cache = F.cache{ dict = "slm" } end
-  if a.quota_tokens then
+  if a.quota_tokens or a.quota_slots then
     o.quotas = slm.quotas{ storage = F, storage_options = { dict = "slm", now = clock }, name = a.name,
-      tokens = num(a.quota_tokens) }
+      tokens = num(a.quota_tokens), concurrency = num(a.quota_slots) }
   end
   c = sim_client(o)
   clients[key] = c

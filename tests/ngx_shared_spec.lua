@@ -9,6 +9,9 @@ local json = require "cjson"
 
 local sim, app
 
+-- (the ASan stage preloads its runtime for the Lua process: not for curl)
+local CURL = "env -u LD_PRELOAD curl "
+
 local function app_conf(sim_port)
   return {
     http = [[
@@ -44,7 +47,7 @@ end
 
 local function get(path, args)
   local url = app.base .. path .. (args and ("?" .. qs(args)) or "")
-  local p = io.popen("curl -s --max-time 30 " .. H.q(url))
+  local p = io.popen(CURL .. "-s --max-time 30 " .. H.q(url))
   local body = p:read("a")
   p:close()
   local ok, v = pcall(json.decode, body)
@@ -56,7 +59,7 @@ end
 local function get_many(path, list)
   local urls = {}
   for i, args in ipairs(list) do urls[i] = H.q(app.base .. path .. "?" .. qs(args)) end
-  local p = io.popen("curl -s -Z --parallel-max 200 --max-time 60 " .. table.concat(urls, " ") .. " 2>/dev/null")
+  local p = io.popen(CURL .. "-s -Z --parallel-max 200 --max-time 60 " .. table.concat(urls, " ") .. " 2>/dev/null")
   local body = p:read("a")
   p:close()
   local out = {}
@@ -76,15 +79,15 @@ local function worst(args) return get("/worst", args).worst end
 -- Wait for the pid a handler marked as holding something, then SIGKILL it.
 local function kill_holder(path, args)
   get("/holder", { clear = 1 })
-  local bg = io.popen("curl -s --max-time 40 " .. H.q(app.base .. path .. "?" .. qs(args)) .. " 2>/dev/null; echo")
+  local bg = io.popen(CURL .. "-s --max-time 40 " .. H.q(app.base .. path .. "?" .. qs(args)) .. " 2>/dev/null; echo")
   local pid
   for _ = 1, 100 do
     pid = get("/holder").pid
     if pid then break end
-    os.execute("sleep 0.05")
+    os.execute("env -u LD_PRELOAD sleep 0.05")
   end
   assert.is_number(pid)
-  os.execute("kill -KILL " .. math.floor(pid))
+  os.execute("env -u LD_PRELOAD kill -KILL " .. math.floor(pid))
   bg:close()
 end
 
@@ -148,7 +151,7 @@ describe("slm.shdict budget across 2 workers", function()
     -- still held: the budget refuses
     local r = get("/chat", args)
     assert.equal("budget", r.kind)
-    os.execute("sleep 2.2")
+    os.execute("env -u LD_PRELOAD sleep 2.2")
     local t = get("/totals", { name = name, hold_ttl = 2 })
     assert.equal(0, t.held_tokens)
     assert.equal(0, t.spent_tokens)
@@ -227,7 +230,7 @@ describe("slm.shdict rate limit and semaphore across 2 workers", function()
     local r = get("/sem_try", { name = "semkill", ttl = 1.5 })
     assert.is_false(r.ok)
     assert.equal("slm: timeout: slm.shdict.semaphore 'semkill': no slot free within 0.2s (all 1 taken)", r.err)
-    os.execute("sleep 1.5")
+    os.execute("env -u LD_PRELOAD sleep 1.5")
     r = get("/sem_try", { name = "semkill", ttl = 1.5 })
     assert.is_true(r.ok, r.err)
     assert.equal(0, r.taken)
@@ -338,6 +341,19 @@ describe("per-consumer quotas", function()
     -- no consumer on a client with quotas: refused
     local none = get("/chat", args)
     assert.equal("auth", none.kind)
+  end)
+
+  it("give each consumer its own slots, shared by both workers", function()
+    local list = {}
+    for i = 1, 12 do
+      list[i] = { client = "qslots", name = "qslots", quota_slots = 1, delay = 150,
+        consumer = i % 2 == 0 and KEY_A or KEY_B }
+    end
+    local out = get_many("/chat", list)
+    for _, r in ipairs(out) do assert.is_true(r.ok, r.message) end
+    -- one slot each: two requests in flight at most, one per consumer
+    assert.equal(2, sim:stats().max_in_flight)
+    assert.equal(12, sim:stats().requests)
   end)
 end)
 
