@@ -182,7 +182,10 @@ local function drive(pred)
     run_ready()
     if pred() then return end
     fire_timers()
-    if rhead <= rtail then goto continue end
+    -- a timer that came due between pred() and fire_timers() may be what
+    -- the caller waits for (outside tasks it readies nobody): ask again
+    -- before concluding that nothing is left
+    if rhead <= rtail or pred() then goto continue end
     do
       local m = M.multi()
       local inflight = m:count()
