@@ -104,6 +104,28 @@ describe("slm --via batch", function()
     end
   end)
 
+  it("a follow-up request (a repair re-ask) goes out directly: its usage-log line says via = direct", function()
+    local schema = dir .. "/s.json"
+    H.write_file(schema, json.encode{ type = "object", required = { "order" },
+      properties = { order = { type = "string" } }, additionalProperties = false })
+    local input = dir .. "/in.jsonl"
+    -- the batch's reply lacks `order` ([sim:...] in a line's text is the batch simulator's);
+    -- the repair re-ask is a direct request, which answers in full
+    H.write_file(input, '{"id":"a","text":"Order 12 is late [sim:missing_field]"}\n{"id":"b","text":"Order 13 is late"}\n')
+    local _, err, code = run("extract --schema " .. schema .. " --id-column id --poll-interval 0.02 --via batch -o "
+      .. dir .. "/e.jsonl " .. input)
+    assert.equal(0, code, err)
+    local lines = rows_of(dir .. "/e.jsonl.usage.jsonl")
+    local got = {}
+    for _, l in ipairs(lines) do got[#got + 1] = { l.id, l.call, l.calls, l.via } end
+    table.sort(got, function(x, y) return x[1] .. x[2] < y[1] .. y[2] end)
+    assert.same({ { "a", 1, 2, "batch" }, { "a", 2, 2, "direct" }, { "b", 1, 1, "batch" } }, got)
+    local rows = rows_of(dir .. "/e.jsonl")
+    local sum = 0
+    for _, l in ipairs(lines) do if l.id == "a" then sum = sum + l.cost end end
+    assert.near(rows[1].cost, sum, 1e-12)
+  end)
+
   it("CSV in and out: the direct path's file but for the cost column", function()
     local input = dir .. "/in.csv"
     H.write_file(input, '\239\187\191id,text\r\n1,"my invoice, it is ""wrong"""\r\n2,"the app\ncrashes"\r\n3,refund please\r\n')

@@ -522,6 +522,49 @@ describe("the usage log", function()
   end)
 end)
 
+describe("the usage log of a task that makes several requests", function()
+  it("writes one line per request, numbered, each with its own cost, summing to the row's", function()
+    local schema = dir .. "/s.json"
+    H.write_file(schema, json.encode{ type = "object", required = { "order" },
+      properties = { order = { type = "string" } }, additionalProperties = false })
+    local input = dir .. "/in.jsonl"
+    -- row 1: the first reply lacks `order`, the repair re-ask answers (2 requests);
+    -- row 2: both replies lack it, the row fails validation (2 requests, each "ok")
+    H.write_file(input, '{"id":"r1","text":"Order 58213 is late"}\n')
+    local out, log = dir .. "/e.jsonl", dir .. "/u.jsonl"
+    local key = ("--header 'X-Sim-Key: usage-%d-%d' "):format(os.time(), math.random(1e9))
+    local _, err, code = run(("extract --schema %s --id-column id " .. key .. "--header 'X-Sim-Scenario: missing_field,fail=1' --no-progress"
+      .. " --usage-log %s -o %s %s"):format(schema, log, out, input))
+    assert.are.equal(0, code, err)
+    H.write_file(input, '{"id":"r2","text":"Order 4 is late"}\n')
+    key = ("--header 'X-Sim-Key: usage2-%d-%d' "):format(os.time(), math.random(1e9))
+    _, err, code = run(("extract --schema %s --id-column id " .. key .. "--header 'X-Sim-Scenario: missing_field,fail=2' --no-progress"
+      .. " --usage-log %s -o %s %s"):format(schema, log, dir .. "/e2.jsonl", input))
+    assert.are.equal(1, code, err)
+    assert.are.equal(4, up:stats().requests)
+    local lines = jsonl_rows(log)
+    assert.are.equal(4, #lines)
+    local want = { { "r1", 1, "ok" }, { "r1", 2, "ok" }, { "r2", 1, "validation" }, { "r2", 2, "validation" } }
+    for i, l in ipairs(lines) do
+      assert.are.same(want[i], { l.id, l.call, l.row_outcome })
+      assert.are.equal(2, l.calls)
+      assert.are.equal("ok", l.outcome)
+      assert.are.equal(1, l.attempts)
+      assert.is_true(l.cost > 0 and l.prompt_tokens > 0, json.encode(l))
+      assert.are.equal(l.prompt_tokens + l.completion_tokens, l.tokens)
+    end
+    -- the repair re-ask carries the first reply and the errors: it costs more
+    assert.is_true(lines[2].prompt_tokens > lines[1].prompt_tokens)
+    local row1, row2 = jsonl_rows(out)[1], jsonl_rows(dir .. "/e2.jsonl")[1]
+    assert.is_true(math.abs(row1.cost - (lines[1].cost + lines[2].cost)) < 1e-12)
+    assert.are.equal(row1.tokens, lines[1].tokens + lines[2].tokens)
+    assert.is_true(math.abs(row2.cost - (lines[3].cost + lines[4].cost)) < 1e-12)
+    local g = json.decode((run("usage --json " .. log)))
+    assert.are.equal(4, g.requests)
+    assert.are.equal(0, g.failed)
+  end)
+end)
+
 describe("the other batch tasks", function()
   it("extract writes the JSON, generate the text, summarize the summary", function()
     local schema = dir .. "/s.json"

@@ -50,13 +50,21 @@
 -- columns, then status ("ok" | "error"), error_kind, error, cost, tokens.
 -- A task column whose name the input already has is written "slm_<name>".
 --
--- Usage log: one JSON line per task call (a row sent; a task that made
--- several HTTP requests says how many in `calls`; a row refused before
--- sending, its prompt over the context, has calls = 0):
---   { time (UTC, ISO 8601), run, task, model, prompt_tokens, completion_tokens,
---     tokens, cost, latency, ttft, attempts, calls, outcome ("ok" | error kind),
---     prompt (only with log_prompts: the row's input, its JSON when not a string),
---     via ("batch" for rows sent through the Batch API, slm.viabatch; absent otherwise) }
+-- Usage log: one JSON line per request a row's task made (a task that
+-- re-asked, regenerated or read a long document in chunks writes one line
+-- for each of its requests, numbered by `call` out of `calls`; a raw chat
+-- request has one; a row refused before sending, its prompt over the
+-- context, has one line with calls = 0 and nothing spent):
+--   { time (UTC, ISO 8601), run, task, model (the answering one),
+--     prompt_tokens, completion_tokens, tokens, cost, latency, ttft,
+--     attempts (of that request: its retries), call, calls,
+--     outcome ("ok" | error kind, of that request; a single line: the row's),
+--     row_outcome (on per-request lines: the row's, "ok" | error kind: a
+--     request can succeed and its row fail validation), id (the row's id column),
+--     prompt (only with log_prompts, on the row's first line: the row's input,
+--     its JSON when not a string),
+--     via (in a --via batch run: "batch" for the request the Batch API
+--     answered, "direct" for a task's follow-up sent at once; absent otherwise) }
 -- never the row key; appended and flushed per line.
 --
 -- A finished job's rerun: see "a finished job" below (the ledger's last
@@ -181,6 +189,27 @@ function M.usage_line(job, info, outcome, prompt, id)
     calls = info.local_check and 0 or info.calls or 1,
     outcome = outcome, id = id, prompt = prompt, via = job.via,
   }
+end
+
+--- The usage-log lines of a row's task call: one per request it made
+-- when the task lists them (info.requests: slm.tasks' ledger), each with
+-- `call` (1, 2, ...) and `calls` (how many); otherwise the one line of
+-- M.usage_line (a raw chat request, or a row refused before sending).
+function M.usage_lines(job, info, outcome, prompt, id)
+  local reqs = type(info) == "table" and type(info.requests) == "table" and info.requests or nil
+  if not reqs or #reqs == 0 or info.local_check then return { M.usage_line(job, info, outcome, prompt, id) } end
+  local t, lines = iso_now(), {}
+  for i, r in ipairs(reqs) do
+    local p, c = r.prompt_tokens or 0, r.completion_tokens or 0
+    lines[i] = {
+      time = t, run = job.run_id, task = job.task, model = r.model or job.model,
+      prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = r.cost or 0,
+      latency = r.latency, ttft = r.ttft, attempts = r.attempts or 1, call = i, calls = #reqs,
+      outcome = r.outcome, row_outcome = outcome, id = id, prompt = i == 1 and prompt or nil,
+      via = job.via and (r.via or "direct") or nil,
+    }
+  end
+  return lines
 end
 
 ------------------------------------------------------------------ output
@@ -460,9 +489,11 @@ function Job:run(opts)
     end
     if ledger then ledger:add(rec) else self.ledger_done[row.key] = rec end
     if usage_fh then
-      local line = M.usage_line(self, info or err, result and "ok" or rec.error_kind,
-        self.log_prompts and (type(row.input) == "string" and row.input or json.encode(row.input)) or nil, row.id)
-      usage_fh:write(json.encode(line), "\n")
+      local prompt = self.log_prompts and (type(row.input) == "string" and row.input or json.encode(row.input)) or nil
+      local lines = M.usage_lines(self, info or err, result and "ok" or rec.error_kind, prompt, row.id)
+      for i = 1, #lines do lines[i] = json.encode(lines[i]) end
+      lines[#lines + 1] = ""
+      usage_fh:write(concat(lines, "\n"))
       usage_fh:flush()
     end
   end

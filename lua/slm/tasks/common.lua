@@ -6,7 +6,8 @@
 --    http.request has; misuse raises naming the argument;
 --  * the ledger: every model call a task makes (re-asks, regenerations,
 --    chunks, failed attempts that were billed) is added to it, so the
---    result's usage, cost and attempts are the task's whole;
+--    result's usage, cost and attempts are the task's whole, and each call
+--    is listed in `requests` (what the batch runner's usage log writes);
 --  * images as content parts, checked against the model's vision;
 --  * personal data masking around a call (slm.pii).
 local models = require "slm.models"
@@ -69,6 +70,7 @@ function M.ledger()
   return setmetatable({
     usage = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0 },
     cost = 0, priced = true, attempts = 0, calls = 0, latency = 0, estimated = false,
+    requests = {},
   }, Ledger)
 end
 
@@ -108,22 +110,49 @@ function Ledger:chat(client, req)
   local now = core_now or load_now()
   local t0 = now()
   local res, err = client:chat(req)
-  self.latency = self.latency + (now() - t0)
+  local dt = now() - t0
+  self.latency = self.latency + dt
   if res then
     self:add(res, res.attempts or 1)
+    self:note(req, client, res, res, res.attempts or 1, "ok", dt)
     return res
   end
-  if type(err) == "table" then self:add(err.partial, attempts_of(err)) end
+  if type(err) == "table" then
+    self:add(err.partial, attempts_of(err))
+    self:note(req, client, err.partial, err, attempts_of(err), err.kind or "error", dt)
+  end
   return nil, err
 end
 
+-- One entry of `requests`: a client call the task made (its retries and
+-- fallbacks inside it), what it used and cost, how it ended.  r: the
+-- Response, or the error's partial Response (nil: nothing billed).
+-- A call refused before sending (a prompt over the context, an exhausted
+-- budget) is no request and is not listed.
+function Ledger:note(req, client, r, from, attempts, outcome, dt)
+  if outcome ~= "ok" and (from.local_check or attempts == 0) then return end
+  local u = type(r) == "table" and type(r.usage) == "table" and r.usage or nil
+  local list = self.requests
+  list[#list + 1] = {
+    model = from.model or req.model or client.model,
+    prompt_tokens = u and u.prompt_tokens or 0, completion_tokens = u and u.completion_tokens or 0,
+    cost = type(r) == "table" and r.cost or nil,
+    latency = dt, ttft = from.ttft, attempts = attempts, outcome = outcome, via = from.via,
+  }
+end
+
 --- Copy the totals into a result or an error table: usage, cost (nil when
--- any call's price is unknown), attempts, calls, latency.
+-- any call's price is unknown), attempts, calls, latency, and `requests`
+-- (a list: each request's model, prompt_tokens, completion_tokens, cost,
+-- latency, ttft, attempts, outcome).
 function Ledger:into(t)
   t.usage = { prompt_tokens = self.usage.prompt_tokens, completion_tokens = self.usage.completion_tokens,
     total_tokens = self.usage.total_tokens, estimated = self.estimated or nil }
   t.cost = self.priced and self.cost or nil
   t.attempts, t.calls, t.latency = self.attempts, self.calls, self.latency
+  local list = {}
+  for i, r in ipairs(self.requests) do list[i] = r end
+  t.requests = list
   return t
 end
 
