@@ -55,6 +55,19 @@ local function fake_ngx(o)
 end
 
 -- A lua_shared_dict stand-in: incr with init, get, get_keys, delete.
+-- A Prometheus text page as { series -> value }.
+local function series(text)
+  local t = {}
+  for line in text:gmatch("[^\n]+") do
+    if not line:find("^#") then
+      local k, v = line:match("^(%S+) (%S+)$")
+      assert(k, "a bad line: " .. line)
+      t[k] = tonumber(v)
+    end
+  end
+  return t
+end
+
 local function fake_dict(capacity)
   local d = { data = {}, n = 0 }
   function d:incr(k, v, init)
@@ -417,6 +430,41 @@ describe("slm.ngx", function()
       assert.equal(0, evs[3].completion_tokens)
     end)
 
+    it("sees a reply served from the cache, marked cached, with nothing billed; the metrics count it", function()
+      _G.ngx = fake_ngx()
+      local store = {}
+      local cache = { get = function(_, k) return store[k] end, set = function(_, k, v) store[k] = v end }
+      local evs = {}
+      local m = metrics.new{ dict = fake_dict(), vars = false }
+      local c = client({ cache = cache, observe = function(e) evs[#evs + 1] = e; m:record(e) end })
+      local req = { messages = helpers.msgs("cache me"), temperature = 0 }
+      local sent = up:stats().requests
+      local first = c:chat(req)
+      assert.is_nil(evs[1].cached)
+      local again = c:chat(req)
+      assert.is_true(again.cached)
+      local s = c:stream(req)
+      for _ in s do end
+      assert.equal(3, #evs)
+      assert.equal(sent + 1, up:stats().requests)
+      for i = 2, 3 do
+        local e = evs[i]
+        assert.is_true(e.cached)
+        assert.equal("ok", e.outcome)
+        assert.equal(0, e.prompt_tokens)
+        assert.equal(0, e.completion_tokens)
+        assert.equal(0, e.cost)
+        assert.equal(0, e.attempts)
+      end
+      assert.is_true(evs[3].stream)
+      assert.is_true(first.usage.prompt_tokens > 0)
+      local t = series(m:text())
+      local base = 'consumer="-",model="gpt-4o-mini"'
+      assert.equal(2, t["slm_cache_hits_total{" .. base .. "}"])
+      assert.equal(3, t['slm_requests_total{consumer="-",model="gpt-4o-mini",outcome="ok"}'])
+      assert.equal(1, t["slm_request_duration_seconds_count{" .. base .. "}"])
+    end)
+
     it("reports a cancelled stream with the tokens billed for it", function()
       local evs = {}
       local c = client({ observe = function(e) evs[#evs + 1] = e end }, "chunks=100,slow_chunks=3")
@@ -453,17 +501,6 @@ describe("slm.ngx", function()
   end)
 
   describe("metrics", function()
-    local function series(text)
-      local t = {}
-      for line in text:gmatch("[^\n]+") do
-        if not line:find("^#") then
-          local k, v = line:match("^(%S+) (%S+)$")
-          assert(k, "a bad line: " .. line)
-          t[k] = tonumber(v)
-        end
-      end
-      return t
-    end
 
     it("counts requests, errors, tokens, cost and the histograms per model and consumer", function()
       _G.ngx = fake_ngx{ declared = { slm_tokens = true, slm_cost = true, slm_consumer = true, slm_ttft = true } }

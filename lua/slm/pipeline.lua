@@ -133,20 +133,6 @@ end
 
 function Call:model() return self.chain[self.mi] end
 
---- The cached Response of this call (a deterministic request on a client
--- with a cache), or nil: then it must be sent.
-function Call:cached()
-  local key = self.cache_key
-  if not key or self.no_consumer then return nil end -- (refused in open())
-  local res = cache.get(self.client, key)
-  if not res then return nil end
-  res.attempts = 0
-  res.latency = self.rt.now() - self.t0
-  res.requested_model = self.chain[1]
-  if self.consumer then res.consumer = self.consumer end
-  return res
-end
-
 -- A shared limit's failure as the attempt's error: the slm error it gave
 -- (slm.shdict's, slm.redis'), else kind `kind` with its message.
 local function limit_error(self, err, kind, what)
@@ -389,12 +375,29 @@ local function observe(call, res, err)
     latency = call.rt.now() - call.t0, ttft = call.ttft or nil,
     attempts = call.attempts, stream = call.stream and true or false,
     finish_reason = res and res.finish_reason or nil,
+    cached = res and res.cached or nil,
   })
   if not ok and not observer_warned then
     observer_warned = true
     local msg = "slm: the client's observe hook failed (reported once): " .. tostring(why)
     if ngx and ngx.log then ngx.log(ngx.ERR, msg) else io.stderr:write(msg, "\n") end
   end
+end
+
+--- The cached Response of this call (a deterministic request on a client
+-- with a cache), or nil: then it must be sent.  A hit is observed too
+-- (`cached = true`, nothing billed, no attempt).
+function Call:cached()
+  local key = self.cache_key
+  if not key or self.no_consumer then return nil end -- (refused in open())
+  local res = cache.get(self.client, key)
+  if not res then return nil end
+  res.attempts = 0
+  res.latency = self.rt.now() - self.t0
+  res.requested_model = self.chain[1]
+  if self.consumer then res.consumer = self.consumer end
+  observe(self, res, nil)
+  return res
 end
 
 --- The current model answered: -> res (finished, billed, settled).

@@ -35,7 +35,8 @@ local FAMILIES = {
   { "slm_completion_tokens_total", "counter", "Completion tokens billed (every attempt, partial streams included)." },
   { "slm_cost_usd_total", "counter", "Cost in USD at the models' prices." },
   { "slm_attempts_total", "counter", "HTTP attempts made by the calls (retries and fallbacks included)." },
-  { "slm_request_duration_seconds", "histogram", "Latency of a call, from its start to its end." },
+  { "slm_cache_hits_total", "counter", "Calls answered from the client's cache (nothing sent, nothing billed)." },
+  { "slm_request_duration_seconds", "histogram", "Latency of a call sent to a model, from its start to its end." },
   { "slm_ttft_seconds", "histogram", "Time to the first token of a streamed call." },
   { "slm_relay_aborts_total", "counter", "Streams relayed to a browser that went away before the end." },
   { "slm_relay_capped_total", "counter", "Streams relayed to a browser that were cut by a cap (bytes, duration)." },
@@ -199,7 +200,11 @@ function Metrics:record(ev)
   self:add(key("slm_completion_tokens_total", "", base), num(ev.completion_tokens))
   self:add(key("slm_cost_usd_total", "", base), num(ev.cost))
   self:add(key("slm_attempts_total", "", base), num(ev.attempts))
-  if type(ev.latency) == "number" then observe(self, "slm_request_duration_seconds", base, num(ev.latency), self.buckets) end
+  if ev.cached then
+    -- a cache hit: counted as a call, kept out of the latency histograms
+    -- (its microseconds would hide the model's)
+    self:add(key("slm_cache_hits_total", "", base), 1)
+  elseif type(ev.latency) == "number" then observe(self, "slm_request_duration_seconds", base, num(ev.latency), self.buckets) end
   if type(ev.ttft) == "number" then observe(self, "slm_ttft_seconds", base, num(ev.ttft), self.ttft_buckets) end
   if self.vars and ngx and ngx.var and ngx.get_phase and REQUEST_PHASE[ngx.get_phase()] then
     require("slm.ngx").log_vars(ev, consumer)
