@@ -152,6 +152,59 @@ describe("slm.redis budget", function()
     live:settle(r, 0.5, 1)
   end)
 
+  it("charges a hold once: a settle sent again (its reply lost) is not charged twice", function()
+    local be = R.budget{ redis = conf(), name = name() }
+    local id = assert(be:reserve(0.4, 10, 1, 1000))
+    assert.is_true(be:settle(id, 0.3, 8))
+    assert.is_true(be:settle(id, 0.3, 8))
+    local su, st, hu = be:totals()
+    assert.is_true(math.abs(su - 0.3) < 1e-12)
+    assert.are.equal(8, st)
+    assert.are.equal(0, hu)
+  end)
+
+  it("a late settle of a hold that expired and was reaped still charges it, once", function()
+    local nm = name()
+    local slow = R.budget{ redis = conf(), name = nm, hold_ttl = 0.2 }
+    local id = assert(slow:reserve(0.6, 1, 1, 1000))
+    slm.sleep(0.3)
+    -- another holder's reserve reaps the expired hold: its room is back
+    local other = R.budget{ redis = conf(), name = nm }
+    local id2 = assert(other:reserve(0.9, 1, 1, 1000))
+    assert(other:settle(id2, 0, 0))
+    -- the slow holder's reply came after all: the money was spent
+    assert.is_true(slow:settle(id, 0.5, 7))
+    assert.is_true(slow:settle(id, 0.5, 7))
+    local su, st, hu = other:totals()
+    assert.is_true(math.abs(su - 0.5) < 1e-12)
+    assert.are.equal(7, st)
+    assert.are.equal(0, hu)
+  end)
+
+  it("a settle while Redis stalls is tried again, then kept and sent with the next call: charged once", function()
+    local be = R.budget{ redis = conf{ timeout = 0.15 }, name = name() }
+    -- a short stall: the third try (after 0.15 + 0.05 + 0.15 + 0.1 s) gets through
+    local id0 = assert(be:reserve(0.1, 1, 1, 1000))
+    srv:pause(0.25)
+    assert.is_true(be:settle(id0, 0.05, 1))
+    assert.are.equal(0, #be.unsettled)
+    -- a long one: kept
+    local id = assert(be:reserve(0.4, 10, 1, 1000))
+    srv:pause(1.2)
+    local ok, err = be:settle(id, 0.25, 9)
+    assert.is_nil(ok)
+    assert.are.equal("timeout", err.kind)
+    assert.matches("the settle is kept and sent again", err.message)
+    assert.are.equal(1, #be.unsettled)
+    slm.sleep(1.3)
+    -- the next call sends the kept settle first
+    local su, st, hu = be:totals()
+    assert.are.equal(0, #be.unsettled)
+    assert.is_true(math.abs(su - 0.3) < 1e-12)
+    assert.are.equal(10, st)
+    assert.are.equal(0, hu)
+  end)
+
   it("keeps day and month totals apart, from zero at the UTC boundary", function()
     local t = os.time{ year = 2026, month = 12, day = 31, hour = 23, min = 59, sec = 58 }
     -- os.time reads local time; the UTC epoch of that wall clock:

@@ -360,11 +360,19 @@ local function clock(override)
   local t = redis.call("TIME")
   return tonumber(t[1]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- drop the holds whose time is up; -> held usd, held tokens
+-- drop the holds whose time is up (kept aside in :reaped, so that a late
+-- settle of one still charges it, once); -> held usd, held tokens
 local function reap(k, now_ms)
   local dead = redis.call("ZRANGEBYSCORE", k .. ":holds", "-inf", now_ms)
-  for i = 1, #dead do redis.call("HDEL", k .. ":amts", dead[i]) end
-  if #dead > 0 then redis.call("ZREMRANGEBYSCORE", k .. ":holds", "-inf", now_ms) end
+  for i = 1, #dead do
+    local a = redis.call("HGET", k .. ":amts", dead[i])
+    if a then redis.call("HSET", k .. ":reaped", dead[i], a) end
+    redis.call("HDEL", k .. ":amts", dead[i])
+  end
+  if #dead > 0 then
+    redis.call("ZREMRANGEBYSCORE", k .. ":holds", "-inf", now_ms)
+    redis.call("EXPIRE", k .. ":reaped", 33 * 86400)
+  end
   local hu, ht = 0, 0
   local amts = redis.call("HVALS", k .. ":amts")
   for i = 1, #amts do
@@ -405,18 +413,23 @@ if pk ~= "" then
   redis.call("EXPIRE", k .. ":spent", keep)
   redis.call("EXPIRE", k .. ":holds", keep)
   redis.call("EXPIRE", k .. ":amts", keep)
+  redis.call("EXPIRE", k .. ":reaped", keep)
 end
 return { 1, id }
 ]])
 
 -- KEYS[1] base key; ARGV id, usd, tokens: the hold replaced by the spend
--- (charged even when the hold had expired: the money was spent)
+-- (charged even when the hold had expired and was reaped: the money was
+-- spent).  Idempotent: a hold is charged once, so a settle whose reply was
+-- lost can be sent again -> 1 charged now, 0 charged before.
 local SETTLE = script([[
 local id = ARGV[1]
 local pk = string.match(id, "^(.*)#%d+$") or ""
 local k = KEYS[1] .. pk
+if redis.call("HDEL", k .. ":amts", id) == 0 and redis.call("HDEL", k .. ":reaped", id) == 0 then
+  return 0
+end
 redis.call("ZREM", k .. ":holds", id)
-redis.call("HDEL", k .. ":amts", id)
 redis.call("HINCRBYFLOAT", k .. ":spent", "usd", ARGV[2])
 redis.call("HINCRBYFLOAT", k .. ":spent", "tokens", ARGV[3])
 return 1
@@ -453,7 +466,8 @@ function M.budget(opts)
   end
   local conn = M.connect(opts.redis)
   return setmetatable({ conn = conn, key = conn.prefix .. "budget:" .. opts.name,
-    ttl_ms = ceil((opts.hold_ttl or 300) * 1000), period = opts.period or "", clock = opts.clock }, Budget)
+    ttl_ms = ceil((opts.hold_ttl or 300) * 1000), period = opts.period or "", clock = opts.clock,
+    unsettled = {} }, Budget)
 end
 
 local function clock_arg(self)
@@ -462,8 +476,26 @@ end
 
 local function limit_arg(v) return v == huge and "-1" or num(v) end
 
+M.SETTLE_TRIES = 3        -- a settle's tries before it is kept for later
+M.SETTLE_PAUSE = 0.05     -- seconds before the second try (doubled after)
+M.UNSETTLED_MAX = 10000   -- settles kept per budget object at most
+
+local function settle_once(self, u)
+  return run(self.conn, SETTLE, { self.key }, { u[1], num(u[2]), num(u[3]) }, true)
+end
+
+-- Send the settles kept from earlier failures (oldest first), until one fails.
+local function flush_unsettled(self)
+  local list = self.unsettled
+  while list[1] do
+    if not settle_once(self, list[1]) then return end
+    table.remove(list, 1)
+  end
+end
+
 --- -> id | nil, left_usd, left_tokens | nil, err (Redis failed: refused)
 function Budget:reserve(usd, tokens, limit_usd, limit_tokens)
+  flush_unsettled(self)
   local r, err = run(self.conn, RESERVE, { self.key },
     { num(usd), num(tokens), limit_arg(limit_usd), limit_arg(limit_tokens), self.ttl_ms, self.period,
       clock_arg(self) }, true)
@@ -472,17 +504,38 @@ function Budget:reserve(usd, tokens, limit_usd, limit_tokens)
   return nil, r[2] == "none" and huge or tonumber(r[2]), r[3] == "none" and huge or tonumber(r[3])
 end
 
---- -> true | nil, err (then the hold expires after hold_ttl and the spend
--- is not recorded: the caller may log it)
+--- -> true | nil, err.  SETTLE is idempotent, so a settle that fails is
+-- tried again (M.SETTLE_TRIES in all, pausing in between); when Redis
+-- stays away it is kept in this budget object and sent before its next
+-- reserve, settle or totals (budget.unsettled, at most UNSETTLED_MAX): the
+-- spend is recorded once Redis is back, never twice.  Meanwhile the hold
+-- counts until hold_ttl, then as spent when the kept settle lands.
 function Budget:settle(id, usd, tokens)
-  -- never sent twice: a settle that ran and lost its reply would be charged twice
-  local r, err = run(self.conn, SETTLE, { self.key }, { id, num(usd), num(tokens) }, false)
-  if not r then return nil, err end
-  return true
+  flush_unsettled(self)
+  local u = { id, usd, tokens }
+  local r, err = settle_once(self, u)
+  local pause = M.SETTLE_PAUSE
+  for _ = 2, M.SETTLE_TRIES do
+    if r then break end
+    -- (a phase where nginx cannot sleep: the tries follow at once)
+    pcall(require("slm.runtime").default().sleep, pause)
+    pause = pause * 2
+    r, err = settle_once(self, u)
+  end
+  if r then return true end
+  local list = self.unsettled
+  if #list < M.UNSETTLED_MAX then
+    list[#list + 1] = u
+    err.message = err.message .. " (the settle is kept and sent again with this budget's next call)"
+  else
+    err.message = err.message .. " (" .. M.UNSETTLED_MAX .. " settles already kept: this spend is not recorded)"
+  end
+  return nil, err
 end
 
 --- -> spent_usd, spent_tokens, held_usd, held_tokens | nil, err
 function Budget:totals()
+  flush_unsettled(self)
   local r, err = run(self.conn, TOTALS, { self.key }, { self.period, clock_arg(self) }, true)
   if not r then return nil, err end
   return tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
