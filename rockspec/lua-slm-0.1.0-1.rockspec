@@ -25,6 +25,7 @@ description = {
 dependencies = {
   "lua >= 5.1",
   "lua-cjson",
+  "argparse >= 0.7", -- the `slm` command (Debian: lua-argparse)
 }
 -- libcurl (libcurl4-openssl-dev on Debian) is found by CMake through pkg-config.
 build = {
