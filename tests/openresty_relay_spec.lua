@@ -195,6 +195,26 @@ describe("slm.ngx.relay in nginx", function()
     assert.equal(0, st.in_flight)
   end)
 
+  it("stops a push source from ngx.on_abort too, without waiting for its next piece", function()
+    leave_after({ message = "x", scenario = "chunks=3,slow_chunks=1500", form = "push" }, 1)
+    local t0 = core.now() -- the browser has just left, the next piece is 1.5 s away
+    local st = wait_sim(function(s) return s.aborted == 1 and s.in_flight == 0 end)
+    assert.equal(1, st.aborted)
+    assert.is_true(core.now() - t0 < 1, "the upstream was stopped after " .. (core.now() - t0) .. " s")
+  end)
+
+  it("caps a push source's duration while it waits for a piece", function()
+    local t0 = core.now()
+    local _, _, body = post("/relay", { message = "x", scenario = "chunks=3,slow_chunks=1500", max_seconds = 0.4,
+      form = "push" })
+    local secs = core.now() - t0
+    local list = events(body)
+    assert.equal("done", list[#list].event, body)
+    assert.equal("duration", list[#list].data.capped)
+    assert.is_true(secs < 1.2, secs)
+    assert.equal(1, wait_sim(function(s) return s.aborted == 1 end).aborted)
+  end)
+
   it("caps the bytes and the duration, stops the upstream, ends with the done event", function()
     local _, _, body = post("/relay", { message = "x", scenario = "chunks=2000,slow_chunks=2", max_bytes = 30 })
     local list, text = events(body)

@@ -191,8 +191,9 @@ end
 -- source: a Stream (client:stream(req)); a request table (opts.client
 -- streams it); or a function(emit) that produces the pieces itself, e.g.
 -- function(emit) return bot:reply(id, text, { on_delta = emit }) end
--- (a browser that leaves stops it at its next piece: emit raises through
--- the call, whose stream is closed and billed on the way out).
+-- (a browser that leaves, or a cap, closes the streams it opened at once,
+-- and emit raises through the call from then on: the call's stream is
+-- billed on the way out).
 -- opts: client, on_delta = function(text, chunk) -> text | nil (unchanged)
 -- | false (not sent), max_bytes, max_seconds, metrics (a slm.ngx.metrics:
 -- aborts and caps counted), consumer (its label there), final =
@@ -251,9 +252,16 @@ function M.relay(src, opts)
     unflushed = false
     return flush()
   end
-  -- stop the upstream: the stream's close (from any light thread)
+  -- stop the upstream: the stream's close (from any light thread); for a
+  -- push source, the close of every stream it opened (the runtime lists
+  -- them in ngx.ctx.slm_relay_streams while it runs), so that it stops at
+  -- once instead of at its next piece
+  local tracked
   local function stop()
     if stream then stream:close() end
+    if tracked then
+      for i = 1, #tracked do tracked[i]:close() end
+    end
   end
 
   -- The browser leaving: seen at once with lua_check_client_abort on
@@ -266,7 +274,7 @@ function M.relay(src, opts)
     end)
   end
   local watchdog
-  if max_seconds and stream and ngx.thread and ngx.thread.spawn then
+  if max_seconds and ngx.thread and ngx.thread.spawn then
     watchdog = ngx.thread.spawn(function()
       ngx.sleep(max_seconds)
       if not st.done then
@@ -328,10 +336,15 @@ function M.relay(src, opts)
     if st.aborted or st.capped then stream:close() end
     res, err = stream:result()
   else
+    local ctx = ngx.ctx
+    local outer = ctx.slm_relay_streams
+    tracked = {}
+    ctx.slm_relay_streams = tracked
     local ok, r, e = pcall(push, function(text, chunk)
       if not piece(text, chunk) then error(STOP, 0) end
       return true
     end)
+    ctx.slm_relay_streams = outer
     if ok then
       res, err = r, e
     elseif r == STOP then

@@ -49,8 +49,11 @@ LazyChunk.__pairs = function(t) return next, materialize(t), nil end
 -- chunks: whether the consumer gets the decoded chunk of a fast-path delta
 -- (false: an on_delta that takes only the text; it gets false there).
 function M.new(call, chunks)
-  return setmetatable({ call = call, client = call.client, queue = {}, qhead = 1, qtail = 0,
+  local s = setmetatable({ call = call, client = call.client, queue = {}, qhead = 1, qtail = 0,
     chunk_mt = chunks ~= false and LazyChunk or nil }, Stream)
+  local track = call.rt.track_stream -- (slm.ngx.relay closes the streams of a push source)
+  if track then track(s) end
+  return s
 end
 
 --- The stream itself, or, when its call has a cached reply, a finished

@@ -51,6 +51,17 @@ local settings = {
 
 --- configure{ trusted_certificate = path, pool_size = n, keepalive_timeout = s,
 --   resolve = { [host] = "ip" } }
+--- track_stream(s): a stream opened inside slm.ngx.relay's push source is
+-- listed in the request's ngx.ctx.slm_relay_streams, so that the relay can
+-- close it at once when the browser leaves or a cap is reached (the other
+-- runtimes have no such hook; slm.stream calls it when present).
+local function get_ctx() return ngx.ctx end
+function M.track_stream(s)
+  local ok, ctx = pcall(get_ctx) -- (a phase without ngx.ctx: nothing to track)
+  local list = ok and ctx and ctx.slm_relay_streams
+  if list then list[#list + 1] = s end
+end
+
 function M.configure(opts)
   if type(opts) ~= "table" then error("slm.transport.ngx.configure: expected a table", 2) end
   for k, v in pairs(opts) do
