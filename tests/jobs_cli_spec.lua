@@ -709,3 +709,37 @@ describe("usage errors and help", function()
     assert.are.equal(0, code, err)
   end)
 end)
+
+describe("what README's command-line section promises", function()
+  it("extract and summarize read JSON lines from stdin with no file, as the other batch commands do", function()
+    local schema = dir .. "/s.json"
+    H.write_file(schema, json.encode{ type = "object", required = { "order" },
+      properties = { order = { type = "string" } }, additionalProperties = false })
+    local out, err, code = run(("extract --schema %s --no-progress"):format(schema), '{"text":"Order 58213 is late"}\n')
+    assert.are.equal(0, code, err)
+    local r = json.decode(out)
+    assert.are.equal("ok", r.status)
+    assert.is_string(r.data.order)
+    out, err, code = run("summarize --max-words 20 --no-progress", '{"text":"The parcel came late and damaged."}\n')
+    assert.are.equal(0, code, err)
+    assert.is_string(json.decode(out).summary)
+  end)
+
+  it("a raw request's usage line and a refused row's carry call and row_outcome like a task's", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"prompt":"hello"}\n{"prompt":"' .. ("word "):rep(140000) .. '"}\n')
+    local log = dir .. "/u.jsonl"
+    local _, err, code = run(("batch --no-progress --usage-log %s -o %s %s"):format(log, dir .. "/o.jsonl", input))
+    assert.are.equal(1, code, err)
+    local lines = jsonl_rows(log)
+    assert.are.equal(2, #lines)
+    local sent, refused = lines[1], lines[2]
+    if sent.outcome ~= "ok" then sent, refused = refused, sent end
+    assert.are.same({ 1, 1, "ok", "ok" }, { sent.call, sent.calls, sent.outcome, sent.row_outcome })
+    -- refused before sending: calls 0, no call number, the row's outcome
+    assert.are.same({ 0, "context_length", "context_length" }, { refused.calls, refused.outcome, refused.row_outcome })
+    assert.is_nil(refused.call)
+    local g = json.decode((run("usage --json " .. log)))
+    assert.are.equal(1, g.requests)
+  end)
+end)

@@ -182,12 +182,15 @@ end
 function M.usage_line(job, info, outcome, prompt, id)
   local p, c = usage_of(info)
   info = type(info) == "table" and info or {}
+  local calls = info.local_check and 0 or info.calls or 1
   return {
     time = iso_now(), run = job.run_id, task = job.task, model = info.model or job.model,
     prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or 0,
     latency = info.latency, ttft = info.ttft, attempts = info.local_check and 0 or info.attempts or 1,
-    calls = info.local_check and 0 or info.calls or 1,
-    outcome = outcome, id = id, prompt = prompt, via = job.via,
+    -- one line for the row's one request (call 1 of 1), or for a row
+    -- refused before sending (calls 0, no call); the request's outcome is the row's
+    call = calls == 1 and 1 or nil, calls = calls,
+    outcome = outcome, row_outcome = outcome, id = id, prompt = prompt, via = job.via,
   }
 end
 
