@@ -742,4 +742,14 @@ describe("what README's command-line section promises", function()
     local g = json.decode((run("usage --json " .. log)))
     assert.are.equal(1, g.requests)
   end)
+
+  it("a missing_column error names the input line, as a ragged row's does (a CSV record may span lines)", function()
+    local input = dir .. "/in.csv"
+    H.write_file(input, 'id,text\n1,"two\nlines"\n2,three\n')
+    local out, err, code = run(("classify %s --id-column nope --format jsonl %s"):format(LABELS, input))
+    assert.are.equal(1, code, err)
+    local rows = {}
+    for line in out:gmatch("[^\n]+") do rows[#rows + 1] = json.decode(line) end
+    assert.are.same({ "line 2 has no column 'nope'", "line 4 has no column 'nope'" }, { rows[1].error, rows[2].error })
+  end)
 end)

@@ -335,9 +335,9 @@ function Job:read(path, o)
     n = n + 1
     if not row.bad then
       if o.column and row.fields[o.column] == nil then
-        row.bad = { kind = "missing_column", message = format("row %d has no column '%s'", row.n, o.column) }
+        row.bad = { kind = "missing_column", message = format("line %d has no column '%s'", row.n, o.column) }
       elseif o.id_column and row.fields[o.id_column] == nil then
-        row.bad = { kind = "missing_column", message = format("row %d has no column '%s'", row.n, o.id_column) }
+        row.bad = { kind = "missing_column", message = format("line %d has no column '%s'", row.n, o.id_column) }
       else
         local input, bad = o.input_of(row.fields, row)
         if input == nil then row.bad = bad else row.input = input end
