@@ -3,6 +3,7 @@
 local slm = require "slm"
 local core = require "slm.core"
 local H = require "tests.helpers"
+local json = require "slm.json"
 
 local up
 setup(function() up = H.upstream() end)
@@ -310,7 +311,26 @@ describe("options", function()
     assert.has_error(function() c:chat{ messages = msgs(), stream = "yes" } end,
       "slm: client:chat: option 'stream' must be a boolean, got string")
     assert.has_error(function() c:chat{ messages = msgs(), max_tokens = -1 } end)
+    -- messages as OpenAI's spec requires them (content for system, developer,
+    -- user and tool; tool_call_id for tool; content or tool_calls for assistant)
+    local function says(m, text)
+      assert.has_error(function() c:chat{ messages = { m } } end, "slm: client:chat: messages[1] " .. text)
+    end
+    local parts = "needs 'content': a string or a non-empty list of content parts"
+    says({ role = "user" }, "(user) " .. parts)
+    says({ role = "user", content = 5 }, "(user) " .. parts)
+    says({ role = "user", content = {} }, "(user) " .. parts)
+    says({ role = "system", content = json.null }, "(system) " .. parts)
+    says({ role = "tool", content = "42" }, "(tool) needs 'tool_call_id': the id of the tool call it answers")
+    says({ role = "assistant" }, "(assistant) needs 'content' or 'tool_calls'")
+    says({ role = "assistant", content = true }, "(assistant) has a 'content' that is neither a string nor a list of content parts")
     assert.are.equal(0, up:stats().requests)
+    -- and what is valid goes out: an assistant turn of tool calls with null content, its tool reply, parts
+    local call = { id = "call_1", type = "function", ["function"] = { name = "f", arguments = "{}" } }
+    assert(c:chat{ messages = { { role = "user", content = { { type = "text", text = "hi" } } },
+      { role = "assistant", content = json.null, tool_calls = { call } },
+      { role = "tool", tool_call_id = "call_1", content = "42" }, { role = "user", content = "and?" } } })
+    assert.are.equal(1, up:stats().requests)
   end)
   it("never blocks an nginx worker: inside nginx the cosocket runtime, libcurl only when named", function()
     -- an nginx as far as slm.runtime can tell (tests/ngx_transport_spec.lua runs the real one)

@@ -743,6 +743,19 @@ describe("what README's command-line section promises", function()
     assert.are.equal(1, g.requests)
   end)
 
+  it("a raw request with a malformed message is an error row, refused here: nothing sent, no request counted", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"messages":[{"role":"user"}]}\n{"prompt":"hi"}\n')
+    local _, err, code = run(("batch --no-progress -o %s %s"):format(dir .. "/o.jsonl", input))
+    assert.are.equal(1, code, err)
+    local rows = jsonl_rows(dir .. "/o.jsonl")
+    assert.are.equal("invalid_request", rows[1].error_kind)
+    assert.matches("messages%[1%] %(user%) needs 'content'", rows[1].error)
+    assert.are.equal("ok", rows[2].status)
+    assert.are.equal(1, up:stats().requests)
+    assert.matches("\nslm batch: 1 requests", err)
+  end)
+
   it("a missing_column error names the input line, as a ragged row's does (a CSV record may span lines)", function()
     local input = dir .. "/in.csv"
     H.write_file(input, 'id,text\n1,"two\nlines"\n2,three\n')

@@ -1,10 +1,38 @@
 -- slm.options: the client's and the requests' options: what each one
 -- accepts, checked at once (misuse raises, naming the option), and the
 -- header lists they turn into.
-local type, pairs, ipairs, tostring, error, format, sort, huge =
-  type, pairs, ipairs, tostring, error, string.format, table.sort, math.huge
+local type, pairs, ipairs, tostring, error, format, sort, huge, next =
+  type, pairs, ipairs, tostring, error, string.format, table.sort, math.huge, next
 
 local M = {}
+
+-- The roles whose messages OpenAI's spec requires content for (a string
+-- or a non-empty list of content parts); an assistant message needs
+-- content unless it carries tool_calls (or the older function_call).
+-- Other roles are a gateway's business and pass unchecked.
+local NEEDS_CONTENT = { system = true, developer = true, user = true, tool = true }
+
+local function content_ok(c)
+  return type(c) == "string" or (type(c) == "table" and next(c) ~= nil)
+end
+
+-- What is wrong with a message, or nil.
+local function message_problem(m)
+  local role, c = m.role, m.content
+  if NEEDS_CONTENT[role] then
+    if not content_ok(c) then return "needs 'content': a string or a non-empty list of content parts" end
+    if role == "tool" and type(m.tool_call_id) ~= "string" then
+      return "needs 'tool_call_id': the id of the tool call it answers"
+    end
+  elseif role == "assistant" then
+    if c == nil or type(c) == "userdata" then -- absent or JSON null
+      if m.tool_calls == nil and m.function_call == nil then return "needs 'content' or 'tool_calls'" end
+    elseif not content_ok(c) then
+      return "has a 'content' that is neither a string nor a list of content parts"
+    end
+  end
+  return nil
+end
 
 ------------------------------------------------------------------ checkers
 
@@ -188,6 +216,8 @@ function M.request(req, where, level)
     if type(m) ~= "table" or type(m.role) ~= "string" then
       error(format("%s: messages[%d] must be a table with a string 'role'", where, i), level + 1)
     end
+    local problem = message_problem(m)
+    if problem then error(format("%s: messages[%d] (%s) %s", where, i, m.role, problem), level + 1) end
   end
   if body.model ~= nil and (type(body.model) ~= "string" or body.model == "") then
     error(where .. ": 'model' must be a non-empty string", level + 1)
