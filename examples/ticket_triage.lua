@@ -186,7 +186,8 @@ local function run_job(b, argv)
         if c.label == t.label then right = right + 1 end
         row.gold = c.label == t.label and "ok" or t.label
       else
-        row.gold = "ex"
+        -- "ex": a ticket shown to the model as an example; "-": no label to score against
+        row.gold = example_ids[t.id] and "ex" or "-"
       end
     else
       row.label, row.conf, row.gold = "-", "-", "-"
