@@ -104,6 +104,17 @@ describe("slm --via batch", function()
     end
   end)
 
+  it("the summary's time is the whole run's: the submission and the wait included", function()
+    mode("step_ms=150") -- one stage per 150 ms: the batch takes a few hundred ms
+    local input = tickets(2)
+    local t0 = os.time()
+    local _, err, code = run(CLASSIFY .. "--via batch -o " .. dir .. "/b.jsonl " .. input)
+    assert.equal(0, code, err)
+    local secs = tonumber(err:match("requests, %d+ tokens .-, %$[%d.]+, ([%d.]+) s"))
+    assert.is_true(secs >= 0.3, err)
+    assert.is_true(secs <= os.time() - t0 + 1, err)
+  end)
+
   it("a follow-up request (a repair re-ask) goes out directly: its usage-log line says via = direct", function()
     local schema = dir .. "/s.json"
     H.write_file(schema, json.encode{ type = "object", required = { "order" },

@@ -21,6 +21,7 @@
 -- command line that made it, so `slm batch resume ID` runs it again from
 -- any process.
 local batchapi = require "slm.batchapi"
+local core = require "slm.core"
 local errors = require "slm.errors"
 local options = require "slm.options"
 local json = require "slm.json"
@@ -149,6 +150,7 @@ end
 -- -> summary, code (as jobs' Job:run) | nil, code, message |
 --    "submitted", info (wait = false)
 function M.run(job, ad, client, o)
+  local t0 = core.now()
   local todo = job:pending()
   local requests, by_key, texts = {}, {}, {}
   for _, row in ipairs(todo) do
@@ -242,6 +244,8 @@ function M.run(job, ad, client, o)
       end
       return ad.call(row, replaying(c, texts[cid], r))
     end }
+  -- the whole run's time: the submission and the wait, not only the replay
+  if summary then summary.seconds = core.now() - t0 end
   if summary and nrefused > 0 then
     summary.rows, summary.not_attempted = summary.rows + nrefused, summary.not_attempted + nrefused
     summary.stopped, code = "budget", require("slm.jobs").EXIT.budget
