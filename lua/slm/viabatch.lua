@@ -78,8 +78,14 @@ function M.lookup(id)
   if not f then
     local l = io.open(id .. "/ledger.json", "rb")
     if l then
+      -- a batch directory: its job's record when there is one (the task,
+      -- the command line), else the directory alone
+      local ok, ledger = pcall(json.decode, l:read("a"))
       l:close()
-      return { id = id, dir = id }
+      local jid = ok and type(ledger) == "table" and type(ledger.id) == "string" and ledger.id or nil
+      local e = jid and jid ~= id and M.lookup(jid)
+      if e and e.dir == M.absolute(id) then return e end
+      return { id = jid or id, dir = id }
     end
     return nil, format("no batch job '%s' (looked in %s)", id, M.state_dir() .. "/batches")
   end
