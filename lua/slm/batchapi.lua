@@ -240,13 +240,7 @@ end
 
 ------------------------------------------------------------------ the ledger
 
-local function read_all(path)
-  local f = open_file(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read_all = require("slm.fileio").read_all
 
 -- Write a whole file atomically: a temporary file renamed over it.
 local function write_atomic(path, data)

@@ -1,6 +1,7 @@
 -- slm.fileio: what slm.csv and slm.jsonl share: opening a path or taking
 -- a file, checking their options, and the `input` errors that name the
--- file and quote at most a short excerpt of its content.
+-- file and quote at most a short excerpt of its content; and read_all, the
+-- whole-file read of the tokenizer, the tasks' images and slm.batchapi.
 local errors = require "slm.errors"
 
 local type, error, format, tostring, pairs, byte, setmetatable =
@@ -16,6 +17,15 @@ function M.excerpt(s, max)
   if #s > max then s = s:sub(1, max) .. "..." end
   s = s:gsub("^[\128-\191]+", "")
   return '"' .. s:gsub('[%z\1-\31\127"\\]', function(c) return format("\\x%02X", byte(c)) end) .. '"'
+end
+
+--- A whole file's bytes: -> string | nil, err (io.open's message).
+function M.read_all(path)
+  local f, err = io_open(path, "rb")
+  if not f then return nil, err end
+  local s = f:read("*a")
+  f:close()
+  return s
 end
 
 -- An error of kind "input": message "FILE:LINE: what", the fields given.

@@ -119,13 +119,7 @@ end
 
 ------------------------------------------------------------------ loading
 
-local function read_file(path)
-  local f, err = open(path, "rb")
-  if not f then return nil, err end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read_file = require("slm.fileio").read_all
 
 -- GPT-2's byte <-> printable character table used by Hugging Face
 -- byte-level BPE vocabularies: printable Latin-1 bytes stand for

@@ -169,13 +169,7 @@ end
 
 local MIME = { png = "image/png", jpeg = "image/jpeg", gif = "image/gif", webp = "image/webp" }
 
-local function read_file(path)
-  local f, oerr = io.open(path, "rb")
-  if not f then return nil, oerr end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read_file = require("slm.fileio").read_all
 
 --- The content parts of `images` (a list of a file path, a URL, or a table
 -- { path = | bytes = | url = , detail = "low"|"high"|"auto" }): image_url
