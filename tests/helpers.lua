@@ -131,15 +131,6 @@ function M.spawn_lua(code, env)
   return assert(io.popen((env and env .. " " or "") .. M.q(lua) .. " -e " .. M.q(code) .. " 2>&1"))
 end
 
--- Run a shell command: ok (its exit status was 0), what it wrote (stdout
--- and stderr).
-function M.sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok = p:close()
-  return ok, out
-end
-
 -- spawn_lua, waiting for the end: returns what the process wrote.
 function M.run_lua(code, env)
   local p = M.spawn_lua(code, env)
@@ -155,6 +146,19 @@ function M.sh(cmd)
   local out = p:read("a")
   local ok = p:close()
   return out, ok == true
+end
+
+-- npm ci in `dir` (a folder of tests/tools with a package-lock.json)
+-- unless its node_modules holds `pkg` and is not older than the lock file;
+-- the packages stay for the later stages and runs.  Returns ok, and npm's
+-- output when it failed.
+function M.npm_ready(dir, pkg)
+  local d = M.q(dir)
+  local fresh = ("[ -f %s/node_modules/.package-lock.json ] && [ -d %s/node_modules/%s ]"
+    .. " && ! [ %s/package-lock.json -nt %s/node_modules/.package-lock.json ]"):format(d, d, pkg, d, d)
+  if select(2, M.sh(fresh)) then return true end
+  local out, ok = M.sh("npm ci --prefix " .. d .. " --no-audit --no-fund --loglevel=error")
+  return ok, out
 end
 
 -- The checkout's absolute path (nginx configs need absolute paths).

@@ -36,17 +36,6 @@ if not HAVE_NODE then
   return
 end
 
--- npm ci when node_modules is missing or older than the lock file; once
--- per run, since the packages stay for the later stages.
-local function npm_ready()
-  local d = H.q(TOOLS)
-  local fresh = ("[ -f %s/node_modules/.package-lock.json ] && [ -d %s/node_modules/ajv-formats ]"
-    .. " && ! [ %s/package-lock.json -nt %s/node_modules/.package-lock.json ]"):format(d, d, d, d)
-  if select(2, sh(fresh)) then return true end
-  local out, ok = sh("npm ci --prefix " .. d .. " --no-audit --no-fund --loglevel=error")
-  return ok, out
-end
-
 -- Runs validate.mjs over items {name, schema, json_text}; returns a table
 -- name -> { ok = bool, errors = "..." }, and the whole output.
 local function validate(items)
@@ -381,7 +370,7 @@ end
 
 local function results()
   if not state then
-    local ok, npm_out = npm_ready()
+    local ok, npm_out = H.npm_ready(TOOLS, "ajv-formats")
     if not ok then
       state = { err = "npm ci in tests/tools/openapi failed:\n" .. tostring(npm_out) }
     else

@@ -26,15 +26,6 @@ if not have("node") or not (have("chromium") or select(2, sh("test -x /usr/lib/c
   return
 end
 
--- npm ci when node_modules is missing or older than the lock file
-local function npm_ready()
-  local d = H.q(TOOLS)
-  local fresh = ("[ -d %s/node_modules/playwright-core ] && ! [ %s/package-lock.json -nt %s/node_modules/.package-lock.json ]")
-    :format(d, d, d)
-  if select(2, sh(fresh)) then return true end
-  return sh("npm ci --prefix " .. d .. " --no-audit --no-fund --loglevel=error")
-end
-
 local APP_HTTP = [[
     lua_shared_dict slm_metrics 1m;
     init_by_lua_block {
@@ -56,7 +47,7 @@ describe("the chat page in a browser", function()
   end)
 
   it("streams the answer as it arrives and shows its cost", function()
-    local ok, out = npm_ready()
+    local ok, out = H.npm_ready(TOOLS, "playwright-core")
     assert(ok, "npm ci in tests/tools/browser failed:\n" .. tostring(out))
     sh("mkdir -p " .. H.q(ARTEFACTS))
     local shot = ARTEFACTS .. "/openresty-chat.png"
