@@ -114,7 +114,7 @@ describe("the simulator's Batch API", function()
 
   it("moves by time with step_ms, and keeps files within the size limit", function()
     local c = client()
-    batch_mode("step_ms=150")
+    batch_mode("step_ms=1000") -- a stage a second: far more than a retrieve takes on a loaded machine
     local line = json.encode({ custom_id = "a", method = "POST", url = "/v1/chat/completions",
       body = { model = "gpt-4o-mini", messages = H.msgs("hi") } }) .. "\n"
     local f = assert(batchapi.upload(c, line))
@@ -122,7 +122,7 @@ describe("the simulator's Batch API", function()
     assert.same({ f.id, "batch", #line }, { meta.id, meta.purpose, meta.bytes })
     local b = assert(batchapi.create(c, f.id))
     assert.equal("validating", assert(batchapi.retrieve(c, b.id)).status) -- a poll alone does not move it
-    slm.sleep(0.2)
+    slm.sleep(1.1)
     assert.equal("in_progress", assert(batchapi.retrieve(c, b.id)).status)
     up:post("/__sim/batch_mode", json.encode({ max_file_bytes = 100 }))
     local big, err = batchapi.upload(c, string.rep("x", 200))

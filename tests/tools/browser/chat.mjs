@@ -4,8 +4,8 @@
 //
 //   node chat.mjs URL SCREENSHOT.png "question"
 //
-// Opens URL, sends the question, samples the length of the streamed
-// answer every 10 ms until the cost of the answer appears, takes a
+// Opens URL, sends the question, records the length of the streamed
+// answer at each change of the page until the cost of the answer appears, takes a
 // screenshot and prints one JSON line: { lengths (distinct lengths seen,
 // in order), text, cost, meta, banner, model }.
 import { chromium } from "playwright-core";
@@ -22,18 +22,24 @@ try {
   await page.goto(url);
   await page.waitForFunction(() => document.getElementById("model").textContent !== "");
   await page.fill("[data-testid=message]", question);
+  // the lengths are recorded inside the page, at each change of the DOM:
+  // sampling from here would miss pieces when the machine is slow
+  await page.evaluate(() => {
+    window.__lengths = [];
+    const note = () => {
+      const all = document.querySelectorAll("[data-testid=answer]");
+      if (all.length === 0) return;
+      const n = all[all.length - 1].textContent.length;
+      const l = window.__lengths;
+      if (l.length === 0 || l[l.length - 1] !== n) l.push(n);
+    };
+    new MutationObserver(note).observe(document.body, { subtree: true, childList: true, characterData: true });
+  });
   await page.click("[data-testid=send]");
   const answer = page.locator("[data-testid=answer]").last();
   await answer.waitFor();
-  const lengths = [];
-  const deadline = Date.now() + 20000;
-  for (;;) {
-    const n = (await answer.textContent()).length;
-    if (lengths.length === 0 || lengths[lengths.length - 1] !== n) lengths.push(n);
-    if (await page.locator("[data-testid=cost]").count() > 0) break;
-    if (Date.now() > deadline) throw new Error("no cost after 20 s; lengths " + lengths.join(","));
-    await page.waitForTimeout(10);
-  }
+  await page.locator("[data-testid=cost]").last().waitFor({ timeout: 20000 });
+  const lengths = await page.evaluate(() => window.__lengths);
   const n = (await answer.textContent()).length;
   if (lengths[lengths.length - 1] !== n) lengths.push(n);
   await page.screenshot({ path: shot, fullPage: true });
