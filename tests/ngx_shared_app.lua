@@ -238,7 +238,7 @@ function A.support()
   local res = bot:reply(a.sid, a.text)
   local h = bot:history(a.sid)
   reply{ text = res.text, error = res.error and tostring(res.error) or nil, history = h and #h or nil,
-    pid = ngx.worker.pid(), first = h and h[1] and h[1].content or nil }
+    pid = ngx.worker.pid(), sid = a.sid, first = h and h[1] and h[1].content or nil }
 end
 
 return A

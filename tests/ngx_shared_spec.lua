@@ -216,8 +216,10 @@ describe("slm.shdict rate limit and semaphore across 2 workers", function()
       t[i] = r.t1
     end
     table.sort(t)
-    -- at most 3 sends in any second: the 4th is at least ~1 s after the 1st
-    for i = 1, #t - 3 do assert.is_true(t[i + 3] - t[i] > 0.9, "too close: " .. (t[i + 3] - t[i])) end
+    -- at most 3 sends in any second: the 4th is ~1 s after the 1st (t1 is
+    -- when the reply was done, which a loaded machine can delay; without
+    -- the limit all 9 are within a few ms)
+    for i = 1, #t - 3 do assert.is_true(t[i + 3] - t[i] > 0.5, "too close: " .. (t[i + 3] - t[i])) end
     assert.equal(9, sim:stats().requests)
   end)
 
@@ -388,15 +390,17 @@ describe("session store in a shared dict", function()
         list[i] = { sid = "user" .. i .. "@example.com",
           text = turn == 1 and "When%20will%20my%20parcel%20arrive%3F" or "And%20returns%3F" }
       end
-      for i, r in ipairs(get_many("/support", list)) do
+      -- (the replies come in the order they finished: each names its session)
+      for _, r in ipairs(get_many("/support", list)) do
         assert.is_nil(r.error)
         assert.equal(2 * turn, r.history)
         assert.equal("When will my parcel arrive?", r.first)
-        by_session[i] = by_session[i] or {}
-        by_session[i][r.pid] = true
+        by_session[r.sid] = by_session[r.sid] or {}
+        by_session[r.sid][r.pid] = true
       end
       crossed = 0
-      for i = 1, N do if H.count_keys(by_session[i]) == 2 then crossed = crossed + 1 end end
+      for _, pids in pairs(by_session) do if H.count_keys(pids) == 2 then crossed = crossed + 1 end end
+      assert.equal(N, H.count_keys(by_session))
       if turn >= 3 and crossed > 0 then break end
     end
     assert.is_true(crossed > 0, "no session had turns on both workers")
