@@ -113,14 +113,19 @@ describe("resources are given back on every path", function()
     local got, blocked_err
     slm.run(function()
       local s = c:stream{ messages = msgs(), model = "sim:stall=3000" }
+      local parts = {}
       local reader = slm.spawn(function()
-        local parts = {}
         for t in s do parts[#parts + 1] = t end
         got = table.concat(parts)
         local _, err = s:result()
         blocked_err = err
       end)
-      slm.sleep(0.3) -- the reader is blocked in the stall now
+      -- the reader has text, then blocks in the stall
+      for _ = 1, 500 do
+        if #parts > 0 then break end
+        slm.sleep(0.01)
+      end
+      slm.sleep(0.1)
       s:close()
       reader:wait()
     end)
@@ -227,7 +232,7 @@ describe("errors a new user meets", function()
   end)
 
   it("when every model fails, the error names the requested model and each failure", function()
-    local c = client{ max_retries = 0, fallback = { "sim:status=502", "sim:delay=2000" }, timeout = 0.3 }
+    local c = client{ max_retries = 0, fallback = { "sim:status=502", "sim:delay=10000" }, timeout = 2 }
     local _, err = c:chat{ messages = msgs(), model = "sim:status=503" }
     assert.are.equal(3, #err.fallback_errors)
     assert.are.equal("sim:status=503", err.requested_model)
@@ -235,7 +240,7 @@ describe("errors a new user meets", function()
     assert.matches("^slm: timeout: sim:status=503 and its 2 fallback models failed: ", s)
     assert.matches("sim:status=503: server %(HTTP 503%)", s)
     assert.matches("sim:status=502: server %(HTTP 502%)", s)
-    assert.matches("sim:delay=2000: timeout", s)
+    assert.matches("sim:delay=10000: timeout", s)
   end)
 end)
 
