@@ -384,7 +384,7 @@ end)
 
 describe("slm classify interrupted", function()
   local N = 24
-  local SLOW = "--header 'X-Sim-Scenario: delay=150' -c 4 --no-progress"
+  local SLOW = "--header 'X-Sim-Scenario: delay=400' -c 4 --no-progress"
 
   -- An uninterrupted run's output, to compare with.
   local function reference(input)

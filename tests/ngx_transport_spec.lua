@@ -230,8 +230,8 @@ describe("slm.transport.ngx inside nginx", function()
 
   it("runs 100 requests at once in one worker, which keeps answering meanwhile", function()
     local p = assert(io.popen(("env -u LD_PRELOAD curl -s --max-time 30 %s"):format(H.q(app.base
-      .. "/many?n=100&scenario=" .. esc("delay=3000")))))
-    -- wait until the simulator holds all 100 (it cannot answer before 3 s)
+      .. "/many?n=100&scenario=" .. esc("delay=6000")))))
+    -- wait until the simulator holds all 100 (it cannot answer before 6 s)
     local st
     for _ = 1, 200 do
       st = sim:stats()
