@@ -278,7 +278,7 @@ describe("slm.core multi", function()
     -- take several rounds of the event loop, each must reach its request
     local m = core.multi()
     local n, reqs = 300, {}
-    for i = 1, n do reqs[i] = echo(m, "many " .. i, "delay=1000") end
+    for i = 1, n do reqs[i] = echo(m, "many " .. i, "delay=2500") end
     assert.are.equal(n, m:count())
     local bodies = drain(m, reqs, 60)
     for i = 1, n do

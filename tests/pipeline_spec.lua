@@ -157,7 +157,7 @@ describe("concurrency", function()
     local c = client()
     local list = {}
     for i = 1, 50 do list[i] = i end
-    local res, errs = slm.map(list, function() return c:chat{ messages = msgs(), model = "sim:delay=300" } end,
+    local res, errs = slm.map(list, function() return c:chat{ messages = msgs(), model = "sim:delay=1000" } end,
       { concurrency = 50 })
     assert.are.same({}, errs)
     assert.are.equal(50, #res)

@@ -257,7 +257,9 @@ describe("client:stream iterator", function()
   it("works inside tasks, many streams at once", function()
     local c = client()
     local res = slm.map({ "a", "b", "c", "d" }, function(x)
-      local s = c:stream{ messages = msgs(x), model = "sim:slow_chunks=20" }
+      -- (300 ms before the first piece: all four are in flight together
+      -- even on a loaded machine)
+      local s = c:stream{ messages = msgs(x), model = "sim:delay=300,slow_chunks=20" }
       local t = {}
       for text in s do t[#t + 1] = text end
       return table.concat(t)

@@ -128,7 +128,9 @@ describe("slm.client over HTTPS", function()
   it("streams over HTTP/2, several streams on one connection, and a stream left early frees its own", function()
     local client = slm.client{ base_url = up.tls_url, api_key = "k", ca_file = up.ca_file }
     local texts = slm.map({ "one two three", "four five", "six" }, function(x)
-      local s = client:stream{ messages = { { role = "user", content = x } }, model = "sim:slow_chunks=20" }
+      -- (300 ms before the first piece: all three in flight together even
+      -- on a loaded machine)
+      local s = client:stream{ messages = { { role = "user", content = x } }, model = "sim:delay=300,slow_chunks=20" }
       local parts = {}
       for text in s do parts[#parts + 1] = text end
       local res = assert(s:result())
