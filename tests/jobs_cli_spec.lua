@@ -283,6 +283,19 @@ describe("slm classify", function()
     assert.are.equal("billing", r.slm_label)
   end)
 
+  it("keeps a JSONL input's numbers as they were: ids beyond 2^53 exact, integers not turned into floats", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"id":12345678901234567,"n":3,"price":2.5,"text":"refund"}\n')
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(("classify %s --id-column id --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(0, code, err)
+    local line = H.read_file(out)
+    assert.matches('"id":12345678901234567,', line, 1, true)
+    assert.matches('"n":3,', line, 1, true)
+    assert.matches('"price":2.5,', line, 1, true)
+    assert.matches('"id":12345678901234567,', H.read_file(out .. ".usage.jsonl"), 1, true)
+  end)
+
   it("--dry-run counts and prices per model and sends nothing", function()
     local input = tickets(5, dir .. "/in.jsonl")
     local out, err, code = run(("classify %s --dry-run -m gpt-4o-mini,nousresearch/hermes-3-llama-3.1-405b -o %s %s")

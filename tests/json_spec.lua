@@ -83,6 +83,54 @@ describe("slm.json", function()
     end)
   end)
 
+  describe("decode_exact", function()
+    local H = require "tests.helpers"
+    local I = H.float_subtype -- Lua 5.4: integers of their own
+
+    it("gives integral numbers as integers, exactly over 64 bits, and leaves the rest", function()
+      local t = json.decode_exact('{"id":12345678901234567,"n":3,"two":2.0,"f":0.5,"neg":-9223372036854775808,'
+        .. '"max":9223372036854775807,"edge":[9007199254740992,9007199254740993,-9007199254740993],'
+        .. '"frac":0.12345678901234567,"exp":1.2345678901234567e16,"huge":123456789012345678901,'
+        .. '"s":"12345678901234567 \\"99999999999999999\\"","deep":{"a":[{"b":-12345678901234567}]},"z":-0.0}')
+      assert.equal(0.5, t.f)
+      assert.equal(-math.huge, 1 / t.z) -- -0 stays -0
+      assert.equal('12345678901234567 "99999999999999999"', t.s) -- strings untouched
+      assert.equal(1.2345678901234567e16, t.exp) -- a float literal stays a float
+      assert.equal(0.12345678901234567, t.frac)
+      assert.equal(123456789012345678901, t.huge) -- beyond 64 bits: a double
+      if not I then return end
+      assert.equal("integer", math.type(t.n)); assert.equal(3, t.n)
+      assert.equal("integer", math.type(t.two))
+      assert.equal("float", math.type(t.z))
+      assert.equal("float", math.type(t.huge))
+      assert.equal(math.tointeger(12345678901234567), t.id); assert.equal("integer", math.type(t.id))
+      assert.equal(math.mininteger, t.neg)
+      assert.equal(math.maxinteger, t.max)
+      assert.same({ 9007199254740992, 9007199254740993, -9007199254740993 }, t.edge)
+      for _, v in ipairs(t.edge) do assert.equal("integer", math.type(v)) end
+      assert.equal(-12345678901234567, t.deep.a[1].b)
+      -- and back: the same digits (lua-cjson's decode rounds them)
+      assert.equal('{"id":12345678901234567}', json.encode({ id = json.decode_exact('{"id":12345678901234567}').id }))
+      assert.equal(12345678901234568, json.decode('{"id":12345678901234567}').id)
+    end)
+
+    it("reports bad JSON as decode does, at the text's own positions", function()
+      local ok1, e1 = pcall(json.decode, '{"id":12345678901234567,}')
+      local ok2, e2 = pcall(json.decode_exact, '{"id":12345678901234567,}')
+      assert.is_false(ok1); assert.is_false(ok2)
+      assert.equal((tostring(e1):gsub("^.-:%d+: ", "")), (tostring(e2):gsub("^.-:%d+: ", "")))
+      -- a string that holds the mark itself is read as it is
+      if I then
+        local t = json.decode_exact('{"a":"\\u0000slm-int:12345678901234567","b":12345678901234567}')
+        assert.equal("\0slm-int:12345678901234567", t.a)
+        assert.equal("float", math.type(t.b)) -- the exact path is skipped for such a text
+      end
+      assert.equal(json.null, json.decode_exact("null"))
+      assert.equal(7, json.decode_exact("7"))
+      assert.equal("integer", H.math_type(json.decode_exact("7")))
+    end)
+  end)
+
   describe("floats", function()
     it("prints the shortest form that reads back equal", function()
       assert.equal("0.25", enc(0.25))

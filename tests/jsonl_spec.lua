@@ -43,6 +43,18 @@ describe("slm.jsonl reader", function()
     end
   end)
 
+  it("reads ids and counts as integers, exactly beyond 2^53", function()
+    local out = read_all('{"id":3,"order":12345678901234567,"qty":2,"price":2.5}\n', 7)
+    local o = out[1].obj
+    assert.equal(2.5, o.price)
+    if math.type then
+      assert.equal("integer", math.type(o.id))
+      assert.equal("integer", math.type(o.qty))
+      assert.equal(math.tointeger(12345678901234567), o.order)
+      assert.equal('{"id":3,"order":12345678901234567,"price":2.5,"qty":2}', require("slm.json").encode(o))
+    end
+  end)
+
   it("reads very long lines", function()
     local big = ("x"):rep(3 * 1024 * 1024)
     local out = read_all('{"a":1}\n{"big":"' .. big .. '"}\n{"b":2}\n', 65536)

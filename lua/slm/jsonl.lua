@@ -84,7 +84,7 @@ function Reader:_next_line()
 end
 
 --- for obj, err, line in r:rows() do ... end: each non-blank line decoded
--- (slm.json), or false, err for a line that is not a JSON object; line is
+-- (slm.json.decode_exact: integers exact), or false, err for a line that is not a JSON object; line is
 -- its 1-based line number either way.
 function Reader:rows()
   return function()
@@ -100,7 +100,7 @@ function Reader:rows()
           return false, fileio.input_error("json", self._name, n,
             "expected a JSON object (near " .. fileio.excerpt(sub(s, first)) .. ")"), n
         end
-        local ok, obj = pcall(json.decode, s)
+        local ok, obj = pcall(json.decode_exact, s)
         if ok then return obj, nil, n end
         local why = tostring(obj):gsub("^.-:%d+: ", "")
         return false, fileio.input_error("json", self._name, n, "not valid JSON: " .. why), n

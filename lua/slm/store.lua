@@ -46,9 +46,8 @@ local tonumber, floor = tonumber, math.floor
 local format, byte, char, concat, sort = string.format, string.byte, string.char, table.concat, table.sort
 local unpack = table.unpack or unpack -- (LuaJIT)
 local open, remove, rename, time, random = io.open, os.remove, os.rename, os.time, math.random
-local tointeger = math.tointeger -- nil under LuaJIT: every number is a double there
 local sha256, now = core.sha256, core.now
-local encode, decode, null, ARRAY = json.encode, json.decode, json.null, json.array_mt
+local encode, decode, null, ARRAY = json.encode, json.decode_exact, json.null, json.array_mt
 
 local PREFIX = "slm.store: "
 local FORMAT = 1   -- the document's "slm_store" field
@@ -171,22 +170,6 @@ local function encode_doc(id, history)
   return "{" .. ea .. '"history":' .. h .. "," .. idf .. ',"slm_store":' .. FORMAT .. "}"
 end
 
--- Integral numbers back to integers (lua-cjson decodes every number as a
--- float); within ±2^53 only, where the float is the number that was written.
-local INT_LIMIT = 2 ^ 53
-local function integers(t)
-  for k, v in next, t do
-    local tv = type(v)
-    if tv == "number" then
-      if v % 1 == 0 and v > -INT_LIMIT and v < INT_LIMIT and (v ~= 0 or 1 / v > 0) then
-        t[k] = tointeger(v)
-      end
-    elseif tv == "table" then
-      integers(v)
-    end
-  end
-end
-
 -- The history in `text`, checked to belong to `id`; nil, err (the reason,
 -- without prefix or place) when it is not a session document of ours.
 local function decode_doc(text, id)
@@ -212,7 +195,6 @@ local function decode_doc(text, id)
     n = n + 1
   end
   if n ~= #h then return nil, "corrupt: the history is not a list of messages" end
-  if tointeger then integers(h) end
   local ea = doc.empty_arrays
   if ea ~= nil then
     if type(ea) ~= "table" then return nil, "corrupt: bad empty_arrays" end
