@@ -128,6 +128,8 @@ describe("slm.json", function()
       assert.equal(json.null, json.decode_exact("null"))
       assert.equal(7, json.decode_exact("7"))
       assert.equal("integer", H.math_type(json.decode_exact("7")))
+      if I then assert.equal(math.tointeger(12345678901234567), json.decode_exact(" 12345678901234567 ")) end
+      assert.equal("a 12345678901234567", json.decode_exact('"a 12345678901234567"'))
     end)
   end)
 

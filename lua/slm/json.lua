@@ -137,6 +137,8 @@ else
       integers(v, marked ~= nil)
     elseif tv == "number" and v % 1 == 0 and v > -LIMIT and v < LIMIT and (v ~= 0 or 1 / v > 0) then
       v = tointeger(v)
+    elseif marked and tv == "string" then -- the text was one big integer
+      v = tointeger(tonumber(sub(v, #MARK + 1)))
     end
     return v
   end
