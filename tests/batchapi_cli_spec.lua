@@ -117,8 +117,7 @@ describe("slm --via batch", function()
 
   it("a follow-up request (a repair re-ask) goes out directly: its usage-log line says via = direct", function()
     local schema = dir .. "/s.json"
-    H.write_file(schema, json.encode{ type = "object", required = { "order" },
-      properties = { order = { type = "string" } }, additionalProperties = false })
+    H.write_file(schema, H.ORDER_SCHEMA)
     local input = dir .. "/in.jsonl"
     -- the batch's reply lacks `order` ([sim:...] in a line's text is the batch simulator's);
     -- the repair re-ask is a direct request, which answers in full

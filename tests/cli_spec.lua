@@ -258,8 +258,7 @@ describe("bin/slm", function()
     end)
 
     it("--task extract reports the schema-valid rate", function()
-      local path = H.write_tmp(json.encode{ type = "object", required = { "order" },
-        properties = { order = { type = "string" } }, additionalProperties = false })
+      local path = H.write_tmp(H.ORDER_SCHEMA)
       finally(function() os.remove(path) end)
       local out, err, code = run("eval --no-progress --json --task extract --schema " .. path,
         json.encode{ document = "Order 58213 is late", expected = { order = "58213" } })

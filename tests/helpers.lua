@@ -161,6 +161,11 @@ function M.npm_ready(dir, pkg)
   return ok, out
 end
 
+-- The extraction schema the CLI specs use: an object with one string,
+-- `order` (the simulator's keyword model fills it from "Order 123").
+M.ORDER_SCHEMA = '{"additionalProperties":false,"properties":{"order":{"type":"string"}},'
+  .. '"required":["order"],"type":"object"}'
+
 -- The checkout's absolute path (nginx configs need absolute paths).
 function M.root()
   return (M.sh("cd " .. M.q(M.FIXTURES .. "../..") .. " && pwd -P"):gsub("%s+$", ""))

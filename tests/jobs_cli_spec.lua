@@ -538,8 +538,7 @@ end)
 describe("the usage log of a task that makes several requests", function()
   it("writes one line per request, numbered, each with its own cost, summing to the row's", function()
     local schema = dir .. "/s.json"
-    H.write_file(schema, json.encode{ type = "object", required = { "order" },
-      properties = { order = { type = "string" } }, additionalProperties = false })
+    H.write_file(schema, H.ORDER_SCHEMA)
     local input = dir .. "/in.jsonl"
     -- row 1: the first reply lacks `order`, the repair re-ask answers (2 requests);
     -- row 2: both replies lack it, the row fails validation (2 requests, each "ok")
@@ -581,8 +580,7 @@ end)
 describe("the other batch tasks", function()
   it("extract writes the JSON, generate the text, summarize the summary", function()
     local schema = dir .. "/s.json"
-    H.write_file(schema, json.encode{ type = "object", required = { "order" },
-      properties = { order = { type = "string" } }, additionalProperties = false })
+    H.write_file(schema, H.ORDER_SCHEMA)
     local input = dir .. "/in.jsonl"
     H.write_file(input, '{"text":"Order 58213 is late","name":"Kettle","features":"steel, 1.7 l"}\n')
     local _, err, code = run(("extract --schema %s --no-progress -o %s %s"):format(schema, dir .. "/e.jsonl", input))
@@ -726,8 +724,7 @@ end)
 describe("what README's command-line section promises", function()
   it("extract and summarize read JSON lines from stdin with no file, as the other batch commands do", function()
     local schema = dir .. "/s.json"
-    H.write_file(schema, json.encode{ type = "object", required = { "order" },
-      properties = { order = { type = "string" } }, additionalProperties = false })
+    H.write_file(schema, H.ORDER_SCHEMA)
     local out, err, code = run(("extract --schema %s --no-progress"):format(schema), '{"text":"Order 58213 is late"}\n')
     assert.are.equal(0, code, err)
     local r = json.decode(out)

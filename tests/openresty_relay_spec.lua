@@ -179,13 +179,18 @@ describe("slm.ngx.relay in nginx", function()
     assert.is_true(after.spent_usd > before.spent_usd)
   end)
 
-  it("stops the upstream from ngx.on_abort, without waiting for the next piece", function()
-    -- 4 s between pieces: only the abort handler can stop it sooner
-    leave_after({ message = "x", scenario = "chunks=3,slow_chunks=4000" }, 1)
+  -- Leave after the first piece of a stream whose pieces are 4 s apart:
+  -- only the abort handler can stop the upstream sooner.
+  local function stopped_on_abort(form)
+    leave_after({ message = "x", scenario = "chunks=3,slow_chunks=4000", form = form }, 1)
     local t0 = core.now() -- the browser has just left, the next piece is 4 s away
     local st = wait_sim(function(s) return s.aborted == 1 and s.in_flight == 0 end)
     assert.equal(1, st.aborted)
     assert.is_true(core.now() - t0 < 2.5, "the upstream was stopped after " .. (core.now() - t0) .. " s")
+  end
+
+  it("stops the upstream from ngx.on_abort, without waiting for the next piece", function()
+    stopped_on_abort(nil)
   end)
 
   it("stops a push source (client:chat's on_delta) when the browser leaves", function()
@@ -196,11 +201,7 @@ describe("slm.ngx.relay in nginx", function()
   end)
 
   it("stops a push source from ngx.on_abort too, without waiting for its next piece", function()
-    leave_after({ message = "x", scenario = "chunks=3,slow_chunks=4000", form = "push" }, 1)
-    local t0 = core.now() -- the browser has just left, the next piece is 4 s away
-    local st = wait_sim(function(s) return s.aborted == 1 and s.in_flight == 0 end)
-    assert.equal(1, st.aborted)
-    assert.is_true(core.now() - t0 < 2.5, "the upstream was stopped after " .. (core.now() - t0) .. " s")
+    stopped_on_abort("push")
   end)
 
   it("caps a push source's duration while it waits for a piece", function()

@@ -153,15 +153,20 @@ describe("slm.redis budget", function()
     live:settle(r, 0.5, 1)
   end)
 
+  -- The budget's totals: `usd` and `tokens` spent, nothing held.
+  local function assert_settled(be, usd, tokens)
+    local su, st, hu = be:totals()
+    assert.is_true(math.abs(su - usd) < 1e-12, "spent " .. su)
+    assert.are.equal(tokens, st)
+    assert.are.equal(0, hu)
+  end
+
   it("charges a hold once: a settle sent again (its reply lost) is not charged twice", function()
     local be = R.budget{ redis = conf(), name = name() }
     local id = assert(be:reserve(0.4, 10, 1, 1000))
     assert.is_true(be:settle(id, 0.3, 8))
     assert.is_true(be:settle(id, 0.3, 8))
-    local su, st, hu = be:totals()
-    assert.is_true(math.abs(su - 0.3) < 1e-12)
-    assert.are.equal(8, st)
-    assert.are.equal(0, hu)
+    assert_settled(be, 0.3, 8)
   end)
 
   it("a late settle of a hold that expired and was reaped still charges it, once", function()
@@ -176,10 +181,7 @@ describe("slm.redis budget", function()
     -- the slow holder's reply came after all: the money was spent
     assert.is_true(slow:settle(id, 0.5, 7))
     assert.is_true(slow:settle(id, 0.5, 7))
-    local su, st, hu = other:totals()
-    assert.is_true(math.abs(su - 0.5) < 1e-12)
-    assert.are.equal(7, st)
-    assert.are.equal(0, hu)
+    assert_settled(other, 0.5, 7)
   end)
 
   it("a settle while Redis stalls is tried again, then kept and sent with the next call: charged once", function()
@@ -199,11 +201,8 @@ describe("slm.redis budget", function()
     assert.are.equal(1, #be.unsettled)
     slm.sleep(1.3)
     -- the next call sends the kept settle first
-    local su, st, hu = be:totals()
+    assert_settled(be, 0.3, 10)
     assert.are.equal(0, #be.unsettled)
-    assert.is_true(math.abs(su - 0.3) < 1e-12)
-    assert.are.equal(10, st)
-    assert.are.equal(0, hu)
   end)
 
   it("keeps day and month totals apart, from zero at the UTC boundary", function()
