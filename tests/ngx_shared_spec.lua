@@ -55,16 +55,28 @@ local function get(path, args)
   return v
 end
 
--- n requests at once (curl --parallel): their decoded replies
+-- n requests at once (curl --parallel): their decoded replies, in the
+-- order of `list`.  Each transfer writes a file of its own: on one shared
+-- stdout, a body that arrives in two pieces can be split by another's.
 local function get_many(path, list)
-  local urls = {}
-  for i, args in ipairs(list) do urls[i] = H.q(app.base .. path .. "?" .. qs(args)) end
-  local p = io.popen(CURL .. "-s -Z --parallel-max 200 --max-time 60 " .. table.concat(urls, " ") .. " 2>/dev/null")
-  local body = p:read("a")
-  p:close()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p " .. H.q(dir)))
+  local args = {}
+  for i, a in ipairs(list) do
+    args[#args + 1] = "-o " .. H.q(dir .. "/" .. i) .. " " .. H.q(app.base .. path .. "?" .. qs(a))
+  end
+  os.execute(CURL .. "-s -Z --parallel-max 200 --max-time 60 " .. table.concat(args, " ") .. " 2>/dev/null")
   local out = {}
-  for line in body:gmatch("[^\n]+") do out[#out + 1] = json.decode(line) end
-  assert(#out == #list, "expected " .. #list .. " replies, got " .. #out .. "\n" .. app:error_log():sub(-2000))
+  for i = 1, #list do
+    local f = io.open(dir .. "/" .. i, "rb")
+    local body = f and f:read("a")
+    if f then f:close() end
+    os.remove(dir .. "/" .. i)
+    out[i] = body and body:find("%S") and json.decode(body) or nil
+    assert(out[i], "no reply to request " .. i .. " of " .. #list .. "\n" .. app:error_log():sub(-2000))
+  end
+  os.remove(dir)
   return out
 end
 
