@@ -184,7 +184,8 @@ describe("slm.json", function()
           if os.setlocale(l, "numeric") then loc = l break end
         end
         if not loc then print("NOLOCALE") return end
-        assert(string.format("%.2f", 0.25) == "0,25", "the locale's decimal point is not a comma")
+        -- (LuaJIT formats numbers itself, whatever the locale; C's snprintf, which the encoder uses, does not)
+        assert(jit or string.format("%.2f", 0.25) == "0,25", "the locale's decimal point is not a comma")
         local ok, s = pcall(require("slm.json").encode, { 0.25, 1e300, 1 / 3, -2.5e-7 })
         print(ok and "OUT " .. s or "ERR " .. tostring(s))
       ]]
