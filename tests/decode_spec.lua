@@ -80,6 +80,25 @@ describe("slm.decode.provider_error", function()
     assert.are.equal("HTTP 502: <html>Bad gateway </html>", e.message)
     assert.are.equal("server", e.kind)
   end)
+  it("a body that is not UTF-8 (a proxy's page in windows-1251) gives a message that is", function()
+    local page = "<html><body>\207\240\238\234\241\232 \238\248\232\225\234\224</body></html>"
+    local e = decode.provider_error(502, page, {}, "m", set)
+    assert.are.equal("server", e.kind)
+    assert.are.equal("HTTP 502: <html><body>" .. string.rep("\u{FFFD}", 6) .. " " .. string.rep("\u{FFFD}", 6)
+      .. "</body></html>", e.message)
+    assert.is_string(json.encode{ error = tostring(e) }) -- it can be logged as JSON
+    -- a JSON error whose message carries such bytes
+    e = decode.provider_error(400, '{"error":{"message":"bad \255 byte","type":"invalid_request_error"}}', {}, "m", set)
+    assert.are.equal("bad \u{FFFD} byte", e.message)
+  end)
+  it("a 3xx reply (redirects are not followed) is kind http with its status", function()
+    for _, st in ipairs{ 300, 301, 302, 307, 308 } do
+      local e = decode.provider_error(st, "", { location = "http://127.0.0.1:9/elsewhere" }, "m", set)
+      assert.are.equal("http", e.kind)
+      assert.are.equal("HTTP " .. st, e.message)
+      assert.are.equal(st, e.status)
+    end
+  end)
   it("redacts the secret before it cuts a long message", function()
     local body = string.rep("y", 290) .. "sk-secret-123456" .. string.rep("z", 50)
     local e = decode.provider_error(500, body, {}, "m", set)
@@ -194,6 +213,19 @@ describe("slm.redact", function()
     local s = redact.snippet(string.rep("a", 8) .. KEY, 12, set)
     assert.are.equal("aaaaaaaa<red…", s)
     assert.are.equal("ab…", redact.snippet("ab\u{444}\u{444}", 3, set))
+  end)
+  it("replaces what is not UTF-8 by U+FFFD, and leaves valid text as it is", function()
+    local R = "\u{FFFD}"
+    local valid = "plain \u{444}\u{20AC}\u{10FFFF}\u{1F600} \u{7FF}\u{800}\u{FFFF}\u{10000}"
+    assert.are.equal(valid, redact.utf8(valid))
+    assert.are.equal("a" .. R .. "b", redact.utf8("a\255b"))
+    assert.are.equal(R .. R, redact.utf8("\192\128")) -- overlong NUL
+    assert.are.equal(R .. R .. R, redact.utf8("\237\160\128")) -- a surrogate, U+D800
+    assert.are.equal(R .. R .. R .. R, redact.utf8("\244\144\128\128")) -- above U+10FFFF
+    assert.are.equal(R .. R .. R, redact.utf8("\224\128\128")) -- overlong, 3 bytes
+    assert.are.equal("x" .. R .. R, redact.utf8("x\226\130")) -- cut at the end: each byte
+    assert.are.equal(R .. "a", redact.utf8("\128a")) -- a lone continuation byte
+    assert.are.equal(7, redact.utf8(7))
   end)
   it("walks tables in place, keys and cycles too", function()
     local t = { msg = KEY, nested = { [KEY] = "v", list = { "x " .. KEY } } }

@@ -95,6 +95,18 @@ describe("the API key never shows", function()
     assert_clean(err)
   end)
 
+  it("with fallback models that succeed: in res.fallback_errors", function()
+    local c = client{ model = "sim:echo_key=json,status=503", fallback = { "gpt-4o-mini" } }
+    local res = assert(c:chat{ messages = msgs() })
+    assert.are.equal(1, #res.fallback_errors)
+    assert.is_table(res.fallback_errors[1].body)
+    assert_clean(res.fallback_errors)
+    local s = c:stream{ messages = msgs() }
+    res = assert(s:result())
+    assert.are.equal(1, #res.fallback_errors)
+    assert_clean(res.fallback_errors)
+  end)
+
   it("nor a password inside base_url, in tostring(client) and errors", function()
     local url = up.url:gsub("^http://", "http://user:" .. SECRET .. "@")
     local c = client{ base_url = url }
@@ -109,6 +121,22 @@ describe("the API key never shows", function()
     local c2 = client{ base_url = up.url:gsub("^http://", "http://" .. SECRET .. "@") }
     assert.matches("http://<redacted>@", tostring(c2))
     assert.is_nil(tostring(c2):find(SECRET, 1, true))
+  end)
+
+  it("nor a request's own secret-looking header, the client knowing nothing of it", function()
+    local c = slm.client{ base_url = up.url, max_retries = 0 } -- no key of its own
+    local _, err = c:chat{ messages = msgs(), model = "sim:echo_key=json",
+      headers = { Authorization = "Bearer " .. SECRET } }
+    assert.are.equal("auth", err.kind)
+    assert_clean(err)
+    _, err = c:stream{ messages = msgs(), model = "sim:echo_key=event",
+      headers = { Authorization = "Bearer " .. SECRET } }:result()
+    assert_clean(err)
+  end)
+
+  it("nor a secret header's value in the client table", function()
+    local c = slm.client{ base_url = up.url, headers = { ["api-key"] = SECRET } }
+    assert_clean(c)
   end)
 
   it("nor a secret-looking header value (Azure's api-key)", function()

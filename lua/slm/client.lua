@@ -78,18 +78,21 @@ function M.new(opts)
   }, Client)
   c.base_url_display = c.base_url
   -- the real URL (with its password) is a secret too; kept with the key
-  local secret_list = { key, options.url_password(base) }
+  local secret_list, pw = {}, options.url_password(base)
+  if key then secret_list[#secret_list + 1] = key end
+  if pw then secret_list[#secret_list + 1] = pw end
   local hdrs = { "Content-Type: application/json", "User-Agent: " .. c.user_agent }
   if opts.organization then hdrs[#hdrs + 1] = "OpenAI-Organization: " .. opts.organization end
   if opts.project then hdrs[#hdrs + 1] = "OpenAI-Project: " .. opts.project end
   if opts.headers then
     for _, line in ipairs(options.header_lines(opts.headers)) do hdrs[#hdrs + 1] = line end
     for k, v in pairs(opts.headers) do
-      if options.secret_header(k) then secret_list[#secret_list + 1] = tostring(v) end
+      if options.secret_header(k) then options.add_secret_value(secret_list, v) end
     end
   end
-  c.header_list = hdrs
-  secrets[c] = { key = key, url = base .. "/chat/completions", base = base, set = redact.set(secret_list) }
+  -- the header lines may carry secret values (api-key: ...): kept with the key
+  secrets[c] = { key = key, url = base .. "/chat/completions", base = base, set = redact.set(secret_list),
+    list = secret_list, headers = hdrs }
   -- OpenAI's own endpoint without a key can only answer 401: say so before sending
   c.key_missing = (key == nil or key == "") and base:match("^https?://api%.openai%.com[:/]?") ~= nil
   -- a number: this client's own (in-process) limit; an object: a shared
@@ -118,6 +121,8 @@ end
 -- (which may carry a password), the set of secrets to redact.
 function Client:_secret() return secrets[self].key end
 function Client:_secrets() return secrets[self].set end
+function Client:_secret_list() return secrets[self].list end
+function Client:_headers() return secrets[self].headers end
 function Client:_url() return secrets[self].url end
 function Client:_base() return secrets[self].base end
 

@@ -121,18 +121,18 @@ function M.provider_error(status, payload, headers, model, set)
   end
   local detail
   if message then
-    message = redact.string(message, set)
+    message = redact.utf8(redact.string(message, set))
     if #message > MAX_MESSAGE then message = redact.snippet(message, MAX_MESSAGE, set) end
   elseif text and text:find("%S") then
     detail = redact.snippet(text, 300, set)
   end
   local st = status
-  if st < 400 then
+  if st < 300 then -- a 2xx reply carrying an error: its own code, else 500
     local n = type(code) == "number" and code or tonumber(e and nn(e.status))
     st = (n and n >= 400 and n < 600) and floor(n) or 500
   end
   local kind = M.kind(st, code, etype, message)
-  return errors.new(kind, message or (status >= 400 and "HTTP " .. status .. (detail and ": " .. detail or "")
+  return errors.new(kind, message or (status >= 300 and "HTTP " .. status .. (detail and ": " .. detail or "")
     or detail or "error reported by the server"), {
     status = status, code = code, type = etype, param = param, headers = headers,
     retry_after = retry.retry_after(headers),

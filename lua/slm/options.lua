@@ -166,6 +166,16 @@ function M.secret_header(name)
     or n:find("password", 1, true) ~= nil or n == "cookie"
 end
 
+--- The secrets in a secret header's value, appended to list: the value,
+-- and the credential after an auth scheme ("Bearer sk-...": "sk-..."),
+-- which is what a server echoing it shows.
+function M.add_secret_value(list, v)
+  v = tostring(v)
+  list[#list + 1] = v
+  local cred = v:match("^%a[%w%-]*%s+(%S+)%s*$")
+  if cred then list[#list + 1] = cred end
+end
+
 -- A URL's userinfo (http://user:pass@host/...): scheme, user, password
 -- (nil without a colon), rest.
 local function userinfo(url)

@@ -31,6 +31,7 @@ local redact = require "slm.redact"
 local decode = require "slm.decode"
 local guard = require "slm.guard"
 local cache = require "slm.cache"
+local options = require "slm.options"
 
 local type, ipairs, tostring, setmetatable, pcall, error, next =
   type, ipairs, tostring, setmetatable, pcall, error, next
@@ -48,7 +49,7 @@ local header_cache = setmetatable({}, { __mode = "k" })
 local function request_headers(client, extra, stream)
   local lists = header_cache[client]
   if not lists then
-    local own, key = client.header_list, client:_secret()
+    local own, key = client:_headers(), client:_secret()
     lists = {}
     for i, accept in ipairs{ "application/json", "text/event-stream" } do
       local l = {}
@@ -128,10 +129,32 @@ function M.new(client, body, opts, stream)
     -- what every attempt of the call was billed, and the stream's first
     -- token: for the client's observe hook
     used_prompt = 0, used_completion = 0, used_cost = 0, ttft = false,
+    secret_set = false,
   }, Call)
 end
 
 function Call:model() return self.chain[self.mi] end
+
+--- The secrets to keep out of this call's errors: the client's, and the
+-- values of the request's own secret-looking headers (X-Api-Key, ...).
+function Call:secrets()
+  local set = self.secret_set
+  if set then return set end
+  set = self.client:_secrets()
+  local h = self.opts.headers
+  if h then
+    local list = {}
+    for k, v in pairs(h) do
+      if options.secret_header(k) then options.add_secret_value(list, v) end
+    end
+    if list[1] then
+      for _, v in pairs(self.client:_secret_list()) do list[#list + 1] = v end
+      set = redact.set(list)
+    end
+  end
+  self.secret_set = set
+  return set
+end
 
 -- A shared limit's failure as the attempt's error: the slm error it gave
 -- (slm.shdict's, slm.redis'), else kind `kind` with its message.
@@ -406,7 +429,7 @@ function Call:succeeded(res)
   self:finish(res)
   self:bill(res.usage, res.cost)
   self:settle()
-  if self.mi > 1 then res.fallback_errors = self.errs end
+  if self.mi > 1 then res.fallback_errors = redact.deep(self.errs, self:secrets()) end
   if self.consumer then res.consumer = self.consumer end
   if self.cache_key then cache.put(self.client, self.cache_key, res) end
   observe(self, res, nil)
@@ -476,7 +499,7 @@ function Call:error()
   end
   self.client.stats.errors = self.client.stats.errors + 1
   if self.consumer then last.consumer = self.consumer end
-  local err = redact.deep(last, self.client:_secrets())
+  local err = redact.deep(last, self:secrets())
   observe(self, nil, err)
   return err
 end
@@ -502,7 +525,7 @@ M.read_all = read_all
 -- One non-streamed exchange: -> res | nil, err, billed (a 2xx reply that
 -- could not be used: the provider has billed it).
 local function exchange(call, conn)
-  local model, set = call.chain[call.mi], call.client:_secrets()
+  local model, set = call.chain[call.mi], call:secrets()
   local status, headers, msg = conn:response()
   if not status then return nil, decode.transport_error(headers, msg, model, set) end
   local body = read_all(conn)

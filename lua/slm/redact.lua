@@ -5,13 +5,14 @@
 --   redact.string(s, set)    -> s with every secret replaced by "<redacted>"
 --   redact.snippet(s, n, set) -> at most n bytes of s, redacted BEFORE cutting
 --   redact.deep(v, set)      -> v, every string in it (tables walked, keys too) redacted in place
+--   redact.utf8(s)           -> s with the bytes that are not valid UTF-8 replaced by U+FFFD
 --
 -- Replaced: each secret itself, its JSON-escaped form ("/" as "\/"), and a
 -- piece of it left at either end of a text by a cut elsewhere (a prefix of
 -- the secret ending the text, a suffix starting it; at least 6 bytes or a
 -- quarter of the secret), so that half a key never shows either.
-local type, pairs, find, sub, gsub, min, max, floor =
-  type, pairs, string.find, string.sub, string.gsub, math.min, math.max, math.floor
+local type, pairs, find, sub, gsub, byte, concat, min, max, floor =
+  type, pairs, string.find, string.sub, string.gsub, string.byte, table.concat, math.min, math.max, math.floor
 local setmetatable = setmetatable
 
 local M = {}
@@ -85,10 +86,48 @@ end
 
 --- A short excerpt of untrusted text for a message: whitespace runs
 -- collapsed, secrets replaced, then cut to n bytes.
+-- Is byte i of s a UTF-8 continuation byte (within lo..hi, 0x80..0xBF by default)?
+local function cont(s, i, lo, hi)
+  local c = byte(s, i)
+  return c ~= nil and c >= (lo or 0x80) and c <= (hi or 0xBF)
+end
+
+--- s with every byte that does not start a valid UTF-8 sequence (RFC 3629:
+-- no overlong forms, surrogates or code points above U+10FFFF) replaced by
+-- U+FFFD: an error message quoting a reply in windows-1251, or a gzip body,
+-- must still be text a user can print and log as JSON.
+function M.utf8(s)
+  if type(s) ~= "string" or not find(s, "[\128-\255]") then return s end
+  local out, n, i, start, len = {}, 0, 1, 1, #s
+  while i <= len do
+    local c, k = byte(s, i), 0
+    if c < 0x80 then k = 1
+    elseif c >= 0xC2 and c <= 0xDF then k = cont(s, i + 1) and 2 or 0
+    elseif c >= 0xE0 and c <= 0xEF then
+      local lo, hi = (c == 0xE0) and 0xA0 or 0x80, (c == 0xED) and 0x9F or 0xBF
+      k = (cont(s, i + 1, lo, hi) and cont(s, i + 2)) and 3 or 0
+    elseif c >= 0xF0 and c <= 0xF4 then
+      local lo, hi = (c == 0xF0) and 0x90 or 0x80, (c == 0xF4) and 0x8F or 0xBF
+      k = (cont(s, i + 1, lo, hi) and cont(s, i + 2) and cont(s, i + 3)) and 4 or 0
+    end
+    if k == 0 then
+      n = n + 1; out[n] = sub(s, start, i - 1) .. "\239\191\189"
+      i = i + 1; start = i
+    else
+      i = i + k
+    end
+  end
+  if n == 0 then return s end
+  out[n + 1] = sub(s, start)
+  return concat(out)
+end
+
 function M.snippet(s, n, set)
   if type(s) ~= "string" then return s end
   s = gsub(s, "%s+", " ")
-  return cut(M.string(s, set), n)
+  s = M.string(s, set)
+  if #s > n + 8 then s = sub(s, 1, n + 8) end -- what the cut below keeps, and a little more
+  return cut(M.utf8(s), n)
 end
 
 --- Walk v (tables, including keys; cycles are visited once) and redact

@@ -96,7 +96,7 @@ end
 
 local function headers_of(client, ctype, extra)
   local h = {}
-  for _, line in ipairs(client.header_list) do
+  for _, line in ipairs(client:_headers()) do
     if not line:lower():find("^content%-type:") then h[#h + 1] = line end
   end
   if ctype then h[#h + 1] = "Content-Type: " .. ctype end

@@ -81,7 +81,7 @@ end
 
 local read_all = require("slm.pipeline").read_all
 
-local function secrets(s) return s.client:_secrets() end
+local function secrets(s) return s.call:secrets() end
 
 -- Forget the attempt in progress (its connection is cancelled).
 local function reset(s)
