@@ -70,6 +70,37 @@ describe("resources are given back on every path", function()
     assert(c:chat{ messages = msgs() })
   end)
 
+  it("a rate limiter that raises gives back the reservation (plain and streamed)", function()
+    local b = slm.budget{ usd = 1 }
+    local c = client{ budget = b, rpm = { take = function() error("limiter down: connection refused") end } }
+    assert.has_error(function() c:chat{ messages = msgs() } end, "limiter down: connection refused")
+    assert.are.same({ 0, 0 }, { b:reserved() })
+    assert.has_error(function() drain(c:stream{ messages = msgs() }) end, "limiter down: connection refused")
+    assert.are.same({ 0, 0 }, { b:reserved() })
+  end)
+
+  it("a quota's semaphore that raises gives back the client's own slot", function()
+    local n = 0
+    local sem = { release = function() end,
+      acquire = function() n = n + 1; if n == 1 then error("quota semaphore down") end; return "t" end }
+    local quotas = { consumer = function() return { display = "consumer:x", sem = sem } end }
+    local b = slm.budget{ usd = 1 }
+    local c = client{ max_concurrency = 1, quotas = quotas, budget = b }
+    assert.has_error(function() c:chat{ messages = msgs(), consumer = "alice" } end, "quota semaphore down")
+    assert.are.same({ 0, 0 }, { b:reserved() })
+    -- the one slot is free again: this would wait for ever otherwise
+    assert(c:chat{ messages = msgs(), consumer = "alice" })
+  end)
+
+  it("a budget that raises while reserving gives back what another budget held", function()
+    local b = slm.budget{ usd = 1 }
+    local qb = { reserve = function() error("quota budget down") end, settle = function() end }
+    local quotas = { consumer = function() return { display = "consumer:x", budget = qb } end }
+    local c = client{ quotas = quotas, budget = b }
+    assert.has_error(function() c:chat{ messages = msgs(), consumer = "alice" } end, "quota budget down")
+    assert.are.same({ 0, 0 }, { b:reserved() })
+  end)
+
   it("an on_delta that raises gives back the slot and the reservation", function()
     local b = slm.budget{ usd = 1 }
     local c = client{ max_concurrency = 1, budget = b }

@@ -114,16 +114,19 @@ function M.open(h, client, body, opts, model, bytes)
     berr.model = model
     return nil, berr
   end
+  -- kept at once: should the consumer's budget raise, the call's abort
+  -- gives this reservation back
+  h.resv, h.reserved_usd = resv or false, usd or 0
   if qbudget then
     qresv, berr = qbudget:reserve(usd or 0, prompt + worst_out, model)
     if not qresv then
-      if resv then budget:settle(resv, 0, 0) end -- nothing was sent
+      if resv then h.resv = false; budget:settle(resv, 0, 0) end -- nothing was sent
       berr.model = model
       berr.message = "the consumer's " .. berr.message
       return nil, berr
     end
   end
-  h.resv, h.qresv, h.reserved_usd = resv or false, qresv or false, usd or 0
+  h.qresv = qresv or false
   return true
 end
 

@@ -242,7 +242,11 @@ function Call:open()
       return nil, errors.new("invalid_request", "the request cannot be sent as JSON: "
         .. tostring(payload):gsub("^slm%.json: ", ""), { status = 0, model = model })
     end
-    local ok, err = guard.open(self, client, body, self.opts, model, #payload)
+    local gok, ok, err = pcall(guard.open, self, client, body, self.opts, model, #payload)
+    if not gok then -- a budget object that raised: what was reserved goes back
+      self:abort()
+      error(ok, 0)
+    end
     if not ok then return nil, err end
     self.ready = true
     self.payload = payload
@@ -250,7 +254,13 @@ function Call:open()
   self.attempts = self.attempts + 1
   self.model_attempts = self.model_attempts + 1
   client.stats.attempts = client.stats.attempts + 1
-  local lok, lerr = limits(self, client)
+  -- a limiter or semaphore object that raises (a user's own, a shared one)
+  -- must not keep the budget's hold or a slot taken before it
+  local pok, lok, lerr = pcall(limits, self, client)
+  if not pok then
+    self:abort()
+    error(lok, 0)
+  end
   if not lok then return nil, lerr end
   if self.cancelled then
     self:release()
