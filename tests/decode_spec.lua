@@ -108,6 +108,19 @@ describe("slm.decode.provider_error", function()
 end)
 
 describe("slm.decode.usage", function()
+  it("takes no more completion tokens than the request allowed (max_tokens x n)", function()
+    local u, problem = decode.usage({ prompt_tokens = 10, completion_tokens = 1000000, total_tokens = 1000010 },
+      128000, 20)
+    assert.is_nil(u.completion_tokens)
+    assert.are.equal(10, u.prompt_tokens)
+    assert.matches("completion_tokens = 1000000", problem)
+    u, problem = decode.usage({ prompt_tokens = 10, completion_tokens = 20, total_tokens = 30 }, 128000, 20)
+    assert.are.equal(20, u.completion_tokens)
+    assert.is_nil(problem)
+    u, problem = decode.usage({ prompt_tokens = 10, completion_tokens = 1000000 }, 128000, nil) -- no cap asked
+    assert.are.equal(1000000, u.completion_tokens)
+    assert.is_nil(problem)
+  end)
   it("returns integers, total = prompt + completion, the details kept", function()
     local u, problem = decode.usage(json.decode('{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,'
       .. '"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":'

@@ -183,6 +183,40 @@ describe("resources are given back on every path", function()
   end)
 end)
 
+describe("usage beyond what the request allowed", function()
+  -- a runtime whose every request gets `body` back, 200, from no server
+  local function canned(body)
+    local rt = {}
+    for k, v in pairs(require "slm.transport.curl") do rt[k] = v end
+    rt.open = function()
+      local sent = false
+      return {
+        response = function() return 200, { ["content-type"] = "application/json" } end,
+        read = function() if sent then return nil end; sent = true; return body end,
+        result = function() return true end,
+        cancel = function() end,
+        info = function() return {} end,
+      }
+    end
+    return rt
+  end
+
+  it("is counted instead, so a budget is not overspent by an inflated completion count", function()
+    local body = require("slm.json").encode{ id = "x", object = "chat.completion", model = "gpt-4o-mini",
+      choices = { { index = 0, message = { role = "assistant", content = "Fine, thanks." }, finish_reason = "stop" } },
+      usage = { prompt_tokens = 12, completion_tokens = 1000000, total_tokens = 1000012 } }
+    local b = slm.budget{ usd = 0.1 }
+    local c = client{ transport = canned(body), budget = b }
+    local res = assert(c:chat{ messages = msgs(), max_tokens = 20 })
+    assert.is_true(res.usage.estimated)
+    assert.matches("completion_tokens = 1000000", res.usage_problem)
+    assert.is_true(res.usage.completion_tokens <= 20, tostring(res.usage.completion_tokens))
+    local usd = b:spent()
+    assert.is_true(usd < 1e-4, "spent " .. usd)
+    assert.is_true(b:remaining() > 0.0999)
+  end)
+end)
+
 describe("concurrency", function()
   it("slm.map with concurrency 50 over one client puts 50 requests in flight", function()
     local c = client()

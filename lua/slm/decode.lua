@@ -169,13 +169,16 @@ local DETAILS = { "prompt_tokens_details", "completion_tokens_details" }
 
 --- The provider's usage, checked: every count a non-negative integer no
 -- larger than the limit (see above), total = prompt + completion; cached
--- tokens within the prompt; a reported cost finite, >= 0 and <= MAX_COST.
+-- tokens within the prompt; no more completion tokens than max_completion
+-- (the request's max_tokens x n, when it set one); a reported cost finite, >= 0 and <= MAX_COST.
 -- Returns usage (a fresh table of Lua integers), problem (nil, or what was
 -- wrong: the counts it names are nil and the caller counts them itself).
-function M.usage(raw, context)
+function M.usage(raw, context, max_completion)
   if type(raw) ~= "table" then return nil end
   local limit = context and context * M.MAX_TOKENS_FACTOR or M.MAX_TOKENS_UNKNOWN
   local p, c = count_ok(raw.prompt_tokens, limit), count_ok(raw.completion_tokens, limit)
+  -- more output than the request allowed (max_tokens x n) cannot have been produced
+  if c and max_completion and c > max_completion then c = nil end
   local u = { prompt_tokens = p, completion_tokens = c }
   local problems
   local function bad(name, v)

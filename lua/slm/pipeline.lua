@@ -364,7 +364,9 @@ end
 function Call:usage_of(res)
   local model = self.chain[self.mi]
   local info = models.find(model)
-  local usage, problem = decode.usage(res.raw_usage, info and info.context)
+  local body = self.body
+  local cap = guard.max_out(body)
+  local usage, problem = decode.usage(res.raw_usage, info and info.context, cap and cap * (body.n or 1))
   if usage and not problem then return usage end
   usage = usage or {}
   if not usage.prompt_tokens then usage.prompt_tokens = guard.prompt_tokens_of(self, self.body, model) end
