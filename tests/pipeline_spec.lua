@@ -185,14 +185,17 @@ end)
 
 describe("usage beyond what the request allowed", function()
   -- a runtime whose every request gets `body` back, 200, from no server
+  -- body: a string, or a function of the request's model giving one
   local function canned(body)
     local rt = {}
     for k, v in pairs(require "slm.transport.curl") do rt[k] = v end
-    rt.open = function()
+    rt.open = function(req)
+      local reply = body
+      if type(body) == "function" then reply = body(require("slm.json").decode(req.body).model) end
       local sent = false
       return {
         response = function() return 200, { ["content-type"] = "application/json" } end,
-        read = function() if sent then return nil end; sent = true; return body end,
+        read = function() if sent then return nil end; sent = true; return reply end,
         result = function() return true end,
         cancel = function() end,
         info = function() return {} end,
@@ -214,6 +217,38 @@ describe("usage beyond what the request allowed", function()
     local usd = b:spent()
     assert.is_true(usd < 1e-4, "spent " .. usd)
     assert.is_true(b:remaining() > 0.0999)
+  end)
+
+  it("a billed reply that could not be used is in the call's billed totals, not lost", function()
+    local json = require "slm.json"
+    local answer = function(model)
+      if model == "gpt-4o-mini" then -- billed, but no choices: a protocol error, fallback moves on
+        return json.encode{ id = "a", object = "chat.completion", model = model,
+          usage = { prompt_tokens = 900, completion_tokens = 7, total_tokens = 907 } }
+      end
+      return json.encode{ id = "b", object = "chat.completion", model = model,
+        choices = { { index = 0, message = { role = "assistant", content = "ok" }, finish_reason = "stop" } },
+        usage = { prompt_tokens = 12, completion_tokens = 1, total_tokens = 13 } }
+    end
+    local b = slm.budget{ usd = 1 }
+    local c = client{ transport = canned(answer), budget = b, fallback = { "hermes-3-405b" }, max_retries = 0 }
+    local res = assert(c:chat{ messages = msgs() })
+    assert.are.equal("hermes-3-405b", res.model)
+    assert.are.equal("protocol", res.fallback_errors[1].kind)
+    local bl = res.billed
+    assert.is_table(bl)
+    assert.is_true(bl.prompt_tokens > res.usage.prompt_tokens, "billed " .. bl.prompt_tokens)
+    assert.are.equal(bl.prompt_tokens + bl.completion_tokens, bl.total_tokens)
+    assert.is_true(bl.cost > res.cost)
+    assert.are.equal(bl.cost, (b:spent()))
+    assert.are.equal(bl.cost, c.stats.cost)
+    -- and an error that was billed says so too
+    local c2 = client{ transport = canned(answer), max_retries = 0 }
+    local _, err = c2:chat{ messages = msgs() }
+    assert.are.equal("protocol", err.kind)
+    assert.is_true(err.billed.prompt_tokens > 0)
+    assert.are.equal(c2.stats.cost, err.billed.cost)
+    assert.is_true(err.billed.cost > 0)
   end)
 end)
 

@@ -129,7 +129,7 @@ function M.new(client, body, opts, stream)
     -- what every attempt of the call was billed, and the stream's first
     -- token: for the client's observe hook
     used_prompt = 0, used_completion = 0, used_cost = 0, ttft = false,
-    secret_set = false,
+    secret_set = false, any_unpriced = false,
   }, Call)
 end
 
@@ -316,8 +316,19 @@ function Call:bill(usage, cost)
   else
     st.unpriced = st.unpriced + 1
     self.priced = false
+    self.any_unpriced = true
   end
   self.bill_tokens = self.bill_tokens + usage.total_tokens
+end
+
+--- What the whole call was billed, every attempt and model included
+-- (replies that could not be used, a fallback's failed models): the
+-- tokens and cost its budget and the client's stats were charged.  cost
+-- is nil when some attempt's price is unknown.
+function Call:billed()
+  local p, c = self.used_prompt, self.used_completion
+  return { prompt_tokens = p, completion_tokens = c, total_tokens = p + c,
+    cost = (not self.any_unpriced) and self.used_cost or nil }
 end
 
 -- This model is done: its reservation becomes what it was billed.
@@ -428,6 +439,7 @@ function Call:cached()
   local res = cache.get(self.client, key)
   if not res then return nil end
   res.attempts = 0
+  res.billed = { prompt_tokens = 0, completion_tokens = 0, total_tokens = 0, cost = 0 }
   res.latency = self.rt.now() - self.t0
   res.requested_model = self.chain[1]
   if self.consumer then res.consumer = self.consumer end
@@ -442,6 +454,7 @@ function Call:succeeded(res)
   self:bill(res.usage, res.cost)
   self:settle()
   if self.mi > 1 then res.fallback_errors = redact.deep(self.errs, self:secrets()) end
+  res.billed = self:billed()
   if self.consumer then res.consumer = self.consumer end
   if self.cache_key then cache.put(self.client, self.cache_key, res) end
   observe(self, res, nil)
@@ -511,6 +524,7 @@ function Call:error()
   end
   self.client.stats.errors = self.client.stats.errors + 1
   if self.consumer then last.consumer = self.consumer end
+  last.billed = self:billed()
   local err = redact.deep(last, self:secrets())
   observe(self, nil, err)
   return err
