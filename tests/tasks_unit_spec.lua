@@ -402,4 +402,28 @@ describe("the ledger", function()
     assert.is_nil(res.cost)
     assert.are.equal(240, res.usage.total_tokens)
   end)
+
+  it("counts what each call was billed (res.billed / err.billed: unusable replies, fallbacks), not only the answer", function()
+    local c = scripted{ function()
+      return { text = '{"label":"billing"}', finish_reason = "stop", tool_calls = {}, model = "gpt-4o-mini",
+        usage = { prompt_tokens = 100, completion_tokens = 20, total_tokens = 120 }, cost = 0.0001, attempts = 2,
+        choices = { { index = 0, text = '{"label":"billing"}', finish_reason = "stop", tool_calls = {} } },
+        billed = { prompt_tokens = 1000, completion_tokens = 20, total_tokens = 1020, cost = 0.0009 } }
+    end }
+    local res = assert(slm.classify{ client = c, text = "hi", labels = LABELS })
+    assert.are.equal(0.0009, res.cost)
+    assert.are.equal(1020, res.usage.total_tokens)
+    assert.are.equal(0.0009, res.requests[1].cost)
+    -- a failed call that was billed
+    local f = { model = "gpt-4o-mini", fallback = {} }
+    function f:chat()
+      return nil, setmetatable({ kind = "protocol", message = "no choices", status = 200, attempts = 1,
+        billed = { prompt_tokens = 300, completion_tokens = 0, total_tokens = 300, cost = 0.00005 } },
+        { __tostring = function(e) return e.message end })
+    end
+    local _, err = slm.classify{ client = f, text = "hi", labels = LABELS }
+    assert.are.equal("protocol", err.kind)
+    assert.are.equal(0.00005, err.cost)
+    assert.are.equal(300, err.usage.total_tokens)
+  end)
 end)

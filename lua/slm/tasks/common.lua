@@ -101,6 +101,16 @@ local function attempts_of(err)
   return n
 end
 
+-- r.billed (slm.client's totals of a call) as a Response-like table, or nil
+-- (a client that does not give them, or nothing was charged).
+local function billed_of(r)
+  local b = r.billed
+  if type(b) ~= "table" then return nil end
+  if (b.total_tokens or 0) == 0 and not r.usage then return nil end
+  return { usage = { prompt_tokens = b.prompt_tokens or 0, completion_tokens = b.completion_tokens or 0,
+    total_tokens = b.total_tokens or 0, estimated = r.usage and r.usage.estimated or nil }, cost = b.cost }
+end
+
 local core_now
 local function load_now() core_now = require("slm.core").now; return core_now end
 
@@ -112,14 +122,18 @@ function Ledger:chat(client, req)
   local res, err = client:chat(req)
   local dt = now() - t0
   self.latency = self.latency + dt
+  -- what the call was charged, every attempt and model included (the
+  -- client's `billed`), else the Response's or the partial's own figures
   if res then
-    self:add(res, res.attempts or 1)
-    self:note(req, client, res, res, res.attempts or 1, "ok", dt)
+    local b = billed_of(res) or res
+    self:add(b, res.attempts or 1)
+    self:note(req, client, b, res, res.attempts or 1, "ok", dt)
     return res
   end
   if type(err) == "table" then
-    self:add(err.partial, attempts_of(err))
-    self:note(req, client, err.partial, err, attempts_of(err), err.kind or "error", dt)
+    local b = billed_of(err) or err.partial
+    self:add(b, attempts_of(err))
+    self:note(req, client, b, err, attempts_of(err), err.kind or "error", dt)
   end
   return nil, err
 end
