@@ -109,6 +109,13 @@ describe("slm.map", function()
     assert.are.equal(2, nerr)
   end)
 
+  it("an error raised with no value still lands in errs", function()
+    local res, errs, nerr = slm.map({ 1, 2, 3 }, function(x) if x == 2 then error(nil) end return x end)
+    assert.are.equal(1, res[1]); assert.is_nil(res[2]); assert.are.equal(3, res[3])
+    assert.are.equal("error raised with no value", errs[2])
+    assert.are.equal(1, nerr)
+  end)
+
   it("never runs more than `concurrency` items at once", function()
     local active, peak = 0, 0
     local list = {}
@@ -145,6 +152,8 @@ describe("slm.map", function()
     assert.has_error(function() slm.map(nil, print) end)
     assert.has_error(function() slm.map({}, print, { concurrency = 0 }) end,
       "slm.map: option 'concurrency' must be a positive integer")
+    assert.has_error(function() slm.map({ 1 }, print, { concurency = 4 }) end,
+      "slm.map: unknown option 'concurency'")
   end)
 end)
 

@@ -189,6 +189,32 @@ describe("slm.classify's confidence", function()
     assert.is_nil(res.review)
   end)
 
+  it("is absent, as with no logprobs, when a logprob is not a finite number <= 0; alternatives stay in [0, 1]", function()
+    local function with_label_lp(v, top)
+      local l = lp(0.8, top or { { "bill", 0.8 } })
+      l.content[4].logprob = v
+      return l
+    end
+    for _, v in ipairs{ 5, 0 / 0, math.huge, -math.huge, "NaN" } do
+      local c = scripted{ { text = '{"label":"billing"}', logprobs = with_label_lp(v) } }
+      local res = assert(slm.classify{ client = c, text = "charged", labels = LABELS, threshold = 0.6 })
+      assert.are.equal("billing", res.label)
+      assert.is_nil(res.confidence, tostring(v))
+      assert.is_nil(res.alternatives, tostring(v))
+      assert.is_nil(res.review, tostring(v))
+    end
+    -- a valid label span, its top logprobs partly out of range: those entries are dropped
+    local l = lp(0.8, { { "bill", 0.8 }, { "del", 0.1 }, { "o", 0.05 } })
+    local top = l.content[4].top_logprobs
+    top[1].logprob, top[2].logprob = 3, 0 / 0
+    local res = assert(slm.classify{ client = scripted{ { text = '{"label":"billing"}', logprobs = l } },
+      text = "charged", labels = LABELS })
+    assert.is_true(math.abs(res.confidence - 0.8 * 0.98) < 1e-9, tostring(res.confidence))
+    assert.are.equal(1, #res.alternatives)
+    assert.are.equal("other", res.alternatives[1].label)
+    for _, a in ipairs(res.alternatives) do assert.is_true(a.p >= 0 and a.p <= 1, tostring(a.p)) end
+  end)
+
   it("is not asked for where the model has none", function()
     local c = scripted({ '{"label":"other"}' }, "nousresearch/hermes-3-llama-3.1-405b")
     assert(slm.classify{ client = c, text = "hi", labels = LABELS })
@@ -232,6 +258,31 @@ describe("slm.classify's confidence", function()
     assert.has_error(function() slm.classify{ text = "x", labels = LABELS, threshold = 2 } end)
     assert.has_error(function() slm.classify{ text = "x", labels = LABELS, colour = "red" } end,
       "slm.classify: unknown option 'colour'")
+  end)
+
+  it("every task's 'timeout' must be positive and finite, raised at the call naming the task", function()
+    local c = scripted{ '{"label":"billing"}' }
+    local calls = {
+      classify = function(t) local r = slm.classify{ client = c, text = "x", labels = LABELS, timeout = t }; return r end,
+      extract = function(t) local r = slm.extract{ client = c, document = "x", schema = { type = "object" }, timeout = t }; return r end,
+      summarize = function(t) local r = slm.summarize{ client = c, document = "x", timeout = t }; return r end,
+      generate = function(t) local r = slm.generate{ client = c, template = "x", timeout = t }; return r end,
+      ["support.new"] = function(t) local r = slm.support.new{ client = c, timeout = t }; return r end,
+    }
+    for task, call in pairs(calls) do
+      for _, t in ipairs{ 0, -5, math.huge, 0 / 0 } do
+        local ok, err = pcall(call, t)
+        assert.is_false(ok, task .. " " .. tostring(t))
+        assert.matches("^[^:]*tasks_unit_spec%.lua:%d+: slm%." .. task:gsub("%.", "%%.")
+          .. ": option 'timeout' must be a positive finite number of seconds, got ", err)
+      end
+    end
+    assert.has_error(function() slm.generate{ client = c, template = "x", timeout = -5 } end,
+      "slm.generate: option 'timeout' must be a positive finite number of seconds, got number")
+    assert.has_error(function() slm.classify{ client = c, text = "x", labels = LABELS, timeout = math.huge } end,
+      "slm.classify: option 'timeout' must be a positive finite number of seconds, got inf")
+    assert(slm.classify{ client = c, text = "x", labels = LABELS, timeout = 0.5 })
+    assert.are.equal(0.5, c.calls[#c.calls].timeout)
   end)
 end)
 

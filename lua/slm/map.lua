@@ -1,21 +1,27 @@
 -- slm.map: fn over a list with a bounded number of calls in flight, on any
 -- runtime (its spawn and run; the libcurl scheduler's or OpenResty's
 -- threads).
-local type, pcall, error, min = type, pcall, error, math.min
+local type, pairs, tostring, pcall, error, min = type, pairs, tostring, pcall, error, math.min
 
 local M = {}
+
+local OPTIONS = { concurrency = true, progress = true, runtime = true }
 
 --- map(list, fn, opts) -> results, errs, nfailed
 -- fn(item, i) for every item with at most opts.concurrency (16) calls in
 -- flight.  Results in input order; errs[i] is what fn returned as its
 -- second value with a nil first, or the error it raised (a raised error is
--- reported for its item and does not stop the others).  opts.progress
+-- reported for its item and does not stop the others; error(nil) is
+-- reported as the string "error raised with no value").  opts.progress
 -- draws a progress bar on stderr; opts.runtime picks the runtime.
 function M.map(list, fn, opts)
   if type(list) ~= "table" then error("slm.map: expected a list, got " .. type(list), 2) end
   if type(fn) ~= "function" then error("slm.map: expected a function, got " .. type(fn), 2) end
   opts = opts or {}
   if type(opts) ~= "table" then error("slm.map: options must be a table", 2) end
+  for k in pairs(opts) do
+    if not OPTIONS[k] then error("slm.map: unknown option '" .. tostring(k) .. "'", 2) end
+  end
   local conc = opts.concurrency or 16
   if type(conc) ~= "number" or conc < 1 or conc % 1 ~= 0 or conc == math.huge then
     error("slm.map: option 'concurrency' must be a positive integer", 2)
@@ -35,6 +41,7 @@ function M.map(list, fn, opts)
       nexti = i + 1
       local ok, r, e = pcall(fn, list[i], i)
       if not ok then
+        if r == nil then r = "error raised with no value" end
         errs[i] = r; nerr = nerr + 1
       elseif r == nil and e ~= nil then
         errs[i] = e; nerr = nerr + 1

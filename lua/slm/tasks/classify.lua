@@ -42,7 +42,7 @@ local OPTIONS = {
   model = { common.nonempty_string, "a model name" },
   max_tokens = { common.pos_int, "a positive integer" },
   top_logprobs = { function(v) return common.nonneg_int(v) and v <= 20 end, "an integer from 0 to 20" },
-  timeout = { common.number, "a number of seconds" },
+  timeout = { common.seconds, "a positive finite number of seconds" },
 }
 M.OPTIONS = OPTIONS
 
@@ -131,15 +131,26 @@ local function tokens_over(starts, n, a, b)
   return first, last
 end
 
+-- A logprob as a number when it is one (finite and <= 0), else nil: a
+-- provider's 5, NaN or Infinity is no log-probability.
+local function logprob_of(v)
+  local lp = tonumber(v)
+  if lp and lp <= 0 and lp > -math.huge then return lp end -- NaN fails lp <= 0
+  return nil
+end
+
 -- Confidence of `label` whose quoted value starts at byte `at` (the first
--- byte after the opening quote) of the token text: -> p, first token index, its offset.
+-- byte after the opening quote) of the token text: -> p, first token index, its offset;
+-- false when a logprob there is not a log-probability.
 local function span_probability(content, starts, at, label)
   local first, last = tokens_over(starts, #content, at, at + #label - 1)
   if not first then return nil end
   local sum = 0
   for i = first, last do
-    local lp = tonumber(content[i].logprob)
-    if not lp then return nil end
+    local raw = content[i].logprob
+    if raw == nil then return nil end
+    local lp = logprob_of(raw)
+    if not lp then return false end
     sum = sum + lp
   end
   return exp(sum), first, at - starts[first]
@@ -180,7 +191,7 @@ local function alternatives_at(entry, offset, prep)
   for i = 1, #top do
     local t = top[i]
     local tok, lp
-    if type(t) == "table" then tok, lp = t.token, tonumber(t.logprob) end
+    if type(t) == "table" then tok, lp = t.token, logprob_of(t.logprob) end
     if lp and type(tok) == "string" then
       local matches = labels_for(prep, tok, offset)
       for j = 1, #matches do
@@ -226,6 +237,7 @@ local function confidences(res, chosen, prep, multi)
     end
     if at then
       local p, first, offset = span_probability(content, starts, at, label)
+      if p == false then return nil end -- not log-probabilities: as if none came back
       if p then
         out[label] = p
         if not alts then alts = alternatives_at(content[first], offset, prep) end

@@ -31,6 +31,10 @@ end
 
 ------------------------------------------------------------------ options
 
+-- What a checker of this module stands for in check's message, where it
+-- says more than the task's own description of the option.
+local WHAT = {}
+
 --- Check a task's option table against spec { name = { check, "what" } };
 -- raises "slm.<task>: unknown option 'x'" / "option 'x' must be ...".
 function M.check(task, spec, opts, level)
@@ -39,7 +43,9 @@ function M.check(task, spec, opts, level)
     local c = spec[k]
     if not c then error(format("slm.%s: unknown option '%s'", task, tostring(k)), level + 1) end
     if not c[1](v) then
-      error(format("slm.%s: option '%s' must be %s, got %s", task, k, c[2], type(v)), level + 1)
+      local got = type(v)
+      if got == "number" and (v ~= v or v == math.huge or v == -math.huge) then got = tostring(v) end
+      error(format("slm.%s: option '%s' must be %s, got %s", task, k, WHAT[c[1]] or c[2], got), level + 1)
     end
   end
 end
@@ -53,7 +59,11 @@ function M.is_function(v) return type(v) == "function" end
 function M.pos_int(v) return type(v) == "number" and v >= 1 and v % 1 == 0 and v < math.huge end
 function M.nonneg_int(v) return type(v) == "number" and v >= 0 and v % 1 == 0 and v < math.huge end
 function M.fraction(v) return type(v) == "number" and v >= 0 and v <= 1 end
-function M.number(v) return type(v) == "number" and v == v and v > -math.huge and v < math.huge end
+-- seconds, as client:chat's `timeout` takes them: positive and finite
+-- (math.huge and NaN refused); the tasks' `timeout` options use it.
+function M.seconds(v) return type(v) == "number" and v > 0 and v < math.huge end
+M.number = M.seconds
+WHAT[M.seconds] = "a positive finite number of seconds"
 function M.string_list(v)
   if type(v) ~= "table" then return false end
   for i = 1, #v do if type(v[i]) ~= "string" then return false end end
