@@ -380,6 +380,31 @@ describe("CSV through the CLI", function()
     assert.are.equal("1", first.id)
   end)
 
+  it("a row whose text is not UTF-8 is an error row, the others run, in CSV and in JSONL output", function()
+    local input = dir .. "/latin1.csv"
+    H.write_file(input, "id,text\n1,caf\233 billing\n2,the parcel is late\n")
+    local out = dir .. "/latin1.out.csv"
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(1, code, err)
+    local _, rows = read_csv(out)
+    assert.are.equal(2, #rows)
+    assert.are.equal("error", rows[1].status)
+    assert.are.equal("invalid_request", rows[1].error_kind)
+    assert.matches("line 2 cannot be sent: invalid UTF%-8", rows[1].error)
+    assert.are.equal("caf\233 billing", rows[1].text) -- CSV carries the bytes as they were
+    assert.are.equal("ok", rows[2].status)
+    assert.are.equal(1, up:stats().requests)
+    -- JSON cannot carry the bytes: U+FFFD in their place, and the output is written
+    local o = dir .. "/latin1.out.jsonl"
+    _, err, code = run(("classify %s --format jsonl --no-progress -o %s %s"):format(LABELS, o, input))
+    assert.are.equal(1, code, err)
+    local lines = lines_of(o)
+    assert.are.equal(2, #lines, err)
+    local first = json.decode(lines[1])
+    assert.are.equal("caf\u{FFFD} billing", first.text)
+    assert.are.equal("invalid_request", first.error_kind)
+  end)
+
   it("an unterminated quoted field is an error row, and the rows before it run", function()
     local input = dir .. "/in.csv"
     H.write_file(input, 'text\nrefund please\n"never closed\nmore\n')

@@ -281,7 +281,10 @@ function M.write_output(job)
         assert(w:row(list))
       else
         local t = {}
-        for k, v in pairs(row.fields or {}) do t[k] = v end
+        -- an error row's input text that is not UTF-8 (it could not be sent)
+        -- goes out with U+FFFD in place of the bytes JSON cannot carry
+        local fix = row.bad and require("slm.redact").utf8 or nil
+        for k, v in pairs(row.fields or {}) do t[k] = fix and type(v) == "string" and fix(v) or v end
         for _, p in ipairs(res_cols) do
           local v = r[p[1]]
           if v == nil then v = json.null end
@@ -398,7 +401,17 @@ end
 
 --- Add an input row (see the header); computes its key.
 function Job:add(row)
-  if not row.bad then row.key = M.key(self, row.input) end
+  if not row.bad then
+    -- text JSON cannot carry (not UTF-8: a Latin-1 "caf\233") cannot be sent:
+    -- an error row for that line, the others run
+    local ok, key = pcall(M.key, self, row.input)
+    if ok then
+      row.key = key
+    else
+      row.bad = { kind = "invalid_request", message = format("line %d cannot be sent: %s", row.n or 0,
+        (tostring(key):gsub("^slm%.json: ", ""):gsub(" at %$%.input.*$", ""))) }
+    end
+  end
   self.rows[#self.rows + 1] = row
   if not self.names and row.names then self.names = row.names end
 end
