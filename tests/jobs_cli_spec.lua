@@ -294,6 +294,12 @@ describe("slm classify", function()
     assert.matches('"n":3,', line, 1, true)
     assert.matches('"price":2.5,', line, 1, true)
     assert.matches('"id":12345678901234567,', H.read_file(out .. ".usage.jsonl"), 1, true)
+    -- and into a CSV: every digit of a float kept (not tostring's 14)
+    H.write_file(input, '{"id":12345678901234567,"x":0.1234567890123456,"text":"refund"}\n')
+    local csv = dir .. "/out.csv"
+    _, err, code = run(("classify %s --id-column id --no-progress -o %s %s"):format(LABELS, csv, input))
+    assert.are.equal(0, code, err)
+    assert.matches("\n12345678901234567,refund,0.1234567890123456,", H.read_file(csv), 1, true)
   end)
 
   it("--dry-run counts and prices per model and sends nothing", function()

@@ -217,10 +217,17 @@ end
 
 ------------------------------------------------------------------ output
 
+local math_type = math.type -- nil under LuaJIT
 local function cell(v)
   if v == nil or v == json.null then return "" end
   if type(v) == "table" then return json.encode(v) end
-  if type(v) == "number" and v % 1 == 0 and v > -1e15 and v < 1e15 then return format("%d", v) end
+  if type(v) == "number" then
+    if math_type and math_type(v) == "integer" then return tostring(v) end
+    if v % 1 == 0 and v > -1e15 and v < 1e15 then return format("%d", v) end
+    -- the shortest text that reads back as the same double (tostring keeps
+    -- 14 digits: an input's 0.1234567890123456 would change)
+    if v == v and v > -math.huge and v < math.huge then return json.encode(v) end
+  end
   return tostring(v)
 end
 M.cell = cell
