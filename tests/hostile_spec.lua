@@ -123,6 +123,25 @@ describe("the API key never shows", function()
     assert.is_nil(tostring(c2):find(SECRET, 1, true))
   end)
 
+  it("nor the base64 of base_url's user:password, which a server echoing Authorization shows", function()
+    -- no API key: the transport sends the URL's credentials as Basic auth
+    for _, form in ipairs{ { "user:" .. SECRET, "user:" .. SECRET }, { "us%65r:pa%73s-" .. SECRET, "user:pass-" .. SECRET },
+      { SECRET, SECRET .. ":" } } do
+      local b64 = require("slm.core").base64_encode(form[2])
+      local c = slm.client{ base_url = "http://" .. form[1] .. "@" .. up.url:sub(8), max_retries = 0 }
+      for _, sc in ipairs{ "echo_key=json", "echo_key=text" } do
+        local _, err = call(c, sc)
+        assert.is_table(err)
+        assert.are.equal(sc == "echo_key=json" and "auth" or "server", err.kind)
+        for _, t in ipairs(strings(err)) do
+          assert.is_nil(t[2]:find(b64:sub(1, 12), 1, true), t[1] .. " holds the Basic credential: " .. t[2])
+        end
+        assert.is_nil(tostring(err):find(b64:sub(1, 12), 1, true))
+        assert.matches("<redacted>", err.message)
+      end
+    end
+  end)
+
   it("nor a request's own secret-looking header, the client knowing nothing of it", function()
     local c = slm.client{ base_url = up.url, max_retries = 0 } -- no key of its own
     local _, err = c:chat{ messages = msgs(), model = "sim:echo_key=json",

@@ -52,6 +52,17 @@ describe("streamed chat", function()
     assert.are.equal(1, res.attempts)
   end)
 
+  it("streams when on_delta is given without stream = true; stream = false with it raises", function()
+    local deltas = {}
+    local res = assert(client():chat{ messages = msgs(), on_delta = function(t) deltas[#deltas + 1] = t end })
+    assert.is_true(H.last(up).body.stream)
+    assert.is_true(#deltas > 5)
+    assert.are.equal(res.text, table.concat(deltas))
+    local ok, why = pcall(client().chat, client(), { messages = msgs(), stream = false, on_delta = print })
+    assert.is_false(ok)
+    assert.matches("client:chat: 'on_delta' needs a stream", why)
+  end)
+
   it("asks for usage unless the caller set stream_options", function()
     stream(nil)
     assert.are.same({ include_usage = true }, H.last(up).body.stream_options)

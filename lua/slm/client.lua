@@ -78,9 +78,9 @@ function M.new(opts)
   }, Client)
   c.base_url_display = c.base_url
   -- the real URL (with its password) is a secret too; kept with the key
-  local secret_list, pw = {}, options.url_password(base)
+  local secret_list = {}
   if key then secret_list[#secret_list + 1] = key end
-  if pw then secret_list[#secret_list + 1] = pw end
+  options.add_url_secrets(secret_list, base)
   local hdrs = { "Content-Type: application/json", "User-Agent: " .. c.user_agent }
   if opts.organization then hdrs[#hdrs + 1] = "OpenAI-Organization: " .. opts.organization end
   if opts.project then hdrs[#hdrs + 1] = "OpenAI-Project: " .. opts.project end
@@ -142,6 +142,12 @@ end
 --- client:chat(req) -> Response | nil, err
 function Client:chat(req)
   local body, opts = options.request(req, "slm: client:chat", 2)
+  -- on_delta streams the call (as the tasks' on_delta does); it was once
+  -- ignored without stream = true, the caller waiting for deltas never given
+  if opts.on_delta ~= nil and not opts.stream then
+    if opts.stream == false then error("slm: client:chat: 'on_delta' needs a stream; 'stream = false' contradicts it", 2) end
+    opts.stream = true
+  end
   local m = mask.masker(self.mask_pii, opts.mask_pii)
   if m then mask.request(body, m) end
   if not opts.stream then

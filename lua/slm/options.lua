@@ -185,12 +185,27 @@ local function userinfo(url)
   return scheme, user or info, pass, rest
 end
 
---- The secret of a URL's userinfo: its password, or a userinfo without a
--- colon (a token as the user, as some gateways take it); nil when none.
-function M.url_password(url)
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+--- The secrets of a URL's userinfo, appended to list: its password, or a
+-- userinfo without a colon (a token as the user, as some gateways take
+-- it), as written and percent-decoded; and the credential of the
+-- `Authorization: Basic` header that the transports build from it (the
+-- base64 of the decoded user:password), which a server echoing its
+-- request headers shows.  Nothing when the URL has no userinfo.
+function M.add_url_secrets(list, url)
   local scheme, user, pass = userinfo(url)
-  if not scheme then return nil end
-  return pass or user
+  if not scheme then return list end
+  local secret = pass or user
+  list[#list + 1] = secret
+  list[#list + 1] = unescape(secret)
+  local plain = unescape(user) .. (pass and ":" .. unescape(pass) or "")
+  local b64 = require("slm.core").base64_encode
+  list[#list + 1] = b64(plain)
+  if not pass then list[#list + 1] = b64(plain .. ":") end
+  return list
 end
 
 --- The URL with that secret replaced (for tostring(client) and errors).

@@ -510,10 +510,11 @@ local function usage_json(sc, prompt, completion)
   return '{"prompt_tokens":' .. p .. ',"completion_tokens":' .. c .. ',"total_tokens":' .. t .. extra .. "}"
 end
 
--- The API key the request carried (after "Bearer "), for echo_key.
+-- The credential the request carried (after "Bearer ", or "Basic " for a
+-- password in the URL), for echo_key.
 local function the_key()
   local auth = ngx.var.http_authorization
-  return type(auth) == "string" and auth:match("^[Bb]earer%s+(.+)$") or ""
+  return type(auth) == "string" and auth:match("^%a+%s+(.+)$") or ""
 end
 
 local EMPTY_LIST = "__SIM_EMPTY_LIST__"
