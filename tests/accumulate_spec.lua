@@ -310,6 +310,35 @@ describe("slm.accumulate", function()
     assert.equal("y", r.text)
   end)
 
+  it("hands on only string deltas, as the text is made, and keeps integer indexes", function()
+    local acc, texts = feed{
+      '{"choices":[{"index":0.0,"delta":{"role":"assistant","content":"a"}}]}',
+      chunk{ delta(0, { content = { "weird" } }) },
+      chunk{ delta(0, { content = 7 }) },
+      '{"choices":[{"index":1.0,"delta":{"content":"b"}}]}',
+    }
+    assert.same({ "a", false, "7", false }, texts)
+    local r = acc:result()
+    assert.equal("a7", r.text)
+    assert.equal(2, #r.choices)
+    for i, c in ipairs(r.choices) do
+      assert.equal(i - 1, c.index)
+      assert.equal(tostring(i - 1), tostring(c.index)) -- 0, never 0.0
+    end
+  end)
+
+  it("leaves out top-level and choice fields of the wrong type", function()
+    local acc = feed{ { id = 5, model = { 1 }, created = "x", system_fingerprint = 9,
+      choices = { { index = 0, delta = { role = { 1 }, content = "a" }, finish_reason = 3 } } },
+      chunk{ delta(0, { content = "b" }, "stop") } }
+    local r = acc:result()
+    assert.equal("chatcmpl-1", r.id)        -- the first id of the right type
+    assert.equal("gpt-4o-mini", r.model)
+    assert.equal("assistant", r.message.role)
+    assert.equal("stop", r.finish_reason)
+    assert.is_nil(r.system_fingerprint)
+  end)
+
   it("raises on misuse", function()
     local acc = Acc.new()
     assert.has_error(function() acc:add(nil) end)

@@ -17,8 +17,13 @@
 -- chunk carried besides is still accumulated, and result() keeps working.
 -- Works unchanged under Lua 5.4 and LuaJIT.
 
-local type, pairs, pcall, setmetatable, concat, sort, tostring =
-  type, pairs, pcall, setmetatable, table.concat, table.sort, tostring
+local type, pairs, pcall, setmetatable, concat, sort, tostring, tonumber =
+  type, pairs, pcall, setmetatable, table.concat, table.sort, tostring, tonumber
+local floor = math.floor
+-- an integral number as an integer (LuaJIT: as it is); nil for any other
+local tointeger = math.tointeger or function(x)
+  if x == floor(x) and x > -2 ^ 53 and x < 2 ^ 53 then return x end
+end
 
 local ok_cjson, cjson = pcall(require, "cjson")
 local null = ok_cjson and cjson.null or nil -- JSON null as lua-cjson decodes it
@@ -174,19 +179,20 @@ function Acc:add(chunk)
   end
 
   local v
+  -- a hostile server's fields of the wrong type are left out, not passed on
   if self.id == nil then
     v = chunk.id
-    if v ~= nil and v ~= null and v ~= "" then self.id = v end
+    if type(v) == "string" and v ~= "" then self.id = v end
     v = chunk.created
-    if v ~= nil and v ~= null then self.created = v end
+    if type(v) == "number" then self.created = v end
   end
   if self.model == nil then
     v = chunk.model
-    if v ~= nil and v ~= null and v ~= "" then self.model = v end
+    if type(v) == "string" and v ~= "" then self.model = v end
   end
   if self.system_fingerprint == nil then
     v = chunk.system_fingerprint
-    if v ~= nil and v ~= null then self.system_fingerprint = v end
+    if type(v) == "string" then self.system_fingerprint = v end
   end
   v = chunk.usage
   if v ~= nil and v ~= null then self.usage = v end
@@ -198,8 +204,11 @@ function Acc:add(chunk)
     for i = 1, #choices do
       local c = choices[i]
       if type(c) == "table" then
+        -- an integer (JSON numbers may come as floats: 0.0 is 0; "1" is 1);
+        -- anything else (absent, null, 1.5) is the choice's place in the list
         local index = c.index
-        if index == nil or index == null then index = i - 1 end
+        if type(index) == "string" then index = tonumber(index) end
+        index = type(index) == "number" and tointeger(index) or i - 1
         local st = all[index] or new_choice(self, index)
         local d = c.delta
         if d == nil or d == null then
@@ -207,16 +216,19 @@ function Acc:add(chunk)
         end
         if type(d) == "table" then
           local s = d.role
-          if s ~= nil and s ~= null then st.role = s end
+          if type(s) == "string" then st.role = s end
           s = d.content
           if s ~= nil and s ~= null then
             local n = st.nc + 1
             st.content[n] = s
             st.nc = n
-            if index == 0 and s ~= "" then
+            -- the delta handed on is a string, as joined() makes the text:
+            -- a number as its text, any other piece dropped
+            if type(s) == "number" then s = tostring(s) end
+            if index == 0 and type(s) == "string" and s ~= "" then
               if text == nil then
                 text = s
-              elseif type(s) == "string" and type(text) == "string" then
+              else
                 text = text .. s -- two entries for choice 0 in one chunk
               end
             end
@@ -240,7 +252,7 @@ function Acc:add(chunk)
         local lp = c.logprobs
         if lp ~= nil and lp ~= null and type(lp) == "table" then merge_logprobs(st, lp) end
         local fr = c.finish_reason
-        if fr ~= nil and fr ~= null then
+        if type(fr) == "string" then
           st.finish_reason = fr
           if fr == "error" and not err then
             local ce = c.error

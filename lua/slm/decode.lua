@@ -9,8 +9,8 @@ local errors = require "slm.errors"
 local retry = require "slm.retry"
 local redact = require "slm.redact"
 
-local type, pairs, ipairs, tostring, tonumber, setmetatable, pcall =
-  type, pairs, ipairs, tostring, tonumber, setmetatable, pcall
+local type, pairs, ipairs, next, tostring, tonumber, setmetatable, pcall =
+  type, pairs, ipairs, next, tostring, tonumber, setmetatable, pcall
 local concat, sort, floor, huge = table.concat, table.sort, math.floor, math.huge
 local null = json.null
 
@@ -260,6 +260,9 @@ local function by_index(a, b) return a.index < b.index end
 function M.response(obj)
   local list = obj.choices
   local choices, first = {}, nil
+  -- an object ({"0": {...}}) is not the list it must be; an empty one
+  -- cannot be told from [] once decoded
+  if list[1] == nil and next(list) ~= nil then return nil, "'choices' is not a list" end
   for i = 1, #list do
     local ch = list[i]
     local msg = type(ch) == "table" and ch.message
@@ -268,7 +271,9 @@ function M.response(obj)
     local content = m.content
     local lp, index, fr = ch.logprobs, ch.index, ch.finish_reason
     if lp == null or type(lp) ~= "table" then lp = nil end
-    if fr == null then fr = nil end
+    if type(fr) ~= "string" then fr = nil end
+    if type(m.refusal) ~= "string" then m.refusal = nil end
+    if type(m.role) ~= "string" then m.role = "assistant" end
     local c = {
       index = type(index) == "number" and tointeger(index) or (i - 1),
       text = type(content) == "string" and content or message_text(content),
@@ -284,10 +289,11 @@ function M.response(obj)
   first = choices[1]
   local id, model, created, fp = obj.id, obj.model, obj.created, obj.system_fingerprint
   local usage = obj.usage
+  -- fields of the wrong type (a hostile or broken server) are left out
   return setmetatable({
-    id = id ~= null and id or nil, model = model ~= null and model or nil,
-    created = type(created) == "number" and tointeger(created) or nil,
-    system_fingerprint = fp ~= null and fp or nil,
+    id = type(id) == "string" and id or nil, model = type(model) == "string" and model ~= "" and model or nil,
+    created = int(created),
+    system_fingerprint = type(fp) == "string" and fp or nil,
     text = first and first.text or "",
     message = first and first.message or { role = "assistant" },
     tool_calls = first and first.tool_calls or {},
