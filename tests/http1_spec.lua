@@ -219,6 +219,65 @@ describe("http1.parser", function()
     assert.is_true(p3.done)
   end)
 
+  -- A chunked reply of many small chunks (sizes 1 to 9, some with
+  -- extensions, some with bare LF line ends) and the body it carries.
+  local function many_chunks(n)
+    local parts, body = { "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" }, {}
+    for i = 1, n do
+      local size = i % 9 + 1
+      local data = string.char(97 + i % 26):rep(size - 1) .. (i % 5 == 0 and "\n" or "\r")
+      local eol = i % 7 == 0 and "\n" or "\r\n"
+      parts[#parts + 1] = ("%x%s%s"):format(size, i % 11 == 0 and ";x=" .. i or "", eol) .. data .. eol
+      body[#body + 1] = data
+    end
+    parts[#parts + 1] = "0\r\n\r\n"
+    return table.concat(parts), table.concat(body)
+  end
+
+  it("decodes a body of many small chunks, split anywhere", function()
+    local reply, want = many_chunks(3000)
+    for _, step in ipairs{ #reply, 1, 2, 3, 4, 7, 16, 61, 500, 4096, 65536 } do
+      local p, body, ok, kind, msg = parse(reply, step)
+      assert.is_true(ok, step .. ": " .. tostring(kind) .. " " .. tostring(msg))
+      assert.equal(#want, #body, step)
+      assert.equal(want, body, step)
+      assert.is_true(p.done, step)
+      assert.is_true(p.reusable, step)
+      assert.equal("", p.buf, step)
+    end
+    -- the same with a byte after the end: not reusable
+    local p, body, ok = parse(reply .. "X", 1000)
+    assert.is_true(ok)
+    assert.equal(want, body)
+    assert.is_false(p.reusable)
+  end)
+
+  it("copies the rest of its buffer once per read, not once per chunk", function()
+    -- the bytes string.sub hands out while one read of 20000 chunks is
+    -- parsed: about the size of the reply, not the square of it
+    local reply, want = many_chunks(20000)
+    local real, copied = string.sub, 0
+    string.sub = function(s, i, j)
+      local r = real(s, i, j)
+      copied = copied + #r
+      return r
+    end
+    local ok, err = pcall(function()
+      package.loaded["slm.transport.http1"] = nil
+      local h = require "slm.transport.http1" -- its local sub is the counting one
+      local p = h.parser()
+      copied = 0
+      assert.is_true(p:feed(reply))
+      assert.equal(want, p:take())
+      assert.is_true(p.done)
+    end)
+    string.sub = real
+    package.loaded["slm.transport.http1"] = nil
+    http1 = require "slm.transport.http1"
+    assert(ok, err)
+    assert.is_true(copied < 4 * #reply, ("%d bytes copied for a reply of %d"):format(copied, #reply))
+  end)
+
   it("keeps failing once it failed", function()
     local p = http1.parser()
     assert.is_nil(p:feed("NOPE\r\n\r\n"))

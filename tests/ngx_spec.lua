@@ -68,21 +68,47 @@ local function series(text)
   return t
 end
 
+-- Like a lua_shared_dict of `capacity` keys: incr with an init value adds
+-- a missing key by evicting the least recently used ones when full (as
+-- nginx does), without one it says "not found"; safe_add never evicts.
 local function fake_dict(capacity)
-  local d = { data = {}, n = 0 }
+  local d = { data = {}, n = 0, used = {}, clock = 0 }
+  local function touch(k)
+    d.clock = d.clock + 1
+    d.used[k] = d.clock
+  end
+  local function evict()
+    local oldest, at
+    for k, t in pairs(d.used) do if not at or t < at then oldest, at = k, t end end
+    d:delete(oldest)
+  end
   function d:incr(k, v, init)
     if self.data[k] == nil then
-      if capacity and self.n >= capacity then return nil, "no memory" end
+      if init == nil then return nil, "not found" end
+      while capacity and self.n >= capacity do evict() end
       self.n = self.n + 1
       self.data[k] = init
     end
     self.data[k] = self.data[k] + v
+    touch(k)
     return self.data[k]
   end
-  function d:get(k) return self.data[k] end
+  function d:safe_add(k, v)
+    if self.data[k] ~= nil then return false, "exists" end
+    if capacity and self.n >= capacity then return false, "no memory" end
+    self.n = self.n + 1
+    self.data[k] = v
+    touch(k)
+    return true
+  end
+  function d:get(k)
+    if self.data[k] ~= nil then touch(k) end
+    return self.data[k]
+  end
   function d:delete(k)
     if self.data[k] ~= nil then self.n = self.n - 1 end
     self.data[k] = nil
+    self.used[k] = nil
   end
   function d:get_keys()
     local ks = {}
@@ -90,6 +116,70 @@ local function fake_dict(capacity)
     return ks
   end
   return d
+end
+
+-- Whether s is valid UTF-8 (RFC 3629), checked here independently of the
+-- library's own code.
+local function is_utf8(s)
+  local i, n = 1, #s
+  while i <= n do
+    local b = s:byte(i)
+    local len, lo, hi = 1, 0x80, 0xBF
+    if b >= 0xC2 and b <= 0xDF then len = 2
+    elseif b >= 0xE0 and b <= 0xEF then len = 3
+      if b == 0xE0 then lo = 0xA0 elseif b == 0xED then hi = 0x9F end
+    elseif b >= 0xF0 and b <= 0xF4 then len = 4
+      if b == 0xF0 then lo = 0x90 elseif b == 0xF4 then hi = 0x8F end
+    elseif b >= 0x80 then return false end
+    for k = 1, len - 1 do
+      local c = s:byte(i + k)
+      if not c or c < lo or c > hi then return false end
+      lo, hi = 0x80, 0xBF
+    end
+    i = i + len
+  end
+  return true
+end
+
+-- Every line of a text exposition well formed (version 0.0.4): comments,
+-- or name{label="value",...} number with the label values escaped.
+local function assert_exposition(text)
+  assert.is_true(is_utf8(text), "the exposition is not valid UTF-8")
+  assert.equal("\n", text:sub(-1))
+  for line in text:gmatch("([^\n]*)\n") do
+    if line:find("^#") then
+      assert.is_truthy(line:match("^# HELP [%a_:][%w_:]* .+$") or line:match("^# TYPE [%a_:][%w_:]* %a+$"), line)
+    else
+      local name, rest = line:match("^([%a_:][%w_:]*)(.*)$")
+      assert.is_truthy(name, line)
+      if rest:sub(1, 1) == "{" then
+        rest = rest:sub(2)
+        while true do
+          local lname, after = rest:match('^([%a_][%w_]*)="(.*)$')
+          assert.is_truthy(lname, line)
+          -- the value: anything but a bare \ " or newline, up to the closing quote
+          local i = 1
+          while true do
+            local c = after:sub(i, i)
+            assert.is_true(c ~= "" and c ~= "\n", line)
+            if c == "\\" then
+              assert.is_truthy(after:sub(i + 1, i + 1):match('^[\\"n]$'), line)
+              i = i + 2
+            elseif c == '"' then break
+            else i = i + 1 end
+          end
+          rest = after:sub(i + 1)
+          if rest:sub(1, 1) == "," then rest = rest:sub(2)
+          else
+            assert.equal("}", rest:sub(1, 1), line)
+            rest = rest:sub(2)
+            break
+          end
+        end
+      end
+      assert.is_truthy(rest:match("^ [-+]?[%d.eE+-]+$") or rest:match("^ [+-]Inf$") or rest == " NaN", line)
+    end
+  end
 end
 
 local slm, relay, parse, metrics
@@ -385,6 +475,42 @@ describe("slm.ngx", function()
       assert.equal(1, up:stats().aborted)
     end)
 
+    it("closes the stream and gives back the budget's hold when on_delta or final raises, then raises it", function()
+      for _, where in ipairs{ "on_delta", "final" } do
+        local n = fake_ngx()
+        _G.ngx = n
+        up:reset()
+        local b = slm.budget{ usd = 1 }
+        local c = client({ budget = b }, where == "on_delta" and "chunks=400,slow_chunks=5" or "chunks=5")
+        local s = c:stream{ messages = helpers.msgs("x") }
+        local got = 0
+        local opts = {}
+        opts[where] = function()
+          got = got + 1
+          if where == "final" or got == 3 then error("boom in " .. where) end
+        end
+        local ok, why = pcall(relay, s, opts)
+        assert.is_false(ok)
+        assert.matches("boom in " .. where, tostring(why))
+        -- nothing held any more, the pieces that arrived billed
+        assert.equal(0, select(2, b:reserved()), where)
+        assert.is_true(select(2, b:spent()) > 0, where)
+        local _, err = s:result()
+        if where == "on_delta" then
+          assert.equal("cancelled", err.kind)
+          -- the upstream saw the connection closed, long before its 400 chunks
+          local st
+          for _ = 1, 100 do
+            st = up:stats()
+            if st.aborted == 1 and st.in_flight == 0 then break end
+            os.execute("sleep 0.02")
+          end
+          assert.equal(1, st.aborted)
+          assert.equal(0, st.in_flight)
+        end
+      end
+    end)
+
     it("refuses misuse at once", function()
       _G.ngx = fake_ngx()
       assert.has_error(function() relay(42) end,
@@ -579,7 +705,103 @@ describe("slm.ngx", function()
       assert.equal("text/plain; version=0.0.4; charset=utf-8", n.header["Content-Type"])
       assert.equal(text, n.body())
       m:reset()
-      assert.same({}, d:get_keys())
+      -- only the drop counter's series is left, at 0 (made again so that a full dict can count)
+      assert.same({ "slm_metrics_dropped_total\t\t\t" }, d:get_keys())
+      assert.equal(0, series(m:text()).slm_metrics_dropped_total)
+    end)
+
+    it("never evicts other series when the dict is full: drops the new one's increments, counts them, "
+      .. "warns at most once a minute", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local d = fake_dict(5)
+      local m = metrics.new{ dict = d, vars = false }
+      for i = 1, 4 do m:inc("app_calls_total", { route = "r" .. i }, i) end
+      assert.equal(0, #n.logs)
+      -- the dict is full: a new series cannot come in, and takes nothing out
+      for _ = 1, 3 do m:inc("app_calls_total", { route = "new" }) end
+      m:inc("app_calls_total", { route = "r1" }, 10) -- an existing series still counts
+      local t = series(m:text())
+      assert.equal(11, t['app_calls_total{route="r1"}'])
+      for i = 2, 4 do assert.equal(i, t['app_calls_total{route="r' .. i .. '"}']) end
+      assert.is_nil(t['app_calls_total{route="new"}'])
+      assert.equal(3, t.slm_metrics_dropped_total)
+      -- said once, at WARN, with the way out
+      assert.equal(1, #n.logs)
+      assert.equal(n.WARN, n.logs[1][1])
+      assert.matches("dropped", n.logs[1][2])
+      assert.matches("lua_shared_dict is full", n.logs[1][2])
+      -- a minute later, the next drop is said again
+      n.t = n.t + 61
+      m:inc("app_calls_total", { route = "new2" })
+      assert.equal(2, #n.logs)
+      assert.equal(4, series(m:text()).slm_metrics_dropped_total)
+      -- a record on a full dict drops its new series too, without failing
+      m:record{ model = "m", consumer = "c", outcome = "ok", latency = 0.2, prompt_tokens = 1 }
+      assert.equal(11, series(m:text())['app_calls_total{route="r1"}'])
+      assert_exposition(m:text())
+    end)
+
+    it("makes label values valid UTF-8, cut at a character's boundary, and escapes them", function()
+      local n = fake_ngx()
+      _G.ngx = n
+      local header -- the raw bytes of an X-Consumer header
+      local m = metrics.new{ dict = fake_dict(), consumer = function() return header end, vars = false }
+      local R = "\239\191\189" -- U+FFFD
+      -- 127 bytes, then a 2-byte character that the 128-byte cut would split
+      header = ("a"):rep(127) .. "é"
+      m:record{ model = "m", outcome = "ok" }
+      -- stray and overlong bytes, a surrogate, a character cut short, quotes, backslash, newline
+      header = 'x\255y\192\175z\237\160\128w\226\130' .. '"q"\\\n' .. "ok✓"
+      m:record{ model = "m\128\n", outcome = "ok" }
+      local text = m:text()
+      assert_exposition(text)
+      local t = series(text)
+      assert.equal(1, t['slm_requests_total{consumer="' .. ("a"):rep(127) .. '",model="m",outcome="ok"}'])
+      -- each byte that starts no valid sequence is one U+FFFD (slm.redact.utf8)
+      local want = 'x' .. R .. 'y' .. R .. R .. 'z' .. R .. R .. R .. 'w' .. R .. R .. '\\"q\\"\\\\\\n' .. "ok✓"
+      assert.matches('consumer="' .. want .. '",model="m' .. R .. '\\n",outcome="ok"', text, 1, true)
+      assert.equal("abc", metrics.utf8("abc"))
+      assert.equal("é" .. R, metrics.utf8("é\195"))
+    end)
+
+    it("renders a histogram of your own (observe_value) with its buckets, _sum and _count, in any worker", function()
+      _G.ngx = fake_ngx()
+      local d = fake_dict()
+      local m = metrics.new{ dict = d, vars = false }
+      for _, v in ipairs{ 0.5, 3, 20, 5 } do m:observe_value("app_size_kb", { route = "a" }, v, { 1, 5, 10 }) end
+      m:observe_value("app_size_kb", { route = "b" }, 50, { 1, 5, 10 })
+      -- another worker's instance over the same dict: it never observed
+      for _, inst in ipairs{ m, metrics.new{ dict = d, vars = false } } do
+        local text = inst:text()
+        assert_exposition(text)
+        assert.matches("# TYPE app_size_kb histogram\n", text, 1, true)
+        assert.matches(table.concat({
+          'app_size_kb_bucket{route="a",le="1"} 1',
+          'app_size_kb_bucket{route="a",le="5"} 3',
+          'app_size_kb_bucket{route="a",le="10"} 3',
+          'app_size_kb_bucket{route="a",le="+Inf"} 4',
+          'app_size_kb_sum{route="a"} 28.5',
+          'app_size_kb_count{route="a"} 4',
+          'app_size_kb_bucket{route="b",le="1"} 0',
+          'app_size_kb_bucket{route="b",le="5"} 0',
+          'app_size_kb_bucket{route="b",le="10"} 0',
+          'app_size_kb_bucket{route="b",le="+Inf"} 1',
+          'app_size_kb_sum{route="b"} 50',
+          'app_size_kb_count{route="b"} 1',
+        }, "\n"), text, 1, true)
+        assert.is_nil(text:find("app_size_kb{", 1, true))
+        assert.is_nil(text:find("untyped", 1, true))
+      end
+      -- without labels, and misuse
+      m:observe_value("app_wait_seconds", nil, 0.3)
+      assert.matches('app_wait_seconds_bucket{le="0.5"} 1\n', m:text(), 1, true)
+      assert.matches('app_wait_seconds_count 1\n', m:text(), 1, true)
+      assert.has_error(function() m:observe_value("app x", nil, 1) end, 'slm.ngx.metrics: bad metric name "app x"')
+      assert.has_error(function() m:observe_value("app_y", nil, 1, { 2, 1 }) end,
+        "slm.ngx.metrics: buckets must be increasing finite numbers")
+      assert.has_error(function() m:observe_value("app_y", nil, "1") end,
+        "slm.ngx.metrics: observe_value needs a number, got 1")
     end)
 
     it("resolves a lua_shared_dict by name and says which one is missing", function()

@@ -138,6 +138,77 @@ function M.cancel()
     text = res and res.text, seconds = core.now() - t0, deltas = #got }
 end
 
+-- GET /cancel_other: a stream opened (its first deltas read) by the request's
+-- own thread, read on in a light thread and closed from a third one while
+-- the opener waits for the reader.
+function M.cancel_other()
+  local c = M.client("default")
+  local s = c:stream{ messages = { { role = "user", content = "cancel me elsewhere" } },
+    headers = { ["X-Sim-Scenario"] = "stall=5000" } }
+  local got = {}
+  for _ = 1, 2 do got[#got + 1] = s:next() end
+  local reader = slm.spawn(function()
+    for text in s do got[#got + 1] = text end
+    return s:result()
+  end)
+  local closer = slm.spawn(function()
+    while #got < 3 do ngx.sleep(0.01) end
+    ngx.sleep(0.1) -- the reader is blocked in the stall
+    s:close()
+  end)
+  local t0 = core.now()
+  local ok, res, err = reader:join()
+  closer:wait()
+  reply{ ok = ok, kind = err and err.kind, text = res and res.text, seconds = core.now() - t0, deltas = #got }
+end
+
+-- GET /backpressure: a streamed reply of some megabytes read by a slow
+-- consumer straight from the runtime: how much the exchange had read ahead
+-- of it meanwhile, then the rest read in full.
+function M.backpressure()
+  local rt = require "slm.transport.ngx"
+  local conn = rt.open{ url = M.sim_url .. "/chat/completions", method = "POST",
+    headers = { "Content-Type: application/json", "Authorization: Bearer sk-test-good",
+      "X-Sim-Scenario: chunks=40000" },
+    body = cjson.encode{ model = "gpt-4o-mini", stream = true, messages = { { role = "user", content = "x" } } },
+    connect_timeout = 5, timeout = 30, max_body = 1e9 }
+  local status = conn:response()
+  local taken = #(conn:read() or "")
+  local ahead = {}
+  for i = 1, 3 do
+    ngx.sleep(0.2) -- a slow consumer
+    ahead[i] = conn.parser.received - taken
+    taken = taken + #(conn:read() or "")
+  end
+  while true do
+    local b = conn:read()
+    if not b then break end
+    taken = taken + #b
+  end
+  local ok, kind, msg = conn:result()
+  reply{ status = status, ahead = ahead, total = taken, received = conn.parser.received, ok = ok, kind = kind,
+    message = msg }
+end
+
+-- GET /abandoned: a streamed reply of some megabytes that nobody reads
+-- after its headers (nor cancels): the exchange waits for its consumer only
+-- until the call's deadline (timeout = 1), then ends as timed out.
+function M.abandoned()
+  local rt = require "slm.transport.ngx"
+  local t0 = ngx.now()
+  local conn = rt.open{ url = M.sim_url .. "/chat/completions", method = "POST",
+    headers = { "Content-Type: application/json", "Authorization: Bearer sk-test-good",
+      "X-Sim-Scenario: chunks=40000" },
+    body = cjson.encode{ model = "gpt-4o-mini", stream = true, messages = { { role = "user", content = "x" } } },
+    connect_timeout = 5, timeout = 1, max_body = 1e9 }
+  local status = conn:response()
+  while not conn.ended and ngx.now() - t0 < 10 do ngx.sleep(0.05) end
+  local ok, kind, msg = conn:result()
+  conn:cancel()
+  ngx.update_time()
+  reply{ status = status, ok = ok, kind = kind, message = msg, seconds = ngx.now() - t0 }
+end
+
 -- GET /core: whether this worker ever initialised libcurl, after counting
 -- tokens and making cosocket calls; the tokenizer's memory.
 function M.core_state()

@@ -5,6 +5,7 @@
 local launch = require "tests.upstream.launch"
 local H = require "tests.helpers"
 local cjson = require "cjson"
+local core = require "slm.core"
 
 local sim, app
 
@@ -49,6 +50,16 @@ local APP_SERVER = [[
         location = /many { content_by_lua_block { require("ngx_transport_app").many() } }
         location = /fresh { content_by_lua_block { require("ngx_transport_app").fresh() } }
         location = /cancel { content_by_lua_block { require("ngx_transport_app").cancel() } }
+        location = /cancel_other { content_by_lua_block { require("ngx_transport_app").cancel_other() } }
+        location = /backpressure { content_by_lua_block { require("ngx_transport_app").backpressure() } }
+        location = /abandoned { content_by_lua_block { require("ngx_transport_app").abandoned() } }
+        location = /v6 {
+          content_by_lua_block {
+            local app = require "ngx_transport_app"
+            -- the simulator by an IPv6 literal: its IPv4-mapped address (the packets go to 127.0.0.1)
+            app.chat{ base_url = app.sim_url:gsub("^http://127%.0%.0%.1:", "http://[::ffff:127.0.0.1]:") }
+          }
+        }
         location = /core { content_by_lua_block { require("ngx_transport_app").core_state() } }
         location = /access {
           access_by_lua_block { require("ngx_transport_app").try("access") }
@@ -203,6 +214,14 @@ describe("slm.transport.ngx inside nginx", function()
     assert.equal("Echo: over one point one", r.text)
   end)
 
+  it("connects to an IPv6 literal base_url ([::ffff:127.0.0.1]), the brackets kept in the Host header", function()
+    local r = get_json("/v6?prompt=over%20v6&client=v6")
+    assert.equal("Echo: over v6", r.text, cjson.encode(r))
+    r = get_json("/v6?prompt=over%20v6%20stream&client=v6&stream=1")
+    assert.equal("Echo: over v6 stream", r.text, cjson.encode(r))
+    assert.matches("^%[::ffff:127%.0%.0%.1%]:%d+$", H.last(sim).headers.host)
+  end)
+
   it("keeps connections alive: sequential calls reuse one connection", function()
     for i = 1, 5 do ngx_fields{ prompt = "keepalive " .. i } end
     for i = 1, 3 do ngx_fields{ prompt = "keepalive stream " .. i, stream = 1 } end
@@ -258,6 +277,37 @@ describe("slm.transport.ngx inside nginx", function()
     -- the simulator saw the connection go away
     local st = H.wait_idle(sim, function() os.execute("sleep 0.05") end, 3)
     assert.equal(0, st.in_flight)
+  end)
+
+  it("closes the upstream connection at once when a stream opened in another light thread is closed", function()
+    local t0 = core.now()
+    local r = get_json("/cancel_other")
+    -- the request ends when its last light thread does: the exchange's, at once, not after the 5 s stall
+    local secs = core.now() - t0
+    assert.is_true(r.ok, cjson.encode(r))
+    assert.equal("cancelled", r.kind)
+    assert.is_true(r.seconds < 2, "the reader woke after " .. r.seconds .. " s")
+    assert.is_true(secs < 2, "the request took " .. secs .. " s")
+    local st = H.wait_idle(sim, function() os.execute("sleep 0.02") end, 0.5)
+    assert.equal(0, st.in_flight)
+    assert.equal(1, st.aborted)
+  end)
+
+  it("reads only a bounded amount ahead of a slow consumer, then the whole reply", function()
+    local r = get_json("/backpressure")
+    assert.equal(200, r.status, cjson.encode(r))
+    assert.is_true(r.ok, cjson.encode(r))
+    assert.is_true(r.total > 2e6, r.total) -- megabytes of events
+    assert.equal(r.received, r.total)
+    -- read_ahead (128 KiB) and at most one read (64 KiB) beyond it, never the megabytes
+    for i = 1, 3 do assert.is_true(r.ahead[i] <= 196608, "read ahead: " .. r.ahead[i]) end
+  end)
+
+  it("ends a reply that nobody reads at the call's deadline, not waiting for its consumer for good", function()
+    local r = get_json("/abandoned")
+    assert.equal(200, r.status, cjson.encode(r))
+    assert.equal("timeout", r.kind, cjson.encode(r))
+    assert.is_true(r.seconds < 5, "ended after " .. r.seconds .. " s")
   end)
 
   it("never initialises libcurl in a worker that counted tokens and made calls", function()

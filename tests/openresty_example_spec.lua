@@ -62,6 +62,8 @@ describe("examples/openresty/run", function()
     assert.is_true(final.cost > 0)
     assert.is_true(final.simulated)
 
+    assert.equal("s1", final.session)
+
     local metrics = curl(base .. "/metrics")
     assert.matches('slm_requests_total{consumer="team-a",model="gpt-4o-mini",outcome="ok"} 2', metrics, 1, true)
     assert.matches('slm_ttft_seconds_count{consumer="team-a",model="gpt-4o-mini"} 1', metrics, 1, true)
@@ -74,6 +76,41 @@ describe("examples/openresty/run", function()
     end
     assert.matches(("consumer=team%%-a tokens=%d cost=0%%.%%d+ ttft=%%d+%%.%%d%%d%%d"):format(final.usage.total_tokens), line)
     assert.matches("model=gpt%-4o%-mini", line)
+
+    -- no session, or one that is not ours: a fresh random id each (header and done event), never a
+    -- conversation shared with other users
+    local sim_port = assert(tonumber(info.backend:match("^http://127%.0%.0%.1:(%d+)/")), info.backend)
+    local function chat(t)
+      local hf = os.tmpname()
+      local b = curl("-N -D " .. H.q(hf) .. " --data-binary " .. H.q(cjson.encode(t)) .. " " .. base .. "/chat")
+      local head = H.read_file(hf)
+      os.remove(hf)
+      local _, fin = require("slm.ngx").parse_events(b)
+      return fin, head:match("\n[Xx]%-[Ss]ession%-[Ii]d: ([^\r\n]+)"), b
+    end
+    local seen = {}
+    for i, t in ipairs{ { message = "my card number is 4111, can I pay in instalments?" },
+        { message = "second user here", session = "bad id!" }, { message = "third", session = "" },
+        { message = "fourth", session = 42 } } do
+      local fin, header = chat(t)
+      assert.is_table(fin, i)
+      assert.matches("^s%-%x+$", fin.session)
+      assert.equal(34, #fin.session)
+      assert.equal(fin.session, header)
+      assert.is_nil(seen[fin.session], "a session id given twice")
+      seen[fin.session] = true
+      if i > 1 then
+        -- the model saw none of the first user's conversation
+        local last = H.last{ port = sim_port }
+        assert.is_nil(last.raw_body:find("4111", 1, true), "another user's history was sent")
+      end
+    end
+    -- an id too long is refused, never cut (two long ids sharing their first 64 characters would
+    -- share a conversation); 64 characters are fine
+    local long = ("a"):rep(64)
+    assert.equal("400", curl("-o /dev/null -w '%{http_code}' --data-binary " .. H.q(cjson.encode{
+      session = long .. "x", message = "hi" }) .. " " .. base .. "/chat"))
+    assert.equal(long, (chat{ session = long, message = "hi" }).session)
 
     out, ok = sh(CLEAN .. H.q(RUN) .. " stop")
     assert(ok, out)

@@ -35,26 +35,57 @@ local function body()
   return cjson.decode(ngx.req.get_body_data() or "") or {}
 end
 
---- POST /relay {message, scenario, retries, max_bytes, max_seconds, form = "stream"|"request"|"push", consumer}
+--- POST /relay {message, scenario, retries, max_bytes, max_seconds, form = "stream"|"request"|"push", consumer,
+-- raise = "on_delta"|"final" (that callback raises at its second call; the relay's error is caught and
+-- said in an `event: raised`)}
 function M.relay()
   local b = body()
   local c = client(b.scenario, b.retries)
   local req = { messages = { { role = "user", content = b.message or "hello" } }, consumer = b.consumer }
   local opts = { max_bytes = b.max_bytes, max_seconds = b.max_seconds, metrics = get_metrics(),
     consumer = b.consumer }
-  local form = b.form or "stream"
-  if form == "request" then
-    opts.client = c
-    slm.ngx.relay(req, opts)
-  elseif form == "push" then
-    req.stream = true
-    slm.ngx.relay(function(emit)
-      req.on_delta = emit
-      return c:chat(req)
-    end, opts)
-  else
-    slm.ngx.relay(c:stream(req), opts)
+  if b.raise then
+    local calls = 0
+    opts[b.raise] = function()
+      calls = calls + 1
+      if b.raise == "final" or calls == 2 then error("boom in " .. b.raise, 0) end
+    end
   end
+  local form = b.form or "stream"
+  local ok, err = pcall(function()
+    if form == "request" then
+      opts.client = c
+      slm.ngx.relay(req, opts)
+    elseif form == "push" then
+      req.stream = true
+      slm.ngx.relay(function(emit)
+        req.on_delta = emit
+        return c:chat(req)
+      end, opts)
+    else
+      slm.ngx.relay(c:stream(req), opts)
+    end
+  end)
+  if not ok then
+    if not b.raise then error(err, 0) end
+    ngx.print(slm.ngx.event("raised", { error = tostring(err) }))
+  end
+end
+
+--- GET /fill?n=: a slm.ngx.metrics over the small lua_shared_dict slm_metrics_tiny, n series added
+-- -> {first, last, dropped, series}: the first series' value, the last one's, the drop count
+function M.fill()
+  local m = slm.ngx.metrics.new{ dict = "slm_metrics_tiny", vars = false }
+  m:reset()
+  local n = tonumber(ngx.var.arg_n) or 1000
+  for i = 1, n do m:inc("app_fill_total", { i = tostring(i) }) end
+  m:inc("app_fill_total", { i = "1" })
+  local dict = ngx.shared.slm_metrics_tiny
+  local function v(i) return dict:get('app_fill_total\t\ti="' .. i .. '"\t') end
+  local text = m:text()
+  ngx.header["Content-Type"] = "application/json"
+  ngx.print(cjson.encode{ first = v(1), last = v(n) or cjson.null,
+    dropped = tonumber(text:match("\nslm_metrics_dropped_total (%d+)")), series = #dict:get_keys(0) })
 end
 
 --- GET /budget -> {spent_usd, spent_tokens, reserved_usd, reserved_tokens}

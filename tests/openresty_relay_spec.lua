@@ -14,6 +14,7 @@ local sim, app
 
 local APP_HTTP = [[
     lua_shared_dict slm_metrics 2m;
+    lua_shared_dict slm_metrics_tiny 12k;
     init_by_lua_block { require("openresty_relay_app").sim_url = "@SIM_URL@" }
 ]]
 
@@ -24,6 +25,7 @@ local APP_SERVER = [[
         }
         location = /budget { content_by_lua_block { require("openresty_relay_app").budget() } }
         location = /metrics { content_by_lua_block { require("openresty_relay_app").metrics() } }
+        location = /fill { content_by_lua_block { require("openresty_relay_app").fill() } }
 ]]
 
 -- POST path with a JSON body through curl: status, headers (lowercase
@@ -244,6 +246,40 @@ describe("slm.ngx.relay in nginx", function()
     list = events(body)
     assert.equal(1, #list)
     assert.equal("duration", list[1].data.capped)
+  end)
+
+  it("stops the watchdog, the upstream and the budget's hold when on_delta or final raises", function()
+    for _, raise in ipairs{ "on_delta", "final" } do
+      sim:reset()
+      local before = budget()
+      local t0 = core.now()
+      local status, _, body = post("/relay", { message = "x", max_seconds = 4, raise = raise,
+        scenario = raise == "on_delta" and "chunks=2000,slow_chunks=5" or "chunks=5" })
+      local secs = core.now() - t0
+      assert.equal(200, status)
+      assert.matches('event: raised\ndata: {"error":"boom in ' .. raise .. '"}', body, 1, true)
+      -- the request ends at once: no watchdog left to wait for its 4 s
+      assert.is_true(secs < 2, raise .. ": the request took " .. secs .. " s")
+      local st = wait_sim(function(s) return s.in_flight == 0 end)
+      assert.equal(0, st.in_flight)
+      assert.equal(1, st.requests)
+      if raise == "on_delta" then assert.equal(1, st.aborted) end
+      local after = budget()
+      assert.equal(0, after.reserved_tokens, raise)
+      assert.is_true(after.spent_tokens > before.spent_tokens, raise)
+    end
+  end)
+
+  it("never evicts a series from a full lua_shared_dict: the new ones are dropped, counted, logged", function()
+    local logged = select(2, app:error_log():gsub("increment%(s%) dropped", ""))
+    local r = cjson.decode(get("/fill?n=2000"))
+    assert.equal(2, r.first) -- the first series is still there, and still counts
+    assert.equal(cjson.null, r.last) -- the 2000th found no room
+    assert.is_true(r.dropped > 0 and r.dropped < 2000, r.dropped)
+    assert.is_true(r.series > 10 and r.series < 2000, r.series)
+    local log = app:error_log()
+    assert.equal(logged + 1, select(2, log:gsub("increment%(s%) dropped", ""))) -- once, not per drop
+    assert.matches("%[warn%][^\n]*slm.ngx.metrics: %d+ increment%(s%) dropped", log)
   end)
 
   it("answers an error before output with an HTTP status and JSON, after output with an error event", function()

@@ -7,7 +7,11 @@
 --   GET  /              the chat page (chat.html)
 --   GET  /info          {"model", "backend", "simulated"} for the page
 --   POST /chat          {"session", "message"} -> the reply streamed as SSE (slm.ngx.relay),
---                       ending with usage, cost, the cited sources and a handover
+--                       ending with usage, cost, the cited sources, a handover and
+--                       the session id (also the X-Session-Id header): a request
+--                       without one (or with one that is not 1-64 of A-Z a-z 0-9 _ -)
+--                       gets a fresh random one, never a shared conversation; an
+--                       id longer than 64 characters is refused (400)
 --   POST /classify      {"text"} -> {"label", "confidence", "usage", "cost", "model"}
 --   GET  /metrics       Prometheus text (slm.ngx.metrics over lua_shared_dict slm_metrics)
 --
@@ -136,14 +140,35 @@ function M.info()
   reply_json(200, { model = cfg.model, backend = c.base_url, simulated = cfg.simulated })
 end
 
+M.MAX_SESSION = 64 -- characters of a session id
+
+-- A fresh session id: 128 random bits from the kernel, in hex ("s-" and 32
+-- digits), so that nobody can guess another's conversation.
+local urandom
+local function new_session()
+  if not urandom then urandom = assert(io.open("/dev/urandom", "rb")) end
+  local bytes = urandom:read(16)
+  if not bytes or #bytes ~= 16 then error("examples/openresty: cannot read /dev/urandom", 0) end
+  return "s-" .. (bytes:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+M.new_session = new_session
+
 --- POST /chat {session, message}: the bot's reply, streamed.
 function M.chat()
   local req = body_json()
   if not req or type(req.message) ~= "string" or not req.message:find("%S") then
     return bad_request("expected a JSON body {\"session\": \"...\", \"message\": \"...\"}")
   end
-  local session = type(req.session) == "string" and req.session:match("^[%w_-]+$") and req.session:sub(1, 64)
-    or "anonymous"
+  local session = req.session
+  if type(session) == "string" and #session > M.MAX_SESSION then
+    -- never cut: two long ids sharing their first 64 characters would share a conversation
+    return bad_request("session id longer than " .. M.MAX_SESSION .. " characters")
+  end
+  if type(session) ~= "string" or not session:match("^[%w_-]+$") then
+    -- none, or not one of ours: a conversation of its own, never a shared one
+    session = new_session()
+  end
+  ngx.header["X-Session-Id"] = session
   local s = get()
   slm.ngx.relay(function(emit)
     return s.bot:reply(session, req.message, { on_delta = emit })
@@ -151,8 +176,8 @@ function M.chat()
     metrics = s.metrics, consumer = ngx.var.http_x_consumer or "web",
     max_bytes = cfg.max_bytes, max_seconds = cfg.max_seconds,
     final = function(res)
-      if not res then return nil end
-      return { sources = res.sources, escalate = res.escalate, simulated = cfg.simulated,
+      if not res then return { session = session } end
+      return { session = session, sources = res.sources, escalate = res.escalate, simulated = cfg.simulated,
         error = res.error and { kind = res.error.kind, message = res.error.message } or nil }
     end,
   })

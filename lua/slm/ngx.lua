@@ -319,20 +319,34 @@ function M.relay(src, opts)
     return true
   end
 
+  -- A callback (on_delta, final) or anything else that raises: the
+  -- watchdog stopped, the streams closed (the upstream request, the
+  -- budget's hold and the slot given back; what arrived is billed), then
+  -- the error raised again to the relay's caller.
+  local function fail(e)
+    st.done = true
+    if watchdog then ngx.thread.kill(watchdog) end
+    pcall(stop)
+    error(e, 0)
+  end
+
   local res, err
   if stream then
-    while true do
-      local text, chunk = stream:next()
-      if text == nil then break end
-      if not piece(text, chunk) then break end
-      if unflushed and not pending(stream) then
-        unflushed = false
-        if not flush() then
-          st.aborted = true
-          break
+    local ok, e = pcall(function()
+      while true do
+        local text, chunk = stream:next()
+        if text == nil then break end
+        if not piece(text, chunk) then break end
+        if unflushed and not pending(stream) then
+          unflushed = false
+          if not flush() then
+            st.aborted = true
+            break
+          end
         end
       end
-    end
+    end)
+    if not ok then fail(e) end
     if st.aborted or st.capped then stream:close() end
     res, err = stream:result()
   else
@@ -350,9 +364,7 @@ function M.relay(src, opts)
     elseif r == STOP then
       res, err = nil, { kind = "cancelled", message = st.aborted and "the client went away" or "capped" }
     else
-      st.done = true
-      if watchdog then ngx.thread.kill(watchdog) end
-      error(r, 0)
+      fail(r)
     end
   end
   st.done = true
@@ -382,7 +394,8 @@ function M.relay(src, opts)
     bytes = st.bytes, capped = st.capped,
   }
   if opts.final then
-    local extra = opts.final(res, err)
+    local ok, extra = pcall(opts.final, res, err)
+    if not ok then fail(extra) end
     if type(extra) == "table" then for k, v in pairs(extra) do final[k] = v end end
   end
 

@@ -15,12 +15,19 @@
 -- the browsers that went away and the streams it cut (opts.metrics).
 --
 -- Keys in the dict are "family\tsuffix\tlabels\tle"; histogram buckets are
--- stored cumulative (an observation adds to every bucket it fits), so
--- rendering is a read.  A full dict drops the increment and says so once
--- in the error log: metrics never fail a request.  Label values are the
--- caller's: keep consumers a bounded set (a key's name, not the key).
+-- stored cumulative (an observation adds to every bucket it fits, and 0 to
+-- the others, so that every series has all its buckets), so rendering is a
+-- read, in any worker.  A series is only ever added with safe_add: a full
+-- dict never evicts the other series; the increment of a series that
+-- cannot be added is dropped, counted in slm_metrics_dropped_total (its
+-- key is made first, when the instance is) and logged at WARN at most once
+-- a minute per worker: metrics never fail a request.  Label values are made
+-- valid UTF-8 (U+FFFD for bad bytes) and escaped as the text format wants;
+-- they are the caller's: keep consumers a bounded set (a key's name, not
+-- the key).
 local type, pairs, ipairs, tostring, tonumber, error, setmetatable, format, concat, sort, huge =
   type, pairs, ipairs, tostring, tonumber, error, setmetatable, string.format, table.concat, table.sort, math.huge
+local byte, sub, max = string.byte, string.sub, math.max
 
 local M = {}
 
@@ -40,6 +47,8 @@ local FAMILIES = {
   { "slm_ttft_seconds", "histogram", "Time to the first token of a streamed call." },
   { "slm_relay_aborts_total", "counter", "Streams relayed to a browser that went away before the end." },
   { "slm_relay_capped_total", "counter", "Streams relayed to a browser that were cut by a cap (bytes, duration)." },
+  { "slm_metrics_dropped_total", "counter",
+    "Increments dropped because their series could not be added: the lua_shared_dict is full." },
 }
 local FAMILY = {}
 for i, f in ipairs(FAMILIES) do FAMILY[f[1]] = { order = i, kind = f[2], help = f[3] } end
@@ -49,10 +58,28 @@ local Metrics = {}
 Metrics.__index = Metrics
 Metrics.__name = "slm.ngx.metrics"
 
--- A label value as the text format wants it: \ " and newline escaped; tabs
--- and other control characters (our key separator among them) as spaces.
+-- s as valid UTF-8: each byte that does not start a valid sequence (a
+-- stray byte, a character cut short, an overlong form, a surrogate) is
+-- U+FFFD (slm.redact's, as in error messages).
+local valid_utf8 = require("slm.redact").utf8
+M.utf8 = valid_utf8
+
+-- At most n bytes of the valid UTF-8 string s, never cutting a character.
+local function utf8_prefix(s, n)
+  if #s <= n then return s end
+  local b = byte(s, n + 1)
+  while n > 0 and b and b >= 0x80 and b < 0xC0 do
+    n = n - 1
+    b = byte(s, n + 1)
+  end
+  return sub(s, 1, n)
+end
+
+-- A label value as the text format wants it: valid UTF-8; \ " and newline
+-- escaped; tabs and other control characters (our key separator among
+-- them) as spaces.
 local function esc(v)
-  v = tostring(v):gsub("[%z\1-\9\11-\31\127]", " ")
+  v = valid_utf8(tostring(v)):gsub("[%z\1-\9\11-\31\127]", " ")
   return (v:gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
 end
 M.escape = esc
@@ -81,6 +108,12 @@ local function buckets_ok(b)
   return true
 end
 
+local function key(family, suffix, labels, le)
+  return family .. "\t" .. suffix .. "\t" .. labels .. "\t" .. (le or "")
+end
+
+local DROPPED = key("slm_metrics_dropped_total", "", "")
+
 local function resolve_dict(d)
   if type(d) == "table" then return d end
   if type(d) ~= "string" then error("slm.ngx.metrics: option 'dict' must be a lua_shared_dict name or a dict", 3) end
@@ -95,8 +128,9 @@ local OPTIONS = { dict = true, buckets = true, ttft_buckets = true, consumer = t
 
 --- metrics.new{ dict = "slm_metrics" | dict, buckets = {...}, ttft_buckets = {...},
 ---   consumer = string | function(event) -> string, vars = false }
--- dict: a lua_shared_dict name (or any table with incr/get/get_keys, for
--- tests); consumer: the label when the call names none (its request's
+-- dict: a lua_shared_dict name (or any table with incr (without an init
+-- value: nil, "not found" for a missing key), safe_add, get, get_keys and
+-- delete, for tests); consumer: the label when the call names none (its request's
 -- `consumer` option); vars: false to leave the access-log variables alone
 -- (slm.ngx.log_vars).
 function M.new(opts)
@@ -112,21 +146,38 @@ function M.new(opts)
   if c ~= nil and type(c) ~= "string" and type(c) ~= "function" then
     error("slm.ngx.metrics: option 'consumer' must be a string or a function(event)", 2)
   end
-  return setmetatable({ dict = resolve_dict(opts.dict or "slm_metrics"), buckets = b, ttft_buckets = tb,
-    consumer = c, vars = opts.vars ~= false, warned = false }, Metrics)
+  local m = setmetatable({ dict = resolve_dict(opts.dict or "slm_metrics"), buckets = b, ttft_buckets = tb,
+    consumer = c, vars = opts.vars ~= false, warned = false, dropped = 0, histograms = {} }, Metrics)
+  -- the drop counter's series exists before the dict can fill up
+  m.dict:safe_add(DROPPED, 0)
+  return m
 end
 
-local function key(family, suffix, labels, le)
-  return family .. "\t" .. suffix .. "\t" .. labels .. "\t" .. (le or "")
+-- A series' value raised by v, never evicting another series to make room
+-- for a new one (incr with an init value would: the dict's LRU).
+local function put(dict, k, v)
+  local n, err = dict:incr(k, v)
+  if n or err ~= "not found" then return n, err end
+  local ok, aerr = dict:safe_add(k, 0)
+  if not ok and aerr ~= "exists" then return nil, aerr end
+  return dict:incr(k, v)
 end
+
+M.WARN_EVERY = 60 -- seconds between two WARN lines of one worker about drops
 
 function Metrics:add(k, v)
-  local ok, err = self.dict:incr(k, v, 0)
-  if not ok and not self.warned then
-    self.warned = true
-    local msg = "slm.ngx.metrics: an increment was dropped (" .. tostring(err)
-      .. "): make the lua_shared_dict larger (reported once per worker)"
-    if ngx and ngx.log then ngx.log(ngx.ERR, msg) end
+  local ok, err = put(self.dict, k, v)
+  if ok then return end
+  self.dropped = self.dropped + 1
+  put(self.dict, DROPPED, 1)
+  local t = ngx and ngx.now and ngx.now() or os.time()
+  if not self.warned or t - self.warned >= M.WARN_EVERY then
+    local msg = format("slm.ngx.metrics: %d increment(s) dropped (%s): the lua_shared_dict is full, a new "
+      .. "series cannot be added (no other is evicted); make it larger or keep the labels a bounded set "
+      .. "(slm_metrics_dropped_total counts them; said at most every %d s per worker)", self.dropped,
+      tostring(err), M.WARN_EVERY)
+    self.warned, self.dropped = t, 0
+    if ngx and ngx.log then ngx.log(ngx.WARN, msg) end
   end
 end
 
@@ -149,21 +200,37 @@ local function le_text(x)
   return shortest(x)
 end
 
--- One observation of a histogram: every bucket it fits, +Inf, sum, count.
+-- One observation of a histogram: 1 to every bucket it fits, 0 to the
+-- others (so that every series has all its buckets, whichever worker
+-- renders them), +Inf, sum, count.
 local function observe(self, family, lt, value, buckets)
-  for i = #buckets, 1, -1 do
+  for i = 1, #buckets do
     local le = buckets[i]
-    if value > le then break end
-    self:add(key(family, "_bucket", lt, le_text(le)), 1)
+    self:add(key(family, "_bucket", lt, le_text(le)), value > le and 0 or 1)
   end
   self:add(key(family, "_bucket", lt, "+Inf"), 1)
   self:add(key(family, "_sum", lt), value)
   self:add(key(family, "_count", lt), 1)
 end
 
---- m:observe_value(family, labels, value, buckets)
+--- m:observe_value(family, labels, value, buckets): one observation of a
+-- histogram family of your own (buckets: increasing finite numbers, the
+-- latency buckets by default; keep them the same for a family), rendered
+-- as a histogram with its buckets, _sum and _count.
 function Metrics:observe_value(family, labels, value, buckets)
-  observe(self, family, label_text(labels), value, buckets or self.buckets)
+  if type(family) ~= "string" or not family:match("^[%a_:][%w_:]*$") then
+    error(format("slm.ngx.metrics: bad metric name %q", tostring(family)), 2)
+  end
+  if FAMILY[family] and FAMILY[family].kind ~= "histogram" then
+    error(format("slm.ngx.metrics: %s is lua-slm's own counter", family), 2)
+  end
+  if type(value) ~= "number" or value ~= value then
+    error("slm.ngx.metrics: observe_value needs a number, got " .. tostring(value), 2)
+  end
+  buckets = buckets or self.buckets
+  if not buckets_ok(buckets) then error("slm.ngx.metrics: buckets must be increasing finite numbers", 2) end
+  self.histograms[family] = buckets
+  observe(self, family, label_text(labels), value, buckets)
 end
 
 -- The consumer of an event: its own, else the option's.
@@ -174,7 +241,8 @@ function Metrics:consumer_of(ev)
     if type(c) == "function" then c = c(ev) end
   end
   if c == nil or c == "" then return "-" end
-  return tostring(c):sub(1, 128)
+  -- valid UTF-8, cut at a character's boundary (a header's raw bytes)
+  return utf8_prefix(valid_utf8(tostring(c)), 128)
 end
 
 -- Phases with a request whose variables the access log will show (not
@@ -235,6 +303,7 @@ function Metrics:text()
   local keys = dict:get_keys(0)
   local fams = {} -- family -> { labels -> { [suffix or le] = value } }
   local extra = {}
+  local les = {} -- family -> { le text -> number }: the buckets its keys have
   for _, k in ipairs(keys) do
     local fam, suffix, lt, le = family_of(k)
     local v = fam and tonumber(dict:get(k))
@@ -248,41 +317,71 @@ function Metrics:text()
       local series = f[lt]
       if not series then series = {}; f[lt] = series end
       series[suffix == "_bucket" and ("le=" .. le) or suffix] = v
+      if suffix == "_bucket" then
+        local l = les[fam]
+        if not l then l = {}; les[fam] = l end
+        l[le] = tonumber(le) or (le == "+Inf" and huge) or nil
+      end
     end
   end
+  -- a custom histogram's buckets: those of its keys (every series has all
+  -- of them, whichever worker observed it) and those given in this worker
+  local function custom_buckets(name)
+    local seen, list = {}, {}
+    for _, le in ipairs(self.histograms[name] or {}) do
+      seen[le_text(le)] = true
+      list[#list + 1] = le
+    end
+    for t, le in pairs(les[name] or {}) do
+      if le ~= huge and not seen[t] then
+        seen[t] = true
+        list[#list + 1] = le
+      end
+    end
+    sort(list)
+    return list
+  end
   local out = {}
+  local function braces(lt) return lt ~= "" and "{" .. lt .. "}" or "" end
   local function family_lines(name, kind, help)
     local f = fams[name]
-    if help then
-      out[#out + 1] = "# HELP " .. name .. " " .. help
-      out[#out + 1] = "# TYPE " .. name .. " " .. kind
-    end
+    if help then out[#out + 1] = "# HELP " .. name .. " " .. help end
+    out[#out + 1] = "# TYPE " .. name .. " " .. kind
     if not f then return end
     local sets = {}
     for lt in pairs(f) do sets[#sets + 1] = lt end
     sort(sets)
+    local bk
+    if kind == "histogram" then
+      if FAMILY[name] then bk = name == "slm_ttft_seconds" and self.ttft_buckets or self.buckets
+      else bk = custom_buckets(name) end
+    end
     for _, lt in ipairs(sets) do
       local s = f[lt]
       if kind == "histogram" then
-        local bk = name == "slm_ttft_seconds" and self.ttft_buckets or self.buckets
         local sep = lt ~= "" and "," or ""
+        -- cumulative, never decreasing (a bucket a full dict dropped reads
+        -- as the one below it)
+        local acc = 0
         for _, le in ipairs(bk) do
           local t = le_text(le)
-          out[#out + 1] = format('%s_bucket{%s%sle="%s"} %s', name, lt, sep, t, value_text(s["le=" .. t] or 0))
+          acc = max(acc, s["le=" .. t] or 0)
+          out[#out + 1] = format('%s_bucket{%s%sle="%s"} %s', name, lt, sep, t, value_text(acc))
         end
-        out[#out + 1] = format('%s_bucket{%s%sle="+Inf"} %s', name, lt, sep, value_text(s["le=+Inf"] or 0))
-        out[#out + 1] = format("%s_sum{%s} %s", name, lt, value_text(s._sum or 0))
-        out[#out + 1] = format("%s_count{%s} %s", name, lt, value_text(s._count or 0))
+        acc = max(acc, s["le=+Inf"] or s._count or 0)
+        out[#out + 1] = format('%s_bucket{%s%sle="+Inf"} %s', name, lt, sep, value_text(acc))
+        out[#out + 1] = format("%s_sum%s %s", name, braces(lt), value_text(s._sum or 0))
+        out[#out + 1] = format("%s_count%s %s", name, braces(lt), value_text(s._count or acc))
       else
-        out[#out + 1] = format("%s{%s} %s", name, lt, value_text(s[""] or 0))
+        out[#out + 1] = format("%s%s %s", name, braces(lt), value_text(s[""] or 0))
       end
     end
   end
   for _, f in ipairs(FAMILIES) do family_lines(f[1], f[2], f[3]) end
   sort(extra)
   for _, name in ipairs(extra) do
-    out[#out + 1] = "# TYPE " .. name .. " untyped"
-    family_lines(name, "untyped")
+    -- a family with buckets is a histogram (m:observe_value), else untyped (m:inc)
+    family_lines(name, (les[name] or self.histograms[name]) and "histogram" or "untyped")
   end
   out[#out + 1] = ""
   return concat(out, "\n")
@@ -300,6 +399,7 @@ function Metrics:reset()
   for _, k in ipairs(self.dict:get_keys(0)) do
     if family_of(k) then self.dict:delete(k) end
   end
+  self.dict:safe_add(DROPPED, 0)
 end
 
 -- One instance per dict name and worker, for the module-level shortcuts.

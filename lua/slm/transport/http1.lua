@@ -10,6 +10,7 @@
 --   p.status, p.headers                  -- once p.head_done (names lowercase,
 --                                        -- a repeated one: the last, as libcurl's)
 --   p:take() -> body bytes decoded since the last take, or nil
+--   p.nbytes                             -- how many bytes the next take holds
 --   p.done                               -- the body is complete
 --   local ok, kind, msg = p:eof()        -- the peer closed: the end of a
 --                                        -- read-until-close body, else "connect"
@@ -87,9 +88,9 @@ function M.parser(opts)
   opts = opts or {}
   return setmetatable({
     method = opts.method or "GET", max_body = opts.max_body,
-    buf = "", state = HEAD, head_done = false, done = false, reusable = false,
+    buf = "", pos = 1, state = HEAD, head_done = false, done = false, reusable = false,
     status = false, headers = false, version = false,
-    out = {}, nout = 0, received = 0, remaining = 0, trailer_bytes = 0, keep = true,
+    out = {}, nout = 0, nbytes = 0, received = 0, remaining = 0, trailer_bytes = 0, keep = true,
   }, Parser)
 end
 
@@ -110,13 +111,14 @@ local function emit(p, s)
   local n = p.nout + 1
   p.nout = n
   p.out[n] = s
+  p.nbytes = p.nbytes + #s
   return true
 end
 
 local function finish(p)
   p.state = DONE
   p.done = true
-  p.reusable = p.keep and p.buf == ""
+  p.reusable = p.keep and p.pos > #p.buf -- nothing after the reply
   return true
 end
 
@@ -205,20 +207,27 @@ local function start_body(p, status, headers)
   return true
 end
 
--- Consume p.buf as far as it goes.
-local function run(p)
+-- Consume p.buf from p.pos as far as it goes.  The bytes consumed are
+-- skipped by moving p.pos, never cut off one piece at a time (a read of
+-- many small chunks would copy the rest of the buffer once per chunk);
+-- run() drops them once, when it is done with what it was given.
+local function step(p)
+  local buf = p.buf
   while true do
-    local st, buf = p.state, p.buf
+    local st, pos = p.state, p.pos
+    local left = #buf - pos + 1
     if st == HEAD then
-      local e, stop = find(buf, "\r?\n\r?\n")
+      local e, stop = find(buf, "\r?\n\r?\n", pos)
       if not e then
-        if #buf > M.MAX_HEAD then return fail(p, "protocol", "reply headers larger than "
+        if left > M.MAX_HEAD then return fail(p, "protocol", "reply headers larger than "
           .. M.MAX_HEAD .. " bytes") end
         return true
       end
-      if e > M.MAX_HEAD then return fail(p, "protocol", "reply headers larger than " .. M.MAX_HEAD .. " bytes") end
-      local block = sub(buf, 1, e - 1)
-      p.buf = sub(buf, stop + 1)
+      if e - pos + 1 > M.MAX_HEAD then
+        return fail(p, "protocol", "reply headers larger than " .. M.MAX_HEAD .. " bytes")
+      end
+      local block = sub(buf, pos, e - 1)
+      p.pos = stop + 1
       local status, headers = parse_head(p, block)
       if not status then return nil, headers, p.message end
       if status >= 100 and status < 200 and status ~= 101 then
@@ -229,37 +238,38 @@ local function run(p)
         if not ok then return nil, kind, msg end
       end
     elseif st == BODY_LENGTH then
-      if buf == "" then return true end
+      if left <= 0 then return true end
       local r = p.remaining
-      if #buf <= r then
-        p.buf = ""
-        p.remaining = r - #buf
-        local ok, kind, msg = emit(p, buf)
+      if left <= r then
+        p.pos = #buf + 1
+        p.remaining = r - left
+        local ok, kind, msg = emit(p, pos == 1 and buf or sub(buf, pos))
         if not ok then return nil, kind, msg end
         if p.remaining == 0 then return finish(p) end
         return true
       end
-      p.buf = sub(buf, r + 1)
+      p.pos = pos + r
       p.remaining = 0
-      local ok, kind, msg = emit(p, sub(buf, 1, r))
+      local ok, kind, msg = emit(p, sub(buf, pos, pos + r - 1))
       if not ok then return nil, kind, msg end
       -- bytes after the body: the server sent more than it announced
       p.keep = false
       return finish(p)
     elseif st == BODY_CLOSE then
-      if buf == "" then return true end
-      p.buf = ""
-      local ok, kind, msg = emit(p, buf)
+      if left <= 0 then return true end
+      p.pos = #buf + 1
+      local ok, kind, msg = emit(p, pos == 1 and buf or sub(buf, pos))
       if not ok then return nil, kind, msg end
       return true
     elseif st == CHUNK_SIZE then
-      local e = find(buf, "\n", 1, true)
+      local e = find(buf, "\n", pos, true)
       if not e then
-        if #buf > M.MAX_CHUNK_LINE then return fail(p, "protocol", "chunk size line too long") end
+        if left > M.MAX_CHUNK_LINE then return fail(p, "protocol", "chunk size line too long") end
         return true
       end
-      local line = sub(buf, 1, e - 1)
-      p.buf = sub(buf, e + 1)
+      if e - pos > M.MAX_CHUNK_LINE then return fail(p, "protocol", "chunk size line too long") end
+      local line = sub(buf, pos, e - 1)
+      p.pos = e + 1
       if byte(line, -1) == 13 then line = sub(line, 1, -2) end
       local hex, ext = line:match("^(%x+)[ \t]*(.*)$")
       if not hex or (ext ~= "" and sub(ext, 1, 1) ~= ";") then
@@ -278,13 +288,15 @@ local function run(p)
         p.state = CHUNK_DATA
       end
     elseif st == CHUNK_DATA then
-      if buf == "" then return true end
+      if left <= 0 then return true end
       local r = p.remaining
       local piece
-      if #buf <= r then
-        piece, p.buf = buf, ""
+      if left <= r then
+        piece = pos == 1 and buf or sub(buf, pos)
+        p.pos = #buf + 1
       else
-        piece, p.buf = sub(buf, 1, r), sub(buf, r + 1)
+        piece = sub(buf, pos, pos + r - 1)
+        p.pos = pos + r
       end
       p.remaining = r - #piece
       local ok, kind, msg = emit(p, piece)
@@ -292,32 +304,45 @@ local function run(p)
       if p.remaining > 0 then return true end
       p.state = CHUNK_CRLF
     elseif st == CHUNK_CRLF then
-      if buf == "" or buf == "\r" then return true end
-      local b1 = byte(buf, 1)
+      if left <= 0 or (left == 1 and byte(buf, pos) == 13) then return true end
+      local b1 = byte(buf, pos)
       if b1 == 10 then
-        p.buf = sub(buf, 2)
-      elseif b1 == 13 and byte(buf, 2) == 10 then
-        p.buf = sub(buf, 3)
+        p.pos = pos + 1
+      elseif b1 == 13 and byte(buf, pos + 1) == 10 then
+        p.pos = pos + 2
       else
         return fail(p, "protocol", "chunk data not followed by CRLF")
       end
       p.state = CHUNK_SIZE
     elseif st == TRAILERS then
-      local e = find(buf, "\n", 1, true)
+      local e = find(buf, "\n", pos, true)
       if not e then
-        if #buf + p.trailer_bytes > M.MAX_TRAILERS then return fail(p, "protocol", "trailers too large") end
+        if left + p.trailer_bytes > M.MAX_TRAILERS then return fail(p, "protocol", "trailers too large") end
         return true
       end
-      local line = sub(buf, 1, e - 1)
-      p.buf = sub(buf, e + 1)
-      p.trailer_bytes = p.trailer_bytes + e
+      local line = sub(buf, pos, e - 1)
+      p.pos = e + 1
+      p.trailer_bytes = p.trailer_bytes + (e - pos + 1)
       if p.trailer_bytes > M.MAX_TRAILERS then return fail(p, "protocol", "trailers too large") end
       if line == "" or line == "\r" then return finish(p) end
     else -- DONE: anything more is not ours (a pipelining server would be wrong)
-      if buf ~= "" then p.keep, p.reusable, p.buf = false, false, "" end
+      if left > 0 then p.keep, p.reusable, p.pos = false, false, #buf + 1 end
       return true
     end
   end
+end
+
+local function run(p)
+  local ok, kind, msg = step(p)
+  -- the consumed bytes dropped at once, with one copy of what is left
+  local pos, buf = p.pos, p.buf
+  if pos > #buf then
+    p.buf = ""
+  elseif pos > 1 then
+    p.buf = sub(buf, pos)
+  end
+  p.pos = 1
+  return ok, kind, msg
 end
 
 --- Bytes from the socket: -> true | nil, kind, message
@@ -340,7 +365,7 @@ function Parser:take()
   local out = self.out
   local s = n == 1 and out[1] or concat(out, "", 1, n)
   for i = 1, n do out[i] = nil end
-  self.nout = 0
+  self.nout, self.nbytes = 0, 0
   return s
 end
 

@@ -10,9 +10,10 @@
 -- parser; response()/read() wait on the conn's semaphore for what it has
 -- parsed.  So cancel() from any light thread wakes a reader at once (a
 -- cosocket blocked in receive cannot be closed from another thread: "socket
--- busy reading"); the I/O thread is killed by its parent (the thread that
--- opened the conn), which aborts its pending receive, or stops by itself
--- after its current operation when nobody can kill it.
+-- busy reading"); and it wakes the exchange's thread, which runs the
+-- socket's work in a child thread of its own and kills it (only a parent
+-- may), aborting its pending receive, then closes the socket: the upstream
+-- sees the connection go at once, whichever thread opened it.
 --
 -- Connections are kept alive in nginx's cosocket pool (setkeepalive, only
 -- after a body was read in full and the reply allows reuse), one pool per
@@ -46,11 +47,12 @@ local settings = {
   pool_size = 64,              -- kept-alive connections per pool and worker
   keepalive_timeout = 60,      -- seconds an idle pooled connection is kept
   read_size = 65536,           -- receiveany's maximum
+  read_ahead = 131072,         -- body bytes read beyond what the consumer took, at most (plus one read)
   resolve = false,             -- host name -> IP address, used instead of nginx's resolver
 }
 
 --- configure{ trusted_certificate = path, pool_size = n, keepalive_timeout = s,
---   resolve = { [host] = "ip" } }
+--   resolve = { [host] = "ip" }, read_ahead = bytes }
 --- track_stream(s): a stream opened inside slm.ngx.relay's push source is
 -- listed in the request's ngx.ctx.slm_relay_streams, so that the relay can
 -- close it at once when the browser leaves or a cap is reached (the other
@@ -82,7 +84,7 @@ function M.configure(opts)
         error("slm.transport.ngx.configure: trusted_certificate must be a path string", 2)
       end
     elseif type(v) ~= "number" or v <= 0 or v ~= v or v == math.huge
-        or (k == "pool_size" and v % 1 ~= 0) then
+        or ((k == "pool_size" or k == "read_ahead") and v % 1 ~= 0) then
       error("slm.transport.ngx.configure: " .. k .. " must be a positive number", 2)
     end
     settings[k] = v
@@ -320,6 +322,16 @@ local function budget(c, phase)
   return left or 3600
 end
 
+-- The address to connect to: nginx parses it as a URL's host, so an IPv6
+-- literal (the URL's host without its brackets: "::1") needs them back
+-- ("[::1]"), or it reads the last group as a port.
+local function connect_host(host)
+  local h = settings.resolve and settings.resolve[host] or host
+  if h:find(":", 1, true) and h:sub(1, 1) ~= "[" then h = "[" .. h .. "]" end
+  return h
+end
+M.connect_host = connect_host
+
 local function io_main(c)
   local o, u = c.opts, c.url
   local tls = u.scheme == "https"
@@ -334,7 +346,7 @@ local function io_main(c)
     local left = budget(c, "connect")
     if left <= 0 then return conclude(c, nil, "timeout", "connect timed out") end
     sock:settimeouts(ms(left), ms(left), ms(left))
-    local ok, err = sock:connect(settings.resolve and settings.resolve[u.host] or u.host, u.port, { pool = pool })
+    local ok, err = sock:connect(connect_host(u.host), u.port, { pool = pool })
     if c.cancelled then return close_socket(c) end
     if not ok then
       local kind, msg = socket_failure(c, err, "connect to " .. u.authority)
@@ -410,6 +422,28 @@ local function io_main(c)
         return conclude(c, true)
       end
       if p.head_done or p.nout > 0 then waiter_notify(c) end
+      -- backpressure: no more reads while the consumer has not taken what
+      -- is there (the upstream's writes wait in the socket buffers, not
+      -- up to max_body in this worker's memory); read() wakes us.  Never
+      -- past the call's total deadline: a conn nobody reads (nor closes)
+      -- then ends as timed out, as it would have without the wait
+      while p.nbytes >= settings.read_ahead and not c.cancelled do
+        local wait = 60
+        if o.timeout then
+          wait = c.t0 + o.timeout - now()
+          if wait <= 0 then break end
+          if wait > 60 then wait = 60 end
+        end
+        local fill = c.fill
+        if not fill then
+          fill = semaphore.new(0)
+          c.fill = fill
+        end
+        c.filled = true
+        fill:wait(wait)
+        c.filled = false
+      end
+      if c.cancelled then return close_socket(c) end
     elseif err == "closed" then
       c.sock = nil
       local ok, kind, msg = p:eof()
@@ -437,12 +471,37 @@ local function io_main(c)
   end
 end
 
-local function io_thread(c)
+local function io_worker(c)
   local ok, err = pcall(io_main, c)
   if not ok then
     close_socket(c)
     conclude(c, nil, "connect", "slm: transport error: " .. tostring(err))
   end
+  c.worker_done = true
+  local sup = c.sup
+  if sup then sup:post(1) end
+end
+
+-- The exchange's own light thread: it starts the worker (io_main) as its
+-- child and waits for it to end or for a cancel.  Only a thread's parent
+-- may kill it (which aborts the cosocket operation it is blocked in), and
+-- this one is always free to: so cancel() from any light thread (not only
+-- the one that opened the conn) closes the socket at once, instead of
+-- after the upstream's next bytes or a timeout.
+local function io_thread(c)
+  local sup = semaphore.new(0)
+  c.sup = sup
+  local w, err = spawn_thread(io_worker, c)
+  if not w then
+    conclude(c, nil, "connect", "cannot start the exchange: " .. tostring(err))
+  else
+    while not c.worker_done and not c.cancelled do sup:wait(3600) end
+    if not c.worker_done then
+      kill_thread(w)
+      close_socket(c)
+    end
+  end
+  c.sup = nil
   c.thread = nil
   c.io_done = true
 end
@@ -493,17 +552,12 @@ function M.open(o)
   return c
 end
 
--- Stop the I/O thread if this thread may (its parent), else it stops by
--- itself after its current operation.
+-- Stop the exchange (from any light thread): its thread wakes, kills the
+-- worker in the middle of whatever it waits for and closes the socket, as
+-- soon as this thread yields.
 local function stop_io(c)
-  local th = c.thread
-  if th then
-    local ok = kill_thread(th)
-    if ok then
-      c.thread = nil
-      close_socket(c)
-    end
-  end
+  local sup = c.sup
+  if sup then sup:post(1) end
 end
 
 function Conn:response()
@@ -528,7 +582,10 @@ function Conn:read()
       return nil
     end
     local b = p and p:take()
-    if b then return b end
+    if b then
+      if self.filled then self.fill:post(1) end -- the I/O thread may read on
+      return b
+    end
     if self.ended then return nil end
     waiter_wait(self)
   end
