@@ -35,6 +35,49 @@ local function run(cmdline)
   return out, H.read_file(errf), ok and 0 or code
 end
 
+-- bin/slm in the background: a handle with kill(sig), wait() -> exit status, stderr().
+local function spawn(cmdline)
+  local pidf, rcf = dir .. "/pid", dir .. "/rc"
+  os.remove(pidf); os.remove(rcf)
+  H.write_file(dir .. "/bg.sh", ("%sbin/slm %s </dev/null >%s/bg.out 2>%s/bg.err &\necho $! >%s\nwait $!\necho $? >%s\n")
+    :format(env(), cmdline, dir, dir, pidf, rcf))
+  assert(os.execute("sh " .. dir .. "/bg.sh 2>/dev/null &"))
+  local pid
+  for _ = 1, 200 do
+    local f = io.open(pidf)
+    pid = f and f:read("l")
+    if f then f:close() end
+    if pid and pid ~= "" then break end
+    os.execute("sleep 0.01")
+  end
+  local h = { pid = assert(tonumber(pid)) }
+  function h.wait()
+    for _ = 1, 3000 do
+      local f = io.open(rcf)
+      local rc = f and f:read("l")
+      if f then f:close() end
+      if rc and rc ~= "" then return tonumber(rc) end
+      os.execute("sleep 0.01")
+    end
+    error("bin/slm did not exit")
+  end
+  function h.kill(sig) os.execute(("kill -%s %d"):format(sig, h.pid)) end
+  function h.stderr() return H.read_file(dir .. "/bg.err") end
+  return h
+end
+
+-- Wait until a file holds the pattern.
+local function wait_for(path, pattern)
+  for _ = 1, 1000 do
+    local f = io.open(path, "rb")
+    local text = f and f:read("a")
+    if f then f:close() end
+    if text and text:find(pattern) then return text end
+    os.execute("sleep 0.01")
+  end
+  error(path .. " never held " .. pattern)
+end
+
 local function rows_of(path)
   local rows = {}
   local f = io.open(path, "rb")
@@ -309,6 +352,87 @@ describe("slm --via batch", function()
     assert.equal(2, code)
     assert.matches("^Usage: slm batch {status,resume,cancel} <id>", err)
     assert.falsy(err:find("batch-job", 1, true), err)
+  end)
+
+  it("a batch whose creation was cut off (the process killed before the batch id was saved) is adopted by the rerun, not made again", function()
+    mode("polls=2")
+    local input = tickets(4)
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(CLASSIFY .. "--via batch --no-wait -o " .. out .. " " .. input)
+    assert.equal(0, code, err)
+    assert.equal(1, up:batch_stats().creates)
+    -- the ledger as a process killed inside the create left it: the file, no batch id
+    local lpath = out .. ".batch/ledger.json"
+    local text = H.read_file(lpath)
+    local cut, n = text:gsub('"id":"batch_sim%d+",', "")
+    assert.equal(1, n)
+    cut = cut:gsub('"status":"[%w_]+"', '"status":"uploading"')
+    H.write_file(lpath, cut)
+    _, err, code = run(CLASSIFY .. "--via batch -o " .. out .. " " .. input)
+    assert.equal(0, code, err)
+    local rows = rows_of(out)
+    assert.equal(4, #rows)
+    for _, r in ipairs(rows) do assert.equal("ok", r.status) end
+    local bs = up:batch_stats()
+    assert.equal(1, bs.creates) -- found by its input file, not made a second time
+    assert.equal(4, bs.lines)
+  end)
+
+  for _, sig in ipairs({ "INT", "TERM" }) do
+    it("SIG" .. sig .. " while waiting for the batches: the summary, exit 130, and a rerun collects them", function()
+      mode("step_ms=300") -- the batch takes over a second
+      local input = tickets(3)
+      local out = dir .. "/out.jsonl"
+      local h = spawn(CLASSIFY .. "--via batch --no-progress -o " .. out .. " " .. input)
+      wait_for(out .. ".batch/ledger.json", '"id":"batch_sim%d+"')
+      os.execute("sleep 0.1")
+      h.kill(sig)
+      local code = h.wait()
+      local err = h.stderr()
+      assert.equal(130, code, err)
+      assert.matches("3 rows: 0 succeeded, 0 failed, 3 not attempted", err)
+      assert.matches("interrupted; rerun the same command", err)
+      assert.falsy(err:find("traceback", 1, true), err)
+      local _
+      _, err, code = run(CLASSIFY .. "--via batch -o " .. out .. " " .. input)
+      assert.equal(0, code, err)
+      assert.equal(3, #rows_of(out))
+      local bs = up:batch_stats()
+      assert.equal(1, bs.creates)
+      assert.equal(3, bs.lines)
+    end)
+  end
+
+  it("two jobs over the same rows have IDs of their own: one job's ID never resumes the other", function()
+    mode("polls=100")
+    local input = tickets(2)
+    local ids = {}
+    for _, name in ipairs({ "a", "b" }) do
+      local id, err, code = run(CLASSIFY .. "--via batch --no-wait -o " .. dir .. "/" .. name .. ".jsonl " .. input)
+      assert.equal(0, code, err)
+      ids[name] = assert(id:match("^(%x+)\n$"), id)
+    end
+    assert.are_not.equal(ids.a, ids.b)
+    for name, id in pairs(ids) do
+      local st = run("batch status " .. id)
+      assert.matches("^batch job " .. id .. " %(.-/" .. name .. "%.jsonl%.batch%)", st)
+    end
+  end)
+
+  it("a --budget cannot bound a model with no price: its rows are refused, exit 3, nothing sent", function()
+    local input = tickets(3)
+    local out = dir .. "/out.jsonl"
+    local _, err, code = run(CLASSIFY .. "-m sim-unpriced-model --budget 1 --via batch -o " .. out .. " " .. input)
+    assert.equal(3, code, err)
+    assert.matches("model sim%-unpriced%-model has no price, so a USD budget cannot bound it", err)
+    assert.matches("3 not attempted", err)
+    local bs = up:batch_stats()
+    assert.equal(0, bs.lines)
+    assert.equal(0, bs.creates)
+    -- the direct path refuses it the same way
+    _, err, code = run(CLASSIFY .. "-m sim-unpriced-model --budget 1 -o " .. dir .. "/direct.jsonl " .. input)
+    assert.equal(3, code, err)
+    assert.matches("has no price", err)
   end)
 
   it("the stand-ins: the batched request is answered by its body, any other goes to the real client", function()

@@ -408,6 +408,64 @@ describe("slm.batchapi jobs", function()
     assert.equal(1, batch_stats().creates)
   end)
 
+  -- A process killed (SIGKILL, Ctrl-C) after the upload and before the
+  -- batch's id was saved leaves an entry with its input file and no batch:
+  -- the ledger as that process left it, then another process goes on.
+  local function cut_off(n, made)
+    local c = client()
+    local dir = tmpdir()
+    local job = batchapi.job{ client = c, dir = dir, requests = requests(n), poll_interval = 0.01 }
+    local file = assert(batchapi.upload(c, table.concat(job:request_lines(), "\n") .. "\n", "cut.jsonl"))
+    local L = job.ledger
+    local rows = {}
+    for i, id in ipairs(L.order) do rows[i] = id end
+    L.batches[1] = { rows = json.array(rows), status = "uploading", collected = false, submitted_at = os.time(),
+      part = 1, input_file_id = file.id }
+    job:save()
+    if made then assert(batchapi.create(c, file.id)) end -- the provider made it; its reply never arrived
+    return c, dir
+  end
+
+  it("adopts a batch whose creation was cut off: found by its input file, polled and collected, not made again", function()
+    local c, dir = cut_off(3, true)
+    assert.equal(1, batch_stats().creates)
+    local job = assert(batchapi.open(c, dir, { poll_interval = 0.01 }))
+    assert(job:run())
+    local st = job:status()
+    assert.same({ 3, 3, 0 }, { st.rows, st.succeeded, st.pending })
+    assert.equal(1, #job.ledger.batches)
+    assert.truthy(job.ledger.batches[1].id)
+    local bs = batch_stats()
+    assert.equal(1, bs.creates)
+    assert.equal(3, bs.lines)
+  end)
+
+  it("creates the batch again from the uploaded file when the cut-off creation made none", function()
+    local c, dir = cut_off(3, false)
+    assert.equal(0, batch_stats().creates)
+    local job = assert(batchapi.open(c, dir, { poll_interval = 0.01 }))
+    assert(job:resume())
+    assert.equal(3, job:status().succeeded)
+    local bs = batch_stats()
+    assert.equal(1, bs.creates)
+    assert.equal(1, bs.uploads) -- the file uploaded before is the one used
+    assert.equal(3, bs.lines)
+  end)
+
+  it("gives two jobs over the same custom_ids with other requests other IDs", function()
+    local c = client()
+    local a = batchapi.job{ client = c, dir = tmpdir(), requests = requests(2) }
+    local b = batchapi.job{ client = c, dir = tmpdir(), requests = requests(2, { " [other prompt]", " [other prompt]" }) }
+    local a2 = batchapi.job{ client = c, dir = tmpdir(), requests = requests(2) }
+    assert.same(a.ledger.order, b.ledger.order)
+    assert.are_not.equal(a.ledger.id, b.ledger.id)
+    assert.equal(a.ledger.id, a2.ledger.id) -- the same requests: the same ID
+    local list = requests(2)
+    for _, r in ipairs(list) do r.body.model = "nousresearch/hermes-3-llama-3.1-405b" end
+    local m = batchapi.job{ client = c, dir = tmpdir(), requests = list }
+    assert.are_not.equal(a.ledger.id, m.ledger.id)
+  end)
+
   it("derives stable custom_ids and refuses duplicates", function()
     assert.equal("slm-abc", batchapi.custom_id("abc"))
     assert.is_true(#batchapi.custom_id(string.rep("k", 100)) <= 64)

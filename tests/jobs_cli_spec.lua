@@ -797,6 +797,115 @@ describe("what README's command-line section promises", function()
     assert.matches("\nslm batch: 1 requests", err)
   end)
 
+  it("a ledger or usage log that cannot be written (a full disk) stops the job: an error naming it, exit 1, the rows done kept", function()
+    local input = tickets(6, dir .. "/in.jsonl")
+    local out = dir .. "/out.jsonl"
+    assert(os.execute("ln -s /dev/full " .. out .. ".ledger"))
+    local _, err, code = run(("classify %s -c 1 --no-progress -o %s %s"):format(LABELS, out, input))
+    assert.are.equal(1, code, err)
+    assert.truthy(err:find("cannot write the ledger " .. out .. ".ledger: No space left on device", 1, true), err)
+    assert.matches("5 not attempted", err)
+    assert.falsy(err:find("the ledger has every finished row", 1, true), err)
+    assert.are.equal(1, up:stats().requests) -- stopped at the first row it could not record
+    assert.are.equal(1, #jsonl_rows(out))      -- that row's result is kept
+    -- the usage log
+    local out2, log = dir .. "/out2.jsonl", dir .. "/u.jsonl"
+    assert(os.execute("ln -s /dev/full " .. log))
+    _, err, code = run(("classify %s -c 1 --no-progress --usage-log %s -o %s %s"):format(LABELS, log, out2, input))
+    assert.are.equal(1, code, err)
+    assert.truthy(err:find("cannot write the usage log " .. log .. ": No space left on device", 1, true), err)
+    assert.are.equal(2, up:stats().requests)
+    -- its ledger has the row: a rerun sends only the others
+    _, err, code = run(("classify %s --no-progress --usage-log %s -o %s %s"):format(LABELS, dir .. "/u2.jsonl", out2, input))
+    assert.are.equal(0, code, err)
+    assert.are.equal(7, up:stats().requests)
+    assert.are.equal(6, #jsonl_rows(out2))
+  end)
+
+  it("the summary counts every row, a repeated input too, and every request, a task's re-asks too", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"id":1,"text":"same words"}\n{"id":2,"text":"same words"}\n{"id":3,"text":"other words"}\n')
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, dir .. "/c.jsonl", input))
+    assert.are.equal(0, code, err)
+    assert.matches("3 rows: 3 succeeded, 0 failed\n", err)
+    assert.matches("\nslm classify: 2 requests", err)
+    assert.are.equal(2, up:stats().requests)
+    -- an extract whose first reply lacks a field: the repair re-ask is a second request
+    local schema = dir .. "/s.json"
+    H.write_file(schema, H.ORDER_SCHEMA)
+    H.write_file(input, '{"id":"r1","text":"Order 58213 is late"}\n')
+    local key = ("--header 'X-Sim-Key: count-%d-%d' "):format(os.time(), math.random(1e9))
+    _, err, code = run(("extract --schema %s " .. key .. "--header 'X-Sim-Scenario: missing_field,fail=1' --no-progress"
+      .. " -o %s %s"):format(schema, dir .. "/e.jsonl", input))
+    assert.are.equal(0, code, err)
+    assert.matches("1 rows: 1 succeeded, 0 failed\n", err)
+    assert.matches("\nslm extract: 2 requests", err)
+  end)
+
+  it("a task that raises (a template variable that is no text) is a final invalid_request row: no request counted, none sent again", function()
+    local tpl, input, out = dir .. "/t.txt", dir .. "/in.jsonl", dir .. "/g.jsonl"
+    H.write_file(tpl, "Write to {{name}}")
+    H.write_file(input, '{"name":{"first":"Al"}}\n{"name":"Bo"}\n')
+    local _, err, code = run(("generate --template %s --no-progress -o %s %s"):format(tpl, out, input))
+    assert.are.equal(1, code, err)
+    assert.matches("2 rows: 1 succeeded, 1 failed %(invalid_request 1%)", err)
+    assert.matches("\nslm generate: 1 requests", err)
+    local rows = jsonl_rows(out)
+    assert.are.equal("invalid_request", rows[1].error_kind)
+    assert.matches("template variable 'name' must be a string", rows[1].error)
+    assert.are.equal(1, up:stats().requests)
+    _, err, code = run(("generate --template %s --no-progress -o %s %s"):format(tpl, out, input))
+    assert.are.equal(1, code, err)
+    assert.are.equal(1, up:stats().requests) -- not tried again
+  end)
+
+  it("a CSV header that names a column twice is refused, naming it", function()
+    local input = dir .. "/in.csv"
+    H.write_file(input, "id,text,text\n1,first text,second text\n")
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, dir .. "/o.csv", input))
+    assert.are.equal(2, code, err)
+    assert.matches("the CSV header names the column 'text' twice %(columns 2 and 3%)", err)
+    assert.are.equal(0, up:stats().requests)
+  end)
+
+  it("an input column named like a result column's slm_ name is kept: the result goes to slm_slm_<name>", function()
+    local input = dir .. "/in.jsonl"
+    H.write_file(input, '{"text":"my invoice","label":"mine","slm_label":"also mine","slm_status":"x","status":"y"}\n')
+    local _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, dir .. "/o.jsonl", input))
+    assert.are.equal(0, code, err)
+    local r = jsonl_rows(dir .. "/o.jsonl")[1]
+    assert.are.same({ "mine", "also mine", "x", "y" }, { r.label, r.slm_label, r.slm_status, r.status })
+    assert.is_string(r.slm_slm_label)
+    assert.are.equal("ok", r.slm_slm_status)
+    -- CSV: every column once, in order
+    local csv_in = dir .. "/in.csv"
+    H.write_file(csv_in, "text,label,slm_label\nmy invoice,mine,also mine\n")
+    _, err, code = run(("classify %s --no-progress -o %s %s"):format(LABELS, dir .. "/o.csv", csv_in))
+    assert.are.equal(0, code, err)
+    local header = H.read_file(dir .. "/o.csv"):match("^[^\r\n]*")
+    assert.are.equal("text,label,slm_label,slm_slm_label,confidence,review,status,error_kind,error,cost,tokens", header)
+    assert.matches("\nmy invoice,mine,also mine,", H.read_file(dir .. "/o.csv"))
+  end)
+
+  it("an output, ledger or usage log that is the input by another path (./x, a symlink) is refused; the input is left alone", function()
+    local input = tickets(2, dir .. "/in.jsonl")
+    local before = H.read_file(input)
+    assert(os.execute("ln -s in.jsonl " .. dir .. "/link.jsonl"))
+    local cases = {
+      { "-o " .. dir .. "/./in.jsonl", "output" },
+      { "-o " .. dir .. "/link.jsonl", "output" },
+      { "-o " .. dir .. "/o.jsonl --usage-log " .. dir .. "/link.jsonl", "usage log" },
+      { "-o " .. dir .. "/o.jsonl --ledger " .. dir .. "//in.jsonl", "ledger" },
+    }
+    for _, c in ipairs(cases) do
+      local _, err, code = run(("classify %s --no-progress %s %s"):format(LABELS, c[1], input))
+      assert.are.equal(2, code, c[1] .. ": " .. err)
+      assert.matches("the " .. c[2] .. " .- is also an input", err)
+    end
+    assert.are.equal(before, H.read_file(input))
+    assert.are.equal(0, up:stats().requests)
+  end)
+
   it("a missing_column error names the input line, as a ragged row's does (a CSV record may span lines)", function()
     local input = dir .. "/in.csv"
     H.write_file(input, 'id,text\n1,"two\nlines"\n2,three\n')

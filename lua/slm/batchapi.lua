@@ -65,12 +65,17 @@ function M.upload(client, data, filename)
 end
 
 --- The batch made of an input file, if there is one (the newest
--- `pages` x 100 batches are looked at): -> Batch object | nil
+-- `pages` x 100 batches are looked at): -> Batch object | nil (none
+-- found), or nil, err when the list could not be read (then nobody knows
+-- whether the batch exists)
 function M.find_by_file(client, file_id, pages)
   local after
   for _ = 1, pages or 5 do
-    local list = M.list(client, { limit = 100, after = after })
-    if type(list) ~= "table" or type(list.data) ~= "table" then return nil end
+    local list, err = M.list(client, { limit = 100, after = after })
+    if not list then return nil, err end
+    if type(list) ~= "table" or type(list.data) ~= "table" then
+      return nil, errors.new("protocol", "the batch list is not a list", { status = 0 })
+    end
     for _, b in ipairs(list.data) do
       if type(b) == "table" and b.input_file_id == file_id then return b end
     end
@@ -279,13 +284,17 @@ end
 
 -- Append collected lines to results.jsonl (flushed before the ledger says
 -- the batch was collected: a crash in between collects it again, harmlessly).
+-- A write that fails (a full disk) raises: the ledger must not say the
+-- batch was collected while its results are not on disk.
 local function append_results(self, lines)
   if #lines == 0 then return end
-  local f, err = open_file(self.dir .. "/results.jsonl", "ab")
-  if not f then error("slm.batchapi: cannot write " .. self.dir .. "/results.jsonl: " .. tostring(err), 0) end
-  f:write(concat(lines, "\n"), "\n")
-  f:flush()
-  f:close()
+  local path = self.dir .. "/results.jsonl"
+  local f, err = open_file(path, "ab")
+  if not f then error("slm.batchapi: cannot write " .. path .. ": " .. tostring(err), 0) end
+  local ok, werr = f:write(concat(lines, "\n"), "\n")
+  if ok then ok, werr = f:flush() end
+  local cok, cerr = f:close()
+  if not ok or not cok then error("slm.batchapi: cannot write " .. path .. ": " .. tostring(werr or cerr), 0) end
 end
 
 local OPTIONS = { client = "table", dir = "string", requests = "table", max_requests = "number",
@@ -377,7 +386,11 @@ function M.job(opts)
   if not ok then error("slm.batchapi.job: cannot write " .. dir .. "/requests.jsonl: " .. tostring(err), 2) end
   local ledger = {
     format = M.FORMAT,
-    id = opts.id or require("slm.core").sha256(concat(order, "\n")):sub(1, 16),
+    -- what the job sends (every request line: custom_id, model, messages,
+    -- options; the endpoint, the provider), not only the custom_ids: two
+    -- jobs over the same rows with another prompt or model are two jobs
+    id = opts.id or require("slm.core").sha256(json.encode({ endpoint = endpoint, base_url = client.base_url or "",
+      lines = json.array(lines) })):sub(1, 16),
     created_at = os.time(), endpoint = endpoint, base_url = client.base_url,
     price_factor = opts.price_factor,
     order = json.array(order), rows = rows, batches = json.array({}),
@@ -457,11 +470,46 @@ local function record_failures(self, ids, err)
   self.results_cache = false
 end
 
+--- Entries whose batch was being created when the process that made them
+-- died (Ctrl-C, SIGKILL, a lost reply: the ledger has the uploaded file
+-- but no batch id): the provider may have made the batch, and run and
+-- bill it.  Each is looked up by its input file; a batch found is adopted
+-- (its id, its status: polled and collected as any other), else the batch
+-- is created again from the same file (M.create, which looks again before
+-- each retry).  A failed look-up leaves the entry as it is (its rows are
+-- not sent twice): nil, err.  -> true | nil, err
+function Job:adopt()
+  local L = self.ledger
+  for _, b in ipairs(L.batches) do
+    if not b.id and not b.collected and b.input_file_id then
+      local found, ferr = M.find_by_file(self.client, b.input_file_id)
+      if not found and ferr then return nil, ferr end
+      if not found then
+        local metadata = { slm_job = L.id, slm_part = tostring(b.part) }
+        for k, v in pairs(self.metadata or {}) do metadata[k] = tostring(v) end
+        local err
+        found, err = M.create(self.client, b.input_file_id, { endpoint = L.endpoint, metadata = metadata })
+        if not found then
+          b.status, b.collected, b.create_error = "not_created", true, tostring(err)
+          self:save()
+          return nil, err
+        end
+      end
+      b.id, b.status, b.adopted = found.id, found.status, true
+      self:save()
+    end
+  end
+  return true
+end
+
 --- Upload and create batches for the rows that need one (`indices`:
 -- positions in the request list; default every row with no result and
 -- in no live batch).  -> the batches made (list) | nil, err (what was
--- made before the error is in the ledger).
+-- made before the error is in the ledger).  A batch whose creation was
+-- cut off before is adopted first (Job:adopt).
 function Job:submit(indices)
+  local aok, aerr = self:adopt()
+  if not aok then return nil, aerr end
   indices = indices or self:unfinished()
   if #indices == 0 then return {} end
   local lines, L = self:request_lines(), self.ledger
@@ -527,7 +575,10 @@ end
 
 --- Poll until every batch is finished.  opts: interval (s, default the
 -- job's poll_interval), max_interval, on_progress(batch, job), timeout (s:
--- then nil, err of kind "timeout"; the job goes on another time).
+-- then nil, err of kind "timeout"; the job goes on another time), stop (a
+-- function asked between polls and every 0.2 s of the pauses: true ends the
+-- wait with nil, err of kind "cancelled", err.stopped = true; the batches
+-- go on and the ledger keeps them).
 function Job:wait(opts)
   opts = opts or {}
   local rt = self.client.runtime
@@ -535,7 +586,13 @@ function Job:wait(opts)
   local max_interval = opts.max_interval or self.max_poll_interval
   local deadline = opts.timeout and (rt.now() + opts.timeout)
   local failures = 0
+  local stop = opts.stop
+  local function stopped()
+    return errors.new("cancelled", "the wait was stopped; the ledger in " .. self.dir .. " keeps the batches",
+      { status = 0, stopped = true })
+  end
   while true do
+    if stop and stop() then return nil, stopped() end
     local done, err = self:poll(opts.on_progress)
     if done then return true end
     if not done and err then
@@ -549,7 +606,17 @@ function Job:wait(opts)
       return nil, errors.new("timeout", "the batches were not finished within " .. opts.timeout .. " s; "
         .. "the ledger in " .. self.dir .. " keeps them", { status = 0 })
     end
-    rt.sleep(interval)
+    if stop then
+      local t_end = rt.now() + interval
+      while true do
+        if stop() then return nil, stopped() end
+        local left = t_end - rt.now()
+        if left <= 0 then break end
+        rt.sleep(min(left, 0.2))
+      end
+    else
+      rt.sleep(interval)
+    end
     interval = min(interval * 1.5, max_interval)
   end
 end
@@ -573,6 +640,8 @@ end
 --- Download the output and error files of finished batches not yet
 -- collected, into results.jsonl: -> number of results collected | nil, err
 function Job:collect()
+  local aok, aerr = self:adopt()
+  if not aok then return nil, aerr end
   local L, n = self.ledger, 0
   for _, b in ipairs(L.batches) do
     if b.id and not b.collected and TERMINAL[b.status] then

@@ -48,7 +48,9 @@
 --
 -- Result rows: the input's columns (fields) as they were, then the task's
 -- columns, then status ("ok" | "error"), error_kind, error, cost, tokens.
--- A task column whose name the input already has is written "slm_<name>".
+-- A task column whose name the input already has is written "slm_<name>"
+-- ("slm_slm_<name>" when the input has that too, and so on: an input
+-- column is never overwritten).
 --
 -- Usage log: one JSON line per request a row's task made (a task that
 -- re-asked, regenerated or read a long document in chunks writes one line
@@ -71,10 +73,21 @@
 -- record { complete = stamp, ... } and M.finished).
 --
 -- Summary (job:run's first value): { rows, done_before, sent (requests
--- sent, not rows refused here), succeeded,
+-- sent: each of a task's requests, its re-asks, repairs and chunks
+-- included; none for a row refused here or done before), succeeded,
 -- failed, failed_by_kind = { kind -> n }, not_attempted, tokens,
 -- prompt_tokens, completion_tokens, cost, seconds, stopped = nil |
--- "budget" | "interrupted" }.  Exit codes (job:run's second): EXIT below.
+-- "budget" | "interrupted" | "write_error", budget_reason (the first
+-- budget refusal's message), write_error (the ledger's or usage log's
+-- write that failed, naming the file) }.  succeeded, failed,
+-- done_before and not_attempted count rows: every input row, a row whose
+-- input repeats another's too (one request for both, its outcome theirs);
+-- rows = succeeded + failed + not_attempted + the rows done before that
+-- did not fail (those that did count in failed as well).  A task that
+-- raises instead of returning (its own check of an argument, a bug) gives
+-- an error row of kind invalid_request (final), no request counted when
+-- it raised before sending.  Exit codes (job:run's second): EXIT below; a
+-- write error is 1.
 local core = require "slm.core"
 local json = require "slm.json"
 local runtime = require "slm.runtime"
@@ -117,7 +130,14 @@ function M.ledger(path, opts)
   local f = io.open(path, "rb")
   local size = 0
   if f then
-    local data = f:read("a")
+    -- only what seek says is there: a device (/dev/full, /dev/zero) reads
+    -- without end, and holds no records
+    local len = f:seek("end") or 0
+    local data = ""
+    if len > 0 then
+      f:seek("set", 0)
+      data = f:read("a") or ""
+    end
     f:close()
     size = #data
     torn = size > 0 and data:sub(-1) ~= "\n"
@@ -142,27 +162,47 @@ function Ledger:final(key)
   return rec ~= nil and (rec.status == "ok" or M.FINAL[rec.error_kind] == true)
 end
 
+-- "cannot write the ledger PATH: why"
+local function write_error(self, err)
+  return format("cannot write the ledger %s: %s", self.path, tostring(err or "write failed"))
+end
+
+--- Append a record: -> true | nil, message (the write, flush or fsync
+-- failed: a full disk; the caller stops, the record may be torn).
 function Ledger:add(rec)
   self.done[rec.key] = rec
   local fh = self.fh
-  assert(fh:write(json.encode(rec) .. "\n"))
-  fh:flush()
+  local ok, err = fh:write(json.encode(rec) .. "\n")
+  if ok then ok, err = fh:flush() end
+  if not ok then return nil, write_error(self, err) end
   self.pending = self.pending + 1
   local t = core.now()
-  if self.pending >= self.sync_every or t - self.last_sync >= 1 then self:sync(t) end
+  if self.pending >= self.sync_every or t - self.last_sync >= 1 then return self:sync(t) end
+  return true
 end
+
+-- core.fsync answers nil under LuaJIT, where it cannot reach the
+-- descriptor (the flush before it is what there is): not a write error.
+local no_fsync = rawget(_G, "jit") ~= nil
 
 function Ledger:sync(t)
-  if self.pending > 0 then core.fsync(self.fh) end
+  local ok, err = true, nil
+  if self.pending > 0 and not no_fsync then ok, err = core.fsync(self.fh) end
   self.pending, self.last_sync = 0, t or core.now()
+  if not ok then return nil, write_error(self, err) end
+  return true
 end
 
+--- Close: -> true | nil, message (as Ledger:add).
 function Ledger:close()
+  local ok, err = true, nil
   if self.fh then
-    self:sync()
-    self.fh:close()
+    ok, err = self:sync()
+    local cok, cerr = self.fh:close()
+    if ok and not cok then ok, err = nil, write_error(self, cerr) end
     self.fh = nil
   end
+  return ok, err
 end
 
 ------------------------------------------------------------------ usage log
@@ -233,12 +273,16 @@ end
 M.cell = cell
 
 -- The output's column names: the input's, then the task's and the status
--- columns, renamed slm_<name> where the input has the name already.
+-- columns, renamed slm_<name> where the input has the name already (and
+-- slm_slm_<name> where it has that too, and so on).
 local function out_columns(job, names)
   local have, cols, res = {}, {}, {}
   for i, n in ipairs(names) do have[n] = true; cols[i] = n end
   local function add(n)
-    local as = have[n] and "slm_" .. n or n
+    -- slm_<name> when the input has the name, slm_slm_<name> when it has
+    -- that too, ...: an input column is never overwritten
+    local as = n
+    while have[as] do as = "slm_" .. as end
     have[as] = true
     cols[#cols + 1] = as
     res[#res + 1] = { n, as }
@@ -333,12 +377,26 @@ end
 
 ------------------------------------------------------------------ input
 
+-- A CSV header that names a column twice: its values would be one
+-- column's under two names (a row is read by name), so it is refused.
+local function duplicate_column(names)
+  local at = {}
+  for i, n in ipairs(names) do
+    if at[n] then
+      return format("the CSV header names the column '%s' twice (columns %d and %d): rename one of them", n, at[n], i)
+    end
+    at[n] = i
+  end
+  return nil
+end
+
 --- Read an input file's rows (a path or an open file) into the job (see
 -- the header for a row); slm.csv / slm.jsonl read it.
 -- o: format ("csv" | "jsonl"), column (the text column, or nil), id_column,
 -- limit, input_of(fields, row) -> input | nil, bad (the task's part: what
 -- goes to the model, or why the row cannot run).  -> true | nil, message
--- (a file that cannot be read at all; a bad row is an error row instead).
+-- (a file that cannot be read at all, a CSV header that names a column
+-- twice; a bad row is an error row instead).
 function Job:read(path, o)
   local n = 0
   local function add(row)
@@ -364,7 +422,11 @@ function Job:read(path, o)
     if not r then return nil, message(err) end
     local names
     for rec, rerr in r:rows() do
-      names = names or r:header() or {}
+      if not names then
+        names = r:header() or {}
+        local dup = duplicate_column(names)
+        if dup then r:close() return nil, dup end
+      end
       if not self.names then self.names = names end
       local row = { n = (rec and rec.line) or (type(rerr) == "table" and rerr.line) or n + 1, fields = {},
         names = names }
@@ -380,6 +442,10 @@ function Job:read(path, o)
       if not add(row) then break end
     end
     r:close()
+    if not names then
+      local dup = duplicate_column(r:header() or {})
+      if dup then return nil, dup end
+    end
     if not self.names then self.names = r:header() or {} end
   else
     local r, err = require("slm.jsonl").reader(path)
@@ -494,6 +560,14 @@ function Job:run(opts)
   local stopped
   local nexti = 1
   local rt = runtime.default()
+  local ran = {} -- key -> true: recorded by this run
+  -- a write that failed (a full disk): the job stops at once, the rows
+  -- recorded before are kept, the summary and the exit status say so
+  local function write_failed(msg)
+    s.write_error = s.write_error or msg
+    stopped = "write_error"
+  end
+  local usage_ok = true
   local function record(row, result, info, err)
     local cost = (info and info.cost) or (err and type(err) == "table" and err.cost) or 0
     local p, c = usage_of(info or err)
@@ -510,35 +584,79 @@ function Job:run(opts)
       s.failed = s.failed + 1
       s.failed_by_kind[kind] = (s.failed_by_kind[kind] or 0) + 1
     end
-    if ledger then ledger:add(rec) else self.ledger_done[row.key] = rec end
-    if usage_fh then
+    ran[row.key] = true
+    if ledger then
+      local ok, werr = ledger:add(rec)
+      if not ok then write_failed(werr) end
+    else
+      self.ledger_done[row.key] = rec
+    end
+    if usage_fh and usage_ok then
       local prompt = self.log_prompts and (type(row.input) == "string" and row.input or json.encode(row.input)) or nil
       local lines = M.usage_lines(self, info or err, result and "ok" or rec.error_kind, prompt, row.id)
       for i = 1, #lines do lines[i] = json.encode(lines[i]) end
       lines[#lines + 1] = ""
-      usage_fh:write(concat(lines, "\n"))
-      usage_fh:flush()
+      local ok, werr = usage_fh:write(concat(lines, "\n"))
+      if ok then ok, werr = usage_fh:flush() end
+      if not ok then
+        usage_ok = false
+        write_failed(format("cannot write the usage log %s: %s", self.usage_log, tostring(werr)))
+      end
     end
+  end
+  -- The requests a row's task sent: as the task lists them (a re-ask, a
+  -- repair, each chunk of a long document), else one; none when it was
+  -- refused before sending.
+  local function requests_of(x)
+    if type(x) ~= "table" then return 1 end
+    if x.local_check then return 0 end
+    if type(x.requests) == "table" then return #x.requests end
+    return 1
   end
   local function worker()
     while nexti <= total and not stopped do
       if core.trapped() then stopped = "interrupted" break end
       local row = todo[nexti]
       nexti = nexti + 1
-      local ok, result, info = pcall(call, row, client)
+      -- the client the task gets counts its calls: a task that raises has
+      -- sent that many requests (none: it failed before sending)
+      local calls = 0
+      local c = client
+      if type(client) == "table" then
+        -- every method runs on the client itself (its secrets are keyed
+        -- by it); chat and stream are counted
+        local wrap = {}
+        c = setmetatable(wrap, { __newindex = client, __index = function(_, k)
+          local v = client[k]
+          if type(v) ~= "function" then return v end
+          return function(self, ...)
+            if self ~= wrap then return v(self, ...) end
+            if k == "chat" or k == "stream" then calls = calls + 1 end
+            return v(client, ...)
+          end
+        end })
+      end
+      local ok, result, info = pcall(call, row, c)
       local err
       if not ok then
-        err, result, info = { kind = "error", message = tostring(result) }, nil, nil
+        -- a raise (a task's own check of its input, or a bug) would raise
+        -- again on a rerun: an error row of the row itself (final), with
+        -- the requests it made, if any
+        err, result, info = { kind = "invalid_request", message = "the task raised an error: "
+          .. tostring(result):gsub("^[^:\n]*:%d+: ", ""), local_check = calls == 0 or nil,
+          requests = calls > 0 and {} or nil, calls = calls }, nil, nil
+        if calls > 0 then
+          for i = 1, calls do err.requests[i] = { outcome = "invalid_request" } end
+        end
       elseif result == nil then
         err, info = info, nil
       end
       if type(err) == "table" and err.kind == "budget" then
         -- refused before it was sent: the row stays for the next run
         stopped = stopped or "budget"
+        s.budget_reason = s.budget_reason or err.message
       else
-        -- refused here (a prompt over the context): an error row, nothing sent
-        local here = type(err) == "table" and err.local_check == true
-        if not here then s.sent = s.sent + 1 end
+        s.sent = s.sent + requests_of(info or err)
         record(row, result, info, err)
         s.done = s.done + 1
         if bar then
@@ -560,8 +678,31 @@ function Job:run(opts)
   end
   if bar then bar:finish() end
   if not stopped and core.trapped() then stopped = "interrupted" end
-  if ledger then ledger:close() end
-  if usage_fh then usage_fh:close() end
+  if ledger then
+    local ok, werr = ledger:close()
+    if not ok then write_failed(werr) end
+  end
+  if usage_fh then
+    local ok, werr = usage_fh:close()
+    if not ok and usage_ok then
+      write_failed(format("cannot write the usage log %s: %s", self.usage_log, tostring(werr)))
+    end
+  end
+  -- rows whose input repeats a row sent by this run: the same request,
+  -- the same outcome, counted as theirs
+  local first = {}
+  for _, row in ipairs(todo) do first[row] = true end
+  for _, row in ipairs(self.rows) do
+    if not row.bad and not first[row] and ran[row.key] then
+      local rec = self.ledger_done[row.key]
+      if rec.status == "ok" then
+        s.succeeded = s.succeeded + 1
+      else
+        s.failed = s.failed + 1
+        s.failed_by_kind[rec.error_kind or "error"] = (s.failed_by_kind[rec.error_kind or "error"] or 0) + 1
+      end
+    end
+  end
   -- rows not finished now and not before
   for _, row in ipairs(self.rows) do
     if not row.bad and not self.ledger_done[row.key] then s.not_attempted = s.not_attempted + 1 end
@@ -594,7 +735,8 @@ function Job:run(opts)
     end
   end
   local code = M.EXIT.ok
-  if stopped == "interrupted" then code = M.EXIT.interrupted
+  if stopped == "write_error" then code = M.EXIT.failed
+  elseif stopped == "interrupted" then code = M.EXIT.interrupted
   elseif stopped == "budget" then code = M.EXIT.budget
   elseif s.failed > 0 or s.output_error then code = M.EXIT.failed end
   return s, code
@@ -633,6 +775,8 @@ function M.finished(ledger_path, stamp, output)
   local f = io.open(ledger_path, "rb")
   if not f then return nil end
   local size = f:seek("end")
+  -- nothing there (a device such as /dev/full says 0 and reads without end)
+  if not size or size == 0 then f:close() return nil end
   f:seek("set", size > 65536 and size - 65536 or 0)
   local tail = f:read("a") or ""
   f:close()
@@ -674,11 +818,19 @@ function M.summary_text(s)
     format("slm %s: %d requests, %d tokens (%d prompt + %d completion), $%.6f, %.2f s", s.task, s.sent, s.tokens,
       s.prompt_tokens, s.completion_tokens, s.cost, s.seconds),
   }
-  if s.output_error then
+  if s.output_error and not s.write_error then
     lines[#lines + 1] = format("slm %s: cannot write the output (%s); the ledger has every finished row: rerun to write it",
       s.task, s.output_error)
+  elseif s.output_error then
+    lines[#lines + 1] = format("slm %s: cannot write the output either (%s)", s.task, s.output_error)
   end
-  if s.stopped == "budget" then
+  if s.stopped == "write_error" then
+    lines[#lines + 1] = format("slm %s: stopped: %s; the rows recorded before are kept, a row the ledger lacks is "
+      .. "sent again by a rerun (%d rows not attempted)", s.task, s.write_error, s.not_attempted)
+  elseif s.stopped == "budget" and s.budget_reason and s.budget_reason:find("has no price", 1, true) then
+    lines[#lines + 1] = format("slm %s: stopped: %s; the %d rows left stay for a rerun", s.task, s.budget_reason,
+      s.not_attempted)
+  elseif s.stopped == "budget" then
     lines[#lines + 1] = format("slm %s: stopped: the budget is spent; rerun with a larger --budget to do the %d rows left",
       s.task, s.not_attempted)
   elseif s.stopped == "interrupted" then

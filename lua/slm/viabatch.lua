@@ -171,71 +171,107 @@ function M.run(job, ad, client, o)
   -- a budget: the rows whose worst case (counted prompt + max_tokens, at
   -- the batch price) still fits go; the others stay for a later run (exit
   -- 3), as the direct path leaves the rows a budget refuses
-  local refused, nrefused = {}, 0
+  -- A model with no price cannot be bounded by a USD budget: its rows are
+  -- refused as the direct path refuses them (kind budget, exit 3, the rows
+  -- left for a later run), never counted as free.
+  local refused, nrefused, budget_reason = {}, 0, nil
   local budget = client.budget
   if budget then
     local left = budget:remaining()
+    local usd_bound = type(budget.usd) == "number" and budget.usd ~= math.huge
     local count = require("slm.count").count
     local models = require("slm.models")
     local kept, spent = {}, 0
     for _, r in ipairs(requests) do
       local m = models.find(r.body.model)
-      local out = r.body.max_tokens or r.body.max_completion_tokens or (m and m.max_output) or 0
+      local out = r.body.max_tokens or r.body.max_completion_tokens or (m and m.max_output) or 4096
       local okc, n = pcall(count, r.body, r.body.model)
-      local worst = batchapi.cost(r.body.model, { prompt_tokens = okc and n or 0, completion_tokens = out }) or 0
-      if left and spent + worst > left then
+      local worst = batchapi.cost(r.body.model, { prompt_tokens = okc and n or 0, completion_tokens = out })
+      if worst == nil and usd_bound then
+        refused[r.custom_id] = true
+        nrefused = nrefused + 1
+        budget_reason = budget_reason or format("model %s has no price, so a USD budget cannot bound it "
+          .. "(add its prices to slm.models, or use a token budget)", tostring(r.body.model))
+      elseif left and spent + (worst or 0) > left then
         refused[r.custom_id] = true
         nrefused = nrefused + 1
       else
-        spent = spent + worst
+        spent = spent + (worst or 0)
         kept[#kept + 1] = r
       end
     end
     requests = kept
   end
-  local ok, bjob = pcall(batchapi.job, { client = client, dir = o.dir, requests = requests,
+  -- The job's ID: what it sends (task, definition, model, parameters: in
+  -- the row keys; every request body) and where its ledger is, so that
+  -- two jobs never share one (the registry maps an ID to one directory).
+  local texts_list = {}
+  for i, r in ipairs(requests) do texts_list[i] = r.custom_id .. " " .. texts[r.custom_id] end
+  local abs_dir = M.absolute(o.dir)
+  local job_id = core.sha256(json.encode({ task = job.task, version = job.version or "", model = job.model or "",
+    params = job.params or {}, dir = abs_dir, requests = json.array(texts_list) })):sub(1, 16)
+  local ok, bjob = pcall(batchapi.job, { client = client, dir = o.dir, requests = requests, id = job_id,
     poll_interval = o.poll_interval, max_poll_interval = o.max_poll_interval, max_requests = o.max_requests,
     max_bytes = o.max_bytes, metadata = { slm_task = job.task } })
   if not ok then return nil, 2, tostring(bjob) end
   local id = bjob.ledger.id
   if o.argv then
-    M.register{ id = id, dir = M.absolute(o.dir), argv = o.argv, cwd = M.absolute("."), task = job.task,
+    M.register{ id = id, dir = abs_dir, argv = o.argv, cwd = M.absolute("."), task = job.task,
       output = job.output and M.absolute(job.output) }
   end
-  -- batches finished since the last run, then the rows of this run that
-  -- need a batch: none yet, or a failure worth sending again
-  local _, err = bjob:collect()
-  if err then return nil, 1, "collecting: " .. tostring(err) end
-  local wanted = {}
-  for _, r in ipairs(requests) do wanted[r.custom_id] = true end
-  local send = {}
-  for _, i in ipairs(bjob:unfinished(batchapi.retryable)) do
-    if wanted[bjob.ledger.order[i]] then send[#send + 1] = i end
+  -- the Batch API part; a signal (SIGINT/SIGTERM, trapped by the caller)
+  -- ends the wait: the batches go on at the provider, the ledger keeps
+  -- them, and a rerun (or `slm batch resume ID`) collects them
+  local interrupted = false
+  local function batches()
+    -- batches finished since the last run (and one whose creation was cut
+    -- off, adopted), then the rows of this run that need a batch: none yet,
+    -- or a failure worth sending again
+    local _, err = bjob:collect()
+    if err then return nil, 1, "collecting: " .. tostring(err) end
+    local wanted = {}
+    for _, r in ipairs(requests) do wanted[r.custom_id] = true end
+    local send = {}
+    for _, i in ipairs(bjob:unfinished(batchapi.retryable)) do
+      if wanted[bjob.ledger.order[i]] then send[#send + 1] = i end
+    end
+    local made
+    made, err = bjob:submit(send)
+    if not made then return nil, 1, "submitting: " .. tostring(err) .. " (slm batch resume " .. id .. " goes on)" end
+    local info = { id = id, rows = #send, batches = #made, dir = o.dir }
+    if o.wait == false then return "submitted", info end
+    if core.trapped() then interrupted = true return true end
+    local seen = {}
+    local done
+    done, err = bjob:wait{ interval = o.poll_interval, max_interval = o.max_poll_interval, timeout = o.wait_timeout,
+      stop = function() return core.trapped() ~= nil end,
+      on_progress = function(b)
+        local line = progress_line(job.task, b)
+        if not o.quiet and seen[b.id] ~= line then io.stderr:write(line, "\n") end
+        seen[b.id] = line
+      end }
+    if not done and type(err) == "table" and err.stopped then interrupted = true return true end
+    if not done then return nil, 1, tostring(err) .. " (slm batch resume " .. id .. " goes on)" end
+    _, err = bjob:collect()
+    if err then return nil, 1, "collecting: " .. tostring(err) end
+    return true
   end
-  local made
-  made, err = bjob:submit(send)
-  if not made then return nil, 1, "submitting: " .. tostring(err) .. " (slm batch resume " .. id .. " goes on)" end
-  local info = { id = id, rows = #send, batches = #made, dir = o.dir }
-  if o.wait == false then return "submitted", info end
-  local seen = {}
-  local done
-  done, err = bjob:wait{ interval = o.poll_interval, max_interval = o.max_poll_interval, timeout = o.wait_timeout,
-    on_progress = function(b)
-      local line = progress_line(job.task, b)
-      if not o.quiet and seen[b.id] ~= line then io.stderr:write(line, "\n") end
-      seen[b.id] = line
-    end }
-  if not done then return nil, 1, tostring(err) .. " (slm batch resume " .. id .. " goes on)" end
-  _, err = bjob:collect()
-  if err then return nil, 1, "collecting: " .. tostring(err) end
-  local results = bjob:results()
+  local bok, r1, r2, r3 = pcall(batches)
+  -- a raise here: the ledger could not be written (a full disk)
+  if not bok then return nil, 1, tostring(r1) .. " (slm batch resume " .. id .. " goes on)" end
+  if r1 ~= true then return r1, r2, r3 end
+  -- interrupted: nothing is replayed (the runner stops at once on the
+  -- trapped signal): the summary, the output of the rows done before, exit 130
+  local results = interrupted and {} or bjob:results()
   job.via = "batch"
+  local removed = 0
   if nrefused > 0 then
     -- left out of this run's output, like rows a direct run did not reach
     local keep = {}
     for _, row in ipairs(job.rows) do
       if not (row.key and refused[by_key[row.key]]) then keep[#keep + 1] = row end
     end
+    removed = #job.rows - #keep -- rows, not requests: rows with the same input share one
     job.rows = keep
     job.stamp = nil -- not a finished job: a rerun has rows to send
   end
@@ -253,8 +289,11 @@ function M.run(job, ad, client, o)
   -- the whole run's time: the submission and the wait, not only the replay
   if summary then summary.seconds = core.now() - t0 end
   if summary and nrefused > 0 then
-    summary.rows, summary.not_attempted = summary.rows + nrefused, summary.not_attempted + nrefused
-    summary.stopped, code = "budget", require("slm.jobs").EXIT.budget
+    summary.rows, summary.not_attempted = summary.rows + removed, summary.not_attempted + removed
+    if summary.stopped ~= "interrupted" and summary.stopped ~= "write_error" then
+      summary.stopped, code = "budget", require("slm.jobs").EXIT.budget
+      summary.budget_reason = summary.budget_reason or budget_reason
+    end
   end
   return summary, code, msg
 end
