@@ -4,13 +4,16 @@
  * process) and a trap for SIGINT/SIGTERM that only records the signal, so
  * that the runner stops sending, lets its in-flight rows finish and
  * flushes before it exits.  A second trapped signal ends the process at
- * once (the ledger is safe at any instant).
+ * once (the ledger is safe at any instant).  And a file's identity
+ * (device and inode), so that the runner never writes over an input that
+ * it was given by another path.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include "slm.h"
 
@@ -72,9 +75,29 @@ static int l_trapped(lua_State *L) {
   return 1;
 }
 
+/* core.file_id(path) -> "device:inode" | nil, message: the identity of
+ * the file at path, symlinks followed (stat(2)); two paths naming one file
+ * (./in.csv and in.csv, a symlink, a hard link) give the same string. */
+static int l_file_id(lua_State *L) {
+  size_t len;
+  const char *path = luaL_checklstring(L, 1, &len);
+  struct stat st;
+  if (strlen(path) != len) return luaL_argerror(L, 1, "a path with a NUL byte");
+  if (stat(path, &st) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, strerror(errno));
+    return 2;
+  }
+  char id[48]; /* lua_pushfstring has no 64-bit format in Lua 5.1 */
+  snprintf(id, sizeof id, "%llu:%llu", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+  lua_pushstring(L, id);
+  return 1;
+}
+
 int slm_open_proc(lua_State *L) {
   static const luaL_Reg fns[] = {
-    {"fsync", l_fsync}, {"trap_signals", l_trap}, {"trapped", l_trapped}, {NULL, NULL}
+    {"fsync", l_fsync}, {"trap_signals", l_trap}, {"trapped", l_trapped},
+    {"file_id", l_file_id}, {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
   return 0;

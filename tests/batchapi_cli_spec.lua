@@ -435,6 +435,23 @@ describe("slm --via batch", function()
     assert.matches("has no price", err)
   end)
 
+  it("a registry record that cannot be written (a full disk) never replaces a good one with a torn one", function()
+    local code = [[package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+      package.cpath = "build/?.so;" .. package.cpath
+      local vb = require "slm.viabatch"
+      assert(vb.register{ id = "job1", dir = "/x", argv = { "classify" }, task = "classify" })
+      os.execute("ln -s /dev/full " .. vb.state_dir() .. "/batches/job1.json.tmp")
+      local ok, err = vb.register{ id = "job1", dir = "/y", argv = { "classify" }, task = "classify" }
+      print(ok, err, vb.lookup("job1").dir)]]
+    local f = assert(io.open(dir .. "/reg.lua", "w"))
+    f:write(code)
+    f:close()
+    local p = io.popen(("SLM_STATE_DIR=%s lua5.4 %s 2>&1"):format(H.q(dir .. "/state"), H.q(dir .. "/reg.lua")))
+    local out = p:read("a")
+    p:close()
+    assert.matches("^nil\t[^\n]*No space left on device\t/x\n$", out)
+  end)
+
   it("the stand-ins: the batched request is answered by its body, any other goes to the real client", function()
     local viabatch = require "slm.viabatch"
     local sent = {}

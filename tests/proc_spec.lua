@@ -1,5 +1,6 @@
--- core.fsync, core.trap_signals, core.trapped (csrc/proc.c): what the
--- batch runner's ledger and its SIGINT/SIGTERM handling stand on.
+-- core.fsync, core.trap_signals, core.trapped, core.file_id (csrc/proc.c):
+-- what the batch runner's ledger, its SIGINT/SIGTERM handling and its
+-- output-is-an-input check stand on.
 local core = require "slm.core"
 
 -- Runs a Lua 5.4 chunk in a process of its own; -> its stdout, exit status.
@@ -28,6 +29,28 @@ describe("core.fsync", function()
     assert.has_error(function() core.fsync(f) end)
     assert.has_error(function() core.fsync(42) end)
     os.remove(path)
+  end)
+end)
+
+describe("core.file_id", function()
+  it("is one string for every path of one file (./, a symlink, a hard link), another for another file", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. dir))
+    local a, b = dir .. "/a.csv", dir .. "/b.csv"
+    for _, p in ipairs{ a, b } do local f = assert(io.open(p, "w")); f:write("x\n"); f:close() end
+    assert(os.execute(("ln -s a.csv %s/link.csv && ln %s %s/hard.csv"):format(dir, a, dir)))
+    local id = core.file_id(a)
+    assert.matches("^%d+:%d+$", id)
+    assert.are.equal(id, core.file_id(dir .. "/./a.csv"))
+    assert.are.equal(id, core.file_id(dir .. "/link.csv"))
+    assert.are.equal(id, core.file_id(dir .. "/hard.csv"))
+    assert.are_not.equal(id, core.file_id(b))
+    local none, why = core.file_id(dir .. "/missing.csv")
+    assert.is_nil(none)
+    assert.matches("No such file", why)
+    assert.has_error(function() core.file_id(a .. "\0x") end)
+    os.execute("rm -r " .. dir)
   end)
 end)
 

@@ -65,8 +65,14 @@ function M.register(entry)
   os.execute("mkdir -p " .. shq(M.state_dir() .. "/batches"))
   local f, err = io.open(path .. ".tmp", "wb")
   if not f then return nil, err end
-  f:write(json.encode(entry))
-  f:close()
+  -- a write that fails (a full disk) never replaces a good record with a
+  -- torn one
+  local ok, werr = f:write(json.encode(entry))
+  local cok, cerr = f:close()
+  if not ok or not cok then
+    os.remove(path .. ".tmp")
+    return nil, tostring(werr or cerr)
+  end
   return os.rename(path .. ".tmp", path)
 end
 
@@ -216,8 +222,12 @@ function M.run(job, ad, client, o)
   if not ok then return nil, 2, tostring(bjob) end
   local id = bjob.ledger.id
   if o.argv then
-    M.register{ id = id, dir = abs_dir, argv = o.argv, cwd = M.absolute("."), task = job.task,
+    local rok, rerr = M.register{ id = id, dir = abs_dir, argv = o.argv, cwd = M.absolute("."), task = job.task,
       output = job.output and M.absolute(job.output) }
+    if not rok and not o.quiet then
+      io.stderr:write(format("slm %s: cannot record job %s in %s (%s): `slm batch resume %s` will not find it; "
+        .. "rerun the same command instead\n", job.task, id, M.state_dir() .. "/batches", tostring(rerr), o.dir))
+    end
   end
   -- the Batch API part; a signal (SIGINT/SIGTERM, trapped by the caller)
   -- ends the wait: the batches go on at the provider, the ledger keeps
