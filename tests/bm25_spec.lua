@@ -458,6 +458,26 @@ describe("slm.bm25.passages", function()
     assert.are.same({}, bm25.passages(" \n\n \t\r\n "))
   end)
 
+  it("takes linear time over long runs of white space and of closing quotes", function()
+    local pad = (" "):rep(100000)
+    local t = os.clock()
+    local a = bm25.passages("Начало" .. pad .. "конец.")           -- one paragraph, padded
+    local b = bm25.passages("Начало.\n" .. pad .. "\nконец.")       -- a blank line of spaces
+    local c = bm25.passages("Раз. " .. ('"'):rep(100000) .. " Два.", { max_chars = 10 })
+    local d = bm25.passages("Раз. " .. ("»"):rep(50000) .. " Два.", { max_chars = 10 })
+    t = os.clock() - t
+    assert(t < 1, "passages over 100 KB runs took " .. t .. " s")
+    assert.are.same({ "Начало", "конец." }, a)
+    assert.are.same({ "Начало.\n\nконец." }, b)
+    assert.equal("Раз.", c[1])
+    assert.equal("Два.", c[#c])
+    assert.equal("Раз.", d[1])
+    assert.equal("Два.", d[#d])
+    -- the closers before a sentence's end still end it
+    assert.are.same({ "Он сказал: «Да.»", "Потом ушёл." }, bm25.passages("Он сказал: «Да.» Потом ушёл.", { max_chars = 20 }))
+    assert.are.same({ "(See “this.”)", "Then more." }, bm25.passages("(See “this.”) Then more.", { max_chars = 14 }))
+  end)
+
   it("reads \\r\\n line ends", function()
     assert.are.same({ "One.", "Two." }, bm25.passages("One.\r\n\r\nTwo.", { merge = false }))
   end)

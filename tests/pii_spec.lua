@@ -62,6 +62,25 @@ describe("slm.pii", function()
     it("masks an address in a URL's query", function()
       assert.same({ "ivan@example.com" }, found("https://example.com/unsubscribe?to=ivan@example.com", "email"))
     end)
+
+    it("masks an address after a URL that a byte no URL holds ends (JSON, HTML, <...>, |)", function()
+      for _, t in ipairs{
+        '{"url":"https://x.org/a","email":"ivan@example.com"}',      -- tool call arguments
+        '{"site":"https://x.org","contact":"ivan@example.com"}',
+        '<a href="https://x.org/help">help</a>ivan@example.com',
+        "<https://x.org>,ivan@example.com",
+        "https://x.org/a|ivan@example.com",
+      } do
+        assert.same({ "ivan@example.com" }, found(t, "email"), t)
+        local m = pii.new()
+        local masked = m:mask(t)
+        assert.is_nil(masked:find("ivan@", 1, true), masked)
+        assert.equal(t, m:unmask(masked))
+      end
+      -- in the URL itself, as before
+      assert.same({}, found('"https://x.org/u/ivan@example.com"', "email"))
+      assert.same({}, found('"https://ivan@example.com/"', "email"))
+    end)
   end)
 
   describe("phone", function()
@@ -96,6 +115,18 @@ describe("slm.pii", function()
       end
     end)
 
+    it("finds phones with a + listed without spaces: 2 +7 numbers after a comma, a semicolon, a colon", function()
+      assert.same({ "+7 912 345-67-89", "+7 912 345-67-88" }, found("+7 912 345-67-89,+7 912 345-67-88", "phone"))
+      assert.same({ "+79123456789", "+79123456788" }, found("+79123456789;+79123456788", "phone"))
+      assert.same({ "+79123456789" }, found("звонки: 2 +79123456789", "phone"))
+      assert.same({ "+79123456789" }, found("12:+79123456789", "phone"))
+      assert.same({}, found("a+79123456789", "phone"))
+      assert.same({}, found("5+79123456789", "phone"))
+      assert.same({}, found("№+79123456789", "phone"))
+      local m = pii.new()
+      assert.equal("[PHONE_1],[PHONE_2]", m:mask("+7 912 345-67-89,+7 912 345-67-88"))
+    end)
+
     it("does not take the number after a phone", function()
       assert.same({ "+7 912 345-67-89" }, found("+7 912 345-67-89 10 шт.", "phone"))
       assert.same({ "+1 (415) 555-0100" }, found("+1 (415) 555-0100 2 times", "phone"))
@@ -121,6 +152,35 @@ describe("slm.pii", function()
         "40000123456789050", "40000123456789051" } do
         assert.same({}, found("карта " .. c, "card"), c)
       end
+    end)
+
+    it("finds a card followed by its expiry or CVV after a space", function()
+      for _, c in ipairs{ "4000 0123 4567 8905", "4000-0123-4567-8905", "4000012345678905", "2200 1234 5678 9019" } do
+        for _, after in ipairs{ " 12/29", " 123", " 12 29", "\194\16012/29" } do
+          assert.same({ c }, found("карта " .. c .. after, "card"), c .. after)
+          local m = pii.new()
+          local t = "карта " .. c .. after .. ", Иван"
+          assert.equal("карта [CARD_1]" .. after .. ", Иван", m:mask(t))
+          assert.equal(t, m:unmask(m:mask(t)))
+        end
+      end
+      -- still not a piece of a longer number in groups of 4
+      assert.same({}, found("счёт 4070 2810 9000 0012 3456", "card"))
+      assert.same({}, found("счёт 4000 0123 4567 8905 1234", "card"))
+    end)
+
+    it("finds an INN, a passport, a SNILS followed by a number of another length (KPP, date, year)", function()
+      assert.same({ "7707083893" }, found("ИНН/КПП 7707083893 770701001", "inn"))
+      assert.same({ "500100732259" }, found("ИНН 500100732259 2024 г.", "inn"))
+      assert.same({ "4510 123456" }, found("паспорт 4510 123456 12.03.2015", "passport"))
+      assert.same({ "45 10 123456" }, found("паспорт 45 10 123456 12.03.2015", "passport"))
+      assert.same({ "112-233-445 95" }, found("СНИЛС 112-233-445 95 2020", "snils"))
+      local m = pii.new()
+      local t = "ИНН/КПП 7707083893 770701001, паспорт 4510 123456 12.03.2015"
+      assert.equal("ИНН/КПП [INN_1] 770701001, паспорт [PASSPORT_1] 12.03.2015", m:mask(t))
+      assert.equal(t, m:unmask(m:mask(t)))
+      -- a number as long as the last group could continue it: left alone
+      assert.same({}, found("паспорт 4510 123456 654321"))
     end)
   end)
 
@@ -378,6 +438,19 @@ describe("slm.pii", function()
       assert.equal(3, m.counts.phone)
     end)
 
+    it("never gives a number without a country code the placeholder of a + number of the same digits", function()
+      -- "(495) 123-45-67" and "+49 5123 4567" have the same ten digits: two
+      -- people, two placeholders, each put back as it was
+      local m = pii.new()
+      local t = "Звоните +49 5123 4567 или (495) 123-45-67"
+      local masked = m:mask(t)
+      assert.equal("Звоните [PHONE_1] или [PHONE_2]", masked)
+      assert.equal(t, m:unmask(masked))
+      assert.equal("(495) 123-45-67", m:unmask("[PHONE_2]"))
+      -- while one number written twice is still one value
+      assert.equal("[PHONE_2]", m:mask("(495) 123 45 67"))
+    end)
+
     it("masks only its kinds", function()
       local m = pii.new{ kinds = { "email" } }
       assert.equal("[EMAIL_1] +7 912 345-67-89", m:mask("ivan@example.com +7 912 345-67-89"))
@@ -539,6 +612,21 @@ describe("slm.pii", function()
       assert.are.equal("[EMA", g("[EMA"))
     end)
 
+    it("takes linear time over a long piece of capitals", function()
+      local m = pii.new()
+      m:mask("ivan@example.com")
+      local feed = m:unmasker()
+      local t = os.clock()
+      local piece = ("A"):rep(100000) .. " x"
+      local out = feed(piece) .. feed(nil)
+      t = os.clock() - t
+      assert.equal(piece, out)
+      assert(t < 1, "100 KB of capitals took " .. t .. " s")
+      -- a run of capitals longer than a placeholder is given out at once
+      assert.equal(("B"):rep(100), m:unmasker()(("B"):rep(100)))
+      assert.equal("x", m:unmasker()("xEMAIL_1"))
+    end)
+
     it("is fed strings only", function()
       local f = masker():unmasker()
       assert.has_error(function() f(42) end, "slm.pii: an unmasker is fed strings, got number")
@@ -574,6 +662,21 @@ describe("slm.pii", function()
       assert.equal(u.a, u.b)
       assert.equal(u, u.self)
       assert.equal("ivan@example.com", u.a[1])
+    end)
+  end)
+
+  describe("speed", function()
+    it("takes linear time over a long run of dots or hyphens after an @", function()
+      for _, c in ipairs{ "-", "." } do
+        local text = "x@" .. c:rep(100000) .. "a ivan@example.com"
+        local t = os.clock()
+        local masked = pii.new():mask(text)
+        t = os.clock() - t
+        assert.equal("x@" .. c:rep(100000) .. "a [EMAIL_1]", masked)
+        assert(t < 1, "100 KB of '" .. c .. "' took " .. t .. " s")
+      end
+      -- trailing dots and hyphens are still left out
+      assert.same({ "ivan@example.com" }, found("ivan@example.com.-.", "email"))
     end)
   end)
 

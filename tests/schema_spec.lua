@@ -766,6 +766,22 @@ describe("slm.schema", function()
       assert.matches("does not parse", err)
     end)
 
+    it("takes linear time over a reply of blank lines and spaces (a small model's runaway output)", function()
+      local junk = (" \n"):rep(100000)
+      local v, err
+      local t = clock_of(function() v, err = P("ok" .. junk .. "done") end)
+      assert.is_nil(v)
+      assert.equal("no JSON object in the reply", err)
+      assert(t < 1, "200 KB of white space took " .. t .. " s")
+      t = clock_of(function() v = P(junk .. '{"a": 1}' .. junk) end)
+      assert.same({ a = 1 }, v)
+      t = t + clock_of(function() v = P('```json\n{"a": 2}' .. junk .. "```") end)
+      assert.same({ a = 2 }, v)
+      assert(t < 1, "JSON amid 400 KB of white space took " .. t .. " s")
+      assert.same({ a = 1 }, P(' \t\r\n{"a": 1} \t\r\n'))
+      assert.equal(3, P("\n3\n"))
+    end)
+
     it("skips a UTF-8 byte order mark", function()
       assert.same({ a = 1 }, P('\239\187\191{"a": 1}'))
       assert.same({ a = 1 }, P('\239\187\191Result: {"a": 1}'))
@@ -950,6 +966,51 @@ describe("slm.schema", function()
       assert_strict(s2)
       assert.same({ ["$ref"] = "#" }, s2.properties.kids.items)
       assert.is_true((schema.validate(s2, dec('{"v":1,"kids":[{"v":2,"kids":[]}]}'))))
+    end)
+
+    it("keeps a recursive $ref with a description beside it recursive (pydantic's fields)", function()
+      -- inlined once, then a bare $ref: inlining it again would never end
+      local tree = { type = "object", properties = { v = { type = "integer" },
+        kids = { type = "array", items = { ["$ref"] = "#", description = "a child node" } } }, required = { "v", "kids" } }
+      local s2, why = schema.for_openai_strict(tree)
+      assert(s2, why)
+      assert_strict(s2)
+      local inner = s2.properties.kids.items
+      assert.equal("a child node", inner.description)
+      assert.same({ ["$ref"] = "#" }, inner.properties.kids.items)
+      local value = dec('{"v":1,"kids":[{"v":2,"kids":[{"v":3,"kids":[]}]}]}')
+      assert.is_true((schema.validate(s2, value)))
+      assert.is_false((schema.validate(s2, dec('{"v":1,"kids":[{"v":2,"kids":[{"v":"x","kids":[]}]}]}'))))
+      local list = { ["$defs"] = { node = { type = "object", properties = { v = { type = "string" },
+        next = { anyOf = { { ["$ref"] = "#/$defs/node", title = "Next" }, { type = "null" } } } },
+        required = { "v", "next" } } }, ["$ref"] = "#/$defs/node" }
+      s2, why = schema.for_openai_strict(list)
+      assert(s2, why)
+      assert_strict(s2)
+      assert.is_true((schema.validate(s2, dec('{"v":"a","next":{"v":"b","next":{"v":"c","next":null}}}'))))
+      -- keywords other than annotations beside a recursive $ref: no strict form, said so
+      local bad = { type = "object", properties = { v = { type = "integer" },
+        kids = { type = "array", items = { ["$ref"] = "#", maxProperties = nil, minimum = 1 } } }, required = { "v", "kids" } }
+      s2, why = schema.for_openai_strict(bad)
+      assert.is_nil(s2)
+      assert.matches("a recursive $ref with keywords beside it", why, 1, true)
+    end)
+
+    it("converts schemas with hundreds of $ref-with-description and allOf properties", function()
+      local props, props2 = {}, {}
+      for i = 1, 250 do
+        props["f" .. i] = { ["$ref"] = "#/$defs/money", description = "field " .. i }
+        props2["f" .. i] = { allOf = { { ["$ref"] = "#/$defs/money" } }, description = "field " .. i }
+      end
+      local defs = { money = { type = "number", minimum = 0 } }
+      for _, p in ipairs({ props, props2 }) do
+        local s2, why = schema.for_openai_strict({ type = "object", properties = p, ["$defs"] = defs })
+        assert(s2, why)
+        assert_strict(s2)
+        assert.equal(250, #s2.required)
+        assert.equal("field 7", s2.properties.f7.anyOf and s2.properties.f7.anyOf[1].description
+          or s2.properties.f7.description)
+      end
     end)
 
     it("from_openai_strict removes the nulls strict mode sent for optional properties", function()

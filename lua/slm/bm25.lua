@@ -670,18 +670,40 @@ local function nchars(s)
   return #s - c
 end
 
-local function rtrim(s) return (gsub(s, "%s+$", "")) end
+-- Trimming by loops over the bytes: a pattern anchored at the end
+-- ("%s+$") tries every run of the class in the string, which is quadratic
+-- over a long run (a page padded with spaces).
+local WS = { [32] = true, [9] = true, [10] = true, [11] = true, [12] = true, [13] = true } -- %s
+local function rtrim(s)
+  local e = #s
+  while e > 0 and WS[byte(s, e)] do e = e - 1 end
+  return sub(s, 1, e)
+end
 
--- Closing quotes and brackets that may follow a sentence's end.
+local function trim(s)
+  local _, a = find(s, "^%s*")
+  local e = #s
+  while e > a and WS[byte(s, e)] do e = e - 1 end
+  return sub(s, a + 1, e)
+end
+
+-- Closing quotes and brackets that may follow a sentence's end: " ' ) ] » ”
+local CLOSER = { [34] = true, [39] = true, [41] = true, [93] = true }
 local function strip_closers(w)
-  local prev
-  repeat
-    prev = w
-    w = gsub(w, "[\"')%]]+$", "")
-    if sub(w, -2) == "\194\187" then w = sub(w, 1, -3) end            -- »
-    if sub(w, -3) == "\226\128\157" then w = sub(w, 1, -4) end        -- ”
-  until w == prev
-  return w
+  local e = #w
+  while e > 0 do
+    local c = byte(w, e)
+    if CLOSER[c] then
+      e = e - 1
+    elseif c == 187 and byte(w, e - 1) == 194 then                          -- »
+      e = e - 2
+    elseif c == 157 and e > 2 and byte(w, e - 1) == 128 and byte(w, e - 2) == 226 then -- ”
+      e = e - 3
+    else
+      break
+    end
+  end
+  return sub(w, 1, e)
 end
 
 local function ends_sentence(w)
@@ -799,7 +821,7 @@ function M.passages(text, opts)
   local out = {}
   local cur, curn
   local function para(p)
-    p = gsub(gsub(p, "^%s+", ""), "%s+$", "")
+    p = trim(p)
     if p == "" then return end
     local pn = nchars(p)
     if pn > max then

@@ -28,7 +28,9 @@
 -- IBAN without spaces) always gets the same placeholder in one masker;
 -- different values get different numbers. Phone normalization: a Russian
 -- national "8 ..." number is the same as "+7 ...", and a trunk "(0)" after
--- the country code is dropped ("+44 (0) 20 ..." is "+44 20 ..."); so
+-- the country code is dropped ("+44 (0) 20 ..." is "+44 20 ..."), and a
+-- number without a country code ("(495) 123-45-67") is never the same as a
+-- "+" one of the same digits ("+49 5123 4567"); so
 -- "+7 (912) 345-67-89" and "89123456789" share one placeholder, and unmask
 -- writes the form seen first.
 --
@@ -60,8 +62,9 @@
 --   (1-63 each, no hyphen at either end, 253 in all), the last all letters
 --   (2-63) or "xn--..."; trailing dots/hyphens are left out ("mail me at
 --   a@b.ru."). Not an e-mail: anything with "@" just before the local part
---   or just after the domain ("a@b.ru@c.ru"); inside a URL (a
---   whitespace-free token holding "://" before it) the userinfo
+--   or just after the domain ("a@b.ru@c.ru"); inside a URL (a run of
+--   the bytes URLs hold, holding "://" before it: a quote, "<", ">", white
+--   space... end a URL) the userinfo
 --   ("https://user@host/") and the path ("https://x.org/u/a@b.ru") are left
 --   alone, while the query and fragment ("?to=a@b.ru") are masked.
 -- phone (10-15 digits; separators between digit groups " ", no-break
@@ -112,11 +115,16 @@
 -- word or number. Before it: no letter, digit, "_", "@" or "+" (only a
 --   phone starts with "+"); no ".", ",", "-" or "/" right after a letter or
 --   digit; no ":" after a digit; no space after a digit ("2024 8 912 ...");
---   a phone also not after "#" or "№", with or without a space. After it:
+--   a phone also not after "#" or "№", with or without a space; a phone
+--   that starts with "+" only the first of these ("+" continues no number:
+--   "+7 912 345-67-89,+7 912 345-67-88" is two phones). After it:
 --   no letter, digit, "_" or "@"; no ".", ",", ":", "-" or "/" followed by
 --   a digit ("/" is fine after an INN, for the KPP); no space followed by a
 --   digit, except after a phone ("+7 912 345-67-89 10 шт." masks the
---   phone). A space between digits is fine where the digits on both sides
+--   phone) and unless the number has as many digits as the value's last
+--   group (it could be one more of them): "4000 0123 4567 8905 12/29" is
+--   the card and its expiry, "ИНН/КПП 7707083893 770701001" the INN and
+--   the KPP, but "4070 2810 9000 0012 3456" holds no card. A space between digits is fine where the digits on both sides
 --   are values ("89123456789 4000 0123 4567 8905": a phone, then a card),
 --   not where one side is not ("2024 4000012345678905"). So
 --   dates ("2024-05-17"), times ("12:30"), prices ("1 299,00 руб."), order
@@ -283,6 +291,8 @@ local function left_ok(text, p, kind, relaxed)
       return false
     end
   end
+  -- a "+" continues no number: "+7 912 345-67-89,+7 912 345-67-88" is two
+  if byte(text, p) == PLUS then return true end
   local c2 = p > 2 and byte(text, p - 2) or nil
   if c == SPACE or (c == NBSP2 and c2 == NBSP1) then
     if c == NBSP2 then c2 = p > 3 and byte(text, p - 3) or nil end
@@ -301,8 +311,16 @@ local function right_ok(text, q, kind, relaxed)
   local c2 = byte(text, q + 1)
   if c == SPACE or (c == NBSP1 and c2 == NBSP2) then
     if kind == "phone" or relaxed then return true end
-    if c == NBSP1 then c2 = byte(text, q + 2) end
-    return not (c2 and DIGIT[c2])
+    local ds = c == NBSP1 and q + 2 or q + 1
+    c2 = byte(text, ds)
+    if not (c2 and DIGIT[c2]) then return true end
+    -- a number of another length than the value's last group is no more
+    -- of its groups: a card's expiry ("12/27") or CVV, the KPP after an
+    -- INN, the date after a passport
+    local _, de = find(text, "^%d+", ds)
+    local b = q - 1 -- (a value's last group has at most 19 digits)
+    while b > 0 and DIGIT[byte(text, b)] do b = b - 1 end
+    return de - ds + 1 ~= q - 1 - b
   end
   if c == SLASH and kind == "inn" then return true end
   if c == DOT or c == COMMA or c == COLON or c == DASH or c == SLASH then
@@ -313,14 +331,23 @@ end
 
 -- E-mail -----------------------------------------------------------------
 
+-- The bytes a URL may hold (RFC 3986's unreserved and reserved
+-- characters and "%"; bytes >= 0x80 for IRIs), as a class: any other byte
+-- (white space, a quote, "<", ">", "{", "}", "|", "\\", "^", "`", a
+-- control character) ends a URL.
+local URL_CLASS = "%w%-._~:/?#%[%]@!$&'()*+,;=%%\128-\255"
+local URL_TAIL = "[^" .. URL_CLASS .. "][" .. URL_CLASS .. "]*$"
+
 -- Is the e-mail whose local part starts at ls inside a URL's userinfo or
--- path (the whitespace-free token before it holds "://")?
+-- path (the run of URL bytes just before it holds "://")?  In
+-- '{"url":"https://x.org/a","email":"a@b.ru"}' the quote ends the URL:
+-- the e-mail is no part of it.
 local function in_url(text, ls)
   local w0 = ls - 2048
   if w0 < 1 then w0 = 1 end
   local pre = sub(text, w0, ls - 1)
   if not find(pre, "://", 1, true) then return false end
-  local k = find(pre, "%s[^%s]*$")
+  local k = find(pre, URL_TAIL)
   if k then pre = sub(pre, k + 1) end
   local u = find(pre, "://", 1, true)
   if not u then return false end
@@ -358,8 +385,14 @@ local function emails(text, out)
       local lead = match(lp, "^%.*")
       ls = ls + #lead
       lp = sub(lp, #lead + 1)
-      local dom = match(sub(text, ds, de), "^(.-)[.%-]*$")
-      de = ds + #dom - 1
+      -- trailing dots and hyphens left out (a loop: a pattern would take
+      -- quadratic time over a long run of them)
+      while de >= ds do
+        local c = byte(text, de)
+        if c ~= DOT and c ~= DASH then break end
+        de = de - 1
+      end
+      local dom = sub(text, ds, de)
       if lp ~= "" and ls > after and byte(lp, #lp) ~= DOT and not find(lp, "..", 1, true)
           and byte(text, ls - 1) ~= AT and byte(text, de + 1) ~= AT
           and domain_ok(dom) and not in_url(text, ls) then
@@ -570,7 +603,9 @@ function V.phone(text, rs, re, rd, rg, i, j, nd)
       key = "7" .. sub(d, 2)
     elseif paren == i and nd == 10 then -- "(495) 123-45-67"
       if l1 < 3 or l1 > 5 or f == 48 or f == 49 then return nil end
-      key = d
+      -- no country code: never the same value as a "+" number of the same
+      -- digits ("(495) 123-45-67" is not "+49 5123 4567")
+      key = "(" .. d
       s = s - 1
     else
       return nil
@@ -932,8 +967,15 @@ function Masker:unmasker()
     -- else a trailing run of capitals, digits and "_" ("EMAIL_1" may go
     -- on: "EMAIL_12")
     if from > n then
-      local ws = find(text, "[%u%d_]+$")
-      if ws and n - ws < HOLD then from = ws end
+      -- (a loop over at most HOLD + 1 bytes: a pattern anchored at the
+      -- end would try every start, quadratic over a long run)
+      local ws = n + 1
+      while ws > 1 and n - ws + 1 <= HOLD do
+        local c = byte(text, ws - 1)
+        if not (UPPER[c] or DIGIT[c] or c == 95) then break end
+        ws = ws - 1
+      end
+      if ws <= n and n - ws < HOLD then from = ws end
     end
     pending = sub(text, from)
     return out(sub(text, 1, from - 1))

@@ -1509,8 +1509,15 @@ local function try_decode(s)
   return nil, tostring(v)
 end
 
+-- (the end found by a loop: a pattern anchored at the end, "[ \t\r\n]+$",
+-- would try every run of white space in s, quadratic over a reply of
+-- blank lines)
+local JSON_WS = { [32] = true, [9] = true, [13] = true, [10] = true }
 local function trim(s)
-  return (gsub(gsub(s, "^[ \t\r\n]+", ""), "[ \t\r\n]+$", ""))
+  local _, a = find(s, "^[ \t\r\n]*")
+  local b = #s
+  while b > a and JSON_WS[byte(s, b)] do b = b - 1 end
+  return sub(s, a + 1, b)
 end
 
 -- From i (a { or [), where its value ends, matching brackets outside
@@ -1760,6 +1767,7 @@ local function nullable_form(out)
   return out
 end
 
+local conv_node
 local function has_siblings(raw)
   for k in pairs(raw) do
     if k ~= "$ref" then return true end
@@ -1767,11 +1775,45 @@ local function has_siblings(raw)
   return false
 end
 
+-- Only annotations beside the $ref (pydantic's "description" of a field)?
+local function annotations_only(raw)
+  for k in pairs(raw) do
+    if k ~= "$ref" and not IGNORED[k] then return false end
+  end
+  return true
+end
+
 local conv
 conv = function(raw, path, X, depth)
   if depth > 200 then cannot(path, "a schema nested deeper than 200") end
   if type(raw) ~= "table" then cannot(path, "a boolean schema (" .. tostring(raw) .. ") has no strict form") end
-  while raw["$ref"] ~= nil and has_siblings(raw) do raw = inline_ref(raw, path, X) end
+  -- A $ref with keywords beside it is inlined, except inside its own
+  -- inlining (a recursive schema: a tree's "children" items): inlined again
+  -- it would never end, so there it stays a $ref and its annotations go
+  -- (OpenAI takes no keyword beside a $ref); other keywords have no strict
+  -- form there.
+  X.steps = 0 -- (inline_ref's and merge_all_of's guard counts per node, not per schema)
+  local opened
+  while raw["$ref"] ~= nil and has_siblings(raw) do
+    local ref = raw["$ref"]
+    if X.open[ref] then
+      if not annotations_only(raw) then
+        cannot(path, "a recursive $ref with keywords beside it (other than annotations) has no strict form")
+      end
+      raw = { ["$ref"] = ref }
+    else
+      X.open[ref] = true
+      opened = opened or {}
+      opened[#opened + 1] = ref
+      raw = inline_ref(raw, path, X)
+    end
+  end
+  local out = conv_node(raw, path, X, depth)
+  for i = 1, opened and #opened or 0 do X.open[opened[i]] = nil end
+  return out
+end
+
+conv_node = function(raw, path, X, depth)
   if raw.allOf then raw = merge_all_of(raw, path, X) end
   if raw.anyOf and raw.oneOf then cannot(path, "anyOf beside oneOf has no strict form") end
   local obj = is_object_schema(raw)
@@ -1850,7 +1892,7 @@ function M.for_openai_strict(s)
   local ok, V = pcall(cached, s)
   if not ok then rethrow(V, 2) end
   if type(s) ~= "table" then return nil, "a boolean schema has no strict form" end
-  local X = { V = V, root = s, steps = 0 }
+  local X = { V = V, root = s, steps = 0, open = {} }
   local res
   ok, res = pcall(function()
     local top = s
