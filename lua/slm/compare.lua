@@ -23,6 +23,8 @@
 --                 cost (USD per task), per_1000 (USD per 1,000 tasks),
 --                 total (USD for `count` tasks), fits, why, estimate }, ... },
 --     total (USD for the whole workload), fits (every task fits) }
+-- A model without prices has cost, per_1000 and total nil (printed
+-- "unknown"), never 0.  Token counts and `count` are finite numbers >= 0.
 -- `fits`: prompt + output <= context, and output <= max_output when the
 -- model has one; `why` says what does not fit.
 --
@@ -31,9 +33,12 @@ local models = require "slm.models"
 
 local type, ipairs, pairs, tostring, error, format =
   type, ipairs, pairs, tostring, error, string.format
-local floor, concat, sort = math.floor, table.concat, table.sort
+local floor, concat, sort, huge = math.floor, table.concat, table.sort, math.huge
 
 local M = {}
+
+-- a finite number >= 0 (NaN would fit every context and make every sum NaN)
+local function amount(v) return type(v) == "number" and v == v and v >= 0 and v < huge end
 
 local function check_spec(spec)
   if type(spec) ~= "table" then error("slm.models.compare: expected a table { tasks = ..., models = ... }", 3) end
@@ -49,8 +54,8 @@ local function check_spec(spec)
     if np ~= 1 then
       error(format("slm.models.compare: tasks[%d] needs exactly one of prompt_tokens, prompt, messages", i), 3)
     end
-    if t.prompt_tokens ~= nil and (type(t.prompt_tokens) ~= "number" or t.prompt_tokens < 0) then
-      error(format("slm.models.compare: tasks[%d].prompt_tokens must be a number >= 0", i), 3)
+    if t.prompt_tokens ~= nil and not amount(t.prompt_tokens) then
+      error(format("slm.models.compare: tasks[%d].prompt_tokens must be a finite number >= 0", i), 3)
     end
     if t.prompt ~= nil and type(t.prompt) ~= "string" then
       error(format("slm.models.compare: tasks[%d].prompt must be a string", i), 3)
@@ -61,14 +66,14 @@ local function check_spec(spec)
     if (t.output_tokens ~= nil) == (t.output ~= nil) then
       error(format("slm.models.compare: tasks[%d] needs exactly one of output_tokens, output", i), 3)
     end
-    if t.output_tokens ~= nil and (type(t.output_tokens) ~= "number" or t.output_tokens < 0) then
-      error(format("slm.models.compare: tasks[%d].output_tokens must be a number >= 0", i), 3)
+    if t.output_tokens ~= nil and not amount(t.output_tokens) then
+      error(format("slm.models.compare: tasks[%d].output_tokens must be a finite number >= 0", i), 3)
     end
     if t.output ~= nil and type(t.output) ~= "string" then
       error(format("slm.models.compare: tasks[%d].output must be a string", i), 3)
     end
-    if t.count ~= nil and (type(t.count) ~= "number" or t.count < 0) then
-      error(format("slm.models.compare: tasks[%d].count must be a number >= 0", i), 3)
+    if t.count ~= nil and not amount(t.count) then
+      error(format("slm.models.compare: tasks[%d].count must be a finite number >= 0", i), 3)
     end
     if t.name ~= nil and type(t.name) ~= "string" then
       error(format("slm.models.compare: tasks[%d].name must be a string", i), 3)
@@ -89,7 +94,7 @@ end
 local function all_models()
   local names = {}
   for name, m in pairs(models.raw) do
-    if type(m) == "table" and m.input_per_m then names[#names + 1] = name end
+    if type(m) == "table" and models.price(m.input_per_m) then names[#names + 1] = name end
   end
   sort(names)
   return names
@@ -109,17 +114,19 @@ local function task_row(entry, name, t, i)
     output = tok:count(t.output)
     estimate = estimate or tok.estimate
   end
-  local cost = models.cost(entry, { prompt_tokens = prompt, completion_tokens = output }) or 0
+  -- nil: the model has no prices (unknown, never shown as free)
+  local cost = models.cost(entry, { prompt_tokens = prompt, completion_tokens = output })
   local n = t.count or 1
   local fits, why = true, nil
   if entry.context and prompt + output > entry.context then
-    fits, why = false, format("%d + %d tokens > context %d", prompt, output, entry.context)
+    fits, why = false, format("%.0f + %.0f tokens > context %.0f", prompt, output, entry.context)
   elseif entry.max_output and output > entry.max_output then
-    fits, why = false, format("%d output tokens > max output %d", output, entry.max_output)
+    fits, why = false, format("%.0f output tokens > max output %.0f", output, entry.max_output)
   end
   return {
     name = t.name or ("task " .. i), prompt_tokens = prompt, output_tokens = output, count = n,
-    cost = cost, per_1000 = cost * 1000, total = cost * n, fits = fits, why = why, estimate = estimate,
+    cost = cost, per_1000 = cost and cost * 1000, total = cost and cost * n, fits = fits, why = why,
+    estimate = estimate,
     prompt_given = t.prompt_tokens ~= nil, output_given = t.output_tokens ~= nil,
   }
 end
@@ -140,7 +147,7 @@ function M.compare(spec)
     for i, t in ipairs(spec.tasks) do
       local tr = task_row(entry, row.model, t, i)
       row.tasks[i] = tr
-      row.total = row.total + tr.total
+      row.total = row.total and tr.total and row.total + tr.total
       row.fits = row.fits and tr.fits
       row.estimate = row.estimate or tr.estimate
     end
@@ -152,6 +159,7 @@ end
 ------------------------------------------------------------------ printing
 
 local function thousands(n)
+  if n >= 1e15 or n <= -1e15 then return format("%.3g", n) end -- (%d has no integer past 2^63)
   local s = format("%d", floor(n + 0.5))
   local neg = s:sub(1, 1) == "-"
   if neg then s = s:sub(2) end
@@ -162,6 +170,7 @@ end
 M.thousands = thousands
 
 local function usd(x)
+  if x == nil then return "unknown" end -- a model without prices
   if x >= 100 then return format("$%s", thousands(x)) end
   if x >= 1 then return format("$%.2f", x) end
   return format("$%.4f", x)

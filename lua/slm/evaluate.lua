@@ -52,8 +52,9 @@ local function eval_extract(o, model)
           if ok1 and ok2 and a == b then right = right + 1 end
         end
       end
-    elseif type(errs[i]) == "table" and errs[i].cost then
-      cost = cost + errs[i].cost
+    elseif type(errs[i]) == "table" then
+      -- a failed item was billed too: its cost, or unknown (the sum is then unknown)
+      if errs[i].cost then cost = cost + errs[i].cost elseif errs[i].usage then priced = false end
     end
   end
   sort(lat)
@@ -68,6 +69,19 @@ function M.evaluate(o)
   if task ~= "classify" and task ~= "extract" then error("slm.evaluate: option 'task' must be \"classify\" or \"extract\"", 2) end
   if type(o.dataset) ~= "table" then error("slm.evaluate: option 'dataset' must be a list", 2) end
   if type(o.models) ~= "table" or not o.models[1] then error("slm.evaluate: option 'models' must be a list of model names", 2) end
+  for i, m in ipairs(o.models) do
+    if type(m) ~= "string" or m == "" then error(format("slm.evaluate: models[%d] must be a model name (a string)", i), 2) end
+  end
+  -- the task's options go to every item, after its own fields: one of these
+  -- would replace each row's model (every row then measuring the same
+  -- model under different names) or each item's input
+  local item_field = task == "classify" and "text" or "document"
+  for _, k in ipairs{ "model", item_field } do
+    if o[k] ~= nil then
+      error(format("slm.evaluate: option '%s' is not allowed (%s); the models go in 'models', the inputs in "
+        .. "the dataset", k, k == "model" and "it would replace every row's model" or "it would replace every item's"), 2)
+    end
+  end
   local task_opts = {}
   for k, v in pairs(o) do
     if k ~= "task" and k ~= "dataset" and k ~= "models" and k ~= "concurrency" and k ~= "progress" then task_opts[k] = v end

@@ -96,7 +96,8 @@ function M.new(client, body, opts, stream)
     end
   end
   drop_empty(body)
-  local ckey = client.cache and cache.key(client.base_url_display, first, body) or false
+  -- within the credentials' scope: two tenants (keys, organizations) never share an entry
+  local ckey = client.cache and cache.key(client.base_url_display, first, body, cache.scope(client, opts)) or false
   if stream then
     body.stream = true
     if type(body.stream_options) ~= "table" then body.stream_options = { include_usage = true } end

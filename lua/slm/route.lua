@@ -8,13 +8,16 @@
 --
 -- `models` defaults to the client's model and its fallbacks.  The cost is
 -- the expected one (prompt + output_tokens at the model's prices); a model
--- without prices comes after every priced one.  -> model, report, or nil,
--- err (kind "context_length") when none fits.
+-- without prices (or with prices that are not numbers) comes after every
+-- priced one; among equal costs the order given decides.  A model whose
+-- max_output is below output_tokens does not fit.  -> model, report, or
+-- nil, err (kind "context_length") when none fits.
 local models = require "slm.models"
 local errors = require "slm.errors"
 local count = require "slm.count"
 
-local type, ipairs, error, format, sort, huge = type, ipairs, error, string.format, table.sort, math.huge
+local type, ipairs, error, tostring, format, sort, huge =
+  type, ipairs, error, tostring, string.format, table.sort, math.huge
 
 local M = {}
 
@@ -41,11 +44,21 @@ function M.route(o)
     for _, m in ipairs(o.client.fallback or {}) do list[#list + 1] = m end
   end
   if type(list) ~= "table" or not list[1] then error("slm.route: give 'models' (a list) or 'client'", 2) end
-  local out = o.output_tokens or req.max_tokens or req.max_completion_tokens or 500
-  if type(out) ~= "number" or out < 0 then error("slm.route: option 'output_tokens' must be a number >= 0", 2) end
+  local out, from = o.output_tokens, "option 'output_tokens'"
+  if out == nil then
+    out, from = req.max_tokens or req.max_completion_tokens or 500, "the request's max_tokens"
+  end
+  -- NaN would fit every context (n + NaN > context is false) and make
+  -- every cost NaN; math.huge fits none and says so
+  if type(out) ~= "number" or out ~= out or out < 0 or out == huge then
+    error(format("slm.route: %s must be a finite number >= 0, got %s", from, tostring(out)), 2)
+  end
+  for i, name in ipairs(list) do
+    if type(name) ~= "string" then error(format("slm.route: models[%d] must be a model name (a string)", i), 2) end
+  end
   local images = has_images(req)
-  local report = {}
-  for _, name in ipairs(list) do
+  local report, order = {}, {}
+  for i, name in ipairs(list) do
     local info = models.find(name)
     local n, cinfo = count.count(req, name)
     local row = { model = name, prompt_tokens = n, estimate = cinfo and cinfo.estimate or nil }
@@ -54,16 +67,21 @@ function M.route(o)
     elseif images and info.vision == false then
       row.fits, row.why = false, "does not read images"
     elseif info.context and n + out > info.context then
-      row.fits, row.why = false, format("needs %d tokens, context %d", n + out, info.context)
+      row.fits, row.why = false, format("needs %.0f tokens, context %.0f", n + out, info.context)
+    elseif info.max_output and out > info.max_output then
+      row.fits, row.why = false, format("%.0f output tokens > max output %.0f", out, info.max_output)
     else
       row.fits = true
       row.cost = models.cost(info, { prompt_tokens = n, completion_tokens = out })
     end
     report[#report + 1] = row
+    order[row] = i
   end
   sort(report, function(a, b)
     if a.fits ~= b.fits then return a.fits end
-    return (a.cost or huge) < (b.cost or huge)
+    local ca, cb = a.cost or huge, b.cost or huge
+    if ca ~= cb then return ca < cb end
+    return order[a] < order[b] -- ties (and unpriced ones): the order given
   end)
   if not report[1].fits then
     return nil, errors.new("context_length", "no model fits the request: " .. report[1].model .. ": " .. report[1].why,
