@@ -270,3 +270,159 @@ describe("bin/slm", function()
     end)
   end)
 end)
+
+-- The commands besides the batch jobs, from a hostile review.
+describe("bin/slm chat, count, models, usage, sim: hostile input", function()
+  -- Runs `env ENV bin/slm ARGS` (no key of the caller's): stdout, stderr, exit status.
+  local function run_env(env, cmdline, stdin)
+    local errf = os.tmpname()
+    local inf = stdin and H.write_tmp(stdin)
+    local p = io.popen(("env -u SLM_API_KEY -u OPENAI_API_KEY SLM_BASE_URL=%s %s bin/slm %s <%s 2>%s"):format(
+      up.url, env or "", cmdline, inf or "/dev/null", errf))
+    local out = p:read("a")
+    local ok, _, code = p:close()
+    local ef = io.open(errf); local err = ef:read("a"); ef:close()
+    os.remove(errf); if inf then os.remove(inf) end
+    return out, err, ok and 0 or code
+  end
+
+  local function no_traceback(err) assert.is_nil(err:find("traceback", 1, true), err) end
+
+  it("sim stop never signals the process a stale nginx.pid names, nor stops what sim start did not start", function()
+    local tmp = H.write_tmp("")
+    os.remove(tmp)
+    assert.is_true(os.execute("mkdir " .. tmp))
+    local sleeper
+    finally(function()
+      if sleeper then os.execute("kill " .. sleeper .. " 2>/dev/null") end
+      os.execute("rm -rf " .. tmp)
+    end)
+    local out, err, code = run_env("TMPDIR=" .. tmp, "sim start")
+    assert.are.equal(0, code, err)
+    local prefix = err:match("sim stop (/%S+)\n")
+    assert.truthy(prefix, err)
+    -- its nginx dies without cleaning up (SIGKILL, a reboot) and the pid is
+    -- taken by another program
+    local master = io.open(prefix .. "/nginx.pid"):read("l")
+    os.execute("kill -KILL $(ps -o pid= --ppid " .. master .. ") " .. master .. " 2>/dev/null; sleep 0.3")
+    local p = io.popen("sleep 60 >/dev/null 2>&1 & echo $!")
+    sleeper = p:read("l")
+    p:close()
+    local f = io.open(prefix .. "/nginx.pid", "w"); f:write(sleeper, "\n"); f:close()
+    out = run_env("TMPDIR=" .. tmp, "sim status")
+    assert.truthy(out:find("not running  " .. prefix, 1, true), out)
+    out, err, code = run_env("TMPDIR=" .. tmp, "sim stop")
+    assert.are.equal(0, code, err)
+    assert.matches("process " .. sleeper .. " of its nginx.pid is another program's, left alone", err)
+    assert.is_true(os.execute("kill -0 " .. sleeper .. " 2>/dev/null"), "the other program was killed")
+    assert.is_nil(io.open(prefix .. "/.slm-upstream"))
+    -- twice: nothing there, nothing done
+    _, err, code = run_env("TMPDIR=" .. tmp, "sim stop " .. prefix)
+    assert.are.equal(1, code)
+    assert.matches("no simulator in " .. prefix:gsub("%p", "%%%0") .. " %(stopped already%?%)", err)
+    -- a simulator that a test (tests/upstream/launch.lua) started is not `slm sim`'s to stop
+    _, err, code = run_env(nil, "sim stop " .. up.prefix)
+    assert.are.equal(1, code)
+    assert.matches("was not started by `slm sim start`: left alone", err)
+    assert.is_table(up:stats())
+  end)
+
+  it("chat with a bad SLM_BASE_URL or key says which variable, exit 2, no traceback and no secret", function()
+    local _, err, code = run_env("SLM_BASE_URL='http://u:sk-hidden-77@bad host/v1'", "chat hi")
+    assert.are.equal(2, code)
+    assert.matches("^slm: slm.client: SLM_BASE_URL / OPENAI_BASE_URL must be an http%(s%) URL", err)
+    assert.is_nil(err:find("sk-hidden-77", 1, true), err)
+    no_traceback(err)
+    _, err, code = run_env("SLM_API_KEY=\"$(printf 'sk-hidden-77\\nx')\"", "chat hi")
+    assert.are.equal(2, code)
+    assert.matches("SLM_API_KEY / OPENAI_API_KEY must be a string without CR, LF or NUL", err)
+    assert.is_nil(err:find("sk-hidden-77", 1, true), err)
+    no_traceback(err)
+  end)
+
+  it("count: a directory, an unknown model, a bad request, an endless input are errors (exit 2), not tracebacks", function()
+    local _, err, code = run_env(nil, "count /tmp")
+    assert.are.equal(2, code)
+    assert.matches("^slm: count: cannot read /tmp: Is a directory\n$", err)
+    _, err, code = run_env(nil, "count -m no-such-model", "hello")
+    assert.are.equal(2, code)
+    assert.matches("^slm: count: unknown model or encoding 'no%-such%-model'\n$", err)
+    _, err, code = run_env(nil, "count", '{"messages": 5}')
+    assert.are.equal(2, code)
+    assert.matches("^slm: count: slm.count: request.messages must be a list\n$", err)
+    _, err, code = run_env(nil, "count", '{"messages": [{"role": "user", "content": 5}]}')
+    assert.are.equal(2, code)
+    no_traceback(err)
+    _, err, code = run_env(nil, "count /dev/zero")
+    assert.are.equal(2, code)
+    assert.matches("^slm: count: /dev/zero is larger than 256 MiB\n$", err)
+  end)
+
+  it("count: JSON that is no request is a text; a request's own model counts without -m", function()
+    local tok = require("slm").tokenizer("gpt-4o-mini")
+    for _, text in ipairs({ '{"a": 1, "b": [1, 2, 3]}', "[1, 2]", '"a string"' }) do
+      local out, err, code = run_env(nil, "count", text)
+      assert.are.equal(0, code, err)
+      assert.are.equal(tok:count(text) .. "\n", out)
+    end
+    local req = json.encode{ model = "nousresearch/hermes-3-llama-3.1-405b",
+      messages = { { role = "user", content = "hello there" } } }
+    local slm = require "slm"
+    local out = run_env(nil, "count", req)
+    local n, info = slm.count(json.decode(req))
+    assert.are.equal(n .. (info.estimate and " (estimate)" or "") .. "\n", out)
+    assert.are_not.equal(slm.count(json.decode(req), "gpt-4o-mini") .. "\n", out)
+    out = run_env(nil, "count -m gpt-4o-mini", req)
+    assert.are.equal(slm.count(json.decode(req), "gpt-4o-mini") .. "\n", out)
+  end)
+
+  it("usage counts only sane lines and names the others; a directory or /dev/zero is an error, not a hang", function()
+    local good = { time = "2026-01-02T10:00:00Z", model = "gpt-4o-mini", task = "classify", outcome = "ok",
+      prompt_tokens = 10, completion_tokens = 5, tokens = 15, cost = 0.001, call = 1, calls = 1 }
+    local lines = { json.encode(good) }
+    for _, bad in ipairs({
+      '"prompt_tokens": -10', '"prompt_tokens": 1e308', '"tokens": 1e400', '"prompt_tokens": NaN',
+      '"prompt_tokens": "10"', '"cost": "abc"', '"cost": -1', '"calls": "x"', '"completion_tokens": 1.5',
+    }) do
+      lines[#lines + 1] = '{"time": "2026-01-02T11:00:00Z", "model": "gpt-4o-mini", "outcome": "ok", ' .. bad .. "}"
+    end
+    lines[#lines + 1] = "[1, 2, 3]"
+    lines[#lines + 1] = json.encode{ time = "2026-01-03T00:00:00Z", model = "x\n" .. ("fake row "):rep(3),
+      outcome = "ok", prompt_tokens = 1, tokens = 1, cost = 0 }
+    lines[#lines + 1] = '{"time": "2026-01-02T10:00:00Z", "model": "gpt-4o-mi' -- torn
+    local log = H.write_tmp(table.concat(lines, "\n"))
+    finally(function() os.remove(log) end)
+    local out, err, code = run_env(nil, "usage --json " .. log)
+    assert.are.equal(0, code, err)
+    no_traceback(err)
+    local row = json.decode(out)
+    assert.are.same({ group = "all", requests = 2, failed = 0, prompt_tokens = 11, completion_tokens = 5,
+      tokens = 16, cost = 0.001 }, row)
+    assert.matches(": 11 lines are no usage lines and are not counted %(line 2: prompt_tokens is not a whole number",
+      err)
+    -- a name with a line end cannot forge a row of the table
+    out, err, code = run_env(nil, "usage --by model " .. log)
+    assert.are.equal(0, code, err)
+    assert.matches("\nx\\x0Afake row fake row fake row ", out)
+    local rows = 0
+    for _ in out:gmatch("[^\n]+") do rows = rows + 1 end
+    assert.are.equal(3, rows, out)
+    _, err, code = run_env(nil, "usage /tmp")
+    assert.are.equal(2, code)
+    assert.matches("^slm: usage: cannot read /tmp: Is a directory\n$", err)
+    _, err, code = run_env(nil, "usage /dev/zero")
+    assert.are.equal(2, code)
+    assert.matches("^slm: usage: /dev/zero: line 1 is longer than 64 MiB: not a usage log\n$", err)
+  end)
+
+  it("output to a full disk is exit 1 with the reason, never exit 0 with the output lost", function()
+    if not io.open("/dev/full", "w") then return pending("no /dev/full") end
+    local log = H.write_tmp(json.encode{ model = "m", outcome = "ok", prompt_tokens = 1 })
+    finally(function() os.remove(log) end)
+    for _, cmd in ipairs({ "chat hi", "chat --stream hi", "count", "models", "usage " .. log }) do
+      local _, err, code = run_env(nil, cmd .. " >/dev/full", "some text")
+      assert.are.equal(1, code, cmd .. ": " .. err)
+      assert.matches("cannot write .*to stdout: No space left on device", err)
+    end
+  end)
+end)

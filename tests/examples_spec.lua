@@ -115,6 +115,34 @@ describe("examples/luv_loop.lua", function()
     -- and lua-slm's loop did not spin in luv's: a few steps per event, not thousands
     assert.is_true(tonumber(steps) < 200, out)
   end)
+
+  it("Ctrl-C or SIGTERM stops the simulator it started (exit 130); an unknown argument is refused", function()
+    if not pcall(require, "luv") then return pending("needs lua-luv (bin/setup-deps --test installs it)") end
+    if not require("slm.core").multi():fd() then return pending("the poll() backend has no descriptor") end
+    local tmp = H.write_tmp("")
+    os.remove(tmp)
+    assert.is_true(os.execute("mkdir " .. tmp))
+    finally(function()
+      -- a simulator left running (the defect) is stopped before its directory goes
+      local ls = io.popen("ls -d " .. tmp .. "/slm-upstream.* 2>/dev/null")
+      for prefix in ls:lines() do require("tests.upstream.launch").stop_prefix(prefix) end
+      ls:close()
+      os.execute("rm -rf " .. tmp)
+    end)
+    for _, sig in ipairs({ "INT", "TERM" }) do
+      local p = assert(io.popen(NO_KEYS .. "TMPDIR=" .. tmp .. " SLM_MODEL=sim:delay=5000 lua5.4 examples/luv_loop.lua"
+        .. " >/dev/null 2>&1 & pid=$!; sleep 1; kill -" .. sig .. " $pid; wait $pid; echo rc=$?"))
+      local out = p:read("a")
+      p:close()
+      assert.are.equal("rc=130\n", out)
+      local ls = io.popen("ls -A " .. tmp)
+      assert.are.equal("", ls:read("a"), "the simulator was left running")
+      ls:close()
+    end
+    local out, ok = example("luv_loop", "--bogus")
+    assert.is_false(not not ok)
+    assert.matches("luv_loop: unknown argument %-%-bogus", out)
+  end)
 end)
 
 describe("examples/product_descriptions.lua", function()
