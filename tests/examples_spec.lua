@@ -41,6 +41,23 @@ describe("examples/ticket_triage.lua", function()
   end)
 end)
 
+describe("examples/lib/backend.lua", function()
+  it("a report that cannot be written (a full disk) is exit 1 with the reason, not 0", function()
+    local up = H.upstream()
+    finally(function() up:stop() end)
+    local err = os.tmpname()
+    local ok, _, code = os.execute(NO_KEYS .. "SLM_BASE_URL=" .. up.url .. " lua5.4 examples/ticket_triage.lua >/dev/full 2>"
+      .. err)
+    local f = assert(io.open(err, "rb"))
+    local text = f:read("a")
+    f:close()
+    os.remove(err)
+    assert.is_falsy(ok, text)
+    assert.equal(1, code)
+    assert.matches("ticket_triage: cannot write the report: [^\n]*No space left on device", text)
+  end)
+end)
+
 describe("examples/support_bot.lua", function()
   local function bot(args, input)
     local cmd = NO_KEYS .. "lua5.4 examples/support_bot.lua " .. (args or "") .. " 2>&1"

@@ -159,6 +159,25 @@ describe("test upstream", function()
       assert.equal(10, #seen)
     end)
 
+    it("never signals another process that a stale nginx.pid names", function()
+      local u = upstream.start { quiet = true }
+      local prefix = u.prefix
+      -- nginx gone by SIGKILL (workers too), its pid now someone else's
+      sh("pkill -KILL -f " .. q(prefix .. "/[n]ginx.conf") .. "; sleep 0.2") -- [n]: not this shell itself
+      local other = tonumber((sh("sleep 30 >/dev/null 2>&1 & echo $!")))
+      local f = assert(io.open(prefix .. "/nginx.pid", "wb"))
+      f:write(other, "\n")
+      f:close()
+      assert(upstream.stop_prefix(prefix))
+      -- (a killed orphan may stay a zombie here: its state tells)
+      local stat = io.open("/proc/" .. other .. "/stat", "rb")
+      local state = stat and stat:read("a"):match("^%d+ %b() (%a)")
+      if stat then stat:close() end
+      sh("kill " .. other .. " 2>/dev/null")
+      assert.equal("S", state, "the process the stale pid file named was killed")
+      assert.is_nil(io.open(prefix .. "/nginx.conf", "rb"))
+    end)
+
     it("fails clearly when the port is taken", function()
       local ok, err = pcall(upstream.start, { port = up.port, quiet = true })
       assert.is_false(ok)

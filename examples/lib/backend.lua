@@ -93,7 +93,13 @@ function M.main(name, usage, job, argv, default_model)
     io.stderr:write(name, ": ", tostring(all_ok), "\n")
     return interrupted and 130 or 1
   end
-  io.stdout:write(report or "")
+  -- a report that cannot be written (a full disk, a closed pipe) is a failure
+  local wok, werr = io.stdout:write(report or "")
+  if wok then wok, werr = io.stdout:flush() end
+  if not wok then
+    io.stderr:write(name, ": cannot write the report: ", tostring(werr), "\n")
+    return 1
+  end
   return all_ok and 0 or 1
 end
 

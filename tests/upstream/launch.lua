@@ -251,6 +251,11 @@ function M.stop_prefix(prefix)
   end
   local pid = (read_file(prefix .. "/nginx.pid") or ""):match("%d+")
   local problem
+  -- an nginx killed with SIGKILL leaves its pid file: that pid may now be
+  -- another process, which is never signalled (the master's command line
+  -- names this prefix's nginx.conf; where /proc cannot tell, trust the file)
+  local cmdline = pid and read_file("/proc/" .. pid .. "/cmdline")
+  if cmdline and not cmdline:find(prefix, 1, true) then pid = nil end
   if pid and alive(pid) then
     local workers = children(pid)
     run("kill -TERM " .. pid)              -- what `nginx -s stop` sends
