@@ -26,9 +26,14 @@
 --   Meta's Llama 3 vocabulary the llama3 tokenizer estimates and so does
 --   the count (info.estimate).
 --
+-- response_format (json_schema): the tokens of its name, description and
+--   schema as JSON + RESPONSE_FORMAT_OVERHEAD (8), in both formats (no
+--   published rule; see response_format_tokens).
+--
 -- info: { estimate = bool, reason = string (why it is an estimate),
 --   model = name, tokenizer = encoding, format = "openai"|"chatml",
 --   messages = n, tools = n, images = n (image tokens), image_count = n,
+--   response_format = n (tokens of a json_schema response format),
 --   warnings = { strings } (nil when none) }.
 --
 -- An unknown model is counted as gpt-4o-mini would count it (o200k_base,
@@ -229,8 +234,18 @@ local function sorted_keys(t)
   return ks
 end
 
-local function count_properties(ctx, c, props)
+-- `path` holds the property tables being counted above this one: a schema
+-- that contains itself (a Lua table cycle; JSON cannot carry one, so such
+-- a request fails to encode anyway) is counted once per level, not until
+-- the stack overflows.
+local function count_properties(ctx, c, props, path)
   if type(props) ~= "table" or next(props) == nil then return 0 end
+  path = path or {}
+  if path[props] then
+    warn(ctx, "a tool schema is cyclic (it contains itself): each repetition was counted once")
+    return 0
+  end
+  path[props] = true
   local n = c.prop_init
   for _, key in ipairs(sorted_keys(props)) do
     local p = props[key]
@@ -244,12 +259,13 @@ local function count_properties(ctx, c, props)
       end
       local desc = strip_dot(str(p.description) or "")
       n = n + ntok(ctx, key .. ":" .. type_text(p.type) .. ":" .. desc)
-      if type(p.properties) == "table" then n = n + count_properties(ctx, c, p.properties) end
+      if type(p.properties) == "table" then n = n + count_properties(ctx, c, p.properties, path) end
       if type(p.items) == "table" and type(p.items.properties) == "table" then
-        n = n + count_properties(ctx, c, p.items.properties)
+        n = n + count_properties(ctx, c, p.items.properties, path)
       end
     end
   end
+  path[props] = nil
   return n
 end
 
@@ -306,7 +322,10 @@ local function json_string(s)
   end) .. '"'
 end
 
-local function pyjson(v, depth)
+-- `path` holds the tables being written above v: a table that contains
+-- itself (JSON cannot carry one) is written as null where it recurs, so a
+-- cycle costs one pass, not 2^64 of them.
+local function pyjson(v, depth, path)
   depth = (depth or 0) + 1
   if depth > 64 then return "null" end
   local tv = type(v)
@@ -317,21 +336,28 @@ local function pyjson(v, depth)
   end
   if tv == "boolean" then return tostring(v) end
   if tv ~= "table" then return "null" end
+  path = path or {}
+  if path[v] then return "null" end
+  path[v] = true
+  local out
   if v[1] ~= nil then
     local parts = {}
-    for i = 1, #v do parts[i] = pyjson(v[i], depth) end
-    return "[" .. concat(parts, ", ") .. "]"
+    for i = 1, #v do parts[i] = pyjson(v[i], depth, path) end
+    out = "[" .. concat(parts, ", ") .. "]"
+  else
+    local ks = {}
+    for k in pairs(v) do ks[#ks + 1] = tostring(k) end
+    table.sort(ks)
+    local parts = {}
+    for i, k in ipairs(ks) do
+      local x = v[k]
+      if x == nil then x = v[tonumber(k)] end
+      parts[i] = pyjson(k, depth, path) .. ": " .. pyjson(x, depth, path)
+    end
+    out = "{" .. concat(parts, ", ") .. "}"
   end
-  local ks = {}
-  for k in pairs(v) do ks[#ks + 1] = tostring(k) end
-  table.sort(ks)
-  local parts = {}
-  for i, k in ipairs(ks) do
-    local x = v[k]
-    if x == nil then x = v[tonumber(k)] end
-    parts[i] = pyjson(k, depth) .. ": " .. pyjson(x, depth)
-  end
-  return "{" .. concat(parts, ", ") .. "}"
+  path[v] = nil
+  return out
 end
 M.pyjson = pyjson
 
@@ -442,6 +468,28 @@ local function chatml_fixed(ctx, fns)
   return n, tools
 end
 
+------------------------------------------------------------------ response formats
+
+-- A json_schema response format goes into the prompt as well (the model is
+-- told the schema), but OpenAI publishes no rule for its tokens.  It is
+-- counted as the tokens of its name, its description and its schema
+-- written as JSON (M.pyjson) + RESPONSE_FORMAT_OVERHEAD for the framing,
+-- in both formats: never less than the schema's own text.  "text" and
+-- "json_object" formats add nothing.
+M.RESPONSE_FORMAT_OVERHEAD = 8
+
+local function response_format_tokens(ctx, rf)
+  if is_null(rf) then return 0 end
+  if type(rf) ~= "table" then
+    error(format("slm.count: request.response_format must be a table, got %s", type(rf)), 3)
+  end
+  local js = rf.json_schema
+  if rf.type ~= "json_schema" or type(js) ~= "table" then return 0 end
+  local n = M.RESPONSE_FORMAT_OVERHEAD + ntok(ctx, str(js.name)) + ntok(ctx, str(js.description))
+  if type(js.schema) == "table" then n = n + ntok(ctx, pyjson(js.schema)) end
+  return n
+end
+
 ------------------------------------------------------------------ public
 
 local function split_args(x, model, fname)
@@ -506,8 +554,11 @@ function M.count(x, model)
   local nmsg = 0
   for _, m in ipairs(msgs) do nmsg = nmsg + message_tokens(ctx, m) end
   local fixed, ntools = fixed_tokens(ctx, req)
-  local total = nmsg + fixed + ntools
-  return total, info_of(ctx, nmsg, ntools, total)
+  local nrf = response_format_tokens(ctx, req.response_format)
+  local total = nmsg + fixed + ntools + nrf
+  local info = info_of(ctx, nmsg, ntools, total)
+  info.response_format = nrf
+  return total, info
 end
 
 ------------------------------------------------------------------ fit

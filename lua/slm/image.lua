@@ -124,7 +124,9 @@ local function webp(s)
   if fourcc == "VP8 " then
     -- frame tag(3), start code 9D 01 2A, width(14 bits) + scale(2), height likewise
     if sub(s, 24, 26) ~= "\157\1\42" then return nil, "WebP VP8 without a start code", "corrupt" end
-    return u16le(s, 27) % 16384, u16le(s, 29) % 16384, "webp"
+    local w, h = u16le(s, 27) % 16384, u16le(s, 29) % 16384
+    if w == 0 or h == 0 then return nil, "WebP with a zero size", "corrupt" end
+    return w, h, "webp"
   elseif fourcc == "VP8L" then
     -- signature 0x2F, then 14 bits width-1, 14 bits height-1 (LSB first)
     if byte(s, 21) ~= 0x2F then return nil, "WebP VP8L without its signature", "corrupt" end
@@ -172,19 +174,50 @@ end
 -- frame header may follow large EXIF/ICC segments.
 local PREFIXES = { 4096, 65536, 1048576 }
 
+-- The first `max` bytes (at least; all of them when max is nil) of the
+-- base64 in url[start..]: bytes, whole (true when nothing is left to
+-- decode) | nil, err.  Only a slice of the text is copied and decoded, so
+-- reading the header of a gigabyte data: URL costs a few kilobytes, not
+-- another gigabyte of copies and scratch.
+local function decode_from(url, start, max)
+  local left = #url - start + 1
+  if not max then
+    local bytes, derr = M.base64_decode(sub(url, start))
+    return bytes, derr or true
+  end
+  local chars = ceil(max / 3) * 4
+  while true do
+    if chars >= left then
+      local bytes, derr = M.base64_decode(sub(url, start), max)
+      if not bytes then return nil, derr end
+      return bytes, #bytes < max
+    end
+    -- a slice: whitespace out, cut to whole 4-character groups (a lone
+    -- character at its end is not an error of the URL's)
+    local slice = sub(url, start, start + chars - 1):gsub("[ \t\r\n]", "")
+    slice = sub(slice, 1, #slice - #slice % 4)
+    local bytes, derr = M.base64_decode(slice, max)
+    if not bytes then return nil, derr end
+    if #bytes >= max then return bytes, false end
+    if slice:find("=", 1, true) then return bytes, true end -- decoding stops at padding
+    chars = chars * 2 -- mostly whitespace: a longer slice
+  end
+end
+
 local function size_of_data_url(url)
-  local meta, data = url:match("^data:([^,]*),(.*)$")
-  if not meta then return nil, "malformed data: URL", "corrupt" end
+  local comma = url:find(",", 6, true)
+  if not comma then return nil, "malformed data: URL", "corrupt" end
+  local meta = sub(url, 6, comma - 1)
   if not meta:find(";base64", 1, true) then
     return nil, "data: URL without base64 (cannot read its size)", "unknown"
   end
   for p = 1, #PREFIXES + 1 do
     local max = PREFIXES[p]
-    local bytes, derr = M.base64_decode(data, max)
-    if not bytes then return nil, "data: URL: " .. derr, "corrupt" end
+    local bytes, whole = decode_from(url, comma + 1, max)
+    if not bytes then return nil, "data: URL: " .. tostring(whole), "corrupt" end
     local w, h, f = M.size(bytes)
     if w then return w, h, f end
-    if f ~= "truncated" or not max or #bytes < max then return nil, h, f end
+    if f ~= "truncated" or whole then return nil, h, f end
   end
 end
 

@@ -308,12 +308,17 @@ function Tokenizer:count(s, opts)
   return n
 end
 
+-- Token limits beyond any text's count (math.huge, 2^63) mean "no limit":
+-- capped here, as the C core takes integers.  A text of 2^40 bytes is
+-- already beyond memory, so the cap never shortens a result.
+local LIMIT_CAP = 2 ^ 40
+
 --- Longest prefix of s with at most n tokens that does not split a UTF-8
 -- character (s itself when it fits).
 function Tokenizer:truncate(s, n)
   check_text(s, "truncate")
-  if type(n) ~= "number" or n < 0 then error("truncate: n must be a number >= 0", 2) end
-  n = floor(n)
+  if type(n) ~= "number" or not (n >= 0) then error("truncate: n must be a number >= 0", 2) end
+  n = floor(min(n, LIMIT_CAP))
   if self.estimate and self.estimate_factor ~= 1 then n = floor(n / self.estimate_factor) end
   return self._bpe:truncate(s, n)
 end
@@ -324,11 +329,12 @@ end
 function Tokenizer:chunks(s, n, overlap)
   check_text(s, "chunks")
   overlap = overlap or 0
-  if type(n) ~= "number" or n < 1 then error("chunks: n must be a number >= 1", 2) end
-  if type(overlap) ~= "number" or overlap < 0 or overlap >= n then
+  if type(n) ~= "number" or not (n >= 1) then error("chunks: n must be a number >= 1", 2) end
+  if type(overlap) ~= "number" or not (overlap >= 0 and overlap < n) then
     error("chunks: overlap must be a number >= 0 and < n", 2)
   end
-  n, overlap = floor(n), floor(overlap)
+  n = floor(min(n, LIMIT_CAP))
+  overlap = floor(min(overlap, n - 1))
   if self.estimate and self.estimate_factor ~= 1 then
     n = max(1, floor(n / self.estimate_factor))
     overlap = min(overlap, n - 1)
