@@ -222,6 +222,54 @@ function A.zero()
   reply{ reserved = r ~= nil, err = err and tostring(err), take = lim:take(0), spent = select(2, b:spent()) }
 end
 
+-- GET /clockback?name=..: a rate limit's window and a semaphore's slot
+-- whose holder died, on a clock that goes back an hour after they were
+-- taken: how long (on that clock) until the window lets one more through
+-- and the slot comes back
+function A.clockback()
+  local name = ngx.var.arg_name
+  local t = 1.7e9
+  local rt = { now = function() return t end, sleep = function(s) t = t + s end }
+  local lim = F.ratelimit{ dict = "slm", name = name .. ":rpm", limit = 3, per = 10, now = rt.now }
+  for _ = 1, 3 do assert(lim:take(1, rt)) end
+  local sem = F.semaphore{ dict = "slm", name = name .. ":slots", n = 1, ttl = 10, now = rt.now }
+  assert(sem:acquire(rt, 0)) -- its holder dies with it
+  t = t - 3600
+  local t0 = t
+  -- (the loops stop a little after an hour: what the clock went back)
+  local rt_stop = { now = rt.now, sleep = function(s)
+    if t - t0 > 4000 then error("still waiting after " .. (t - t0) .. " s", 0) end
+    t = t + s
+  end }
+  local ok, taken = pcall(lim.take, lim, 1, rt_stop)
+  local rate_wait, errs = t - t0, {}
+  if not ok or taken ~= true then errs[#errs + 1] = "take: " .. tostring(taken) end
+  t0 = t
+  local tok
+  ok, tok = pcall(sem.acquire, sem, rt_stop, nil)
+  local sem_wait = t - t0
+  if ok and type(tok) == "table" then sem:release(tok) else errs[#errs + 1] = "acquire: " .. tostring(tok) end
+  reply{ rate_wait = rate_wait, sem_wait = sem_wait, err = errs[1] and table.concat(errs, "; ") or nil }
+end
+
+-- GET /settle_twice?name=..: the backend's own settle, twice (a caller
+-- retrying it), once for a live hold and once for one that expired
+function A.settle_twice()
+  local name = ngx.var.arg_name
+  local t = 1.7e9
+  local be = F.budget{ dict = "slm", name = name, hold_ttl = 10, now = function() return t end }
+  local r1 = assert(be:reserve(0.5, 50, 10, 1000))
+  be:settle(r1, 0.25, 20)
+  be:settle(r1, 0.25, 20)
+  local r2 = assert(be:reserve(0.5, 50, 10, 1000))
+  t = t + 11
+  be:totals() -- the sweep gives r2's hold back
+  be:settle(r2, 0.25, 20) -- its late settle still charges it, once
+  be:settle(r2, 0.25, 20)
+  local su, st, hu, ht = be:totals()
+  reply{ spent_usd = su, spent_tokens = st, held_usd = hu, held_tokens = ht }
+end
+
 -- GET /support?sid=..&text=..: one turn of a support bot whose sessions
 -- live in the dict (each worker has its own bot)
 local bot

@@ -21,7 +21,7 @@ local function app_conf(sim_port)
     ]],
     server = ([=[
         set $sim_port %d;
-        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try|zero|ttl|hold)$ {
+        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try|zero|ttl|hold|clockback|settle_twice)$ {
             content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
         }
     ]=]):format(sim_port),
@@ -423,5 +423,22 @@ describe("session store in a shared dict", function()
     local keys = table.concat(get("/keys").keys, "\n")
     assert.truthy(keys:find("t:sup:" .. require("slm.core").sha256("user1@example.com"), 1, true))
     assert.is_nil(keys:find("@example.com", 1, true))
+  end)
+end)
+
+describe("shared limits on a clock that goes back", function()
+  it("keep a rate limit's window and a dead holder's slot for their own time, not the hour the clock went back", function()
+    local r = get("/clockback", { name = "clockback" .. os.time() })
+    assert.is_nil(r.err)
+    -- per = 10 and ttl = 10: from the moment the clock went back, about 10 s
+    assert.is_true(r.rate_wait <= 11.5, "the rate limit waited " .. r.rate_wait .. " s")
+    assert.is_true(r.sem_wait <= 11.5, "the slot came back after " .. r.sem_wait .. " s")
+  end)
+end)
+
+describe("a shared-dict budget backend's settle", function()
+  it("is idempotent: settled twice, a live or an expired hold is charged once", function()
+    local r = get("/settle_twice", { name = "twice" .. os.time() })
+    assert.are.same({ spent_usd = 0.5, spent_tokens = 40, held_usd = 0, held_tokens = 0 }, r)
   end)
 end)

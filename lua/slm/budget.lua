@@ -110,11 +110,20 @@ function M.new(opts)
   }, Budget)
 end
 
+-- A token count for a message: limits and usage may be fractions, which
+-- %d refuses under Lua 5.4.
+local function tokens_str(n)
+  if n == huge then return "inf" end
+  if n % 1 == 0 then return format("%d", n) end
+  return format("%.6g", n)
+end
+
 function Budget:__tostring()
   local su, st = self:spent()
   local u, t = self:remaining()
-  return format("slm.budget(spent $%.6f, %d tokens; remaining $%s, %s tokens)", su, st,
-    u == huge and "inf" or format("%.6f", u), t == huge and "inf" or tostring(t))
+  if su == nil then return "slm.budget(unavailable: " .. tostring(st) .. ")" end
+  return format("slm.budget(spent $%.6f, %s tokens; remaining $%s, %s tokens)", su, tokens_str(st),
+    u == huge and "inf" or format("%.6f", u), tokens_str(t))
 end
 
 -- A finite, non-negative amount, else nil.
@@ -141,7 +150,8 @@ function Budget:reserve(usd, tokens, model)
     if usd > left_usd + EPS then
       what = format("worst case $%.6f exceeds the $%.6f left", usd, left_usd < 0 and 0 or left_usd)
     else
-      what = format("worst case %d tokens exceeds the %d left", tokens, left_tok < 0 and 0 or left_tok)
+      what = format("worst case %s tokens exceeds the %s left", tokens_str(tokens),
+        tokens_str(left_tok < 0 and 0 or left_tok))
     end
     return nil, errors.new("budget", "budget exhausted: " .. what, {
       status = 0, model = model, needed_usd = usd, needed_tokens = tokens,
@@ -149,7 +159,7 @@ function Budget:reserve(usd, tokens, model)
     })
   end
   self.requests = self.requests + 1
-  return { id = id, usd = usd, tokens = tokens }
+  return { id = id, usd = usd, tokens = tokens, budget = self }
 end
 
 --- Settle a reservation with what the request really cost (idempotent).
@@ -158,6 +168,12 @@ end
 -- reservation's worst case: it can neither switch the budget off nor
 -- refill it.
 function Budget:settle(r, usd, tokens)
+  -- a reservation of another budget would settle one of this budget's
+  -- holds that has the same id (ids are per backend), and then that
+  -- hold's own settle would charge nothing
+  if type(r) ~= "table" or r.budget ~= self then
+    error("slm.budget: settle needs a reservation that this budget's reserve returned", 2)
+  end
   if r.settled then return end
   r.settled = true
   local u, t = amount(usd or 0), amount(tokens or 0)

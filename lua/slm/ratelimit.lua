@@ -20,7 +20,10 @@ end
 
 function Bucket:refill()
   local t = self.now()
-  self.level = min(self.cap, self.level + (t - self.t) * self.rate)
+  -- a clock that went back (a wall clock set back) refills nothing: as
+  -- negative time it would drain the bucket, and every take would wait as
+  -- long as the clock went back
+  if t > self.t then self.level = min(self.cap, self.level + (t - self.t) * self.rate) end
   self.t = t
 end
 

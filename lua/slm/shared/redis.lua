@@ -404,8 +404,12 @@ if (lu >= 0 and usd > left_u + 1e-12) or (lt >= 0 and tokens > left_t) then
   return { 0, lu < 0 and "none" or string.format("%.17g", left_u),
     lt < 0 and "none" or string.format("%.17g", left_t) }
 end
+-- the id carries Redis' clock besides the counter: a Redis restarted from
+-- an older snapshot (or from nothing) counts from an older seq again, and a
+-- settle of a hold from before must not settle a new one of the same number
 local n = redis.call("HINCRBY", k .. ":spent", "seq", 1)
-local id = pk .. "#" .. n
+local now = redis.call("TIME")
+local id = pk .. "#" .. n .. "-" .. now[1] .. string.format("%06d", tonumber(now[2]))
 redis.call("ZADD", k .. ":holds", now_ms + tonumber(ARGV[5]), id)
 redis.call("HSET", k .. ":amts", id, ARGV[1] .. " " .. ARGV[2])
 if pk ~= "" then
@@ -424,7 +428,7 @@ return { 1, id }
 -- lost can be sent again -> 1 charged now, 0 charged before.
 local SETTLE = script([[
 local id = ARGV[1]
-local pk = string.match(id, "^(.*)#%d+$") or ""
+local pk = string.match(id, "^(.*)#[%d%-]+$") or ""
 local k = KEYS[1] .. pk
 if redis.call("HDEL", k .. ":amts", id) == 0 and redis.call("HDEL", k .. ":reaped", id) == 0 then
   return 0
@@ -552,7 +556,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local b = redis.call("HMGET", KEYS[1], "level", "at")
 local level, at = tonumber(b[1]), tonumber(b[2])
 if not level then level, at = limit, now end
-level = math.min(limit, level + (now - at) * limit / per)
+-- (Redis' clock set back refills nothing: as negative time it would drain
+-- the bucket, and every taker would wait as long as the clock went back)
+if now > at then level = math.min(limit, level + (now - at) * limit / per) end
 local wait = 0
 if level >= n then level = level - n else wait = math.ceil((n - level) * per / limit) end
 redis.call("HSET", KEYS[1], "level", string.format("%.17g", level), "at", now)
@@ -598,7 +604,9 @@ local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now)
 if redis.call("ZCARD", KEYS[1]) >= tonumber(ARGV[1]) then return false end
-local token = tostring(redis.call("INCR", KEYS[2]))
+-- (with Redis' clock: a restarted Redis counts from an older value again,
+-- and the release of a token from before must not free a new holder's slot)
+local token = redis.call("INCR", KEYS[2]) .. "-" .. t[1] .. string.format("%06d", tonumber(t[2]))
 redis.call("ZADD", KEYS[1], now + tonumber(ARGV[2]), token)
 redis.call("PEXPIRE", KEYS[1], tonumber(ARGV[2]) * 2)
 return token

@@ -155,13 +155,29 @@ function Ledger:sweep()
     local parts = split(item)
     local ckey = self.p .. "c:" .. parts[1]
     if d:get(ckey) ~= nil then -- not settled yet
+      local expired = true
       if tonumber(parts[2]) > now then
-        d:rpush(q, item) -- the oldest is still alive: so are the others
-        return
+        expired = false
+        if tonumber(parts[2]) <= now + self.ttl + 1 then -- (1 s: workers' cached clocks differ)
+          -- the oldest is still alive: so are the others
+          if d:rpush(q, item) then return end
+          -- (the dict full in between: rather given back now than never)
+          expired = true
+        else
+          -- further away than a hold lives: the clock went back (the wall
+          -- clock set back).  Such a hold would be kept as long as the
+          -- clock went back (a rate limit's window shut for an hour, a dead
+          -- holder's slot gone as long): it lives ttl from now instead, as
+          -- the newest entry, and the sweep goes on to the next
+          parts[2] = format("%.17g", now + self.ttl)
+          if not d:lpush(q, concat(parts, " ")) then expired = true end
+        end
       end
-      if d:incr(ckey, 1) == 1 then -- ours to give back (its holder did not settle in time)
-        give_back(self, parts, 3)
-        d:delete(ckey)
+      if expired then
+        if d:incr(ckey, 1) == 1 then -- ours to give back (its holder did not settle in time)
+          give_back(self, parts, 3)
+          d:delete(ckey)
+        end
       end
     end
   end
@@ -293,6 +309,10 @@ function Budget:reserve(usd, tokens, limit_usd, limit_tokens)
 end
 
 function Budget:settle(r, usd, tokens)
+  -- idempotent, as a backend's settle must be: once the claim key is gone
+  -- a second settle would look like one of an expired hold and charge again
+  if r.settled then return true end
+  r.settled = true
   local l = r.l
   local held = l:claim(r.id)
   -- held: in use goes from the reservation to the real amounts; else the
