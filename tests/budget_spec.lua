@@ -298,3 +298,24 @@ describe("budget amounts and backends", function()
       "slm.budget: option 'backend' must have reserve, settle and totals methods")
   end)
 end)
+
+describe("guard.prompt_tokens when slm.count cannot count the request", function()
+  it("bounds it from above (a token per byte of the body, the worst case per image) and refuses nothing", function()
+    local guard = require "slm.guard"
+    local count = require "slm.count"
+    local real = count.count
+    count.count = function() error("cannot count this") end
+    local body = { model = "gpt-4o-mini", messages = { { role = "user", content = {
+        { type = "text", text = ("word "):rep(300) },
+        { type = "image_url", image_url = { url = "https://example.invalid/a.png" } } } } },
+      tools = { { type = "function", ["function"] = { name = "f", description = ("d"):rep(400) } } } }
+    local ok, n, info = pcall(guard.prompt_tokens, body, "gpt-4o-mini")
+    count.count = real
+    assert.is_true(ok, tostring(n))
+    local exact = count.count(body, "gpt-4o-mini")
+    assert.is_true(n >= exact, ("the bound %d is below the count %d"):format(n, exact))
+    assert.is_true(n >= require("slm.image").worst_tokens() + 1500)
+    assert.is_true(info.estimate)
+    assert.equal(0, info.min)
+  end)
+end)

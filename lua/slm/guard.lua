@@ -36,10 +36,22 @@ function M.prompt_tokens(body, model)
     local ok, n, info = pcall(count_mod.count, body, model or body.model)
     if ok and n then return n, info end
   end
-  -- conservative fallback: one token per 3 bytes of JSON
-  local ok, s = pcall(json.encode, body.messages or {})
-  local n = ok and ceil(#s / 3) or 0
-  return n, { estimate = true, min = n }
+  -- slm.count failed (a request it cannot read): a bound, never less than
+  -- the real count, for the budget: one token per byte of the whole body's
+  -- JSON (a byte-level BPE token covers at least one byte), the largest
+  -- image count for every image part; and no refusal (min 0) for the
+  -- context check, which the server makes
+  local ok, s = pcall(json.encode, body)
+  if not ok then s = "" end
+  local images = 0
+  for _ in s:gmatch('"image_url"') do images = images + 1 end
+  local per_image = 0
+  if images > 0 then
+    local iok, image = pcall(require, "slm.image")
+    per_image = iok and image.worst_tokens() or 100000
+  end
+  local n = #s + images * per_image
+  return n, { estimate = true, min = 0, reason = "slm.count could not count the request" }
 end
 
 --- The largest completion a request allows itself (nil when it names none).
