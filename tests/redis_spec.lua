@@ -395,6 +395,16 @@ describe("slm.redis semaphore", function()
     local t4 = assert(s1:acquire(nil, 3))
     assert.truthy(t4)
   end)
+
+  it("keeps a holder's slot 300 s by default, longer than a call's default timeout with its retries", function()
+    local nm = name()
+    local s = R.semaphore{ redis = conf(), name = nm, n = 1 }
+    local tok = assert(s:acquire(nil, 0.1))
+    local now = tonumber((srv:cli("TIME"):match("^(%d+)")))
+    local deadline = tonumber(srv:cli("ZSCORE", "slm:semaphore:" .. nm, tok)) / 1000
+    assert.is_true(deadline - now > 290 and deadline - now <= 301, "a slot held for " .. (deadline - now) .. " s")
+    assert.is_true(s:release(tok))
+  end)
 end)
 
 describe("slm.redis behind the client", function()

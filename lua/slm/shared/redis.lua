@@ -9,7 +9,7 @@
 --     hold_ttl = 300, period = nil | "day" | "month" } }
 --   local lim = R.ratelimit{ redis = conn, name = "rpm", limit = 60, per = 60 }
 --   lim:take(n, rt) -> true | nil, err                (waits through rt.sleep)
---   local sem = R.semaphore{ redis = conn, name = "gpu", n = 4, ttl = 60 }
+--   local sem = R.semaphore{ redis = conn, name = "gpu", n = 4, ttl = 300 }
 --   sem:acquire(rt, timeout) -> token | nil, err;  sem:release(token)
 --   R.store{ redis = conn, prefix = "sessions:", ttl = nil } -> a session store (slm.store's interface)
 --   local c = R.cache{ redis = conn, ttl = 3600 }
@@ -614,8 +614,10 @@ return token
 
 local Sem = class("slm.redis.semaphore")
 
---- semaphore{ redis, name, n, ttl = 60 }: at most n holders at once; a
--- holder that never releases (it died) loses its slot after ttl seconds.
+--- semaphore{ redis, name, n, ttl = 300 }: at most n holders at once; a
+-- holder that never releases (it died) loses its slot after ttl seconds
+-- (300 as slm.shdict's: longer than a call's default timeout of 60 s with
+-- its retries, since a live holder's slot is dropped as well).
 function M.semaphore(opts)
   check_opts(opts, "semaphore", { redis = true, name = true, n = true, ttl = true })
   check_name(opts.name, "semaphore")
@@ -626,7 +628,7 @@ function M.semaphore(opts)
   local conn = M.connect(opts.redis)
   local key = conn.prefix .. "semaphore:" .. opts.name
   return setmetatable({ conn = conn, key = key, seq = key .. ":seq", n = opts.n,
-    ttl_ms = ceil((opts.ttl or 60) * 1000) }, Sem)
+    ttl_ms = ceil((opts.ttl or 300) * 1000) }, Sem)
 end
 
 --- sem:acquire(rt, timeout) -> token | nil, err (kind "timeout" when no
