@@ -58,6 +58,37 @@ describe("examples/lib/backend.lua", function()
   end)
 end)
 
+describe("examples/lib/backend.lua's simulator", function()
+  it("is stopped when the example ends by SIGTERM or SIGKILL, which its own clean-up cannot see", function()
+    local tmp = H.write_tmp("")
+    os.remove(tmp)
+    assert.is_true(os.execute("mkdir " .. tmp))
+    finally(function()
+      local ls = io.popen("ls -d " .. tmp .. "/slm-upstream.* 2>/dev/null")
+      for prefix in ls:lines() do require("tests.upstream.launch").stop_prefix(prefix) end
+      ls:close()
+      os.execute("rm -rf " .. tmp)
+    end)
+    for _, sig in ipairs({ "TERM", "KILL" }) do
+      local p = assert(io.popen("exec 2>/dev/null; " .. NO_KEYS .. "TMPDIR=" .. tmp
+        .. " SLM_MODEL=sim:delay=5000 lua5.4 examples/ticket_triage.lua"
+        .. " >/dev/null 2>&1 & pid=$!; sleep 1.5; ls -A " .. tmp .. "; kill -" .. sig .. " $pid; wait $pid"))
+      local started = p:read("a")
+      p:close()
+      assert.matches("slm%-upstream", started) -- it had started one
+      local left
+      for _ = 1, 40 do -- the watcher looks every 0.5 s
+        local ls = io.popen("ls -A " .. tmp)
+        left = ls:read("a")
+        ls:close()
+        if left == "" then break end
+        os.execute("sleep 0.1")
+      end
+      assert.are.equal("", left, "SIG" .. sig .. ": the simulator was left running")
+    end
+  end)
+end)
+
 describe("examples/support_bot.lua", function()
   local function bot(args, input)
     local cmd = NO_KEYS .. "lua5.4 examples/support_bot.lua " .. (args or "") .. " 2>&1"

@@ -32,7 +32,12 @@ function M.choose(name, default_model)
       simulated = base:find("^http://127%.0%.0%.1[:/]") ~= nil }
   end
   local upstream = require "tests.upstream.launch"
-  local up = upstream.start { quiet = true }
+  -- stopped by main(); and, should this process end without it (SIGTERM,
+  -- SIGKILL), by a watcher the launcher leaves
+  local stat = io.open("/proc/self/stat", "rb")
+  local self_pid = stat and tonumber(stat:read("a"):match("^(%d+)"))
+  if stat then stat:close() end
+  local up = upstream.start { quiet = true, owner_pid = self_pid }
   print(("%s: no OPENAI_API_KEY/SLM_BASE_URL set — using the local simulator at %s"):format(name, up.url))
   io.stdout:flush()
   return { base_url = up.url, api_key = "sk-local-simulator", model = model, upstream = up, simulated = true }

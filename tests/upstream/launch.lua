@@ -353,6 +353,9 @@ end
 -- HTTP/2 on port + 1, with a fresh self-signed certificate, and cleartext
 -- HTTP/2 with prior knowledge on port + 2: up.tls_url, up.ca_file,
 -- up.h2c_url).
+-- owner_pid = n: a process whose end (however it ends) stops the instance,
+-- within a second (the examples' own process: SIGTERM or SIGKILL leave no
+-- simulator behind).
 -- app = { http = "...", server = "..." }: instead of the simulator, an nginx
 -- running lua-slm itself (app.conf.in): the checkout's lua/ on its
 -- lua_package_path, slm/core.so from SLM_NGX_CPATH (default build-jit/),
@@ -473,6 +476,14 @@ function M.start(opts)
     up.tls_url = ("https://127.0.0.1:%d/v1"):format(port + 1)
     up.h2c_url = ("http://127.0.0.1:%d/v1"):format(port + 2)
     up.ca_file = cert
+  end
+  if opts.owner_pid then
+    -- a watcher of its own: once the owner is gone (SIGTERM, SIGKILL, a
+    -- crash: anything its own clean-up cannot run after), it stops this
+    -- instance; a stop before that leaves the watcher nothing to do
+    local stop = "lua5.4 " .. q(where.upstream .. "/launch.lua") .. " stop " .. q(prefix)
+    run(("(while kill -0 %d 2>/dev/null && [ -d %s ]; do sleep 0.5; done; [ -d %s ] && %s) </dev/null "
+      .. ">/dev/null 2>&1 &"):format(opts.owner_pid, q(prefix), q(prefix), stop))
   end
   if not opts.quiet then io.stderr:write("upstream: ", up.url, " (prefix ", prefix, ")\n") end
   return up
