@@ -144,3 +144,32 @@ describe("tokenizer limits", function()
     assert.has_error(function() o200k:chunks(s, 5, 0 / 0) end, "chunks: overlap must be a number >= 0 and < n")
   end)
 end)
+
+describe("tool schemas beyond the published formula", function()
+  local function tool(params)
+    return { messages = { { role = "user", content = "hi" } },
+      tools = { { type = "function", ["function"] = { name = "f", description = "d", parameters = params } } } }
+  end
+  local base = { type = "object", properties = { a = { type = "string", description = "the a" } } }
+
+  it("count anyOf, $defs, $ref and items without properties for the budget, not for the context check", function()
+    local plain, pinfo = slm.count(tool(base), "gpt-4o-mini")
+    assert.is_false(pinfo.estimate) -- what the formula covers stays exact
+    assert.are.equal(plain, pinfo.min)
+    local words = {}
+    for i = 1, 300 do words[i] = "value-" .. i end
+    local big = { type = "object", properties = {
+        a = { type = "string", description = "the a" },
+        b = { anyOf = { { type = "string" }, { type = "null" } } },
+        c = { type = "array", items = { type = "string", enum = words } },
+        d = { ["$ref"] = "#/$defs/Thing" } },
+      ["$defs"] = { Thing = { type = "object", properties = { x = { type = "integer" } } } } }
+    local n, info = slm.count(tool(big), "gpt-4o-mini")
+    assert.is_true(info.estimate)
+    assert.matches("outside the published formula", info.reason)
+    -- the 300 enum values alone are some 900 tokens: all of them in the worst case
+    assert.is_true(n - plain > 900, ("only %d more tokens"):format(n - plain))
+    assert.is_true(info.min < n)
+    assert.is_true(info.min >= plain)
+  end)
+end)

@@ -234,6 +234,39 @@ local function sorted_keys(t)
   return ks
 end
 
+local pyjson -- below
+
+-- Schema keywords the cookbook's formula leaves out (OpenAI renders them
+-- in its tool prompt in a form it does not publish: pydantic's anyOf for
+-- an Optional field, $defs and $ref, an array's items without properties).
+-- For the budget's worst case they count as their JSON (M.pyjson); the
+-- least count (info.min, the context check) leaves them out, and the count
+-- is flagged an estimate.
+local UNCOUNTED = { "anyOf", "oneOf", "allOf", "not", "$ref", "$defs", "definitions", "const", "default",
+  "format", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+  "minLength", "maxLength", "minItems", "maxItems", "uniqueItems", "examples", "prefixItems" }
+
+local function uncounted_tokens(ctx, t, whole)
+  local rest
+  if whole then
+    rest = t
+  else
+    for _, k in ipairs(UNCOUNTED) do
+      if t[k] ~= nil then
+        rest = rest or {}
+        rest[k] = t[k]
+      end
+    end
+  end
+  if rest == nil then return 0 end
+  local n = ntok(ctx, pyjson(rest))
+  ctx.uncounted = (ctx.uncounted or 0) + n
+  ctx.estimate = true
+  ctx.reason = ctx.reason or "tool schema parts outside the published formula (anyOf, $defs, $ref, items, ...) "
+    .. "were counted as their JSON"
+  return n
+end
+
 -- `path` holds the property tables being counted above this one: a schema
 -- that contains itself (a Lua table cycle; JSON cannot carry one, so such
 -- a request fails to encode anyway) is counted once per level, not until
@@ -260,9 +293,13 @@ local function count_properties(ctx, c, props, path)
       local desc = strip_dot(str(p.description) or "")
       n = n + ntok(ctx, key .. ":" .. type_text(p.type) .. ":" .. desc)
       if type(p.properties) == "table" then n = n + count_properties(ctx, c, p.properties, path) end
-      if type(p.items) == "table" and type(p.items.properties) == "table" then
-        n = n + count_properties(ctx, c, p.items.properties, path)
+      local items = p.items
+      if type(items) == "table" and type(items.properties) == "table" then
+        n = n + count_properties(ctx, c, items.properties, path) + uncounted_tokens(ctx, items)
+      elseif type(items) == "table" then
+        n = n + uncounted_tokens(ctx, items, true) -- an array of strings, of enums, ...: none of it counted
       end
+      n = n + uncounted_tokens(ctx, p)
     end
   end
   path[props] = nil
@@ -301,7 +338,9 @@ local function openai_tools(ctx, fns)
     local desc = strip_dot(str(f.description) or "")
     n = n + ntok(ctx, (str(f.name) or "") .. ":" .. desc)
     local params = f.parameters
-    if type(params) == "table" then n = n + count_properties(ctx, c, params.properties) end
+    if type(params) == "table" then
+      n = n + count_properties(ctx, c, params.properties) + uncounted_tokens(ctx, params)
+    end
   end
   return n + c.func_end
 end
@@ -325,7 +364,7 @@ end
 -- `path` holds the tables being written above v: a table that contains
 -- itself (JSON cannot carry one) is written as null where it recurs, so a
 -- cycle costs one pass, not 2^64 of them.
-local function pyjson(v, depth, path)
+function pyjson(v, depth, path)
   depth = (depth or 0) + 1
   if depth > 64 then return "null" end
   local tv = type(v)
@@ -517,7 +556,7 @@ end
 
 local function new_ctx(name)
   local ctx = context_for(name)
-  ctx.images, ctx.images_min, ctx.image_count = 0, 0, 0
+  ctx.images, ctx.images_min, ctx.image_count, ctx.uncounted = 0, 0, 0, 0
   return ctx
 end
 
@@ -539,7 +578,8 @@ local function info_of(ctx, nmsg, ntools, total)
     format = ctx.format, messages = nmsg, tools = ntools, images = ctx.images,
     image_count = ctx.image_count, warnings = ctx.warnings,
     -- the least the request can count: images of unknown size at one tile
-    min = total - ctx.images + ctx.images_min,
+    -- and the schema parts outside the formula left out
+    min = total - ctx.images + ctx.images_min - (ctx.uncounted or 0),
   }
 end
 
