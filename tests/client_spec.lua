@@ -322,6 +322,12 @@ describe("options", function()
     says({ role = "user", content = 5 }, "(user) " .. parts)
     says({ role = "user", content = {} }, "(user) " .. parts)
     says({ role = "system", content = json.null }, "(system) " .. parts)
+    -- one part on its own (an object, not a list), parts that are not parts
+    says({ role = "user", content = { type = "text", text = "hi" } },
+      "(user) " .. parts .. " (a list of content parts, not one part on its own: wrap it in { })")
+    says({ role = "user", content = { "hi" } }, "(user) " .. parts .. " (content part 1 is not a table with a string 'type')")
+    says({ role = "user", content = { { type = "text" } } }, "(user) " .. parts .. " (content part 1 (text) has no string 'text')")
+    says({ role = "user", content = { [1] = { type = "text", text = "a" }, x = 1 } }, "(user) " .. parts)
     says({ role = "tool", content = "42" }, "(tool) needs 'tool_call_id': the id of the tool call it answers")
     says({ role = "assistant" }, "(assistant) needs 'content' or 'tool_calls'")
     says({ role = "assistant", content = true }, "(assistant) has a 'content' that is neither a string nor a list of content parts")

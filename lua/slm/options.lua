@@ -12,15 +12,37 @@ local M = {}
 -- Other roles are a gateway's business and pass unchecked.
 local NEEDS_CONTENT = { system = true, developer = true, user = true, tool = true }
 
+-- A string, or a list (not an object: {type = "text", ...} alone is one
+-- part, which the spec does not take) of parts, each a table with a
+-- string `type`; a text part has its text.  -> ok, what is wrong
 local function content_ok(c)
-  return type(c) == "string" or (type(c) == "table" and next(c) ~= nil)
+  if type(c) == "string" then return true end
+  if type(c) ~= "table" or next(c) == nil then return false end
+  local n = #c
+  if n == 0 then return false, "a list of content parts, not one part on its own: wrap it in { }" end
+  for k in pairs(c) do
+    if type(k) ~= "number" or k < 1 or k > n or k % 1 ~= 0 then return false end
+  end
+  for i = 1, n do
+    local p = c[i]
+    if type(p) ~= "table" or type(p.type) ~= "string" then
+      return false, format("content part %d is not a table with a string 'type'", i)
+    end
+    if p.type == "text" and type(p.text) ~= "string" then
+      return false, format("content part %d (text) has no string 'text'", i)
+    end
+  end
+  return true
 end
 
 -- What is wrong with a message, or nil.
 local function message_problem(m)
   local role, c = m.role, m.content
   if NEEDS_CONTENT[role] then
-    if not content_ok(c) then return "needs 'content': a string or a non-empty list of content parts" end
+    local ok, why = content_ok(c)
+    if not ok then
+      return "needs 'content': a string or a non-empty list of content parts" .. (why and " (" .. why .. ")" or "")
+    end
     if role == "tool" and type(m.tool_call_id) ~= "string" then
       return "needs 'tool_call_id': the id of the tool call it answers"
     end
@@ -28,7 +50,8 @@ local function message_problem(m)
     if c == nil or type(c) == "userdata" then -- absent or JSON null
       if m.tool_calls == nil and m.function_call == nil then return "needs 'content' or 'tool_calls'" end
     elseif not content_ok(c) then
-      return "has a 'content' that is neither a string nor a list of content parts"
+      local _, why = content_ok(c)
+      return "has a 'content' that is neither a string nor a list of content parts" .. (why and " (" .. why .. ")" or "")
     end
   end
   return nil
