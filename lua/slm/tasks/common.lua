@@ -303,18 +303,38 @@ end
 
 ------------------------------------------------------------------ text
 
---- Lowercase ASCII and Cyrillic (UTF-8; Ё/ё read as е), for matching words.
+-- Two-byte UTF-8 capitals -> their small letters: Latin-1 (À-Þ), Latin
+-- Extended-A (Ā-ž, by its upper/lower pairs), Greek (Α-Ω; final ς as σ),
+-- Cyrillic (Ѐ-Я, and Ґ-Ҿ of Ukrainian, Kazakh, ...); Ё/ё read as е.
+local FOLD = {}
+do
+  local function utf8_2(cp) return string.char(0xC0 + math.floor(cp / 64), 0x80 + cp % 64) end
+  local function pair(from, to, lower_of) for cp = from, to do FOLD[utf8_2(cp)] = utf8_2(lower_of(cp)) end end
+  local function plus(d) return function(cp) return cp + d end end
+  pair(0xC0, 0xDE, plus(32))
+  FOLD[utf8_2(0xD7)] = nil -- the multiplication sign
+  local function evens(a, b) for cp = a, b, 2 do FOLD[utf8_2(cp)] = utf8_2(cp + 1) end end
+  evens(0x100, 0x12E); evens(0x132, 0x136); evens(0x139, 0x147); evens(0x14A, 0x176); evens(0x179, 0x17D)
+  FOLD[utf8_2(0x178)] = utf8_2(0xFF)
+  pair(0x391, 0x3A1, plus(32)); pair(0x3A3, 0x3A9, plus(32))
+  FOLD[utf8_2(0x3C2)] = utf8_2(0x3C3)
+  pair(0x400, 0x40F, plus(80)); pair(0x410, 0x42F, plus(32))
+  evens(0x490, 0x4BE)
+  FOLD[utf8_2(0x401)], FOLD[utf8_2(0x451)] = utf8_2(0x435), utf8_2(0x435)
+end
+
+--- Lowercase ASCII and the two-byte capitals of Latin-1, Latin
+-- Extended-A, Greek and Cyrillic (UTF-8; Ё/ё read as е), for matching words.
 function M.lower(s)
   s = s:lower()
-  s = s:gsub("\208([\144-\159])", function(c) return "\208" .. string.char(c:byte() + 32) end)
-  s = s:gsub("\208([\160-\175])", function(c) return "\209" .. string.char(c:byte() - 32) end)
-  s = s:gsub("\208\129", "\208\181"):gsub("\209\145", "\208\181")
+  if s:find("[\195-\210]") then s = s:gsub("[\195-\210][\128-\191]", FOLD) end
   return s
 end
 
 -- Whether the character that ends just before byte i (before = true) or
 -- starts at byte i is a letter or digit: ASCII ones, and the UTF-8 letters
--- of Latin-1, Latin Extended and Cyrillic (lead bytes C3-C5, D0-D1).
+-- of Latin-1, Latin Extended, Greek and Cyrillic (lead bytes C3-C9,
+-- CE-CF, D0-D3).
 local function letter_at(s, i, before)
   if i < 1 or i > #s then return false end
   local b = s:byte(i)
@@ -322,11 +342,11 @@ local function letter_at(s, i, before)
   if before then
     while i > 1 and b >= 0x80 and b < 0xC0 do i = i - 1; b = s:byte(i) end
   end
-  return (b >= 0xC3 and b <= 0xC5) or b == 0xD0 or b == 0xD1
+  return (b >= 0xC3 and b <= 0xC9) or b == 0xCE or b == 0xCF or (b >= 0xD0 and b <= 0xD3)
 end
 
 --- The words of `words` (lowercased phrases) that occur in text as whole
--- words (case folded, Cyrillic too): -> list (empty when none).
+-- words (case folded: Latin, Greek, Cyrillic): -> list (empty when none).
 function M.find_words(text, words)
   local low = M.lower(text)
   local found = {}

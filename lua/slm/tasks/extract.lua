@@ -21,7 +21,8 @@
 -- The merged data is validated again (arrays grew): kind "validation"
 -- with err.errors and err.data when it no longer fits.  A chunk that fails
 -- fails the task (err.chunk says which) and the chunks not yet sent are
--- not sent.
+-- not sent; what the chunks done extracted is kept in err.data (merged,
+-- not validated) with err.chunks_done (their numbers).
 -- With evidence = true every scalar field is asked for with the quote it
 -- came from; a field whose quote does not occur in the document
 -- (whitespace and case folded) is dropped and listed in res.dropped
@@ -360,27 +361,39 @@ local function run(o)
   else
     values, errs = require("slm.map").map(chunks, ask, { concurrency = o.concurrency or 4 })
   end
-  for i = 1, #chunks do
-    local err = errs[i]
-    if values[i] == nil and err ~= SKIPPED then
-      if type(err) == "table" and #chunks > 1 then err.chunk = i end
-      return ledger:fail(err)
-    end
-  end
-  -- each chunk's value: quotes checked (evidence) and unwrapped, then merged
+  -- each chunk's value: quotes checked (evidence) and unwrapped, then
+  -- merged (the chunks that have one: all of them, but for a failure)
   local merged, conflicts = nil, {}
   local quotes, dropped = setmetatable({}, { __mode = "k" }), o.evidence and {} or nil
   local ndoc = o.evidence and normalize(doc)
   local root_quote
+  local done = {}
   for i = 1, #chunks do
     local v = values[i]
-    if o.evidence then
-      local n, holder = #dropped, {}
-      v = unwrap(v, o.schema, "$", ndoc, quotes, dropped, holder, 1)
-      if #chunks > 1 then for j = n + 1, #dropped do dropped[j].chunk = i end end
-      root_quote = root_quote or (quotes[holder] and quotes[holder][1])
+    if v ~= nil then
+      done[#done + 1] = i
+      if o.evidence then
+        local n, holder = #dropped, {}
+        v = unwrap(v, o.schema, "$", ndoc, quotes, dropped, holder, 1)
+        if #chunks > 1 then for j = n + 1, #dropped do dropped[j].chunk = i end end
+        root_quote = root_quote or (quotes[holder] and quotes[holder][1])
+      end
+      merged = merge(merged, v, o.schema, "$", o.key, conflicts, quotes)
     end
-    merged = merge(merged, v, o.schema, "$", o.key, conflicts, quotes)
+  end
+  -- a chunk that failed fails the task; what the chunks done extracted
+  -- (paid for) comes with the error: err.data (merged, unmasked, not
+  -- validated) and err.chunks_done (their numbers)
+  for i = 1, #chunks do
+    local err = errs[i]
+    if values[i] == nil and err ~= SKIPPED then
+      if type(err) == "table" and #chunks > 1 then
+        err.chunk = i
+        err.chunks_done = done
+        if merged ~= nil then err.data = masker and masker:unmask_value(merged) or merged end
+      end
+      return ledger:fail(err)
+    end
   end
   local list = {}
   for _, c in ipairs(conflicts) do list[#list + 1] = c end

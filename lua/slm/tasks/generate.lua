@@ -6,14 +6,18 @@
 --     banned = { "cheap", ... } }, max_words = 80, n = 1, language = "en", instructions = "...",
 --     temperature = 0.7, model = ..., timeout = ... }
 --   res: { text, texts (n > 1), flags (per text: { banned = {...}, too_long = true, cut = true }),
---          regenerated, usage, cost, attempts, calls, latency, model }
+--          regenerated, error (the regeneration's failure), usage, cost, attempts, calls, latency, model }
 --   local req = slm.generate.request{ ... }   -- the request it would send first, nothing sent
 --
 -- `{{var}}` in the template is replaced by vars.var (numbers as text); a
 -- variable the template names but vars lacks raises, naming it.  A reply
 -- that contains a word of brand.banned (whole words, case folded, Cyrillic
 -- too) is regenerated once, with the words named; if it still contains
--- one it is returned with res.flags.  max_words bounds the reply through
+-- one it is returned with res.flags; if the regeneration call fails (a
+-- budget run out, an error) the first texts, paid for, are returned as
+-- they are, flagged, with res.error the failure.  brand's name, tone and
+-- audience are strings, its do, dont and banned a string or a list of
+-- strings (raises naming the field otherwise).  max_words bounds the reply through
 -- max_tokens (from the model's tokenizer on the prompt's own words) and is
 -- checked afterwards (flag too_long).
 local models = require "slm.models"
@@ -52,6 +56,38 @@ function M.render(template, vars)
     end
     return tostring(v)
   end))
+end
+
+-- brand's fields that the prompt and the banned-word check read: strings,
+-- or (do, dont, banned) a string or a list of strings; other fields (a
+-- tagline, ...) are the caller's.  Raises naming the field.
+local BRAND_TEXT = { "name", "tone", "audience" }
+local BRAND_LISTS = { "do", "dont", "banned" }
+local function check_brand(b, level)
+  if b == nil then return end
+  for _, k in ipairs(BRAND_TEXT) do
+    local v = b[k]
+    if v ~= nil and type(v) ~= "string" and type(v) ~= "number" then
+      error(format("slm.generate: brand.%s must be a string, got %s", k, type(v)), level + 1)
+    end
+  end
+  for _, k in ipairs(BRAND_LISTS) do
+    local v = b[k]
+    if v ~= nil and type(v) ~= "string" then
+      if type(v) ~= "table" then
+        error(format("slm.generate: brand.%s must be a string or a list of strings, got %s", k, type(v)), level + 1)
+      end
+      local n = 0
+      for key in pairs(v) do
+        n = n + 1
+        if type(key) ~= "number" or type(v[key]) ~= "string" then
+          error(format("slm.generate: brand.%s must be a list of strings; its entry %s is a %s", k, tostring(key),
+            type(v[key])), level + 1)
+        end
+      end
+      if n ~= #v then error(format("slm.generate: brand.%s must be a list of strings (no holes)", k), level + 1) end
+    end
+  end
 end
 
 local function list(v)
@@ -114,7 +150,7 @@ local function run(o)
   local texts, err = ask(n)
   if not texts then return ledger:fail(err) end
   -- a reply with a banned word is written again, once, with the words named
-  local regenerated = false
+  local regenerated, regen_err = false, nil
   if banned[1] then
     local bad = {}
     for i, t in ipairs(texts) do
@@ -131,8 +167,13 @@ local function run(o)
       table.sort(names)
       local again, err2 = ask(#bad, "\nYour previous text used " .. concat(names, ", ")
         .. ": those words are not allowed. Write it again without them.")
-      if not again then return ledger:fail(err2) end
-      for k, i in ipairs(bad) do if again[k] then texts[i] = again[k] end end
+      -- the regeneration failing (a budget run out, an error) leaves the
+      -- texts already paid for, flagged, with res.error saying why
+      if again then
+        for k, i in ipairs(bad) do if again[k] then texts[i] = again[k] end end
+      else
+        regenerated, regen_err = false, err2
+      end
     end
   end
   local flags, any = {}, false
@@ -144,7 +185,7 @@ local function run(o)
     if t.cut then f.cut = true end
     if next(f) then flags[i] = f; any = true end
   end
-  local res = ledger:into({ text = texts[1].text, model = model, regenerated = regenerated })
+  local res = ledger:into({ text = texts[1].text, model = model, regenerated = regenerated, error = regen_err })
   if n > 1 then
     res.texts = {}
     for i, t in ipairs(texts) do res.texts[i] = t.text end
@@ -162,6 +203,7 @@ end
 function M.request(o)
   common.check("generate", OPTIONS, o, 2)
   if type(o.template) ~= "string" then error("slm.generate: option 'template' is required (a string)", 2) end
+  check_brand(o.brand, 2)
   local ok, req = pcall(prepare, o, o.model or (o.client and o.client.model))
   if not ok then error(req, 2) end
   return req
@@ -173,6 +215,7 @@ function M.generate(a, vars, extra)
   if type(a) == "table" then
     common.check("generate", OPTIONS, a, 2)
     if type(a.template) ~= "string" then error("slm.generate: option 'template' is required (a string)", 2) end
+    check_brand(a.brand, 2)
     M.render(a.template, a.vars) -- a missing variable raises here, in the caller
     return run(a)
   end
@@ -180,6 +223,7 @@ function M.generate(a, vars, extra)
   local o = { template = a, vars = vars }
   for k, v in pairs(extra or {}) do o[k] = v end
   common.check("generate", OPTIONS, o, 2)
+  check_brand(o.brand, 2)
   local ok, e = pcall(M.render, o.template, o.vars)
   if not ok then error(e, 2) end
   local res, err = run(o)

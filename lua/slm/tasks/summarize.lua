@@ -17,7 +17,10 @@
 -- The reply's length is bounded by max_tokens from the tokenizer and
 -- checked afterwards: more words than asked (too_long), a reply cut by the
 -- limit at any level (cut), or a word of `banned` in it (whole words, case
--- folded) is flagged, never hidden or rewritten.
+-- folded) is flagged, never hidden or rewritten.  A call that fails
+-- fails the task (the calls not yet made are not made); a chunked one's
+-- error says where: err.level (1: the chunks; 2, 3, ...: the reductions)
+-- and err.part (the call's number in that level).
 local models = require "slm.models"
 local common = require "slm.tasks.common"
 
@@ -117,11 +120,17 @@ local function run(o)
     return res.text
   end
   -- a level's calls, concurrently: -> summaries | nil, err (the first failure)
-  local function level_of(list, n)
+  -- (err.level: 1 for the chunks, 2, 3, ... for the reductions; err.part:
+  -- the call's number in its level)
+  local function at(err, level, part)
+    if type(err) == "table" then err.level, err.part = level, part end
+    return err
+  end
+  local function level_of(list, n, level)
     local results, errs = require("slm.map").map(list, function(t) return ask(t, n, false) end,
       { concurrency = o.concurrency or 4 })
     for i = 1, #list do
-      if results[i] == nil and errs[i] ~= SKIPPED then return nil, errs[i] end
+      if results[i] == nil and errs[i] ~= SKIPPED then return nil, at(errs[i], level, i) end
     end
     return results
   end
@@ -141,7 +150,7 @@ local function run(o)
   else
     -- map: every chunk at the same length (at least 60 words: short notes lose the facts)
     local per = max(60, words)
-    local level, err = level_of(chunks, per)
+    local level, err = level_of(chunks, per, 1)
     if not level then return ledger:fail(err) end
     -- reduce: the summaries together, in groups that fit, until one group is left
     while true do
@@ -151,10 +160,10 @@ local function run(o)
       local groups = group(joined, count, budget)
       if #groups == 1 then
         text, err = ask(groups[1], words, true)
-        if not text then return ledger:fail(err) end
+        if not text then return ledger:fail(at(err, levels, 1)) end
         break
       end
-      level, err = level_of(groups, per)
+      level, err = level_of(groups, per, levels)
       if not level then return ledger:fail(err) end
     end
   end

@@ -5,7 +5,7 @@
 --     knowledge = { { id = "faq-1", title = "Delivery", text = "..." }, "a long policy document",
 --                   { id = "policy", title = "Returns policy", text = "a long document" }, ... },
 --     store = slm.store.memory(), categories = { "billing", "delivery", ... },
---     max_passages = 4, knowledge_tokens = 1500, max_failures = 2, reserve = 600,
+--     max_passages = 4, knowledge_tokens = 1500, max_failures = 2, reserve = 600, history_tokens = n, max_history = n,
 --     handoff = { en = "...", ru = "..." }, mask_pii = false, model = ..., temperature = 0.2, timeout = ... }
 --   local res = bot:reply(session_id, text [, { on_delta = function(text) ... end }])
 --   res: { text, escalate = { reason, category, summary } | nil, sources = { { id, title } },
@@ -44,8 +44,14 @@
 -- handoff message.  Before each turn the request is trimmed by exact token
 -- count (slm.fit: the system message with the knowledge, the newest whole
 -- turns, tool calls with their results) to the model's context less
--- `reserve` (also the reply's max_tokens); a model slm.models does not
--- know is sent the whole history.  Streaming through on_delta: the pieces
+-- `reserve` (also the reply's max_tokens), and with history_tokens to
+-- the system message and at most that many tokens of the conversation; a
+-- model slm.models does not know is sent the whole history unless
+-- history_tokens is given.  max_history bounds the stored history: after
+-- a turn the newest max_history messages are kept, from a customer's
+-- message on (whole turns; the last turn always).  Without either, the
+-- stored history and (up to the context) what a turn sends grow with
+-- the conversation.  Streaming through on_delta: the pieces
 -- joined are res.text.  mask_pii: the conversation is masked (slm.pii)
 -- before it leaves, the answer, the summary and a streamed piece unmasked
 -- (a piece that could end in a placeholder is held back until it is whole).
@@ -89,6 +95,9 @@ local OPTIONS = {
   knowledge_tokens = { common.pos_int, "a positive integer" },
   max_failures = { common.pos_int, "a positive integer" },
   reserve = { common.pos_int, "a positive integer (tokens kept for the reply)" },
+  history_tokens = { common.pos_int, "a positive integer (tokens of history sent with a turn)" },
+  max_history = { function(v) return common.pos_int(v) and v >= 2 end,
+    "an integer of at least 2 (messages kept in the store)" },
   handoff = { handoff_ok, "a table of language = message (non-empty strings)" },
   mask_pii = { function(v) return type(v) == "boolean" or type(v) == "table" end, "a boolean or a slm.pii options table" },
   model = { common.nonempty_string, "a model name" },
@@ -204,6 +213,7 @@ function M.new(o)
     idx = idx, passages = passages, store = o.store or require("slm.store").memory(),
     categories = o.categories, max_passages = o.max_passages or 4, knowledge_tokens = o.knowledge_tokens or 1500,
     max_failures = o.max_failures or 2, reserve = o.reserve or 600, handoff = o.handoff or M.HANDOFF,
+    history_tokens = o.history_tokens, max_history = o.max_history,
     mask_pii = o.mask_pii, temperature = o.temperature or 0.2, timeout = o.timeout,
   }, Bot)
   bot.tool = bot:escalation_tool()
@@ -387,6 +397,15 @@ local function unmasking(masker, emit)
   return feed, flush
 end
 
+-- The message of an error a store raised: "slm.store: cannot <what>: ...",
+-- kept as it is when it already says it comes from the store.
+local function store_error(e, what)
+  local m = type(e) == "table" and e.message or e
+  m = tostring(m)
+  if m:find("^slm%.store") then return m end
+  return format("slm.store: cannot %s: %s", what, m)
+end
+
 local function check_session(id, what)
   if type(id) ~= "string" or id == "" then
     error(format("slm.support: %s needs a session id (a non-empty string), got %s", what,
@@ -432,7 +451,10 @@ function Bot:reply(session_id, text, opts)
     return before .. sep .. handoff
   end
 
-  local history, lerr = self.store:load(session_id)
+  -- a store that raises (closed, its connection gone) fails the load like
+  -- one that returns nil, err: the turn is handed over, nothing raised
+  local lok, history, lerr = pcall(self.store.load, self.store, session_id)
+  if not lok then history, lerr = nil, store_error(history, "load") end
   if history == nil and lerr then
     return ledger:into({ text = hand_over(""), escalate = { reason = "error", summary = first_words(text, 40) },
       error = lerr, sources = {}, passages = {}, model = self.model })
@@ -453,9 +475,17 @@ function Bot:reply(session_id, text, opts)
   end
   local messages = { system }
   for _, m in ipairs(convo) do messages[#messages + 1] = m end
-  if info and info.context then
-    local fitted = require("slm.count").fit(messages, { model = self.model, reserve = self.reserve,
-      tools = { self.tool } })
+  if (info and info.context) or self.history_tokens then
+    local count = require "slm.count"
+    local context = info and info.context
+    if self.history_tokens then
+      -- the system message and the tool, then at most history_tokens of the conversation
+      local room = count.count({ model = self.model, messages = { system }, tools = { self.tool } }, self.model)
+        + self.history_tokens + self.reserve
+      context = context and math.min(context, room) or room
+    end
+    local fitted = count.fit(messages, { model = self.model, reserve = self.reserve,
+      tools = { self.tool }, context = context })
     -- whole turns only: nothing between the system message and the first user message kept
     if fitted then
       local first = 2
@@ -558,7 +588,18 @@ function Bot:reply(session_id, text, opts)
 
   history[#history + 1] = { role = "user", content = text }
   for _, m in ipairs(added) do history[#history + 1] = m end
-  local ok, serr = self.store:save(session_id, history)
+  if self.max_history and #history > self.max_history then
+    -- the newest max_history messages, from a customer's message on (whole turns)
+    local first = #history - self.max_history + 1
+    while history[first] and history[first].role ~= "user" do first = first + 1 end
+    if not history[first] then first = #history - #added end
+    local kept = {}
+    for i = first, #history do kept[#kept + 1] = history[i] end
+    history = kept
+  end
+  -- the answer stands whatever the store does (a save that raises too)
+  local sok, ok, serr = pcall(self.store.save, self.store, session_id, history)
+  if not sok then ok, serr = nil, store_error(ok, "save") end
   if not ok and not out.error then out.error = serr end
   if masker then out.masked = common.counts(masker) end
   return ledger:into(out)
@@ -569,7 +610,8 @@ end
 function Bot:history(session_id)
   check_self(self, "history")
   check_session(session_id, "history")
-  local h, err = self.store:load(session_id)
+  local ok, h, err = pcall(self.store.load, self.store, session_id)
+  if not ok then return nil, store_error(h, "load") end
   if h == nil and err then return nil, err end
   return h or {}
 end
@@ -578,7 +620,9 @@ end
 function Bot:reset(session_id)
   check_self(self, "reset")
   check_session(session_id, "reset")
-  return self.store:delete(session_id)
+  local ok, done, err = pcall(self.store.delete, self.store, session_id)
+  if not ok then return nil, store_error(done, "delete") end
+  return done, err
 end
 
 return M
