@@ -304,7 +304,11 @@ describe("bin/slm chat, count, models, usage, sim: hostile input", function()
     -- its nginx dies without cleaning up (SIGKILL, a reboot) and the pid is
     -- taken by another program
     local master = io.open(prefix .. "/nginx.pid"):read("l")
-    os.execute("kill -KILL $(ps -o pid= --ppid " .. master .. ") " .. master .. " 2>/dev/null; sleep 0.3")
+    -- (its workers from /proc, not ps: ps hangs under the ASan stage's LD_PRELOAD)
+    local kids = io.open("/proc/" .. master .. "/task/" .. master .. "/children", "rb")
+    local workers = kids and kids:read("a") or ""
+    if kids then kids:close() end
+    os.execute("kill -KILL " .. workers:gsub("%s+", " ") .. " " .. master .. " 2>/dev/null; sleep 0.3")
     local p = io.popen("sleep 60 >/dev/null 2>&1 & echo $!")
     sleeper = p:read("l")
     p:close()
