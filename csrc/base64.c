@@ -11,6 +11,7 @@
  *       with max, only (at least) the first max bytes are decoded: enough
  *       to read an image header without decoding the whole image.
  */
+#include <math.h>
 #include <string.h>
 #include "slm.h"
 
@@ -102,11 +103,18 @@ static int l_decode(lua_State *L) {
   size_t n;
   const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
   lua_Number max = luaL_optnumber(L, 2, 0);
+  size_t lim, room = n / 4 * 3 + 3;
   unsigned char *out;
   long got;
-  luaL_argcheck(L, max >= 0 && max == (lua_Number)(size_t)max, 2, "max must be a non-negative integer");
-  out = (unsigned char *)slm_newuserdata(L, n / 4 * 3 + 3);
-  got = slm_base64_decode(s, n, out, (size_t)max);
+  /* the range first: converting a number beyond size_t is undefined */
+  luaL_argcheck(L, max >= 0 && max < 9007199254740992.0 && max == floor(max), 2,
+                "max must be a non-negative integer");
+  lim = (size_t)max;
+  /* with max, decoding stops after the group that reaches it: at most
+   * max + 2 bytes, whatever the length of s */
+  if (lim && lim < room - 3) room = lim + 3;
+  out = (unsigned char *)slm_newuserdata(L, room);
+  got = slm_base64_decode(s, n, out, lim);
   if (got < 0) {
     lua_pushnil(L);
     lua_pushliteral(L, "invalid base64");

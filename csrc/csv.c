@@ -399,6 +399,19 @@ static void emit_lua(void *ud, const slm_csv_record *r) {
   slm_rawseti(L, S_LIST, ++c->n);
 }
 
+/* The userdata: the parser, and whether a feed or finish of it is
+ * running.  Lua code can run in the middle of one without being called by
+ * it: a __gc finalizer, run by a collection step inside one of the
+ * allocations that build the records.  While a record is built, the
+ * parser's buffers hold its fields, so such code must not free or refill
+ * them: it cannot feed or finish the parser then (an error), and closing
+ * it waits until the call returns. */
+typedef struct lua_csv {
+  slm_csv p;        /* first: check_parser's pointer is both */
+  int busy;         /* cleared however the call ends: see run_protected */
+  int close_later;  /* close() came during that call */
+} lua_csv;
+
 static slm_csv *check_parser(lua_State *L) {
   return (slm_csv *)luaL_checkudata(L, 1, CSV_MT);
 }
@@ -418,24 +431,58 @@ static int done(lua_State *L, int rc) {
   return 1;
 }
 
-/* p:feed(bytes) -> the records completed: { fields..., line =, record = },
- * or for a malformed one { error = name, err_line =, field =, excerpt =,
- * line =, record = } */
-static int l_feed(lua_State *L) {
-  slm_csv *p = check_parser(L);
-  size_t len;
-  const char *s = luaL_checklstring(L, 2, &len);
+/* Under lua_pcall: the parser, the chunk (nil: finish). */
+static int feed_run(lua_State *L) {
+  slm_csv *p = (slm_csv *)lua_touserdata(L, 1);
   emit_ctx c;
+  size_t len;
+  const char *s;
+  if (lua_isnil(L, 2)) {
+    prepare(L, &c);
+    return done(L, slm_csv_finish(p, emit_lua, &c));
+  }
+  s = lua_tolstring(L, 2, &len);
   prepare(L, &c);
   return done(L, slm_csv_feed(p, s, len, emit_lua, &c));
 }
 
+/* feed or finish (chunk at 2, or nil) under lua_pcall, so that the parser
+ * is marked idle again however it ends (a memory error, an error raised by
+ * a finalizer under LuaJIT); a close() that came meanwhile is done then. */
+static int run_protected(lua_State *L, const char *what) {
+  lua_csv *w = (lua_csv *)luaL_checkudata(L, 1, CSV_MT);
+  int rc;
+  if (w->busy)
+    return luaL_error(L, "slm.core: cannot %s a CSV parser during its own feed or finish (from a __gc finalizer?)", what);
+  lua_settop(L, 2);
+  lua_pushcfunction(L, feed_run);
+  lua_insert(L, 1);
+  w->busy = 1;
+  rc = lua_pcall(L, 2, 1, 0);
+  w->busy = 0;
+  if (w->close_later) {
+    w->close_later = 0;
+    slm_csv_free(&w->p);
+  }
+  if (rc != LUA_OK) return lua_error(L);
+  return 1;
+}
+
+/* p:feed(bytes) -> the records completed: { fields..., line =, record = },
+ * or for a malformed one { error = name, err_line =, field =, excerpt =,
+ * line =, record = } */
+static int l_feed(lua_State *L) {
+  check_parser(L);
+  luaL_checkstring(L, 2);
+  return run_protected(L, "feed");
+}
+
 /* p:finish() -> the last records, as feed; the parser starts a new stream */
 static int l_finish(lua_State *L) {
-  slm_csv *p = check_parser(L);
-  emit_ctx c;
-  prepare(L, &c);
-  return done(L, slm_csv_finish(p, emit_lua, &c));
+  check_parser(L);
+  lua_settop(L, 1);
+  lua_pushnil(L);
+  return run_protected(L, "finish");
 }
 
 /* p:line() -> the physical line the parser is on */
@@ -444,8 +491,13 @@ static int l_line(lua_State *L) {
   return 1;
 }
 
+/* __gc, __close and close: frees the buffers (the parser stays usable);
+ * during a feed or finish of the parser (a finalizer's call) that waits
+ * for its end. */
 static int l_gc(lua_State *L) {
-  slm_csv_free(check_parser(L));
+  lua_csv *w = (lua_csv *)luaL_checkudata(L, 1, CSV_MT);
+  if (w->busy) w->close_later = 1;
+  else slm_csv_free(&w->p);
   return 0;
 }
 
@@ -467,9 +519,12 @@ static int l_new(lua_State *L) {
   unsigned char sep = check_sep(L, 1);
   int strip_bom = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
   lua_Integer max_record = luaL_optinteger(L, 3, 0);
+  lua_csv *w;
   slm_csv *p;
   luaL_argcheck(L, max_record >= 0, 3, "max_record must be 0 (no limit) or positive");
-  p = (slm_csv *)slm_newuserdata(L, sizeof *p);
+  w = (lua_csv *)slm_newuserdata(L, sizeof *w);
+  memset(w, 0, sizeof *w);
+  p = &w->p;
   slm_csv_init(p, sep, strip_bom, (size_t)max_record);
   luaL_setmetatable(L, CSV_MT);
   return 1;

@@ -118,6 +118,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include <curl/curl.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -445,16 +447,18 @@ static int watch_failed(slm_multi *m, int err) {
 #define FD_ARMED 16u   /* ... and armed (EPOLLONESHOT not fired yet) */
 
 static int fd_room(slm_multi *m, curl_socket_t s) {
-  if (s < 0) return 0;
+  if (s < 0 || s >= INT_MAX) return 0; /* capfd is an int: room for s + 1 */
   if (s >= m->capfd) {
-    int cap = m->capfd ? m->capfd : 64;
+    /* size_t: doubling an int past 2^30 would overflow */
+    size_t cap = m->capfd ? (size_t)m->capfd : 64;
     unsigned char *p;
-    while (cap <= s) cap *= 2;
-    p = (unsigned char *)realloc(m->fdst, (size_t)cap);
+    while (cap <= (size_t)s) cap *= 2;
+    if (cap > (size_t)INT_MAX) cap = (size_t)INT_MAX;
+    p = (unsigned char *)realloc(m->fdst, cap);
     if (!p) return 0;
-    memset(p + m->capfd, 0, (size_t)(cap - m->capfd));
+    memset(p + m->capfd, 0, cap - (size_t)m->capfd);
     m->fdst = p;
-    m->capfd = cap;
+    m->capfd = (int)cap;
   }
   return 1;
 }
@@ -662,8 +666,15 @@ static int opt_bool(lua_State *L, int t, const char *k) {
 
 static long secs_to_ms(double s) {
   double ms = ceil(s * 1000.0);
-  if (ms > 2147483647.0) ms = 2147483647.0;
+  if (!(ms <= 2147483647.0)) ms = 2147483647.0; /* inf too */
   return (long)ms;
+}
+
+/* A non-negative finite number as a size_t (no undefined conversion of a
+ * value beyond its range): larger ones saturate. */
+static size_t num_to_size(double v) {
+  if (v >= 18446744073709551616.0 || v >= (double)SIZE_MAX) return SIZE_MAX;
+  return (size_t)v;
 }
 
 /* ---- Multi ---- */
@@ -673,8 +684,10 @@ static int l_multi(lua_State *L) {
   long maxconn = 0, maxhost = 0;
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
-    maxconn = (long)opt_number(L, 1, "max_connections", 0);
-    maxhost = (long)opt_number(L, 1, "max_host_connections", 0);
+    double c = opt_number(L, 1, "max_connections", 0);
+    double h = opt_number(L, 1, "max_host_connections", 0);
+    maxconn = c > 2147483647.0 ? 2147483647L : (long)c;
+    maxhost = h > 2147483647.0 ? 2147483647L : (long)h;
   }
   need_curl(L);
   /* safe closed state first, then acquire */
@@ -774,6 +787,8 @@ static void set_headers(lua_State *L, slm_req *r, int t) {
       if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "slm.core: headers[%d] must be a string", (int)i);
       if (strchr(lua_tostring(L, -1), '\r') || strchr(lua_tostring(L, -1), '\n'))
         luaL_error(L, "slm.core: headers[%d] contains a line break", (int)i);
+      if (strlen(lua_tostring(L, -1)) != lua_rawlen(L, -1))
+        luaL_error(L, "slm.core: headers[%d] contains a NUL byte", (int)i);
       nl = curl_slist_append(r->hdrs, lua_tostring(L, -1));
       if (!nl) luaL_error(L, "slm.core: out of memory");
       r->hdrs = nl;
@@ -787,6 +802,21 @@ static void set_headers(lua_State *L, slm_req *r, int t) {
     if (!nl) luaL_error(L, "slm.core: out of memory");
     r->hdrs = nl;
   }
+}
+
+/* Option k of the options table (slot 2): a string without NUL bytes,
+ * left on the stack, or NULL (nothing pushed) when absent and optional. */
+static const char *opt_string(lua_State *L, const char *k, int required) {
+  size_t n;
+  const char *s;
+  if (slm_getfield(L, 2, k) == LUA_TNIL && !required) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "slm.core: option '%s' must be a string", k);
+  s = lua_tolstring(L, -1, &n);
+  if (strlen(s) != n) luaL_error(L, "slm.core: option '%s' contains a NUL byte", k);
+  return s;
 }
 
 static int multi_add(lua_State *L) {
@@ -807,26 +837,20 @@ static int multi_add(lua_State *L) {
   r->body_ref = r->multi_ref = LUA_NOREF;
   luaL_setmetatable(L, REQ_MT);
 
-  if (slm_getfield(L, 2, "url") != LUA_TSTRING) return luaL_error(L, "slm.core: option 'url' must be a string");
-  url = lua_tostring(L, -1);
-  lua_pop(L, 1); /* still referenced by the options table during this call */
-  if (slm_getfield(L, 2, "method") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "slm.core: option 'method' must be a string");
-    method = lua_tostring(L, -1);
-  }
-  lua_pop(L, 1);
+  /* the option strings stay on the stack (slots 4 on) until libcurl has
+   * copied them: an __index of the options table may return a string that
+   * nothing else holds, which a collection would free */
+  url = opt_string(L, "url", 1);
+  method = opt_string(L, "method", 0);
   if (slm_getfield(L, 2, "http_version") != LUA_TNIL) {
     if (lua_type(L, -1) != LUA_TSTRING ||
         (strcmp(lua_tostring(L, -1), "1.1") != 0 && strcmp(lua_tostring(L, -1), "2") != 0))
       return luaL_error(L, "slm.core: option 'http_version' must be \"1.1\" or \"2\"");
     httpv = lua_tostring(L, -1);
+  } else {
+    lua_pop(L, 1);
   }
-  lua_pop(L, 1);
-  if (slm_getfield(L, 2, "ca_file") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "slm.core: option 'ca_file' must be a string");
-    ca_file = lua_tostring(L, -1);
-  }
-  lua_pop(L, 1);
+  ca_file = opt_string(L, "ca_file", 0);
   if (slm_getfield(L, 2, "body") != LUA_TNIL) {
     if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "slm.core: option 'body' must be a string");
     body = lua_tolstring(L, -1, &bodylen);
@@ -838,7 +862,7 @@ static int multi_add(lua_State *L) {
   timeout = opt_number(L, 2, "timeout", 0);
   r->idle_timeout = opt_number(L, 2, "idle_timeout", 0);
   r->first_byte_timeout = opt_number(L, 2, "first_byte_timeout", 0);
-  r->max_body = (size_t)opt_number(L, 2, "max_body", 0);
+  r->max_body = num_to_size(opt_number(L, 2, "max_body", 0));
   fresh_connect = opt_bool(L, 2, "fresh_connect");
 
 #if !SLM_EPOLL
@@ -926,6 +950,19 @@ static int multi_add(lua_State *L) {
   }
 
   r->id = ++m->next_id;
+  lua_settop(L, 3); /* the request; libcurl has copied the option strings */
+  /* The Lua allocations first: a collection step in one of them may run a
+   * __gc finalizer that closes this multi, which must then find the
+   * request not attached yet (and not leave it attached to a closed multi,
+   * nor anchoring it for ever) */
+  if (!m->multi) return luaL_error(L, "slm.core: the multi was closed while adding a request");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->weak_ref); /* id -> request, weak */
+  lua_pushvalue(L, 3);
+  slm_rawseti(L, -2, r->id);
+  lua_pop(L, 1);
+  lua_pushvalue(L, 1);
+  r->multi_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (!m->multi) return luaL_error(L, "slm.core: the multi was closed while adding a request");
   r->t_start = r->t_last = slm_now();
   mc = curl_multi_add_handle(m->multi, r->easy);
   if (mc != CURLM_OK) return luaL_error(L, "slm.core: curl_multi_add_handle: %s", curl_multi_strerror(mc));
@@ -936,13 +973,6 @@ static int multi_add(lua_State *L) {
   m->head = r;
   m->count++;
   if (r->idle_timeout > 0 || r->first_byte_timeout > 0) m->ntimed++;
-  lua_pushvalue(L, 1);
-  r->multi_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  /* register id -> request in the weak table */
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->weak_ref);
-  lua_pushvalue(L, -2);
-  slm_rawseti(L, -2, r->id);
-  lua_pop(L, 1);
   return 1;
 }
 
@@ -1156,7 +1186,7 @@ static int multi_step(lua_State *L) {
     if (nearest >= 0 && nearest - now < wait) wait = nearest - now;
     if (m->timer_at >= 0 && m->timer_at - now < wait) wait = m->timer_at - now;
     if (wait < 0) wait = 0;
-    run_sockets(m, (int)ceil(wait * 1000.0));
+    run_sockets(m, (int)secs_to_ms(wait)); /* at most 2^31 - 1 ms (math.huge too) */
     run_timer(m);
     collect_done(L, m);
     check_deadlines(L, m, slm_now(), &any);
@@ -1194,11 +1224,18 @@ static int multi_watch(lua_State *L) {
     else if (strcmp(w, "w") == 0) want = 2;
     else return luaL_argerror(L, 3, "expected \"r\", \"w\" or nil");
   }
+  /* an open descriptor, before any room is made for it: fdst grows with
+   * the largest number watched (watch(2^31 - 1) must not ask for 2 GB) */
+  if (want && fcntl(fd, F_GETFD) < 0) {
+    int err = errno;
+    return luaL_argerror(L, 2, lua_pushfstring(L, "not an open descriptor (%s)", strerror(err)));
+  }
 #if SLM_EPOLL
   {
     struct epoll_event ev;
     unsigned st;
     int rc;
+    if (!want && fd >= m->capfd) return 0; /* never watched: nothing to forget */
     if (!fd_room(m, fd)) return luaL_error(L, "slm.core: cannot watch a descriptor: out of memory");
     st = m->fdst[fd];
     if (st & (FD_IN | FD_OUT | FD_WANT)) return luaL_argerror(L, 2, "a socket of libcurl's");
@@ -1334,6 +1371,10 @@ static int req_close(lua_State *L) {
     luaL_unref(L, LUA_REGISTRYINDEX, r->body_ref);
     r->body_ref = LUA_NOREF;
   }
+  if (r->multi_ref != LUA_NOREF) { /* an add() that failed after taking it */
+    luaL_unref(L, LUA_REGISTRYINDEX, r->multi_ref);
+    r->multi_ref = LUA_NOREF;
+  }
   sbuf_free(&r->body);
   sbuf_free(&r->head);
   return 0;
@@ -1458,7 +1499,9 @@ static int req_result(lua_State *L) {
     case A_CANCELLED: lua_pushliteral(L, "request cancelled"); break;
     case A_IDLE: lua_pushfstring(L, "stalled: no data for %f s", r->idle_timeout); break;
     case A_FIRST_BYTE: lua_pushfstring(L, "no first byte within %f s", r->first_byte_timeout); break;
-    case A_TOO_BIG: lua_pushfstring(L, "reply larger than max_body (%d bytes)", (int)r->max_body); break;
+    case A_TOO_BIG:
+      lua_pushfstring(L, "reply larger than max_body (%f bytes)", (lua_Number)r->max_body);
+      break;
     case A_NOMEM: lua_pushliteral(L, "out of memory buffering the reply"); break;
     case A_REUSED:
       lua_pushliteral(L, "the reused connection closed before replying; libcurl's re-send was stopped");

@@ -993,8 +993,31 @@ static void emit_chat(void *ud, const slm_sse_event *ev) {
   }
 }
 
+/* The userdata: the parser, and whether a feed of it is running.  Lua code
+ * can run in the middle of a feed without being called by it: a __gc
+ * finalizer, run by a collection step inside one of the allocations that
+ * build the events.  While the events are built, the parser's buffers hold
+ * the bytes being copied, so such code must not free or refill them: it
+ * cannot feed, finish or reset the parser then (an error), and closing it
+ * waits until the feed returns. */
+typedef struct lua_sse {
+  slm_sse p;        /* first: check_parser's pointer is both */
+  int busy;         /* a feed is running (cleared however it ends: see feed_with) */
+  int close_later;  /* close() came during that feed */
+  slm_sse_on_event on_event;
+  emit_ctx *ctx;
+} lua_sse;
+
 static slm_sse *check_parser(lua_State *L) {
   return (slm_sse *)luaL_checkudata(L, 1, SSE_MT);
+}
+
+/* The parser at 1, which must not be in a feed (what = the method). */
+static slm_sse *check_idle(lua_State *L, const char *what) {
+  lua_sse *w = (lua_sse *)luaL_checkudata(L, 1, SSE_MT);
+  if (w->busy)
+    luaL_error(L, "slm.core: cannot %s an SSE parser during its own feed (from a __gc finalizer?)", what);
+  return &w->p;
 }
 
 /* nil, message [, events dispatched before the failure] */
@@ -1016,13 +1039,15 @@ static void check_bytes(lua_State *L) {
     luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s", luaL_typename(L, 2)));
 }
 
-/* Feeds the string at index 2 to p, collecting what on_event pushes into
- * one array: events | nil, err, events_before_the_failure. */
-static int feed_with(lua_State *L, slm_sse *p, slm_sse_on_event on_event, emit_ctx *c) {
+/* The body of feed_with, under lua_pcall: arguments 1-4 as the method got
+ * them (nils for those it did not), the parser's state in its userdata. */
+static int feed_run(lua_State *L) {
+  lua_sse *w = (lua_sse *)lua_touserdata(L, 1);
+  slm_sse *p = &w->p;
+  emit_ctx *c = w->ctx;
   size_t len;
   const char *s = lua_tolstring(L, 2, &len);
   int rc;
-  if (p->err) return push_error(L, p, 0);
   lua_settop(L, S_CHUNK_MT);
   lua_pushnil(L); /* S_LIST: the events array, made at the first flush */
   lua_pushliteral(L, "data");
@@ -1034,11 +1059,39 @@ static int feed_with(lua_State *L, slm_sse *p, slm_sse_on_event on_event, emit_c
   c->n = 0;
   c->waiting = 0;
   c->p = p;
-  rc = slm_sse_feed(p, s, len, on_event, c);
+  rc = slm_sse_feed(p, s, len, w->on_event, c);
   flush_events(c);
   if (rc != SLM_SSE_OK) return push_error(L, p, S_LIST);
   lua_settop(L, S_LIST);
   return 1;
+}
+
+/* Feeds the string at index 2 to p, collecting what on_event pushes into
+ * one array: events | nil, err, events_before_the_failure.  The work runs
+ * under lua_pcall, so that the parser is marked idle again however it ends
+ * (a memory error, an error raised by a finalizer under LuaJIT), and a
+ * close() that came meanwhile is done then. */
+static int feed_with(lua_State *L, slm_sse *p, slm_sse_on_event on_event, emit_ctx *c) {
+  lua_sse *w = (lua_sse *)p;
+  int rc;
+  if (w->busy)
+    return luaL_error(L, "slm.core: cannot feed an SSE parser during its own feed (from a __gc finalizer?)");
+  if (p->err) return push_error(L, p, 0);
+  lua_settop(L, S_CHUNK_MT);
+  lua_pushcfunction(L, feed_run);
+  lua_insert(L, 1);
+  w->busy = 1;
+  w->on_event = on_event;
+  w->ctx = c;
+  rc = lua_pcall(L, S_CHUNK_MT, LUA_MULTRET, 0);
+  w->busy = 0;
+  w->ctx = NULL;
+  if (w->close_later) {
+    w->close_later = 0;
+    slm_sse_free(p);
+  }
+  if (rc != LUA_OK) return lua_error(L);
+  return lua_gettop(L);
 }
 
 /* p:feed(bytes) -> events | nil, err, events_before_the_failure */
@@ -1079,7 +1132,7 @@ static int l_feed_chat(lua_State *L) {
 
 /* p:finish() -> bytes discarded */
 static int l_finish(lua_State *L) {
-  slm_sse *p = check_parser(L);
+  slm_sse *p = check_idle(L, "finish");
   lua_pushinteger(L, (lua_Integer)slm_sse_finish(p));
   return 1;
 }
@@ -1102,14 +1155,17 @@ static int l_retry(lua_State *L) {
 }
 
 static int l_reset(lua_State *L) {
-  slm_sse_reset(check_parser(L));
+  slm_sse_reset(check_idle(L, "reset"));
   lua_settop(L, 1);
   return 1;
 }
 
-/* __gc and __close: frees the buffers; the parser stays usable (empty). */
+/* __gc and __close: frees the buffers; the parser stays usable (empty).
+ * During a feed of the parser (a finalizer's call) that waits for its end. */
 static int l_gc(lua_State *L) {
-  slm_sse_free(check_parser(L));
+  lua_sse *w = (lua_sse *)luaL_checkudata(L, 1, SSE_MT);
+  if (w->busy) w->close_later = 1;
+  else slm_sse_free(&w->p);
   return 0;
 }
 
@@ -1122,6 +1178,7 @@ static int l_tostring(lua_State *L) {
 static int l_new(lua_State *L) {
   size_t max_event = SLM_SSE_DEFAULT_MAX_EVENT;
   int error_field = 0;
+  lua_sse *w;
   slm_sse *p;
   if (!lua_isnoneornil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -1144,7 +1201,9 @@ static int l_new(lua_State *L) {
       lua_pop(L, 1);
     }
   }
-  p = (slm_sse *)slm_newuserdata(L, sizeof *p);
+  w = (lua_sse *)slm_newuserdata(L, sizeof *w);
+  memset(w, 0, sizeof *w);
+  p = &w->p;
   slm_sse_init(p, max_event);
   slm_sse_error_field(p, error_field);
   luaL_setmetatable(L, SSE_MT);
