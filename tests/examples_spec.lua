@@ -15,6 +15,22 @@ end
 
 local function triage(env) return example("ticket_triage", nil, env) end
 
+-- A TMPDIR of its own for an example's simulator, removed after the test;
+-- a simulator left running there (the defect the test looks for) is
+-- stopped before its directory goes.
+local function sim_tmpdir()
+  local tmp = H.write_tmp("")
+  os.remove(tmp)
+  assert.is_true(os.execute("mkdir " .. tmp))
+  finally(function()
+    local ls = io.popen("ls -d " .. tmp .. "/slm-upstream.* 2>/dev/null")
+    for prefix in ls:lines() do require("tests.upstream.launch").stop_prefix(prefix) end
+    ls:close()
+    os.execute("rm -rf " .. tmp)
+  end)
+  return tmp
+end
+
 describe("examples/ticket_triage.lua", function()
   it("without a key it starts the bundled simulator, and says the cost is simulated", function()
     local out, ok = triage()
@@ -60,15 +76,7 @@ end)
 
 describe("examples/lib/backend.lua's simulator", function()
   it("is stopped when the example ends by SIGTERM or SIGKILL, which its own clean-up cannot see", function()
-    local tmp = H.write_tmp("")
-    os.remove(tmp)
-    assert.is_true(os.execute("mkdir " .. tmp))
-    finally(function()
-      local ls = io.popen("ls -d " .. tmp .. "/slm-upstream.* 2>/dev/null")
-      for prefix in ls:lines() do require("tests.upstream.launch").stop_prefix(prefix) end
-      ls:close()
-      os.execute("rm -rf " .. tmp)
-    end)
+    local tmp = sim_tmpdir()
     for _, sig in ipairs({ "TERM", "KILL" }) do
       local p = assert(io.popen("exec 2>/dev/null; " .. NO_KEYS .. "TMPDIR=" .. tmp
         .. " SLM_MODEL=sim:delay=5000 lua5.4 examples/ticket_triage.lua"
@@ -167,16 +175,7 @@ describe("examples/luv_loop.lua", function()
   it("Ctrl-C or SIGTERM stops the simulator it started (exit 130); an unknown argument is refused", function()
     if not pcall(require, "luv") then return pending("needs lua-luv (bin/setup-deps --test installs it)") end
     if not require("slm.core").multi():fd() then return pending("the poll() backend has no descriptor") end
-    local tmp = H.write_tmp("")
-    os.remove(tmp)
-    assert.is_true(os.execute("mkdir " .. tmp))
-    finally(function()
-      -- a simulator left running (the defect) is stopped before its directory goes
-      local ls = io.popen("ls -d " .. tmp .. "/slm-upstream.* 2>/dev/null")
-      for prefix in ls:lines() do require("tests.upstream.launch").stop_prefix(prefix) end
-      ls:close()
-      os.execute("rm -rf " .. tmp)
-    end)
+    local tmp = sim_tmpdir()
     for _, sig in ipairs({ "INT", "TERM" }) do
       local p = assert(io.popen(NO_KEYS .. "TMPDIR=" .. tmp .. " SLM_MODEL=sim:delay=5000 lua5.4 examples/luv_loop.lua"
         .. " >/dev/null 2>&1 & pid=$!; sleep 1; kill -" .. sig .. " $pid; wait $pid; echo rc=$?"))

@@ -188,4 +188,62 @@ function M.sim_and_app(http, server, opts)
   return sim, app
 end
 
+
+--- bin/slm in the background, with `env` (a "VAR=value " prefix) and its
+-- files in `dir`: a handle with pid, wait() -> exit status, kill(sig),
+-- stderr().
+function M.spawn_slm(env, dir, cmdline)
+  local pidf, rcf = dir .. "/pid", dir .. "/rc"
+  os.remove(pidf); os.remove(rcf)
+  M.write_file(dir .. "/bg.sh", ("%sbin/slm %s </dev/null >%s/bg.out 2>%s/bg.err &\necho $! >%s\nwait $!\necho $? >%s\n")
+    :format(env, cmdline, dir, dir, pidf, rcf))
+  assert(os.execute("sh " .. dir .. "/bg.sh 2>/dev/null &"))
+  local pid
+  for _ = 1, 200 do
+    local f = io.open(pidf)
+    pid = f and f:read("l")
+    if f then f:close() end
+    if pid and pid ~= "" then break end
+    os.execute("sleep 0.01")
+  end
+  local h = { pid = assert(tonumber(pid)) }
+  function h.wait()
+    for _ = 1, 3000 do
+      local f = io.open(rcf)
+      local rc = f and f:read("l")
+      if f then f:close() end
+      if rc and rc ~= "" then return tonumber(rc) end
+      os.execute("sleep 0.01")
+    end
+    error("bin/slm did not exit")
+  end
+  function h.kill(sig) os.execute(("kill -%s %d"):format(sig, h.pid)) end
+  function h.stderr() return M.read_file(dir .. "/bg.err") end
+  return h
+end
+
+--- A client whose replies are scripted (the tasks' specs, no network):
+-- each entry of `replies` is a reply text, a Response-like table (text,
+-- finish_reason, refusal, usage, cost, no_price, attempts, logprobs,
+-- tool_calls, choices), or a function(req, n) -> res | nil, err; the last
+-- one answers every call beyond the list.  c.calls holds the requests.
+function M.scripted_client(replies, model)
+  local c = { model = model or "gpt-4o-mini", fallback = {}, calls = {} }
+  function c:chat(req)
+    local n = #self.calls + 1
+    self.calls[n] = req
+    local r = replies[n] or replies[#replies]
+    if type(r) == "function" then return r(req, n) end
+    if type(r) == "string" then r = { text = r } end
+    local res = { text = r.text or "", finish_reason = r.finish_reason or "stop", refusal = r.refusal,
+      usage = r.usage or { prompt_tokens = 100, completion_tokens = 20, total_tokens = 120 },
+      cost = r.cost == nil and 0.0001 or (r.cost or nil), attempts = r.attempts or 1, logprobs = r.logprobs,
+      tool_calls = r.tool_calls or {}, model = self.model }
+    if r.no_price then res.cost = nil end
+    res.choices = r.choices or { { index = 0, text = res.text, finish_reason = res.finish_reason, tool_calls = res.tool_calls } }
+    return res
+  end
+  return c
+end
+
 return M

@@ -31,36 +31,8 @@ local function run(cmdline, stdin)
   return out, H.read_file(errf), ok and 0 or code
 end
 
--- Starts bin/slm in the background: a handle with pid, wait() -> exit status.
-local function spawn(cmdline)
-  local pidf, rcf = dir .. "/pid", dir .. "/rc"
-  os.remove(pidf); os.remove(rcf)
-  H.write_file(dir .. "/bg.sh", ("%sbin/slm %s </dev/null >%s/bg.out 2>%s/bg.err &\necho $! >%s\nwait $!\necho $? >%s\n")
-    :format(env(), cmdline, dir, dir, pidf, rcf))
-  assert(os.execute("sh " .. dir .. "/bg.sh 2>/dev/null &"))
-  local pid
-  for _ = 1, 200 do
-    local f = io.open(pidf)
-    pid = f and f:read("l")
-    if f then f:close() end
-    if pid and pid ~= "" then break end
-    os.execute("sleep 0.01")
-  end
-  local h = { pid = assert(tonumber(pid)) }
-  function h.wait()
-    for _ = 1, 3000 do
-      local f = io.open(rcf)
-      local rc = f and f:read("l")
-      if f then f:close() end
-      if rc and rc ~= "" then return tonumber(rc) end
-      os.execute("sleep 0.01")
-    end
-    error("bin/slm did not exit")
-  end
-  function h.kill(sig) os.execute(("kill -%s %d"):format(sig, h.pid)) end
-  function h.stderr() return H.read_file(dir .. "/bg.err") end
-  return h
-end
+-- bin/slm in the background (tests/helpers.lua)
+local function spawn(cmdline) return H.spawn_slm(env(), dir, cmdline) end
 
 local function lines_of(path)
   local f = io.open(path, "rb")

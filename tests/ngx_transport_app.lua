@@ -162,16 +162,21 @@ function M.cancel_other()
   reply{ ok = ok, kind = err and err.kind, text = res and res.text, seconds = core.now() - t0, deltas = #got }
 end
 
+-- A streamed reply of some megabytes (40,000 chunks), straight from the
+-- runtime: the conn.
+local function big_stream(timeout)
+  return require("slm.transport.ngx").open{ url = M.sim_url .. "/chat/completions", method = "POST",
+    headers = { "Content-Type: application/json", "Authorization: Bearer sk-test-good",
+      "X-Sim-Scenario: chunks=40000" },
+    body = cjson.encode{ model = "gpt-4o-mini", stream = true, messages = { { role = "user", content = "x" } } },
+    connect_timeout = 5, timeout = timeout, max_body = 1e9 }
+end
+
 -- GET /backpressure: a streamed reply of some megabytes read by a slow
 -- consumer straight from the runtime: how much the exchange had read ahead
 -- of it meanwhile, then the rest read in full.
 function M.backpressure()
-  local rt = require "slm.transport.ngx"
-  local conn = rt.open{ url = M.sim_url .. "/chat/completions", method = "POST",
-    headers = { "Content-Type: application/json", "Authorization: Bearer sk-test-good",
-      "X-Sim-Scenario: chunks=40000" },
-    body = cjson.encode{ model = "gpt-4o-mini", stream = true, messages = { { role = "user", content = "x" } } },
-    connect_timeout = 5, timeout = 30, max_body = 1e9 }
+  local conn = big_stream(30)
   local status = conn:response()
   local taken = #(conn:read() or "")
   local ahead = {}
@@ -194,13 +199,8 @@ end
 -- after its headers (nor cancels): the exchange waits for its consumer only
 -- until the call's deadline (timeout = 1), then ends as timed out.
 function M.abandoned()
-  local rt = require "slm.transport.ngx"
   local t0 = ngx.now()
-  local conn = rt.open{ url = M.sim_url .. "/chat/completions", method = "POST",
-    headers = { "Content-Type: application/json", "Authorization: Bearer sk-test-good",
-      "X-Sim-Scenario: chunks=40000" },
-    body = cjson.encode{ model = "gpt-4o-mini", stream = true, messages = { { role = "user", content = "x" } } },
-    connect_timeout = 5, timeout = 1, max_body = 1e9 }
+  local conn = big_stream(1)
   local status = conn:response()
   while not conn.ended and ngx.now() - t0 < 10 do ngx.sleep(0.05) end
   local ok, kind, msg = conn:result()

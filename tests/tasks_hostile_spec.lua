@@ -7,24 +7,7 @@
 local H = require "tests.helpers"
 local slm = require "slm"
 
--- A client whose replies are scripted: each entry is a reply text, a
--- Response-like table, or a function(req) -> res | nil, err.
-local function scripted(replies, model)
-  local c = { model = model or "gpt-4o-mini", fallback = {}, calls = {} }
-  function c:chat(req)
-    local n = #self.calls + 1
-    self.calls[n] = req
-    local r = replies[n] or replies[#replies]
-    if type(r) == "function" then return r(req, n) end
-    if type(r) == "string" then r = { text = r } end
-    local res = { text = r.text or "", finish_reason = r.finish_reason or "stop",
-      usage = r.usage or { prompt_tokens = 100, completion_tokens = 20, total_tokens = 120 },
-      cost = 0.0001, attempts = 1, tool_calls = r.tool_calls or {}, model = self.model }
-    res.choices = { { index = 0, text = res.text, finish_reason = res.finish_reason, tool_calls = res.tool_calls } }
-    return res
-  end
-  return c
-end
+local scripted = H.scripted_client -- replies scripted (tests/helpers.lua)
 
 local function budget_error()
   return nil, require("slm.errors").new("budget", "the budget has 0.0000 USD left", { status = 0 })

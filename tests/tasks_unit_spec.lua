@@ -6,27 +6,9 @@
 -- templates and banned words.  Runs under Lua 5.4 and LuaJIT.
 local json = require "slm.json"
 local slm = require "slm"
+local H = require "tests.helpers"
 
--- A client whose replies are scripted: each entry is a reply text, a
--- Response-like table, or a function(req) -> res | nil, err.
-local function scripted(replies, model)
-  local c = { model = model or "gpt-4o-mini", fallback = {}, calls = {} }
-  function c:chat(req)
-    local n = #self.calls + 1
-    self.calls[n] = req
-    local r = replies[n] or replies[#replies]
-    if type(r) == "function" then return r(req) end
-    if type(r) == "string" then r = { text = r } end
-    local res = { text = r.text or "", finish_reason = r.finish_reason or "stop", refusal = r.refusal,
-      usage = r.usage or { prompt_tokens = 100, completion_tokens = 20, total_tokens = 120 },
-      cost = r.cost == nil and 0.0001 or (r.cost or nil), attempts = r.attempts or 1, logprobs = r.logprobs,
-      tool_calls = r.tool_calls or {}, model = self.model }
-    if r.no_price then res.cost = nil end
-    res.choices = r.choices or { { index = 0, text = res.text, finish_reason = res.finish_reason, tool_calls = res.tool_calls } }
-    return res
-  end
-  return c
-end
+local scripted = H.scripted_client -- replies scripted (tests/helpers.lua)
 
 local LABELS = { "billing", "delivery", "other" }
 

@@ -6,6 +6,7 @@
 --   redact.snippet(s, n, set) -> at most n bytes of s, redacted BEFORE cutting
 --   redact.deep(v, set)      -> v, every string in it (tables walked, keys too) redacted in place
 --   redact.utf8(s)           -> s with the bytes that are not valid UTF-8 replaced by U+FFFD
+--   redact.prefix(s, n)      -> at most n bytes of s, never cutting a UTF-8 character
 --
 -- Replaced: each secret itself, its JSON-escaped form ("/" as "\/"), and a
 -- piece of it left at either end of a text by a cut elsewhere (a prefix of
@@ -73,7 +74,8 @@ function M.string(s, set)
 end
 
 -- Cut at most n bytes, never inside a UTF-8 character.
-local function cut(s, n)
+--- At most n bytes of s, never cutting a UTF-8 character.
+function M.prefix(s, n)
   if #s <= n then return s end
   local j = n
   while j > 0 do
@@ -81,7 +83,12 @@ local function cut(s, n)
     if not c or c < 0x80 or c >= 0xC0 then break end
     j = j - 1
   end
-  return sub(s, 1, j) .. "…"
+  return sub(s, 1, j)
+end
+
+local function cut(s, n)
+  if #s <= n then return s end
+  return M.prefix(s, n) .. "…"
 end
 
 --- A short excerpt of untrusted text for a message: whitespace runs

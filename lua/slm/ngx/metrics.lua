@@ -27,7 +27,7 @@
 -- the key).
 local type, pairs, ipairs, tostring, tonumber, error, setmetatable, format, concat, sort, huge =
   type, pairs, ipairs, tostring, tonumber, error, setmetatable, string.format, table.concat, table.sort, math.huge
-local byte, sub, max = string.byte, string.sub, math.max
+local max = math.max
 
 local M = {}
 
@@ -60,20 +60,11 @@ Metrics.__name = "slm.ngx.metrics"
 
 -- s as valid UTF-8: each byte that does not start a valid sequence (a
 -- stray byte, a character cut short, an overlong form, a surrogate) is
--- U+FFFD (slm.redact's, as in error messages).
-local valid_utf8 = require("slm.redact").utf8
+-- U+FFFD; at most n bytes, never cutting a character (slm.redact's, as in
+-- error messages).
+local redact = require "slm.redact"
+local valid_utf8, utf8_prefix = redact.utf8, redact.prefix
 M.utf8 = valid_utf8
-
--- At most n bytes of the valid UTF-8 string s, never cutting a character.
-local function utf8_prefix(s, n)
-  if #s <= n then return s end
-  local b = byte(s, n + 1)
-  while n > 0 and b and b >= 0x80 and b < 0xC0 do
-    n = n - 1
-    b = byte(s, n + 1)
-  end
-  return sub(s, 1, n)
-end
 
 -- A label value as the text format wants it: valid UTF-8; \ " and newline
 -- escaped; tabs and other control characters (our key separator among
