@@ -194,6 +194,28 @@ function A.full()
     limiter = lok or tostring(lerr), semaphore = tok and "token" or tostring(serr) }
 end
 
+-- GET /cache_full?evict=1: a budget and a cache in one small dict; the
+-- budget records a spend, then the cache is filled far beyond the dict's
+-- size.  What the budget still knows it spent, and what the cache did.
+function A.cache_full()
+  local d = ngx.shared.slm_tiny
+  d:flush_all()
+  local t = 1.7e9
+  local be = F.budget{ dict = "slm_tiny", name = "cf", now = function() return t end }
+  local r = assert(be:reserve(0.5, 50, 10, 1000))
+  be:settle(r, 0.25, 20)
+  local c = F.cache{ dict = "slm_tiny", evict = ngx.var.arg_evict == "1" or nil }
+  local stored, failed, last = 0, 0, nil
+  for i = 1, 400 do
+    local ok, err = c:set("k" .. i, string.rep("v", 1000))
+    if ok then stored = stored + 1 else failed, last = failed + 1, err end
+  end
+  local su, st = be:totals()
+  local newest = c:get("k" .. stored) ~= nil
+  d:flush_all()
+  reply{ spent_usd = su, spent_tokens = st, stored = stored, failed = failed, err = last, newest = newest }
+end
+
 -- GET /sem_hold?name=..&ttl=..: take the only slot and keep it (the spec
 -- kills this worker meanwhile); GET /sem_try: try for a moment
 function A.sem_hold()

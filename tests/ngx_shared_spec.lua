@@ -21,7 +21,7 @@ local function app_conf(sim_port)
     ]],
     server = ([=[
         set $sim_port %d;
-        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try|zero|ttl|hold|clockback|settle_twice)$ {
+        location ~ ^/(chat|worst|totals|clock|holder|keys|store|support|full|sem_hold|sem_try|zero|ttl|hold|clockback|settle_twice|cache_full)$ {
             content_by_lua_block { require("ngx_shared_app")[ngx.var[1]]() }
         }
     ]=]):format(sim_port),
@@ -216,6 +216,26 @@ describe("a shared dict that is full", function()
     assert.equal("slm: storage: slm.shdict.ratelimit 'full': the shared dict failed: no memory", r.limiter)
     assert.equal("slm: storage: slm.shdict.semaphore 'full': the shared dict failed: no memory", r.semaphore)
     assert.equal(0, sim:stats().requests)
+  end)
+end)
+
+describe("a cache in a dict shared with a budget", function()
+  it("never evicts the budget's counters: a full dict fails the cache's set instead", function()
+    local r = get("/cache_full")
+    assert.equal(0.25, r.spent_usd)
+    assert.equal(20, r.spent_tokens)
+    assert.is_true(r.stored > 0)
+    assert.is_true(r.failed > 0)
+    assert.equal("slm.shdict.cache: no memory", r.err)
+  end)
+
+  it("with evict = true makes room by the least recently used entries", function()
+    local r = get("/cache_full", { evict = 1 })
+    assert.equal(400, r.stored)
+    assert.equal(0, r.failed)
+    assert.is_true(r.newest)
+    -- what evict = true is for: a dict of the cache's own; shared, it drops the counters
+    assert.is_true(r.spent_usd ~= 0.25)
   end)
 end)
 

@@ -11,7 +11,7 @@
 --   F.semaphore{ dict, name, n, ttl = 300 }      -> sem:acquire(rt, timeout) -> token | nil, err
 --                                                   sem:release(token) (idempotent)
 --   F.store{ dict, prefix = "slm:s:", ttl }      -> a session store (slm.store's interface)
---   F.cache{ dict, prefix = "slm:c:", ttl = 3600 } -> c:get(key) -> string | nil; c:set(key, value, ttl)
+--   F.cache{ dict, prefix = "slm:c:", ttl = 3600, evict = false } -> c:get(key) -> string | nil; c:set(key, value, ttl)
 --   slm.shdict{ dict = "x" }                     -> the same constructors with dict = "x" preset
 --
 -- Every constructor also takes now = function() -> seconds (the clock:
@@ -460,11 +460,21 @@ end
 
 local Cache = class("slm.shdict.cache")
 
---- F.cache{ dict, prefix = "slm:c:", ttl = 3600 }: the least recently used
--- entries make room for new ones when the dictionary is full.
+--- F.cache{ dict, prefix = "slm:c:", ttl = 3600, evict = false }: by
+-- default an entry is only added where there is room (expired entries are
+-- reclaimed), never by evicting anything: in a dict shared with budgets,
+-- limits or sessions, the dict's LRU eviction would drop their counters
+-- and holds (a budget's spend forgotten is money spent twice).  A full
+-- dict then fails the set (the client counts it in stats.cache_errors and
+-- goes on).  evict = true: the least recently used entries make room, for
+-- a dict that holds the cache alone.
 function M.cache(opts)
-  local d = open(opts, "slm.shdict.cache", { prefix = true, ttl = true })
-  return setmetatable({ d = d, prefix = opts.prefix or "slm:c:", ttl = opts.ttl or 3600 }, Cache)
+  local d = open(opts, "slm.shdict.cache", { prefix = true, ttl = true, evict = true })
+  if opts.evict ~= nil and type(opts.evict) ~= "boolean" then
+    error("slm.shdict.cache: option 'evict' must be a boolean (true only for a dict of the cache's own)", 2)
+  end
+  return setmetatable({ d = d, prefix = opts.prefix or "slm:c:", ttl = opts.ttl or 3600,
+    store = opts.evict and d.set or d.safe_set }, Cache)
 end
 
 function Cache:get(key)
@@ -475,7 +485,7 @@ function Cache:get(key)
 end
 
 function Cache:set(key, value, ttl)
-  local ok, err = self.d:set(self.prefix .. key, value, ttl or self.ttl)
+  local ok, err = self.store(self.d, self.prefix .. key, value, ttl or self.ttl)
   if not ok then return nil, "slm.shdict.cache: " .. tostring(err) end
   return true
 end
