@@ -184,6 +184,27 @@ describe("slm.redis budget", function()
     assert_settled(other, 0.5, 7)
   end)
 
+  it("keeps a reaped hold for a late settle for a day, then forgets it (a budget without a period)", function()
+    local nm = name()
+    local now = 1.8e9
+    local be = R.budget{ redis = conf(), name = nm, hold_ttl = 1, clock = function() return now end }
+    local key = "slm:budget:" .. nm
+    local ids = {}
+    for i = 1, 3 do ids[i] = assert(be:reserve(0.1, 1, 1, 1000)) end
+    now = now + 2
+    be:totals() -- reaps the three
+    assert.equal("3", srv:cli("HLEN", key .. ":reaped"))
+    -- a late settle within the day still charges, and leaves no trace
+    assert.is_true(be:settle(ids[1], 0.05, 1))
+    assert.equal("2", srv:cli("HLEN", key .. ":reaped"))
+    assert.equal("2", srv:cli("ZCARD", key .. ":reapedz"))
+    now = now + 86400 + 1
+    local su = be:totals()
+    assert.equal(0.05, su)
+    assert.equal("0", srv:cli("HLEN", key .. ":reaped"))
+    assert.equal("0", srv:cli("ZCARD", key .. ":reapedz"))
+  end)
+
   it("a settle while Redis stalls is tried again, then kept and sent with the next call: charged once", function()
     local be = R.budget{ redis = conf{ timeout = 0.15 }, name = name() }
     -- a short stall: the third try (after 0.15 + 0.05 + 0.15 + 0.1 s) gets through

@@ -361,18 +361,27 @@ local function clock(override)
   return tonumber(t[1]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 -- drop the holds whose time is up (kept aside in :reaped, so that a late
--- settle of one still charges it, once); -> held usd, held tokens
+-- settle of one still charges it, once, for a day: :reapedz has when each
+-- was reaped, and older ones go, else a budget without a period whose
+-- holders keep dying grows :reaped for ever); -> held usd, held tokens
 local function reap(k, now_ms)
   local dead = redis.call("ZRANGEBYSCORE", k .. ":holds", "-inf", now_ms)
   for i = 1, #dead do
     local a = redis.call("HGET", k .. ":amts", dead[i])
-    if a then redis.call("HSET", k .. ":reaped", dead[i], a) end
+    if a then
+      redis.call("HSET", k .. ":reaped", dead[i], a)
+      redis.call("ZADD", k .. ":reapedz", now_ms, dead[i])
+    end
     redis.call("HDEL", k .. ":amts", dead[i])
   end
   if #dead > 0 then
     redis.call("ZREMRANGEBYSCORE", k .. ":holds", "-inf", now_ms)
     redis.call("EXPIRE", k .. ":reaped", 33 * 86400)
+    redis.call("EXPIRE", k .. ":reapedz", 33 * 86400)
   end
+  local old = redis.call("ZRANGEBYSCORE", k .. ":reapedz", "-inf", now_ms - 86400000, "LIMIT", 0, 1000)
+  for i = 1, #old do redis.call("HDEL", k .. ":reaped", old[i]) end
+  if #old > 0 then redis.call("ZREM", k .. ":reapedz", unpack(old)) end
   local hu, ht = 0, 0
   local amts = redis.call("HVALS", k .. ":amts")
   for i = 1, #amts do
@@ -418,6 +427,7 @@ if pk ~= "" then
   redis.call("EXPIRE", k .. ":holds", keep)
   redis.call("EXPIRE", k .. ":amts", keep)
   redis.call("EXPIRE", k .. ":reaped", keep)
+  redis.call("EXPIRE", k .. ":reapedz", keep)
 end
 return { 1, id }
 ]])
@@ -434,6 +444,7 @@ if redis.call("HDEL", k .. ":amts", id) == 0 and redis.call("HDEL", k .. ":reape
   return 0
 end
 redis.call("ZREM", k .. ":holds", id)
+redis.call("ZREM", k .. ":reapedz", id)
 redis.call("HINCRBYFLOAT", k .. ":spent", "usd", ARGV[2])
 redis.call("HINCRBYFLOAT", k .. ":spent", "tokens", ARGV[3])
 return 1
