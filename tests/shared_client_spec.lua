@@ -264,6 +264,44 @@ describe("per-consumer quotas", function()
     assert.equal("consumer:" .. core.sha256(KEY_B):sub(1, 12), r.consumer)
   end)
 
+  describe("beyond the consumers kept per worker", function()
+    local Q = require "slm.quotas"
+    local saved
+    before_each(function() saved = Q.MAX_CACHED; Q.MAX_CACHED = 3 end)
+    after_each(function() Q.MAX_CACHED = saved end)
+
+    it("keep every consumer's objects when the storage is one's own (they are the state)", function()
+      local q = slm.quotas{ storage = storage(), tokens = 1000 }
+      local a = q:consumer(KEY_A)
+      local id = assert(a.budget:reserve(0, 600))
+      a.budget:settle(id, 0, 600)
+      for i = 1, 10 do q:consumer("sk-other-" .. i) end
+      local again = q:consumer(KEY_A)
+      assert.equal(a, again)
+      assert.equal(600, select(2, again.budget:spent()))
+      assert.is_nil((again.budget:reserve(0, 600)))
+    end)
+
+    it("let go of idle ones with a storage that shares state, but not a budget's kept settles", function()
+      local made = 0
+      local F = { shares_state = true }
+      function F.budget()
+        made = made + 1
+        local b = budget_mod.memory()
+        b.unsettled = {}
+        return b
+      end
+      local q = slm.quotas{ storage = F, tokens = 1000 }
+      local a, b = q:consumer(KEY_A), q:consumer(KEY_B)
+      a.budget.backend.unsettled[1] = { "kept", 0, 5 } -- a settle waiting for its storage
+      for i = 1, 10 do q:consumer("sk-other-" .. i) end
+      assert.equal(a, q:consumer(KEY_A))
+      assert.are_not.equal(b, q:consumer(KEY_B))
+      assert.is_true(q.ncached <= 3 + 1)
+      assert.equal(13, made)
+    end)
+  end)
+
   it("raise on bad options", function()
     assert.has_error(function() slm.quotas{ storage = {}, tokens = 5 } end,
       "slm.quotas: the storage has no 'budget' constructor (needed for usd/tokens)")

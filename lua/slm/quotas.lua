@@ -30,7 +30,13 @@ Quotas.__name = "slm.Quotas"
 local KNOWN = { storage = true, storage_options = true, name = true, usd = true, tokens = true, period = true,
   hold_ttl = true, rpm = true, tpm = true, concurrency = true, concurrency_ttl = true }
 
-local MAX_CACHED = 10000 -- consumers' objects kept per worker before starting afresh
+-- Consumers' objects kept per worker before the idle ones are let go; only
+-- with a storage whose objects keep their state in it (F.shares_state:
+-- slm.shdict, slm.redis): with one of one's own, an object may be the
+-- state (an in-process budget's spend, a semaphore's slots), and making it
+-- again would give the consumer a fresh quota.
+local MAX_CACHED = 10000
+M.MAX_CACHED = MAX_CACHED
 
 local function positive(v) return type(v) == "number" and v > 0 and v < huge end
 
@@ -114,10 +120,24 @@ function Quotas:consumer(key)
   if o.concurrency then
     e.sem = self:make("semaphore", { name = name .. ":slots", n = o.concurrency, ttl = o.concurrency_ttl })
   end
-  if self.ncached >= MAX_CACHED then self.cache, self.ncached = {}, 0 end
+  if self.ncached >= M.MAX_CACHED and self.F.shares_state then self:shed() end
   self.cache[h] = e
   self.ncached = self.ncached + 1
   return e
+end
+
+-- Let go of the consumers' objects that hold nothing of their own: all but
+-- those whose budget still keeps settles for a storage that was away
+-- (slm.redis' budget.unsettled), which would be lost with their object.
+function Quotas:shed()
+  local keep, n = {}, 0
+  for h, e in pairs(self.cache) do
+    local be = e.budget and e.budget.backend
+    if be and type(be.unsettled) == "table" and #be.unsettled > 0 then
+      keep[h], n = e, n + 1
+    end
+  end
+  self.cache, self.ncached = keep, n
 end
 
 M.Quotas = Quotas

@@ -763,4 +763,8 @@ function Cache:set(key, value, ttl)
   return true
 end
 
+-- what slm.quotas asks: the objects keep their state in Redis (a budget's
+-- kept settles excepted: quotas keeps those objects)
+M.shares_state = true
+
 return M

@@ -494,11 +494,15 @@ end
 
 local NAMES = { "budget", "ratelimit", "semaphore", "store", "cache" }
 
+-- what slm.quotas asks: the objects keep their state in the dict, so one
+-- made again for the same name is the same budget, limit or semaphore
+M.shares_state = true
+
 --- slm.shdict{ dict = "x", now = fn }: the constructors with those options preset.
 local function bind(_, preset)
   if type(preset) ~= "table" then error("slm.shdict: expected an options table", 2) end
   dict_of(preset, "slm.shdict", 2)
-  local F = {}
+  local F = { shares_state = true }
   for _, n in pairs(NAMES) do
     F[n] = function(o)
       if type(o) ~= "table" then error("slm.shdict." .. n .. ": expected an options table", 2) end
