@@ -6,10 +6,13 @@
  * flushes before it exits.  A second trapped signal ends the process at
  * once (the ledger is safe at any instant).  And a file's identity
  * (device and inode), so that the runner never writes over an input that
- * it was given by another path.
+ * it was given by another path.  And a file's type, and the head of a
+ * regular file, read without ever opening anything else: a FIFO with no
+ * writer would block open(2) for ever and a device can be endless.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -94,10 +97,89 @@ static int l_file_id(lua_State *L) {
   return 1;
 }
 
+/* The name of a file type (st_mode) for Lua. */
+static const char *kind_of(mode_t m) {
+  if (S_ISREG(m)) return "file";
+  if (S_ISDIR(m)) return "directory";
+  if (S_ISFIFO(m)) return "fifo";
+  if (S_ISSOCK(m)) return "socket";
+  if (S_ISCHR(m)) return "character device";
+  if (S_ISBLK(m)) return "block device";
+  return "special file";
+}
+
+/* core.file_type(path) -> kind, size | nil, message: what stat(2) says
+ * the path is (symlinks followed), without opening it: "file" (a regular
+ * file, size its bytes), "directory", "fifo", "socket", "character
+ * device", "block device" or "special file". */
+static int l_file_type(lua_State *L) {
+  size_t len;
+  const char *path = luaL_checklstring(L, 1, &len);
+  struct stat st;
+  if (strlen(path) != len) return luaL_argerror(L, 1, "a path with a NUL byte");
+  if (stat(path, &st) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, strerror(errno));
+    return 2;
+  }
+  lua_pushstring(L, kind_of(st.st_mode));
+  lua_pushinteger(L, (lua_Integer)st.st_size);
+  return 2;
+}
+
+/* core.read_head(path, max) -> bytes | nil, message, kind: the first max
+ * bytes (at most) of a regular file.  Anything else is refused without
+ * being opened (stat(2) first), and a path swapped for something else
+ * between the stat and the open is refused too: it is opened with
+ * O_NONBLOCK (a FIFO's open cannot block) and checked again with fstat(2)
+ * before a byte is read.  kind, on a refusal: the file_type kind, or nil
+ * when the path could not be read at all. */
+static int l_read_head(lua_State *L) {
+  size_t len, want, got = 0;
+  const char *path = luaL_checklstring(L, 1, &len);
+  lua_Number maxn = luaL_checknumber(L, 2);
+  struct stat st;
+  char *buf = NULL;
+  int fd = -1, e;
+  if (strlen(path) != len) return luaL_argerror(L, 1, "a path with a NUL byte");
+  if (!(maxn >= 0) || maxn > 1073741824.0) return luaL_argerror(L, 2, "max must be a number in [0, 2^30]");
+  if (stat(path, &st) != 0) goto fail;
+  if (!S_ISREG(st.st_mode)) goto refuse;
+  want = (size_t)maxn;
+  if (st.st_size >= 0 && (unsigned long long)st.st_size < (unsigned long long)want) want = (size_t)st.st_size;
+  /* the buffer before the descriptor: an allocation error leaks nothing */
+  if (want > 0) buf = (char *)slm_newuserdata(L, want);
+  fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+  if (fd < 0 || fstat(fd, &st) != 0) goto fail;
+  if (!S_ISREG(st.st_mode)) goto refuse;
+  while (got < want) {
+    ssize_t r = read(fd, buf + got, want - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) goto fail;
+    if (r == 0) break;
+    got += (size_t)r;
+  }
+  close(fd);
+  lua_pushlstring(L, got > 0 ? buf : "", got);
+  return 1;
+fail:
+  e = errno;
+  if (fd >= 0) close(fd);
+  lua_pushnil(L);
+  lua_pushstring(L, strerror(e));
+  return 2;
+refuse:
+  if (fd >= 0) close(fd);
+  lua_pushnil(L);
+  lua_pushfstring(L, "a %s, not a regular file", kind_of(st.st_mode));
+  lua_pushstring(L, kind_of(st.st_mode));
+  return 3;
+}
+
 int slm_open_proc(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"fsync", l_fsync}, {"trap_signals", l_trap}, {"trapped", l_trapped},
-    {"file_id", l_file_id}, {NULL, NULL}
+    {"file_id", l_file_id}, {"file_type", l_file_type}, {"read_head", l_read_head}, {NULL, NULL}
   };
   luaL_setfuncs(L, fns, 0);
   return 0;

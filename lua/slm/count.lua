@@ -34,7 +34,14 @@
 --   model = name, tokenizer = encoding, format = "openai"|"chatml",
 --   messages = n, tools = n, images = n (image tokens), image_count = n,
 --   response_format = n (tokens of a json_schema response format),
---   warnings = { strings } (nil when none) }.
+--   warnings = { strings } (nil when none),
+--   min = n (the least it can count: the context check's), max = n (the
+--   most: a budget's worst case), unbounded = n (content parts not counted) }.
+--
+-- Content parts without text (input_audio, file, ...) are not counted:
+-- they add 0 to the count and to info.min, the count is an estimate, and
+-- info.max is the model's context window (the largest prompt a model
+-- accepts), or nil when that is not known.
 --
 -- An unknown model is counted as gpt-4o-mini would count it (o200k_base,
 -- the "openai" format) with info.estimate = true and info.reason saying
@@ -134,6 +141,9 @@ local function image_part(ctx, p)
   if info.estimate then
     ctx.estimate = true
     ctx.reason = ctx.reason or ("image of unknown size counted as the worst case: " .. tostring(info.reason))
+    if info.code == "not_regular" or info.code == "unreadable" then
+      warn(ctx, "a local image could not be read (counted as the worst case): " .. tostring(info.reason))
+    end
   end
   if ctx.vision == false then
     warn(ctx, format("model '%s' does not take images: the image was counted but the request will likely fail",
@@ -166,8 +176,14 @@ local function content_pieces(ctx, content)
     elseif type(p.refusal) == "string" then
       texts[#texts + 1] = p.refusal
     else
+      -- audio (input_audio), a file (file) or any other part without text:
+      -- no rule counts it, so it is 0 in the count and in info.min (the
+      -- context check passes it) and has no bound of its own: info.max,
+      -- the budget's worst case, is the model's whole context
       ctx.estimate = true
-      ctx.reason = ctx.reason or format("content part of type '%s' not counted", tostring(p.type))
+      ctx.unbounded = ctx.unbounded + 1
+      ctx.reason = ctx.reason or format("content part of type '%s' not counted (a budget reserves the "
+        .. "model's whole context for it)", tostring(p.type))
       warn(ctx, format("content part of type '%s' is not counted", tostring(p.type)))
     end
   end
@@ -448,7 +464,7 @@ end
 -- message's content is wrapped in <tool_response>\n...\n</tool_response>.
 -- Text parts of a message are joined with "\n"; images are not text.
 function M.render_chatml(messages, tools)
-  local ctx = { images = 0, images_min = 0, image_count = 0, image_costs = {}, model = "?" }
+  local ctx = { images = 0, images_min = 0, image_count = 0, unbounded = 0, image_costs = {}, model = "?" }
   local C = M.CHATML
   local out = { C.bos }
   if type(tools) == "table" and tools[1] ~= nil then
@@ -556,7 +572,7 @@ end
 
 local function new_ctx(name)
   local ctx = context_for(name)
-  ctx.images, ctx.images_min, ctx.image_count, ctx.uncounted = 0, 0, 0, 0
+  ctx.images, ctx.images_min, ctx.image_count, ctx.uncounted, ctx.unbounded = 0, 0, 0, 0, 0
   return ctx
 end
 
@@ -572,6 +588,17 @@ local function fixed_tokens(ctx, req)
   return M.REPLY_PRIMING, openai_tools(ctx, fns)
 end
 
+-- The most a request can count: the count itself (images of unknown size
+-- at their largest), or, with parts that are not counted (audio, files),
+-- the model's context window, the largest prompt it accepts (the count
+-- when that is larger); nil when the model's context is not known.
+local function max_of(ctx, total)
+  if ctx.unbounded == 0 then return total end
+  local context = ctx.entry and tonumber(ctx.entry.context)
+  if not context then return nil end
+  return total > context and total or context
+end
+
 local function info_of(ctx, nmsg, ntools, total)
   return {
     estimate = ctx.estimate, reason = ctx.reason, model = ctx.model, tokenizer = ctx.tokenizer_name,
@@ -580,6 +607,9 @@ local function info_of(ctx, nmsg, ntools, total)
     -- the least the request can count: images of unknown size at one tile
     -- and the schema parts outside the formula left out
     min = total - ctx.images + ctx.images_min - (ctx.uncounted or 0),
+    -- the most it can count (the budget's worst case) and the content
+    -- parts with no bound of their own behind it
+    max = max_of(ctx, total), unbounded = ctx.unbounded,
   }
 end
 

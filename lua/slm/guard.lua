@@ -11,7 +11,11 @@
 -- count as small as they can be here (only what cannot fit is refused).
 -- Budget: the worst case (counted prompt with unknown images at their
 -- largest, + max output for each of n choices, at the model's prices) is
--- reserved; settle() replaces the reservation with the real cost.
+-- reserved; settle() replaces the reservation with the real cost.  A
+-- content part that is not counted (input_audio, file) counts 0 in the
+-- context check and makes the prompt's worst case the model's whole
+-- context (slm.count's info.max); a model whose context is not known
+-- cannot be bounded then, and is refused (kind "budget").
 -- settle() is idempotent; the caller calls it on every exit path.
 -- A request under a consumer's quota (h.quota, slm.quotas) reserves in the
 -- consumer's budget too, after the client's: both must have room.
@@ -93,7 +97,7 @@ function M.open(h, client, body, opts, model, bytes)
   local qbudget = h.quota and h.quota.budget
   local check = opts.check_context
   if check == nil then check = client.check_context end
-  h.prompt, h.prompt_info, h.resv, h.budget, h.qresv = false, false, false, budget, false
+  h.prompt, h.prompt_info, h.resv, h.budget, h.qresv, h.prompt_max = false, false, false, budget, false, false
   local context = check and info and info.context
   if not budget and not qbudget and not (context and not cheap_fits(body, bytes, context)) then return true end
   local prompt, cinfo = M.prompt_tokens(body, model)
@@ -112,16 +116,30 @@ function M.open(h, client, body, opts, model, bytes)
     end
   end
   if not budget and not qbudget then return true end
+  -- content parts slm.count cannot count (audio, files) have no bound of
+  -- their own: the prompt's worst case is then the model's whole context
+  -- (cinfo.max), the largest prompt it accepts; without a known context
+  -- nothing bounds it
+  local worst_in = prompt
+  if cinfo and (cinfo.unbounded or 0) > 0 then
+    if not cinfo.max then
+      return nil, errors.new("budget", format("the request has %d content part(s) that cannot be counted "
+        .. "(audio, files) and the context of model %s is not known, so a budget cannot bound it "
+        .. "(add its context to slm.models)", cinfo.unbounded, model), { status = 0, model = model })
+    end
+    worst_in = max(prompt, cinfo.max)
+  end
+  h.prompt_max = worst_in
   -- every choice of n > 1 can produce the whole max output
   local worst_out = (asked or (info and info.max_output) or 4096) * (body.n or 1)
-  local usd = models.cost(info or model, { prompt_tokens = prompt, completion_tokens = worst_out })
+  local usd = models.cost(info or model, { prompt_tokens = worst_in, completion_tokens = worst_out })
   local function usd_bound(b) return b and b.usd and b.usd ~= math.huge end
   if not usd and (usd_bound(budget) or usd_bound(qbudget)) then
     return nil, errors.new("budget", format("model %s has no price, so a USD budget cannot bound it "
       .. "(add its prices to slm.models, or use a token budget)", model), { status = 0, model = model })
   end
   local resv, qresv, berr = false, false, nil
-  if budget then resv, berr = budget:reserve(usd or 0, prompt + worst_out, model) end
+  if budget then resv, berr = budget:reserve(usd or 0, worst_in + worst_out, model) end
   if budget and not resv then
     berr.model = model
     return nil, berr
@@ -130,7 +148,7 @@ function M.open(h, client, body, opts, model, bytes)
   -- gives this reservation back
   h.resv, h.reserved_usd = resv or false, usd or 0
   if qbudget then
-    qresv, berr = qbudget:reserve(usd or 0, prompt + worst_out, model)
+    qresv, berr = qbudget:reserve(usd or 0, worst_in + worst_out, model)
     if not qresv then
       if resv then h.resv = false; budget:settle(resv, 0, 0) end -- nothing was sent
       berr.model = model
@@ -143,9 +161,13 @@ function M.open(h, client, body, opts, model, bytes)
 end
 
 --- The counted prompt of h's request (counted now when the checks did not
--- need it).
+-- need it), for a reply without usage: the budget's worst case of it when
+-- the request holds parts that are not counted (audio, files), so that
+-- such a reply is never charged less than it may have cost.
 function M.prompt_tokens_of(h, body, model)
   if not h.prompt then h.prompt, h.prompt_info = M.prompt_tokens(body, model) end
+  local ci = h.prompt_info
+  if ci and (ci.unbounded or 0) > 0 then return h.prompt_max or ci.max or h.prompt end
   return h.prompt
 end
 

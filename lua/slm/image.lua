@@ -11,7 +11,10 @@
 -- SOFn marker, scanning the segments before it), GIF (logical screen) and
 -- WebP (VP8, VP8L and VP8X chunks).  `code` in an error is "truncated" (not
 -- enough bytes: read more and try again), "unknown" (not one of these
--- formats) or "corrupt".
+-- formats) or "corrupt"; for a local file also "unreadable" (it cannot be
+-- read: no such file, no permission) and "not_regular" (a FIFO, a device,
+-- a directory or a socket: refused without being opened, since a FIFO's
+-- open blocks for ever without a writer and /dev/zero never ends).
 --
 -- The token rule is OpenAI's published one for gpt-4o-mini:
 --   detail "low": BASE tokens, whatever the size;
@@ -31,13 +34,13 @@
 -- gpt-4o-mini; info.estimate is then true.
 --
 -- Lua, 5.1/LuaJIT and 5.4 alike (no bit operators, no integer division);
--- base64 is slm.core's.  Reading a local file is the only I/O.
+-- base64 is slm.core's.  Reading a local file is the only I/O: the first
+-- bytes of a regular file only (slm.core.read_head), 16 MB at the most.
 local core = require "slm.core"
 local type, tonumber, tostring, error = type, tonumber, tostring, error
-local byte, sub, char = string.byte, string.sub, string.char
+local byte, sub, char, find, format = string.byte, string.sub, string.char, string.find, string.format
 local floor, ceil = math.floor, math.ceil
 local concat = table.concat
-local open = io.open
 
 local M = {}
 
@@ -221,17 +224,33 @@ local function size_of_data_url(url)
   end
 end
 
+-- A local file's header: its first 64 KB, then up to MAX_FILE_HEAD when
+-- a JPEG's frame header comes late (past that its size counts as
+-- unknown).  Only a regular file is read: slm.core.read_head refuses a
+-- FIFO (whose open would block without a writer), a device (/dev/zero
+-- never ends), a directory or a socket without opening it.
+M.MAX_FILE_HEAD = 16 * 1048576
+
+-- a path in a message: quoted, at most 120 bytes of it
+local function shown(path)
+  if #path > 120 then path = sub(path, 1, 120) .. "..." end
+  return format("%q", path)
+end
+
 local function size_of_file(path)
-  local fh, oerr = open(path, "rb")
-  if not fh then return nil, "cannot open image file: " .. tostring(oerr), "unreadable" end
-  local head = fh:read(65536) or ""
-  local w, h, f = M.size(head)
-  if not w and f == "truncated" and #head == 65536 then
-    head = head .. (fh:read("*a") or "")
-    w, h, f = M.size(head)
+  if find(path, "\0", 1, true) then return nil, "image path with a NUL byte: not read", "unreadable" end
+  local max = 65536
+  while true do
+    local head, err, kind = core.read_head(path, max)
+    if not head and kind then
+      return nil, "image file " .. shown(path) .. " is " .. tostring(err) .. ": not read", "not_regular"
+    end
+    if not head then return nil, "cannot read image file " .. shown(path) .. ": " .. tostring(err), "unreadable" end
+    local w, h, f = M.size(head)
+    if w or f ~= "truncated" or #head < max or max >= M.MAX_FILE_HEAD then return w, h, f end
+    max = max * 4
+    if max > M.MAX_FILE_HEAD then max = M.MAX_FILE_HEAD end
   end
-  fh:close()
-  return w, h, f
 end
 
 local function unescape(s)
@@ -249,7 +268,8 @@ end
 
 --- Size of the image a URL names: a data: URL (base64), a file:// URL or
 -- a plain local path.  Remote URLs cannot be read before sending:
--- nil, err, "remote".
+-- nil, err, "remote".  A local path that is not a regular file: nil, err,
+-- "not_regular", without opening it.
 function M.size_of_url(url)
   if type(url) ~= "string" then error("image.size_of_url: expected a string, got " .. type(url), 2) end
   local src = M.source(url)
@@ -311,7 +331,8 @@ function M.worst_tokens(costs)
 end
 
 --- Tokens of the image a URL names, with info:
--- { estimate, min, width, height, format, tiles, detail, reason }.
+-- { estimate, min, width, height, format, tiles, detail, reason, source,
+--   code (size_of_url's, when the size is unknown) }.
 -- Low detail is exact whatever the source.  An unknown size counts as the
 -- worst case (info.estimate = true, info.reason says why) and info.min is
 -- the least it can cost (one tile); for a known size info.min is the count.
@@ -327,7 +348,7 @@ function M.count(url, detail, costs)
     local t, tiles = M.tokens(M.WORST_W, M.WORST_H, "high", costs)
     local why = type(url) == "string" and tostring(h) or "image part without a URL"
     return t, { estimate = true, detail = detail, tiles = tiles, reason = why, source = M.source(url),
-      min = (M.tokens(1, 1, "high", costs)) }
+      code = type(url) == "string" and fmt or nil, min = (M.tokens(1, 1, "high", costs)) }
   end
   local t, tiles, sw, sh = M.tokens(w, h, detail, costs)
   return t, { estimate = false, detail = detail, width = w, height = h, format = fmt,
