@@ -287,3 +287,180 @@ describe("slm.support over a conversation that never ends", function()
       "slm.support.new: option 'max_history' must be an integer of at least 2 (messages kept in the store), got number")
   end)
 end)
+
+------------------------------------------------------------------ support: two turns at the same moment
+
+describe("slm.support with two turns of one session at the same moment", function()
+  local KB = { { id = "faq-1", title = "Delivery", text = "Delivery takes three working days." } }
+  local function answer(text)
+    return { text = text, finish_reason = "stop", usage = { prompt_tokens = 10, completion_tokens = 5, total_tokens = 15 },
+      cost = 0, attempts = 1, tool_calls = {}, model = "gpt-4o-mini", choices = {} }
+  end
+  -- a client whose first call (turn A's) runs turn B of the same session
+  -- from start to end while A waits for its answer: B loads, answers and
+  -- saves between A's load and A's save, as a second tab would
+  local function overlapping(bot_ref, session)
+    return scripted{ function(req)
+      if req.messages[#req.messages].content:find("^Question A") then
+        bot_ref.res_b = bot_ref.bot:reply(session, "Question B: do you deliver on Sundays?")
+        return answer("Answer A: three working days [faq-1].")
+      end
+      if req.messages[#req.messages].content:find("^Question B") then
+        return answer("Answer B: no Sunday deliveries [faq-1].")
+      end
+      return answer("Hello! Delivery takes three working days [faq-1].")
+    end }
+  end
+  local function contents(h)
+    local out = {}
+    for i, m in ipairs(h) do out[i] = m.role .. ":" .. tostring(m.content) end
+    return out
+  end
+
+  local function both_kept(store)
+    local ref = {}
+    local c = overlapping(ref, "s-2tabs")
+    ref.bot = slm.support.new{ client = c, store = store, knowledge = KB, max_failures = 100 }
+    local bot = ref.bot
+    assert(bot:reply("s-2tabs", "Hello, a question first"))
+    local res_a = bot:reply("s-2tabs", "Question A: how long does delivery take?")
+    assert.is_nil(res_a.error, tostring(res_a.error))
+    assert.is_nil(ref.res_b.error, tostring(ref.res_b.error))
+    assert.equal("Answer A: three working days [faq-1].", res_a.text)
+    assert.equal("Answer B: no Sunday deliveries [faq-1].", ref.res_b.text)
+    -- both turns, each whole and in order; B saved first, so it comes first
+    assert.same({
+      "user:Hello, a question first", "assistant:Hello! Delivery takes three working days [faq-1].",
+      "user:Question B: do you deliver on Sundays?", "assistant:Answer B: no Sunday deliveries [faq-1].",
+      "user:Question A: how long does delivery take?", "assistant:Answer A: three working days [faq-1].",
+    }, contents(assert(bot:history("s-2tabs"))))
+  end
+
+  it("with the memory store: both turns' questions and answers are in the history", function()
+    both_kept(slm.store.memory())
+  end)
+
+  it("with the file store: both turns' questions and answers are in the history", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. H.q(dir)))
+    local store = assert(slm.store.file{ dir = dir })
+    local ok, e = pcall(both_kept, store)
+    os.execute("rm -rf " .. H.q(dir))
+    assert(ok, e)
+  end)
+
+  it("max_history: trimmed from a customer's message, each turn whole, the later one always kept", function()
+    local ref = {}
+    local esc = { text = "", finish_reason = "tool_calls", usage = { prompt_tokens = 1, completion_tokens = 1,
+      total_tokens = 2 }, cost = 0, attempts = 1, model = "gpt-4o-mini", choices = {},
+      tool_calls = { { id = "call_a", type = "function", ["function"] = { name = "escalate_to_human",
+        arguments = '{"reason":"complaint","category":"delivery","summary":"late parcel"}' } } } }
+    local n = 0
+    local c = scripted{ function()
+      n = n + 1
+      if n == 3 then -- turn A (a handover: four messages) waits; turn B runs whole meanwhile
+        ref.res_b = ref.bot:reply("s-mh", "Question B")
+        return esc
+      end
+      return answer(n == 4 and "Answer B [faq-1]." or ("Answer " .. n .. " [faq-1]."))
+    end }
+    ref.bot = slm.support.new{ client = c, knowledge = KB, max_history = 6 }
+    ref.bot:reply("s-mh", "Question 1")
+    ref.bot:reply("s-mh", "Question 2")
+    local res_a = ref.bot:reply("s-mh", "Question A: my parcel is late again")
+    assert.equal("complaint", res_a.escalate.reason)
+    assert.is_nil(res_a.error)
+    local h = assert(ref.bot:history("s-mh"))
+    assert.same({ "user:Question B", "assistant:Answer B [faq-1].", "user:Question A: my parcel is late again",
+      "assistant:nil", "tool:handed over to a human agent", "assistant:" .. slm.support.HANDOFF.en }, contents(h))
+    assert.equal("call_a", h[4].tool_calls[1].id)
+    assert.equal("call_a", h[5].tool_call_id)
+  end)
+
+  it("a store whose load fails at the re-read before saving: the answer stands, res.error says so, nothing raised",
+    function()
+    for _, how in ipairs{ "returns", "raises" } do
+      local inner = slm.store.memory()
+      local loads = 0
+      local store = {}
+      function store:load(id)
+        loads = loads + 1
+        if loads == 2 then
+          if how == "raises" then error("connection reset by peer") end
+          return nil, "slm.store: redis store: cannot load: connection reset by peer"
+        end
+        return inner:load(id)
+      end
+      function store:save(id, h) return inner:save(id, h) end
+      function store:delete(id) return inner:delete(id) end
+      assert(inner:save("s-re", { { role = "user", content = "earlier" }, { role = "assistant", content = "ok" } }))
+      local c = scripted{ "Delivery takes three working days [faq-1]." }
+      local bot = slm.support.new{ client = c, store = store, knowledge = KB }
+      local ok, res = pcall(bot.reply, bot, "s-re", "How long does delivery take?")
+      assert.is_true(ok, tostring(res))
+      assert.equal("Delivery takes three working days [faq-1].", res.text, how)
+      assert.same({ { id = "faq-1", title = "Delivery" } }, res.sources)
+      assert.is_nil(res.escalate)
+      assert.matches("^slm%.store: .*cannot load: .*connection reset by peer %(reading the history again before "
+        .. "saving: this turn was not saved%)$", tostring(res.error))
+      assert.equal(120, res.usage.total_tokens) -- the turn, paid for, is reported
+      -- what could not be read is not overwritten
+      assert.same({ "user:earlier", "assistant:ok" }, contents(assert(inner:load("s-re"))))
+    end
+  end)
+
+  describe("against the simulator (two tasks of the curl scheduler)", function()
+    local up
+    setup(function() up = H.upstream() end)
+    teardown(function() if up then up:stop() end end)
+
+    it("two replies of one session in flight at once: both turns are kept", function()
+      local c = H.task_client(up, { timeout = 10 }, "delay=300")
+      local bot = slm.support.new{ client = c, knowledge = KB, max_failures = 100 }
+      local r1, r2
+      slm.run(function()
+        local t1 = slm.spawn(function() return bot:reply("s-sim", "First tab: how long does delivery take?") end)
+        local t2 = slm.spawn(function() return bot:reply("s-sim", "Second tab: and how long does delivery take?") end)
+        r1, r2 = t1:wait(), t2:wait()
+      end)
+      assert.is_nil(r1.error, tostring(r1.error))
+      assert.is_nil(r2.error, tostring(r2.error))
+      local h = assert(bot:history("s-sim"))
+      assert.equal(4, #h)
+      local asked = {}
+      for i = 1, 4, 2 do
+        assert.equal("user", h[i].role)
+        assert.equal("assistant", h[i + 1].role)
+        asked[h[i].content] = h[i + 1].content
+      end
+      assert.equal(r1.text, asked["First tab: how long does delivery take?"])
+      assert.equal(r2.text, asked["Second tab: and how long does delivery take?"])
+    end)
+  end)
+end)
+
+------------------------------------------------------------------ extract: chunks too small
+
+describe("slm.extract with a chunk_tokens too small to be useful", function()
+  local SCHEMA = { type = "object", properties = { order = { type = "string" } } }
+  local DOC = ("Order 123 was shipped to the Riga warehouse on Monday. "):rep(40)
+
+  it("raises naming the option and the minimum, before anything is sent", function()
+    local c = scripted{ '{"order": "123"}' }
+    for _, n in ipairs{ 1, 10, 99 } do
+      local ok, e = pcall(slm.extract, { client = c, document = DOC, schema = SCHEMA, chunk_tokens = n })
+      assert.is_false(ok)
+      assert.matches("slm%.extract: option 'chunk_tokens' must be an integer of at least 100 %(tokens of the "
+        .. "document per request", e)
+      ok, e = pcall(slm.extract, DOC, SCHEMA, { client = c, chunk_tokens = n, overlap = 0 })
+      assert.matches("option 'chunk_tokens' must be an integer of at least 100", e)
+    end
+    assert.equal(0, #c.calls)
+    -- the minimum itself is taken
+    local res = assert(slm.extract{ client = c, document = DOC, schema = SCHEMA, chunk_tokens = 100, overlap = 0 })
+    assert.equal("123", res.data.order)
+    assert.is_true(res.chunks > 1)
+    assert.equal(res.chunks, #c.calls)
+  end)
+end)

@@ -66,7 +66,8 @@ local MUTATIONS = {
   { "res.error not set", "    out.error = err\n", "" },
   { "the handoff in English only", "local handoff = self.handoff[lang] or self.handoff.en or M.HANDOFF.en",
     "local handoff = self.handoff.en or M.HANDOFF.en" },
-  { "a history that cannot be read starts afresh", "  if history == nil and lerr then", "  if false then" },
+  { "a history that cannot be read starts afresh", "  if history == nil then\n    return ledger:into(",
+    "  if false then\n    return ledger:into(" },
   { "a failed save not reported", "  if not ok and not out.error then out.error = serr end\n", "" },
   -- history
   { "models of unknown context trimmed too", "  if info and info.context then\n    local fitted", "  if true then\n    local fitted" },

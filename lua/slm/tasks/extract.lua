@@ -4,7 +4,7 @@
 --   local data, res = slm.extract(document, schema [, opts])
 --   local res, err = slm.extract{ client = c, document = s, schema = {...}, instructions = "...",
 --     evidence = false, key = "id" | { ["$.items"] = "sku", ["$.parties[].contacts"] = "email" },
---     chunk_tokens = n, overlap = 200, concurrency = 4, images = {...}, mask_pii = false,
+--     chunk_tokens = n (at least 100), overlap = 200, concurrency = 4, images = {...}, mask_pii = false,
 --     model = ..., max_tokens = ..., timeout = ... }
 --   res: { data, chunks (how many), conflicts, repaired (chunk calls re-asked), evidence, dropped,
 --          usage, cost, attempts, calls, latency, model }
@@ -42,6 +42,12 @@ local null = json.null
 
 local M = {}
 
+-- The smallest chunk_tokens taken: about 75 English words, a paragraph.
+-- Less would make a request of every few words of the document (bounded
+-- only by the budget), each without the context to extract anything from.
+local MIN_CHUNK = 100
+M.MIN_CHUNK_TOKENS = MIN_CHUNK -- (for reference: changing it changes nothing)
+
 local OPTIONS = {
   client = { common.is_client, "a slm.client" },
   document = { common.is_string, "a string" },
@@ -49,7 +55,9 @@ local OPTIONS = {
   instructions = { common.is_string, "a string" },
   evidence = { common.is_bool, "a boolean" },
   key = { function(v) return type(v) == "string" or type(v) == "table" end, "a property name or a table of path = property" },
-  chunk_tokens = { common.pos_int, "a positive integer" },
+  chunk_tokens = { function(v) return common.pos_int(v) and v >= MIN_CHUNK end,
+    "an integer of at least " .. MIN_CHUNK
+      .. " (tokens of the document per request: smaller chunks cost a request every few words)" },
   overlap = { common.nonneg_int, "a non-negative integer" },
   concurrency = { common.pos_int, "a positive integer" },
   images = { common.is_table, "a list of images" },

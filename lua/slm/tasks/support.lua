@@ -39,6 +39,11 @@
 -- answer or a handover ends the run); and on an error of the client or of
 -- loading the history (error; res.error holds it).  A history that cannot
 -- be saved leaves the answer as it is, with res.error the store's message.
+-- Turns of one session may overlap (a double click, two tabs, two
+-- workers): before saving, a turn reads the stored history again and puts
+-- its own messages (together, in order) after what is there now, so that
+-- a turn saved in the meantime stays; when that read fails nothing is
+-- saved (res.error says so) rather than overwrite what could not be read.
 -- History: in a pluggable store (slm.store), the customer's text as
 -- written; a handover by the tool is kept as the call, its result and the
 -- handoff message.  Before each turn the request is trimmed by exact token
@@ -417,6 +422,44 @@ local function check_self(self, what)
   if getmetatable(self) ~= Bot then error(format("slm.support: call bot:%s(...) with a colon", what), 3) end
 end
 
+-- The stored history of a session ({} for one never seen) | nil, err: a
+-- store that raises, or returns what is not a list, fails like one that
+-- returns nil, err.
+local function load_history(store, id)
+  local ok, h, err = pcall(store.load, store, id)
+  if not ok then return nil, store_error(h, "load") end
+  if not h then
+    if err then return nil, err end
+    return {}
+  end
+  if type(h) ~= "table" then return nil, "slm.store: cannot load: the store returned a " .. type(h) .. ", not a history" end
+  return h
+end
+
+-- Save `stored` (the history as the store holds it now) with this turn's
+-- messages after it (the customer's, then `added`, together), the newest
+-- max_history messages kept from a customer's message on: whole turns,
+-- this one always.  -> true | nil, err
+local function save_turn(self, session_id, stored, user, added)
+  local history = {}
+  for i, m in ipairs(stored) do history[i] = m end
+  history[#history + 1] = user
+  local mine = #history -- where this turn starts
+  for _, m in ipairs(added) do history[#history + 1] = m end
+  if self.max_history and #history > self.max_history then
+    local first = math.min(#history - self.max_history + 1, mine)
+    while first < mine and history[first].role ~= "user" do first = first + 1 end
+    local kept = {}
+    for i = first, #history do kept[#kept + 1] = history[i] end
+    history = kept
+  end
+  -- a save that raises is a save that failed
+  local sok, ok, serr = pcall(self.store.save, self.store, session_id, history)
+  if not sok then return nil, store_error(ok, "save") end
+  if not ok then return nil, serr end
+  return true
+end
+
 --- bot:reply(session_id, text [, { on_delta = fn }]) -> res
 function Bot:reply(session_id, text, opts)
   check_self(self, "reply")
@@ -453,13 +496,11 @@ function Bot:reply(session_id, text, opts)
 
   -- a store that raises (closed, its connection gone) fails the load like
   -- one that returns nil, err: the turn is handed over, nothing raised
-  local lok, history, lerr = pcall(self.store.load, self.store, session_id)
-  if not lok then history, lerr = nil, store_error(history, "load") end
-  if history == nil and lerr then
+  local history, lerr = load_history(self.store, session_id)
+  if history == nil then
     return ledger:into({ text = hand_over(""), escalate = { reason = "error", summary = first_words(text, 40) },
       error = lerr, sources = {}, passages = {}, model = self.model })
   end
-  history = history or {}
 
   local info = models.find(self.model)
   local tok = require("slm.tokenizer").get(info and info.tokenizer or "o200k_base")
@@ -586,21 +627,21 @@ function Bot:reply(session_id, text, opts)
     end
   end
 
-  history[#history + 1] = { role = "user", content = text }
-  for _, m in ipairs(added) do history[#history + 1] = m end
-  if self.max_history and #history > self.max_history then
-    -- the newest max_history messages, from a customer's message on (whole turns)
-    local first = #history - self.max_history + 1
-    while history[first] and history[first].role ~= "user" do first = first + 1 end
-    if not history[first] then first = #history - #added end
-    local kept = {}
-    for i = first, #history do kept[#kept + 1] = history[i] end
-    history = kept
+  -- this turn's messages go after what the store holds NOW, read again:
+  -- another turn of the session (a double click, a second tab, another
+  -- worker or process) may have saved while the model was answering, and
+  -- its messages must stay.  The answer stands whatever the store does.
+  local stored, rerr = load_history(self.store, session_id)
+  if stored == nil then
+    -- what is stored could not be read: it is not overwritten (it may hold
+    -- another turn, or be a corrupt session kept for inspection)
+    if not out.error then
+      out.error = tostring(rerr) .. " (reading the history again before saving: this turn was not saved)"
+    end
+  else
+    local ok, serr = save_turn(self, session_id, stored, { role = "user", content = text }, added)
+    if not ok and not out.error then out.error = serr end
   end
-  -- the answer stands whatever the store does (a save that raises too)
-  local sok, ok, serr = pcall(self.store.save, self.store, session_id, history)
-  if not sok then ok, serr = nil, store_error(ok, "save") end
-  if not ok and not out.error then out.error = serr end
   if masker then out.masked = common.counts(masker) end
   return ledger:into(out)
 end
