@@ -486,11 +486,11 @@ describe("slm.summarize against the simulator", function()
   end)
 
   it("always ends, even when one summary is longer than a chunk", function()
-    -- 100-word summaries of 60-token chunks: every group of summaries is
+    -- 100-word summaries of 100-token chunks: every group of summaries is
     -- over the chunk size, yet each level must have fewer than the last
     local c = spy(client(), 300)
-    local doc = ("The provider ships parcels every working day from the warehouse in Venlo to customers. "):rep(60)
-    local res = assert(slm.summarize{ client = c, document = doc, max_words = 100, chunk_tokens = 60 })
+    local doc = ("The provider ships parcels every working day from the warehouse in Venlo to customers. "):rep(100)
+    local res = assert(slm.summarize{ client = c, document = doc, max_words = 100, chunk_tokens = 100 })
     assert.is_true(res.chunks >= 16, tostring(res.chunks))
     assert.is_true(res.words <= 100)
     -- each level at most half the one before (rounded up): n + n/2 + n/4 ... calls

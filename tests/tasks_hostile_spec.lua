@@ -464,3 +464,51 @@ describe("slm.extract with a chunk_tokens too small to be useful", function()
     assert.equal(res.chunks, #c.calls)
   end)
 end)
+
+describe("slm.summarize with a chunk_tokens too small to be useful", function()
+  it("raises naming the option and the minimum, before anything is sent", function()
+    local c = scripted{ "A short summary." }
+    local doc = ("The warehouse in Riga ships parcels every working day. "):rep(40)
+    for _, n in ipairs{ 1, 99 } do
+      local ok, e = pcall(slm.summarize, { client = c, document = doc, chunk_tokens = n })
+      assert.is_false(ok)
+      assert.matches("slm%.summarize: option 'chunk_tokens' must be an integer of at least 100", e)
+    end
+    assert.equal(0, #c.calls)
+  end)
+end)
+
+describe("a task's local image that is not a regular file", function()
+  it("is refused unread (a FIFO, a device, a directory), never blocking or reading for ever", function()
+    local dir = H.sh("mktemp -d"):match("^[^\n]+")
+    assert(H.sh("mkfifo " .. H.q(dir .. "/pipe.png")))
+    -- in a child under `timeout 10`: a read that blocks fails the spec
+    -- (no "done") instead of hanging the suite
+    local out = H.run_lua(([[
+      local common = require "slm.tasks.common"
+      for _, p in ipairs{ %q, "/dev/zero", %q } do
+        local parts, err = common.image_parts({ p }, "classify")
+        print(parts and "read" or (err.kind .. ": " .. err.message))
+      end
+      print("done")
+    ]]):format(dir .. "/pipe.png", dir), "timeout 10")
+    os.execute("rm -rf " .. H.q(dir))
+    assert.matches("done", out)
+    assert.matches("invalid_request: images%[1%]: [^\n]*/pipe%.png: a fifo, not a regular file: not read", out)
+    assert.matches("invalid_request: images%[1%]: /dev/zero: a character device, not a regular file", out)
+    assert.matches("invalid_request: images%[1%]: [^\n]*: a directory, not a regular file", out)
+  end)
+
+  it("larger than a request can carry is refused before it is read", function()
+    local common = require "slm.tasks.common"
+    local path = H.write_tmp(("x"):rep(2000))
+    local keep = common.MAX_IMAGE_BYTES
+    common.MAX_IMAGE_BYTES = 1000
+    local parts, err = common.image_parts({ path }, "classify")
+    common.MAX_IMAGE_BYTES = keep
+    os.remove(path)
+    assert.is_nil(parts)
+    assert.equal("invalid_request", err.kind)
+    assert.matches("2000 bytes, more than the 1000 taken: not read", err.message)
+  end)
+end)

@@ -19,13 +19,26 @@ function M.excerpt(s, max)
   return '"' .. s:gsub('[%z\1-\31\127"\\]', function(c) return format("\\x%02X", byte(c)) end) .. '"'
 end
 
---- A whole file's bytes: -> string | nil, err (io.open's message).
-function M.read_all(path)
+--- A whole regular file's bytes: -> string | nil, err (io.open's message,
+-- or what the path is instead).  Anything but a regular file is refused
+-- before it is opened: a FIFO's open blocks for ever without a writer, and
+-- a device (/dev/zero) never ends.  max (bytes): a larger file is refused.
+function M.read_all(path, max)
+  if type(path) ~= "string" or path:find("\0", 1, true) then
+    return nil, format("%s: not a file path", M.excerpt(tostring(path), 80))
+  end
+  local kind, size = require("slm.core").file_type(path)
+  if kind == nil then return nil, path .. ": " .. tostring(size) end
+  if kind ~= "file" then return nil, format("%s: a %s, not a regular file: not read", path, kind) end
+  if max and size > max then
+    return nil, format("%s: %d bytes, more than the %d taken: not read", path, size, max)
+  end
   local f, err = io_open(path, "rb")
   if not f then return nil, err end
-  local s = f:read("*a")
+  local s = f:read(max and max + 1 or "*a")
   f:close()
-  return s
+  if max and s and #s > max then return nil, format("%s: more than the %d bytes taken: not read", path, max) end
+  return s or ""
 end
 
 -- An error of kind "input": message "FILE:LINE: what", the fields given.

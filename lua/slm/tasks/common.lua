@@ -189,11 +189,26 @@ function Ledger:fail(err_or_kind, message, fields)
   return nil, err
 end
 
+------------------------------------------------------------------ chunks
+
+-- The smallest chunk_tokens extract and summarize take: about 75 English
+-- words, a paragraph.  Less would make a request of every few words of the
+-- document (bounded only by the budget; summarize's levels double it),
+-- each without the context to work from.
+M.MIN_CHUNK_TOKENS = 100
+M.CHUNK_TOKENS = { function(v) return M.pos_int(v) and v >= M.MIN_CHUNK_TOKENS end,
+  "an integer of at least " .. M.MIN_CHUNK_TOKENS
+    .. " (tokens of the document per request: smaller chunks cost a request every few words)" }
+
 ------------------------------------------------------------------ images
 
 local MIME = { png = "image/png", jpeg = "image/jpeg", gif = "image/gif", webp = "image/webp" }
 
 local read_file = require("slm.fileio").read_all
+
+-- A local image's bytes at most (OpenAI takes 50 MB per request in all);
+-- a FIFO or a device is refused unread (slm.fileio.read_all).
+M.MAX_IMAGE_BYTES = 50 * 1048576
 
 --- The content parts of `images` (a list of a file path, a URL, or a table
 -- { path = | bytes = | url = , detail = "low"|"high"|"auto" }): image_url
@@ -210,7 +225,7 @@ function M.image_parts(images, task)
     if not url then
       local bytes = img.bytes
       if img.path then
-        local b, oerr = read_file(img.path)
+        local b, oerr = read_file(img.path, M.MAX_IMAGE_BYTES)
         if not b then return nil, errors.new("invalid_request", format("images[%d]: %s", i, tostring(oerr)),
           { status = 0 }) end
         bytes = b

@@ -42,12 +42,6 @@ local null = json.null
 
 local M = {}
 
--- The smallest chunk_tokens taken: about 75 English words, a paragraph.
--- Less would make a request of every few words of the document (bounded
--- only by the budget), each without the context to extract anything from.
-local MIN_CHUNK = 100
-M.MIN_CHUNK_TOKENS = MIN_CHUNK -- (for reference: changing it changes nothing)
-
 local OPTIONS = {
   client = { common.is_client, "a slm.client" },
   document = { common.is_string, "a string" },
@@ -55,9 +49,7 @@ local OPTIONS = {
   instructions = { common.is_string, "a string" },
   evidence = { common.is_bool, "a boolean" },
   key = { function(v) return type(v) == "string" or type(v) == "table" end, "a property name or a table of path = property" },
-  chunk_tokens = { function(v) return common.pos_int(v) and v >= MIN_CHUNK end,
-    "an integer of at least " .. MIN_CHUNK
-      .. " (tokens of the document per request: smaller chunks cost a request every few words)" },
+  chunk_tokens = common.CHUNK_TOKENS, -- at least common.MIN_CHUNK_TOKENS
   overlap = { common.nonneg_int, "a non-negative integer" },
   concurrency = { common.pos_int, "a positive integer" },
   images = { common.is_table, "a list of images" },

@@ -2,7 +2,7 @@
 --
 --   local text, res = slm.summarize(document [, max_words [, opts]])
 --   local res, err = slm.summarize{ client = c, document = s, max_words = 100, language = "en",
---     instructions = "...", chunk_tokens = n, overlap = 100, concurrency = 4, images = {...},
+--     instructions = "...", chunk_tokens = n (at least 100), overlap = 100, concurrency = 4, images = {...},
 --     banned = { "word", ... }, mask_pii = false, model = ..., timeout = ... }
 --   res: { text, words, chunks, levels, flags = { too_long = true, cut = true, banned = {...} },
 --          usage, cost, attempts, calls, latency, model }
@@ -35,7 +35,7 @@ local OPTIONS = {
   max_words = { common.pos_int, "a positive integer" },
   language = { common.nonempty_string, "a language code or name" },
   instructions = { common.is_string, "a string" },
-  chunk_tokens = { common.pos_int, "a positive integer" },
+  chunk_tokens = common.CHUNK_TOKENS, -- at least common.MIN_CHUNK_TOKENS
   overlap = { common.nonneg_int, "a non-negative integer" },
   concurrency = { common.pos_int, "a positive integer" },
   images = { common.is_table, "a list of images" },
