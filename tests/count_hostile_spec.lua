@@ -413,3 +413,21 @@ describe("content parts that are not counted (input_audio, file)", function()
     assert.is_true(tokens >= CONTEXT)
   end)
 end)
+
+describe("guard.worst_prompt (the budgets' bound of a prompt, the direct and the --via batch path's)", function()
+  local guard = require "slm.guard"
+  it("is the count without uncounted parts, the context with them, nothing without a known context", function()
+    local text = { { role = "user", content = "hello" } }
+    local audio = { { role = "user", content = { { type = "text", text = "hello" },
+      { type = "input_audio", input_audio = { data = "AAAA", format = "wav" } } } } }
+    local n, info = guard.prompt_tokens({ messages = text }, "gpt-4o-mini")
+    assert.equal(n, guard.worst_prompt(n, info, "gpt-4o-mini"))
+    n, info = guard.prompt_tokens({ messages = audio }, "gpt-4o-mini")
+    assert.equal(128000, guard.worst_prompt(n, info, "gpt-4o-mini"))
+    n, info = guard.prompt_tokens({ messages = audio }, "self-hosted-model")
+    local none, why = guard.worst_prompt(n, info, "self-hosted-model")
+    assert.is_nil(none)
+    assert.matches("1 content part%(s%) that cannot be counted %(audio, files%) and the context of model "
+      .. "self%-hosted%-model is not known", why)
+  end)
+end)

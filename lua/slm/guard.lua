@@ -116,19 +116,8 @@ function M.open(h, client, body, opts, model, bytes)
     end
   end
   if not budget and not qbudget then return true end
-  -- content parts slm.count cannot count (audio, files) have no bound of
-  -- their own: the prompt's worst case is then the model's whole context
-  -- (cinfo.max), the largest prompt it accepts; without a known context
-  -- nothing bounds it
-  local worst_in = prompt
-  if cinfo and (cinfo.unbounded or 0) > 0 then
-    if not cinfo.max then
-      return nil, errors.new("budget", format("the request has %d content part(s) that cannot be counted "
-        .. "(audio, files) and the context of model %s is not known, so a budget cannot bound it "
-        .. "(add its context to slm.models)", cinfo.unbounded, model), { status = 0, model = model })
-    end
-    worst_in = max(prompt, cinfo.max)
-  end
+  local worst_in, why = M.worst_prompt(prompt, cinfo, model)
+  if not worst_in then return nil, errors.new("budget", why, { status = 0, model = model }) end
   h.prompt_max = worst_in
   -- every choice of n > 1 can produce the whole max output
   local worst_out = (asked or (info and info.max_output) or 4096) * (body.n or 1)
@@ -158,6 +147,21 @@ function M.open(h, client, body, opts, model, bytes)
   end
   h.qresv = qresv or false
   return true
+end
+
+--- The most the prompt counted `prompt` (with slm.count's info) can cost:
+-- content parts slm.count cannot count (audio, files) have no bound of
+-- their own, so it is then the model's whole context (info.max), the
+-- largest prompt it accepts; without a known context nothing bounds it.
+-- -> tokens | nil, why
+function M.worst_prompt(prompt, info, model)
+  if not info or (info.unbounded or 0) == 0 then return prompt end
+  if not info.max then
+    return nil, format("the request has %d content part(s) that cannot be counted (audio, files) and the "
+      .. "context of model %s is not known, so a budget cannot bound it (add its context to slm.models)",
+      info.unbounded, tostring(model))
+  end
+  return max(prompt, info.max)
 end
 
 --- The counted prompt of h's request (counted now when the checks did not

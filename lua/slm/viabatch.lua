@@ -185,15 +185,22 @@ function M.run(job, ad, client, o)
   if budget then
     local left = budget:remaining()
     local usd_bound = type(budget.usd) == "number" and budget.usd ~= math.huge
-    local count = require("slm.count").count
+    local guard = require("slm.guard")
     local models = require("slm.models")
     local kept, spent = {}, 0
     for _, r in ipairs(requests) do
       local m = models.find(r.body.model)
       local out = r.body.max_tokens or r.body.max_completion_tokens or (m and m.max_output) or 4096
-      local okc, n = pcall(count, r.body, r.body.model)
-      local worst = batchapi.cost(r.body.model, { prompt_tokens = okc and n or 0, completion_tokens = out })
-      if worst == nil and usd_bound then
+      -- the prompt's worst case, as the direct path's budget takes it
+      -- (audio and file parts: the model's whole context)
+      local n, info = guard.prompt_tokens(r.body, r.body.model)
+      local worst_in, why = guard.worst_prompt(n, info, r.body.model)
+      local worst = worst_in and batchapi.cost(r.body.model, { prompt_tokens = worst_in, completion_tokens = out })
+      if not worst_in then
+        refused[r.custom_id] = true
+        nrefused = nrefused + 1
+        budget_reason = budget_reason or why
+      elseif worst == nil and usd_bound then
         refused[r.custom_id] = true
         nrefused = nrefused + 1
         budget_reason = budget_reason or format("model %s has no price, so a USD budget cannot bound it "
