@@ -78,19 +78,25 @@ static int l_trapped(lua_State *L) {
   return 1;
 }
 
+/* stat(2) of the path argument 1: 0, or the count of nil, message pushed
+ * (a path with a NUL byte raises). */
+static int stat_arg(lua_State *L, struct stat *st) {
+  size_t len;
+  const char *path = luaL_checklstring(L, 1, &len);
+  if (strlen(path) != len) return luaL_argerror(L, 1, "a path with a NUL byte");
+  if (stat(path, st) == 0) return 0;
+  lua_pushnil(L);
+  lua_pushstring(L, strerror(errno));
+  return 2;
+}
+
 /* core.file_id(path) -> "device:inode" | nil, message: the identity of
  * the file at path, symlinks followed (stat(2)); two paths naming one file
  * (./in.csv and in.csv, a symlink, a hard link) give the same string. */
 static int l_file_id(lua_State *L) {
-  size_t len;
-  const char *path = luaL_checklstring(L, 1, &len);
   struct stat st;
-  if (strlen(path) != len) return luaL_argerror(L, 1, "a path with a NUL byte");
-  if (stat(path, &st) != 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, strerror(errno));
-    return 2;
-  }
+  int failed = stat_arg(L, &st);
+  if (failed) return failed;
   char id[48]; /* lua_pushfstring has no 64-bit format in Lua 5.1 */
   snprintf(id, sizeof id, "%llu:%llu", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
   lua_pushstring(L, id);
@@ -113,15 +119,9 @@ static const char *kind_of(mode_t m) {
  * file, size its bytes), "directory", "fifo", "socket", "character
  * device", "block device" or "special file". */
 static int l_file_type(lua_State *L) {
-  size_t len;
-  const char *path = luaL_checklstring(L, 1, &len);
   struct stat st;
-  if (strlen(path) != len) return luaL_argerror(L, 1, "a path with a NUL byte");
-  if (stat(path, &st) != 0) {
-    lua_pushnil(L);
-    lua_pushstring(L, strerror(errno));
-    return 2;
-  }
+  int failed = stat_arg(L, &st);
+  if (failed) return failed;
   lua_pushstring(L, kind_of(st.st_mode));
   lua_pushinteger(L, (lua_Integer)st.st_size);
   return 2;

@@ -16,9 +16,7 @@ local dir
 before_each(function()
   up:reset()
   up:post("/__sim/batch_mode", "{}")
-  local p = io.popen("mktemp -d")
-  dir = p:read("l")
-  p:close()
+  dir = H.tmpdir()
 end)
 after_each(function() if dir then os.execute("rm -rf " .. H.q(dir)) end end)
 

@@ -178,11 +178,7 @@ describe("local image paths that are not regular files", function()
   local H = require "tests.helpers"
   local core = require "slm.core"
   local dir
-  before_each(function()
-    local p = io.popen("mktemp -d")
-    dir = p:read("*l")
-    p:close()
-  end)
+  before_each(function() dir = H.tmpdir() end)
   after_each(function() if dir then os.execute("rm -rf " .. H.q(dir)) end end)
 
   -- a shell command that must succeed (true in Lua 5.4, 0 in LuaJIT)

@@ -139,6 +139,16 @@ function M.run_lua(code, env)
   return out
 end
 
+-- A new temporary directory (mktemp -d): its absolute path.  The caller
+-- removes it (os.execute("rm -rf " .. M.q(dir))).
+function M.tmpdir()
+  local p = assert(io.popen("mktemp -d"))
+  local d = p:read("*l")
+  p:close()
+  assert(d and d:sub(1, 1) == "/", "mktemp -d failed")
+  return d
+end
+
 -- Run a shell command without the sanitizer runtimes the ASan stage
 -- preloads: its output (stdout and stderr) and whether it exited 0.
 function M.sh(cmd)

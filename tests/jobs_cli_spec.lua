@@ -12,11 +12,7 @@ teardown(function() if up then up:stop() end end)
 before_each(function() up:reset() end)
 
 local dir
-before_each(function()
-  local p = io.popen("mktemp -d")
-  dir = p:read("l")
-  p:close()
-end)
+before_each(function() dir = H.tmpdir() end)
 after_each(function() if dir then os.execute("rm -rf '" .. dir .. "'") end end)
 
 local function env() return ("SLM_BASE_URL=%s SLM_API_KEY=sk-jobs "):format(up.url) end

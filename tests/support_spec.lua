@@ -91,12 +91,7 @@ end
 
 local function near(a, b, eps) return math.abs(a - b) <= (eps or 1e-12) end
 
-local function tmpdir()
-  local p = assert(io.popen("mktemp -d"))
-  local d = p:read("l")
-  p:close()
-  return d
-end
+local tmpdir = H.tmpdir
 
 local function rmrf(d) os.execute("rm -rf " .. H.q(d)) end
 
