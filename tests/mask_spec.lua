@@ -63,6 +63,32 @@ describe("mask_pii on a client", function()
     assert.are.equal(1, res.masked.card)
   end)
 
+  it("masks a value split across text parts or messages: nothing of it is sent, the reply has it once", function()
+    local c = H.sim_client(up, { mask_pii = true })
+    local msgs = { { role = "user", content = {
+      { type = "text", text = "my card is 4111 1111" }, { type = "text", text = " 1111 1111, mail ivan.petrov" },
+      { type = "text", text = "@example.com" } } } }
+    local res = assert(c:chat{ messages = msgs })
+    local body = sent()
+    local got = body.messages[1].content
+    local joined = got[1].text .. got[2].text .. got[3].text
+    assert.are.equal("my card is [CARD_1], mail [EMAIL_1]", joined)
+    assert.is_nil(require("slm.json").encode(body):find("1111", 1, true))
+    -- (the simulator reads the parts with line breaks between)
+    assert.are.equal("Echo: my card is 4111 1111 1111 1111, mail ivan.petrov@example.com", (res.text:gsub("\n", "")))
+    assert.are.equal(1, res.masked.card)
+    assert.are.equal(1, res.masked.email)
+    assert.are.equal(" 1111 1111, mail ivan.petrov", msgs[1].content[2].text) -- the caller's as it was
+    -- a phone cut between two user messages
+    res = assert(c:chat{ messages = { { role = "user", content = "call me at +7 912" },
+      { role = "user", content = "345-67-89, please" } } })
+    body = sent()
+    assert.are.equal("call me at [PHONE_1]", body.messages[1].content)
+    assert.are.equal(", please", body.messages[2].content)
+    assert.is_nil(require("slm.json").encode(body):find("912", 1, true))
+    assert.are.equal("Echo: , please", res.text)
+  end)
+
   it("unmasks tool call arguments", function()
     local c = H.sim_client(up, { mask_pii = true })
     local res = assert(c:chat{ messages = H.msgs("Look up the order of " .. EMAIL),

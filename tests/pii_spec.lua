@@ -81,6 +81,49 @@ describe("slm.pii", function()
       assert.same({}, found('"https://x.org/u/ivan@example.com"', "email"))
       assert.same({}, found('"https://ivan@example.com/"', "email"))
     end)
+
+    it("masks an address right after a URL that a closing bracket or quote ends (Markdown links)", function()
+      for _, t in ipairs{
+        "[site](https://x.ru/a)ivan@x.ru",                    -- a Markdown link
+        "See [site](https://x.ru/a),ivan@x.ru",
+        "[a](https://x.ru/a)[b](https://y.ru/b)ivan@x.ru",     -- two links
+        "(https://x.ru/a)ivan@x.ru", "(https://x.ru/a).ivan@x.ru",
+        "[https://x.ru/a]ivan@x.ru", "[[https://x.ru/a]]ivan@x.ru",
+        "'https://x.ru/a'ivan@x.ru", "href='https://x.ru/a'ivan@x.ru",
+        '"https://x.ru/a"ivan@x.ru', "<https://x.ru/a>ivan@x.ru", "{https://x.ru/a}ivan@x.ru",
+        "(see https://en.wikipedia.org/wiki/Foo_(bar))ivan@x.ru", -- the URL's own pair, then the closer
+        "[a](https://x.ru/?q=(1))ivan@x.ru",
+      } do
+        assert.same({ "ivan@x.ru" }, found(t, "email"), t)
+        local m = pii.new()
+        local masked = m:mask(t)
+        assert.is_nil(masked:find("ivan@", 1, true), masked)
+        assert.equal(t, m:unmask(masked))
+      end
+      -- what is still in a URL's userinfo or path stays
+      for _, t in ipairs{
+        "https://en.wikipedia.org/wiki/Foo_(bar)/ivan@x.ru",   -- balanced inside the URL
+        "(https://x.ru/(a)/ivan@x.ru)", "[x](https://x.ru/u/ivan@x.ru)",
+        "http://[::1]/u/ivan@x.ru", "https://x.ru/it's/ivan@x.ru",
+        "[a](https://x.ru/a)https://y.ru/u/ivan@x.ru",         -- a second URL's path
+        "'https://ivan@x.ru/'",
+      } do
+        assert.same({}, found(t, "email"), t)
+      end
+    end)
+
+    it("masks a phone or an address after any closing bracket or quote", function()
+      for _, close in ipairs{ '"', "'", ">", "]", "}", ")" } do
+        for _, v in ipairs{ "ivan@x.ru", "+7 912 345-67-89", "89123456789", "8 (912) 345-67-89" } do
+          for _, t in ipairs{ "x" .. close .. v, "[x](https://x.ru/a" .. close .. v,
+              "'https://x.ru/a" .. close .. v, "https://x.ru/a" .. close .. v } do
+            local d = pii.detect(t)
+            assert.equal(1, #d, t)
+            assert.equal(v, d[1].value, t)
+          end
+        end
+      end
+    end)
   end)
 
   describe("phone", function()
@@ -554,6 +597,170 @@ describe("slm.pii", function()
       assert.equal('{"phone":"+7 912 345-67-89"}', m:unmask(out[3].tool_calls[1]["function"].arguments))
     end)
 
+    -- the texts of a masked list, as the model reads them
+    local function texts(out)
+      local t = {}
+      for _, msg in ipairs(out) do
+        if type(msg.content) == "string" then t[#t + 1] = msg.content
+        else
+          for _, p in ipairs(msg.content) do if p.type == "text" then t[#t + 1] = p.text end end
+        end
+      end
+      return t
+    end
+
+    it("masks a value split across the text parts of a message, once", function()
+      local m = pii.new()
+      local image = { type = "image_url", image_url = { url = "https://x.ru/p.png" } }
+      local out = m:mask_messages{
+        { role = "user", content = {
+          { type = "text", text = "my card is 4111 1111" }, { type = "text", text = " 1111 1111, and" },
+          { type = "text", text = " mail ivan.petrov" }, image, { type = "text", text = "@example.com" },
+          { type = "text", text = "?" } } },
+      }
+      assert.same({ "my card is [CARD_1]", ", and", " mail [EMAIL_1]", "", "?" }, texts(out))
+      assert.equal(image, out[1].content[4])
+      assert.equal(1, m.counts.card)
+      assert.equal(1, m.counts.email)
+      -- the reply gets each value whole, once
+      assert.equal("my card is 4111 1111 1111 1111, and mail ivan.petrov@example.com?",
+        m:unmask(table.concat(texts(out))))
+      -- a value across three parts
+      m = pii.new()
+      out = m:mask_messages{ { role = "user", content = {
+        { type = "text", text = "+7 9" }, { type = "text", text = "12 345" }, { type = "text", text = "-67-89 ok" } } } }
+      assert.same({ "[PHONE_1]", "", " ok" }, texts(out))
+      assert.equal("+7 912 345-67-89 ok", m:unmask(table.concat(texts(out))))
+    end)
+
+    it("masks a value split across consecutive messages of one role", function()
+      local m = pii.new()
+      local out = m:mask_messages{
+        { role = "user", content = "call me at +7 912" },
+        { role = "user", content = "345-67-89 after six" },
+        { role = "assistant", content = "Noted. Your card?" },
+        { role = "user", content = "4111 1111" },
+        { role = "user", content = { { type = "text", text = "1111 1111" } } }, -- a space between messages
+        { role = "user", content = "and ivan" },
+        { role = "user", content = "@example.com" },
+        { role = "user", content = "40000123" },
+        { role = "user", content = "45678905" },                            -- or nothing
+      }
+      assert.same({ "call me at [PHONE_1]", " after six", "Noted. Your card?", "[CARD_1]", "",
+        "and [EMAIL_1]", "", "[CARD_2]", "" }, texts(out))
+      assert.equal("+7 912 345-67-89", m:unmask("[PHONE_1]"))
+      assert.equal("4111 1111 1111 1111", m:unmask("[CARD_1]"))
+      assert.equal("4000012345678905", m:unmask("[CARD_2]"))
+      assert.equal("ivan@example.com", m:unmask("[EMAIL_1]"))
+      -- context in the message before: a passport
+      out = pii.new():mask_messages{ { role = "user", content = "мой паспорт" },
+        { role = "user", content = "4510 123456" } }
+      assert.same({ "мой паспорт", "[PASSPORT_1]" }, texts(out))
+      -- messages of another role between are not joined, nor are tool calls
+      for _, msgs in ipairs{
+        { { role = "user", content = "+7 912" }, { role = "assistant", content = "345-67-89" } },
+        { { role = "user", content = "+7 912" }, { role = "assistant", content = "ok" }, { role = "user", content = "345-67-89" } },
+        { { role = "user", content = "+7 912" }, { role = "user", tool_calls = {} }, { role = "user", content = "345-67-89" } },
+      } do
+        out = pii.new():mask_messages(msgs)
+        for i, msg in ipairs(msgs) do assert.equal(msg.content, out[i].content) end
+      end
+    end)
+
+    it("masks split values and never unmasks what each text alone masks", function()
+      local m = pii.new()
+      local out = m:mask_messages{
+        { role = "user", content = "card 4000 0123 4567 8905" }, { role = "user", content = "1234 is the code" },
+        { role = "user", content = "mail ivan@example.com" }, { role = "user", content = "abc" },
+        { role = "user", content = "4000 0123 4567 8905 done" },
+        { role = "user", content = "+7 912 345-67-89" }, { role = "user", content = "-10" },
+      }
+      -- the card alone, though its digits go on in the next message; the
+      -- address, not glued to the message after it; a card glued to a
+      -- letter before it; a phone and a number after it
+      assert.same({ "card [CARD_1]", "1234 is the code", "mail [EMAIL_1]", "abc", "[CARD_1] done",
+        "[PHONE_1]", "-10" }, texts(out))
+      assert.equal("ivan@example.com", m:unmask("[EMAIL_1]"))
+      -- text parts of one message are read as concatenated
+      m = pii.new()
+      out = m:mask_messages{ { role = "user", content = {
+        { type = "text", text = "mail ivan@example.com" }, { type = "text", text = "abc" } } } }
+      assert.same({ "mail [EMAIL_1]", "" }, texts(out))
+      assert.equal("ivan@example.comabc", m:unmask("[EMAIL_1]"))
+    end)
+
+    it("leaves texts without personal data as they are, split or not", function()
+      local msgs = {
+        { role = "system", content = "Order #58213 of 2024-05-17" },
+        { role = "user", content = { { type = "text", text = "at 12:30, 1 299,00 руб." }, { type = "text", text = " 2024" } } },
+        { role = "user", content = "8 912" }, { role = "user", content = "[EMAIL_1] x@y" }, { role = "user", content = "" },
+      }
+      local out = pii.new():mask_messages(msgs)
+      assert.equal(msgs[1].content, out[1].content)
+      assert.equal(msgs[2].content[1].text, out[2].content[1].text)
+      assert.equal(msgs[2].content[2].text, out[2].content[2].text)
+      for i = 3, 5 do assert.equal(msgs[i].content, out[i].content) end
+    end)
+
+    local function count(s, v)
+      local k, from = 0, 1
+      while true do
+        local a, b = s:find(v, from, true)
+        if not a then return k end
+        k, from = k + 1, b + 1
+      end
+    end
+
+    it("masks random texts cut into random parts and messages: no value left, each once", function()
+      local pieces = {
+        "ivan@example.com", "+7 912 345-67-89", "4000 0123 4567 8905", "DE41 5001 0517 0123 4567 89",
+        "5001007329", "112-233-445 95", "45 11 123456", "(495) 123-45-67", "order #58213", "2024-05-17",
+        "12:30", "Здравствуйте", "hello", "паспорт ", "[EMAIL_1]", "x", "7", " ", " ", ", ", "-", "@", "\194\160",
+      }
+      local seed = tonumber(os.getenv("SLM_PII_SEED")) or os.time()
+      math.randomseed(seed)
+      for _ = 1, 300 do
+        local bits = {}
+        for k = 1, math.random(1, 12) do bits[k] = pieces[math.random(#pieces)] end
+        local t = table.concat(bits)
+        -- cut at random bytes (UTF-8 may be cut: texts are bytes here)
+        local cuts, pos = {}, 1
+        while pos <= #t do
+          local len = math.random(1, 12)
+          cuts[#cuts + 1] = t:sub(pos, pos + len - 1)
+          pos = pos + len
+        end
+        local content, msgs = {}, {}
+        for i, c in ipairs(cuts) do
+          content[i] = { type = "text", text = c }
+          msgs[i] = { role = "user", content = c }
+        end
+        local why = ("%q (seed %d)"):format(t, seed)
+        for _, list in ipairs{ { { role = "user", content = content } }, msgs } do
+          local m = pii.new()
+          local masked = texts(m:mask_messages(list))
+          local got = table.concat(masked)
+          why = why .. " -> " .. got .. " " .. table.concat(cuts, "|") .. " (" .. (list == msgs and "messages" or "parts") .. ")"
+          -- what each piece holds alone, and what the whole holds, is gone
+          -- (the same digits may stay where they are no value)
+          local function gone(before, after)
+            local seen = {}
+            for _, x in ipairs(pii.detect(before)) do seen[x.value] = (seen[x.value] or 0) + 1 end
+            for v, k in pairs(seen) do assert.is_true(count(after, v) <= count(before, v) - k, why) end
+          end
+          for k, c in ipairs(cuts) do gone(c, masked[k]) end
+          gone(t, got)
+          -- and each value comes back once (the messages' reading may put
+          -- a space where two meet)
+          if list == msgs then
+            assert.equal((t:gsub(" ", "")), (m:unmask(got):gsub(" ", "")), why)
+          else
+            assert.equal(t, m:unmask(got), why)
+          end
+        end
+      end
+    end)
+
     it("keeps the metatables that mark JSON arrays", function()
       local arr = setmetatable({}, { __jsontype = "array" })
       local parts = setmetatable({ { type = "text", text = "ivan@example.com" } }, { __jsontype = "array" })
@@ -677,6 +884,31 @@ describe("slm.pii", function()
       end
       -- trailing dots and hyphens are still left out
       assert.same({ "ivan@example.com" }, found("ivan@example.com.-.", "email"))
+    end)
+
+    it("takes linear time over long chains of split values (messages, parts) and URLs full of brackets", function()
+      local msgs, parts = {}, {}
+      for i = 1, 10000 do
+        msgs[i] = { role = "user", content = i % 2 == 1 and "+7 912" or "345-67-89 ok" }
+        parts[i] = { type = "text", text = i % 2 == 1 and "4000 0123" or " 4567 8905, " }
+      end
+      local t = os.clock()
+      local m = pii.new()
+      local out = m:mask_messages(msgs)
+      local out2 = m:mask_messages{ { role = "user", content = parts } }
+      t = os.clock() - t
+      assert.equal("[PHONE_1]", out[9999].content)
+      assert.equal(" ok", out[10000].content)
+      assert.equal("[CARD_1]", out2[1].content[9999].text)
+      assert.equal(", ", out2[1].content[10000].text)
+      assert.equal(1, m.counts.phone)
+      assert(t < 3, "two chains of 10000 texts took " .. t .. " s")
+      for _, text in ipairs{ "https://x.ru/" .. ("(a@b.ru"):rep(25000), ("[a](https://x.ru/a)b@c.ru"):rep(8000) } do
+        t = os.clock()
+        pii.new():mask(text)
+        t = os.clock() - t
+        assert(t < 2, #text .. " bytes of URLs took " .. t .. " s")
+      end
     end)
   end)
 

@@ -51,7 +51,9 @@
 -- function names, image/audio/other parts (the same tables) and any other
 -- field stay as they were (a name must match ^[%w_-]+$ at OpenAI, where a
 -- placeholder could not go: keep personal data out of names). Metatables
--- (slm.json's array marks) are kept. unmask_value copies tables (shared
+-- (slm.json's array marks) are kept. A value cut between the texts of a
+-- message, or of consecutive messages of one role, is masked as the model
+-- reads them joined (mask_joined, below). unmask_value copies tables (shared
 -- ones once, cycles too), unmasks every string, keys included, and keeps
 -- numbers, booleans, json.null and metatables.
 --
@@ -64,7 +66,9 @@
 --   a@b.ru."). Not an e-mail: anything with "@" just before the local part
 --   or just after the domain ("a@b.ru@c.ru"); inside a URL (a run of
 --   the bytes URLs hold, holding "://" before it: a quote, "<", ">", white
---   space... end a URL) the userinfo
+--   space... end a URL, and so do a ")" or "]" closing none opened in it,
+--   a "'" after "'https://...", and ")", "]", "'" right before the
+--   address: "[site](https://x.org/a)a@b.ru" is masked) the userinfo
 --   ("https://user@host/") and the path ("https://x.org/u/a@b.ru") are left
 --   alone, while the query and fragment ("?to=a@b.ru") are masked.
 -- phone (10-15 digits; separators between digit groups " ", no-break
@@ -338,20 +342,82 @@ end
 local URL_CLASS = "%w%-._~:/?#%[%]@!$&'()*+,;=%%\128-\255"
 local URL_TAIL = "[^" .. URL_CLASS .. "][" .. URL_CLASS .. "]*$"
 
+local QUOTE, RPAREN, LBRACKET, RBRACKET = 39, 41, 91, 93
+local SCHEME = {} -- the bytes of a URL's scheme: letters, digits, "+", "-", "."
+for b in pairs(WORD) do SCHEME[b] = true end
+SCHEME[95], SCHEME[PLUS], SCHEME[DASH], SCHEME[DOT] = nil, true, true, true
+
+-- Was the URL whose "://" is at u opened by a quote ("'https://...")?
+local function quoted(text, u)
+  local b = u - 1
+  while b > 0 and u - b <= 32 and SCHEME[byte(text, b)] do b = b - 1 end
+  return b > 0 and byte(text, b) == QUOTE
+end
+
 -- Is the e-mail whose local part starts at ls inside a URL's userinfo or
 -- path (the run of URL bytes just before it holds "://")?  In
 -- '{"url":"https://x.org/a","email":"a@b.ru"}' the quote ends the URL:
--- the e-mail is no part of it.
-local function in_url(text, ls)
+-- the e-mail is no part of it. A closing bracket or quote ends a URL
+-- too: a ")" or "]" that closes none opened inside the URL (a Markdown
+-- link "[site](https://x.org/a)a@b.ru", "(see https://x.org/a),a@b.ru";
+-- "https://x.org/Foo_(bar)/a@b.ru" keeps its pair), a "'" when the URL
+-- came right after one ("href='https://x.org/a'a@b.ru"), and any of
+-- ")", "]", "'" right before the e-mail. st: the state of the scan over
+-- the brackets, kept between the e-mails of one text (they come in
+-- order), so a long URL is scanned once: key (the "://" of the run's
+-- first URL), cur (that of the URL the scan is in, false after it ended),
+-- at (the next byte to scan), after (where a next URL may start), dp, db
+-- (the "(" and "[" open), q (opened by a quote).
+local function in_url(text, ls, st)
+  local c = byte(text, ls - 1)
+  if c == RPAREN or c == RBRACKET or c == QUOTE then return false end
   local w0 = ls - 2048
   if w0 < 1 then w0 = 1 end
   local pre = sub(text, w0, ls - 1)
   if not find(pre, "://", 1, true) then return false end
   local k = find(pre, URL_TAIL)
-  if k then pre = sub(pre, k + 1) end
-  local u = find(pre, "://", 1, true)
+  local u = find(pre, "://", k and k + 1 or 1, true)
   if not u then return false end
-  local rest = sub(pre, u + 3)
+  u = w0 + u - 1
+  local stop = ls - 1
+  if st.key ~= u or st.at > ls then
+    st.key, st.cur, st.at, st.after, st.dp, st.db, st.q = u, u, u + 3, u, 0, 0, quoted(text, u)
+  end
+  while st.at <= stop do
+    if not st.cur then -- the URL ended: another one further on?
+      local from = st.at - 2
+      if from < st.after then from = st.after end
+      local v = find(sub(text, from, stop), "://", 1, true)
+      if not v then st.at = stop + 1; return false end
+      v = from + v - 1
+      st.cur, st.at, st.dp, st.db, st.q = v, v + 3, 0, 0, quoted(text, v)
+    else
+      local piece, base = sub(text, st.at, stop), st.at - 1
+      local i = find(piece, "[%(%)%[%]']")
+      local ended = false
+      while i do
+        local b = byte(piece, i)
+        if b == 40 then st.dp = st.dp + 1
+        elseif b == LBRACKET then st.db = st.db + 1
+        elseif b == RPAREN then
+          if st.dp == 0 then ended = true; break end
+          st.dp = st.dp - 1
+        elseif b == RBRACKET then
+          if st.db == 0 then ended = true; break end
+          st.db = st.db - 1
+        elseif st.q then ended = true; break
+        end
+        i = find(piece, "[%(%)%[%]']", i + 1)
+      end
+      if ended then
+        st.cur, st.at, st.after = false, base + i + 1, base + i + 1
+      else
+        st.at = stop + 1
+      end
+    end
+  end
+  if not st.cur then return false end
+  local rest = sub(text, st.cur + 3, stop)
   local p = find(rest, "[/?#]")
   if not p then return true end                    -- userinfo@host
   if byte(rest, p) ~= SLASH then return false end  -- in the query or fragment
@@ -372,6 +438,7 @@ end
 
 local function emails(text, out)
   local init, after = 1, 0 -- after: the end of the last e-mail found
+  local st = { at = 0 }    -- in_url's scan
   while true do
     local at = find(text, "@", init, true)
     if not at then return end
@@ -395,7 +462,7 @@ local function emails(text, out)
       local dom = sub(text, ds, de)
       if lp ~= "" and ls > after and byte(lp, #lp) ~= DOT and not find(lp, "..", 1, true)
           and byte(text, ls - 1) ~= AT and byte(text, de + 1) ~= AT
-          and domain_ok(dom) and not in_url(text, ls) then
+          and domain_ok(dom) and not in_url(text, ls, st) then
         local value = sub(text, ls, de)
         out[#out + 1] = { kind = "email", s = ls, e = de, key = lower(value) }
         after, init = de, de + 1
@@ -1000,44 +1067,262 @@ local function mask_call(m, call)
   return c
 end
 
+-- Values split between texts -----------------------------------------------
+-- The texts of a message (its string content, or its text parts in order)
+-- reach the model as one text, concatenated, and so do those of
+-- consecutive messages of one role, one after another ("+7 912" then
+-- "345-67-89"): a value cut between two of them matches in neither. So
+-- the texts of such a chain are also read joined. The parts of a message
+-- are joined as they are; where two messages meet, a line break parts
+-- them to the model, or nothing ("ivan" then "@example.com"), so the
+-- chain is read four ways: every message joined with nothing between,
+-- with a space between ("4111 1111" then "1111 1111"), and each second
+-- meeting with a space and the others with nothing, and the other way
+-- round (a value cut between two messages is then read with its own
+-- meeting joined and the meetings beside it parted, so no third message
+-- glued to it breaks it). Every value found alone in a text or in one of
+-- the readings is masked, except one that a meeting of two messages
+-- glues on to a value of one text that ends where its message ends (or
+-- starts where one starts): "ivan@example.com" then "abc" is not one
+-- address, while "ivan@example.com" then "abc" in two parts of one
+-- message is "ivan@example.comabc" to the model.
+-- Values that overlap are masked together with one placeholder: the
+-- value that covers them all (the spaced reading's, the joined one's,
+-- then the text's own, in that order of preference), else the text they
+-- cover, as one value of the highest kind among them. A value's placeholder goes in the
+-- text where it starts, and its pieces in the texts after are removed,
+-- so a reply holds it, and unmask restores it, once.
+
+-- The masked texts of one chain: segs[i] = { text =, newmsg = true when
+-- it starts a message that is not the chain's first }.
+local function mask_joined(m, segs)
+  local n, texts, off = #segs, {}, {}
+  local pos = 0
+  for i = 1, n do
+    texts[i], off[i] = segs[i].text, pos
+    pos = pos + #segs[i].text
+  end
+  local joined = concat(texts)
+  if not find(joined, "[%d@]") then return texts end
+  for i = 1, n do reserve(m, texts[i]) end
+  reserve(m, joined)
+  -- the meetings of two messages: the join's byte each comes after
+  local meets, is_meet = {}, {}
+  for i = 2, n do
+    local o = off[i]
+    if segs[i].newmsg and o > 0 and o < #joined and not is_meet[o] then
+      meets[#meets + 1], is_meet[o] = o, true
+    end
+  end
+  local want, all = m.kinds, {}
+  -- src: 1 a reading with spaces, 2 without, 3 a text alone
+  local function add(found, base, from, src, map)
+    for _, x in ipairs(found) do
+      local s, e = x.s, x.e
+      if map then s, e = map(s), map(e) end
+      all[#all + 1] = { s = base + s, e = base + e, kind = x.kind, key = x.key,
+        value = sub(from, x.s, x.e), src = src }
+    end
+  end
+  for i = 1, n do
+    if find(texts[i], "[%d@]") then add(find_all(texts[i], want), off[i], texts[i], 3) end
+  end
+  add(find_all(joined, want), 0, joined, 2)
+  -- the join with a space after the meetings at[1..]
+  local function spaced(at)
+    local pieces, from = {}, 1
+    for k = 1, #at do
+      pieces[k] = sub(joined, from, at[k])
+      from = at[k] + 1
+    end
+    pieces[#at + 1] = sub(joined, from)
+    local text = concat(pieces, " ")
+    -- a byte of it -> the join's (a value starts and ends on no space
+    -- put in); values come in order, so a walk over at
+    local k = 0
+    local function map(p)
+      while k > 0 and at[k] + k >= p do k = k - 1 end
+      while k < #at and at[k + 1] + k + 1 < p do k = k + 1 end
+      return p - k
+    end
+    add(find_all(text, want), 0, text, 1, map)
+  end
+  if #meets > 0 then spaced(meets) end
+  if #meets > 1 then
+    local odd, even = {}, {}
+    for k, o in ipairs(meets) do
+      if k % 2 == 1 then odd[#odd + 1] = o else even[#even + 1] = o end
+    end
+    spaced(odd)
+    spaced(even)
+  end
+  if #all == 0 then return texts end
+  -- a value glued across a meeting on to a value of a text alone that
+  -- ends there (the same start) or starts there (the same end)
+  if #meets > 0 then
+    local start_of, end_of = {}, {} -- the texts' own values: by end, by start
+    for _, x in ipairs(all) do
+      if x.src == 3 then start_of[x.e], end_of[x.s] = x.s, x.e end
+    end
+    local kept = {}
+    for _, x in ipairs(all) do
+      local glued = false
+      if x.src < 3 then
+        for o = x.s, x.e - 1 do
+          if is_meet[o] and (start_of[o] == x.s or end_of[o + 1] == x.e) then glued = true; break end
+        end
+      end
+      if not glued then kept[#kept + 1] = x end
+    end
+    all = kept
+  end
+  sort(all, function(a, b)
+    if a.s ~= b.s then return a.s < b.s end
+    if a.e ~= b.e then return a.e > b.e end
+    if RANK[a.kind] ~= RANK[b.kind] then return RANK[a.kind] < RANK[b.kind] end
+    return a.src < b.src
+  end)
+  -- clusters of overlapping values -> { s, e, text }
+  local reps, i = {}, 1
+  while i <= #all do
+    local cs, ce, j = all[i].s, all[i].e, i
+    while j < #all and all[j + 1].s <= ce do
+      j = j + 1
+      if all[j].e > ce then ce = all[j].e end
+    end
+    local best
+    for t = i, j do
+      local x = all[t]
+      if x.s == cs and x.e == ce and (not best or RANK[x.kind] < RANK[best.kind]
+          or (RANK[x.kind] == RANK[best.kind] and x.src < best.src)) then
+        best = x
+      end
+    end
+    if not best then
+      -- none covers them all: the span they cover, as one value of the
+      -- highest kind among them (a key of its own: "~" starts no
+      -- normalized value)
+      for t = i, j do
+        if not best or RANK[all[t].kind] < RANK[best.kind] then best = all[t] end
+      end
+      local v = sub(joined, cs, ce)
+      best = { kind = best.kind, key = "~" .. v, value = v }
+    end
+    reps[#reps + 1] = { s = cs, e = ce, text = placeholder(m, best.kind, best.key, best.value) }
+    i = j + 1
+  end
+  -- each replacement into the texts it spans: its text where it starts,
+  -- nothing in the rest
+  local edits = {} -- segment -> { from, to, text, ... }
+  local g = 1
+  for _, r in ipairs(reps) do
+    while off[g] + #texts[g] < r.s do g = g + 1 end
+    local h, first = g, true
+    while true do
+      local len = #texts[h]
+      if len > 0 then
+        local a, b = r.s - off[h], r.e - off[h]
+        if a < 1 then a = 1 end
+        if b > len then b = len end
+        local e = edits[h] or {}
+        edits[h] = e
+        e[#e + 1], e[#e + 2], e[#e + 3] = a, b, first and r.text or ""
+        first = false
+      end
+      if off[h] + len >= r.e then break end
+      h = h + 1
+    end
+  end
+  for k, e in pairs(edits) do
+    local t, parts, from = texts[k], {}, 1
+    for q = 1, #e, 3 do
+      parts[#parts + 1] = sub(t, from, e[q] - 1)
+      parts[#parts + 1] = e[q + 2]
+      from = e[q + 1] + 1
+    end
+    parts[#parts + 1] = sub(t, from)
+    texts[k] = concat(parts)
+  end
+  return texts
+end
+
 --- A new list of chat messages: string contents, text parts and tool call
 --- arguments masked; roles, names, ids, images and other parts as they were.
+--- The texts of a message, and of consecutive messages of one role, are
+--- masked as the model reads them: joined (mask_joined).
 function Masker:mask_messages(messages)
   if type(messages) ~= "table" then
     error("slm.pii: mask_messages expects a list of messages, got " .. type(messages), 2)
   end
   local out = copy(messages)
+  -- first the copies, and where each text goes: slots[i] = { table, key,
+  -- text, ... } for message i
+  local slots = {}
   for i = 1, #messages do
     local msg = messages[i]
     if type(msg) == "table" then
       local c = copy(msg)
       local content = msg.content
+      local slot = {}
       if type(content) == "string" then
-        c.content = self:mask(content)
+        slot[1], slot[2], slot[3] = c, "content", content
       elseif type(content) == "table" then
         local parts = copy(content)
         for k = 1, #content do
           local part = content[k]
           if type(part) == "table" and part.type == "text" and type(part.text) == "string" then
             local p = copy(part)
-            p.text = self:mask(part.text)
             parts[k] = p
+            slot[#slot + 1], slot[#slot + 2], slot[#slot + 3] = p, "text", part.text
           end
         end
         c.content = parts
       end
-      if type(msg.tool_calls) == "table" then
-        local calls = copy(msg.tool_calls)
-        for k = 1, #calls do calls[k] = mask_call(self, calls[k]) end
-        c.tool_calls = calls
-      end
-      if type(msg.function_call) == "table" and type(msg.function_call.arguments) == "string" then
-        local f = copy(msg.function_call)
-        f.arguments = self:mask(f.arguments)
-        c.function_call = f
-      end
+      slots[i] = slot
       out[i] = c
     end
+  end
+  -- then the texts, chain by chain (a chain: consecutive messages of one
+  -- role with a string or list content), and each message's tool calls
+  local function chained(i)
+    local a, b = messages[i - 1], messages[i]
+    return i > 1 and type(a) == "table" and type(b) == "table" and a.role == b.role
+      and (type(a.content) == "string" or type(a.content) == "table")
+      and (type(b.content) == "string" or type(b.content) == "table")
+  end
+  local i = 1
+  while i <= #messages do
+    local j = i
+    while j < #messages and chained(j + 1) do j = j + 1 end
+    local segs = {}
+    for k = i, j do
+      local slot = slots[k]
+      for q = 1, slot and #slot or 0, 3 do
+        segs[#segs + 1] = { text = slot[q + 2], newmsg = q == 1 and k > i, t = slot[q], key = slot[q + 1] }
+      end
+    end
+    if #segs == 1 then
+      segs[1].t[segs[1].key] = self:mask(segs[1].text)
+    elseif #segs > 1 then
+      local masked = mask_joined(self, segs)
+      for q, sg in ipairs(segs) do sg.t[sg.key] = masked[q] end
+    end
+    for k = i, j do
+      local msg, c = messages[k], out[k]
+      if type(msg) == "table" then
+        if type(msg.tool_calls) == "table" then
+          local calls = copy(msg.tool_calls)
+          for q = 1, #calls do calls[q] = mask_call(self, calls[q]) end
+          c.tool_calls = calls
+        end
+        if type(msg.function_call) == "table" and type(msg.function_call.arguments) == "string" then
+          local f = copy(msg.function_call)
+          f.arguments = self:mask(f.arguments)
+          c.function_call = f
+        end
+      end
+    end
+    i = j + 1
   end
   return out
 end
