@@ -139,6 +139,16 @@ function M.run_lua(code, env)
   return out
 end
 
+-- Occurrences of the plain string `what` in s.
+function M.occurrences(s, what)
+  local n, i = 0, 1
+  while true do
+    local a, b = s:find(what, i, true)
+    if not a then return n end
+    n, i = n + 1, b + 1
+  end
+end
+
 -- A new temporary directory (mktemp -d): its absolute path.  The caller
 -- removes it (os.execute("rm -rf " .. M.q(dir))).
 function M.tmpdir()

@@ -6,6 +6,7 @@
 -- their checksums.  Runs under Lua 5.4 and LuaJIT (bin/test).
 local pii = require "slm.pii"
 local cjson = require "cjson"
+local H = require "tests.helpers"
 
 -- the values of `kind` that detect finds in text
 local function found(text, kind)
@@ -702,14 +703,7 @@ describe("slm.pii", function()
       for i = 3, 5 do assert.equal(msgs[i].content, out[i].content) end
     end)
 
-    local function count(s, v)
-      local k, from = 0, 1
-      while true do
-        local a, b = s:find(v, from, true)
-        if not a then return k end
-        k, from = k + 1, b + 1
-      end
-    end
+    local count = H.occurrences
 
     it("masks random texts cut into random parts and messages: no value left, each once", function()
       local pieces = {

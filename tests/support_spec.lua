@@ -55,15 +55,7 @@ local function sid()
   return "customer-" .. sidn
 end
 
--- Occurrences of a plain string.
-local function count(s, what)
-  local n, i = 0, 1
-  while true do
-    local a, b = s:find(what, i, true)
-    if not a then return n end
-    n, i = n + 1, b + 1
-  end
-end
+local count = H.occurrences
 
 local function ids(list)
   local out = {}
