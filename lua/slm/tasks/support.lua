@@ -44,6 +44,9 @@
 -- its own messages (together, in order) after what is there now, so that
 -- a turn saved in the meantime stays; when that read fails nothing is
 -- saved (res.error says so) rather than overwrite what could not be read.
+-- A session reset meanwhile stays reset: the turn is not saved (the
+-- slm_conversation mark on each stored message tells).  A stored history
+-- that is not a list of messages fails the load (nothing overwritten).
 -- History: in a pluggable store (slm.store), the customer's text as
 -- written; a handover by the tool is kept as the call, its result and the
 -- handoff message.  Before each turn the request is trimmed by exact token
@@ -422,9 +425,37 @@ local function check_self(self, what)
   if getmetatable(self) ~= Bot then error(format("slm.support: call bot:%s(...) with a colon", what), 3) end
 end
 
+-- What is wrong with a stored history, or nil: it must be a list (keys
+-- 1..n) of message tables, each with a string role and a content that is
+-- absent, JSON null, a string or a list of part tables, as the bot stores
+-- them.  (A store of your own, a session edited by hand: sent as it is,
+-- a number among the messages raised, a hole lost what followed it.)
+local function bad_history(h)
+  if type(h) ~= "table" then return "the store returned a " .. type(h) end
+  local n = 0
+  for k in next, h do
+    if type(k) ~= "number" or k < 1 or k % 1 ~= 0 then return "it has a key that is not a position 1, 2, ..." end
+    n = n + 1
+  end
+  for i = 1, n do
+    local m = h[i]
+    if m == nil then return format("history[%d] is missing", i) end
+    if type(m) ~= "table" then return format("history[%d] is a %s, not a message", i, type(m)) end
+    if type(m.role) ~= "string" then return format("history[%d] has no role", i) end
+    local c = m.content
+    if type(c) == "table" then
+      for j, part in ipairs(c) do
+        if type(part) ~= "table" then return format("history[%d].content[%d] is a %s, not a part", i, j, type(part)) end
+      end
+    elseif c ~= nil and c ~= json.null and type(c) ~= "string" then
+      return format("history[%d].content is a %s", i, type(c))
+    end
+  end
+end
+
 -- The stored history of a session ({} for one never seen) | nil, err: a
--- store that raises, or returns what is not a list, fails like one that
--- returns nil, err.
+-- store that raises, or returns what is not a list of messages, fails
+-- like one that returns nil, err.
 local function load_history(store, id)
   local ok, h, err = pcall(store.load, store, id)
   if not ok then return nil, store_error(h, "load") end
@@ -432,20 +463,65 @@ local function load_history(store, id)
     if err then return nil, err end
     return {}
   end
-  if type(h) ~= "table" then return nil, "slm.store: cannot load: the store returned a " .. type(h) .. ", not a history" end
+  local bad = bad_history(h)
+  if bad then return nil, "slm.store: cannot load: the stored history is not a list of messages (" .. bad .. ")" end
   return h
 end
 
+-- A token no other conversation or call has: the time, this state's
+-- table addresses, random bits and a counter, hashed (16 hex digits).
+local serial = 0
+local function unique()
+  serial = serial + 1
+  local core = require "slm.core"
+  return core.sha256(format("%s %.9f %d %d", tostring({}), core.now(), math.random(0, 0x7fffffff), serial)):sub(1, 16)
+end
+
+-- The conversation a history belongs to: the slm_conversation mark of
+-- its newest message that has one (nil for a history an earlier version
+-- stored; messages an application added itself have none and change
+-- nothing).  Every message the bot stores carries the mark of the
+-- conversation it goes on, a new one when the session was empty, so that
+-- a turn can tell, before saving, whether the session was reset while it
+-- waited for the model (then nothing is stored, or another conversation).
+local function conversation(h)
+  for i = #h, 1, -1 do
+    local c = h[i].slm_conversation
+    if type(c) == "string" then return c end
+  end
+end
+
 -- Save `stored` (the history as the store holds it now) with this turn's
--- messages after it (the customer's, then `added`, together), the newest
+-- messages after it (the customer's, then `added`, together, marked with
+-- the stored conversation's mark; a handover's call under an id of its
+-- own when the stored history already has the model's), the newest
 -- max_history messages kept from a customer's message on: whole turns,
 -- this one always.  -> true | nil, err
 local function save_turn(self, session_id, stored, user, added)
-  local history = {}
-  for i, m in ipairs(stored) do history[i] = m end
+  local history, used = {}, {}
+  for i, m in ipairs(stored) do
+    history[i] = m
+    if type(m.tool_call_id) == "string" then used[m.tool_call_id] = true end
+    for _, c in ipairs(type(m.tool_calls) == "table" and m.tool_calls or {}) do
+      if type(c) == "table" and type(c.id) == "string" then used[c.id] = true end
+    end
+  end
+  local mark -- (none for a history an earlier version stored: it goes on unmarked)
+  if stored[1] then mark = conversation(stored) else mark = unique() end
   history[#history + 1] = user
   local mine = #history -- where this turn starts
-  for _, m in ipairs(added) do history[#history + 1] = m end
+  local renamed = {}
+  for _, m in ipairs(added) do
+    if m.tool_calls then
+      for _, c in ipairs(m.tool_calls) do
+        if used[c.id] then renamed[c.id] = "call_slm_" .. unique(); c.id = renamed[c.id] end
+      end
+    elseif m.tool_call_id and renamed[m.tool_call_id] then
+      m.tool_call_id = renamed[m.tool_call_id]
+    end
+    history[#history + 1] = m
+  end
+  for i = mine, #history do history[i].slm_conversation = mark end
   if self.max_history and #history > self.max_history then
     local first = math.min(#history - self.max_history + 1, mine)
     while first < mine and history[first].role ~= "user" do first = first + 1 end
@@ -638,6 +714,11 @@ function Bot:reply(session_id, text, opts)
     if not out.error then
       out.error = tostring(rerr) .. " (reading the history again before saving: this turn was not saved)"
     end
+  elseif history[1] and (not stored[1] or conversation(stored) ~= conversation(history)) then
+    -- the session was reset while the model answered (and maybe a new
+    -- conversation begun): the reset wins, this turn of the conversation
+    -- it forgot is not saved, neither back into the session nor into the
+    -- new conversation
   else
     local ok, serr = save_turn(self, session_id, stored, { role = "user", content = text }, added)
     if not ok and not out.error then out.error = serr end
