@@ -41,6 +41,9 @@ end
 function M.new(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("slm.client: expected an options table, got " .. type(opts), 2) end
+  local copy, why = options.plain_copy(opts)
+  if not copy then error("slm.client: the options table cannot be read (" .. why .. ")", 2) end
+  opts = copy
   for k, v in pairs(opts) do options.check("slm.client", options.CLIENT, k, v, 2) end
   if type(opts.mask_pii) == "table" then
     local ok, why = pcall(require("slm.pii").new, opts.mask_pii)

@@ -1,8 +1,8 @@
 -- slm.options: the client's and the requests' options: what each one
 -- accepts, checked at once (misuse raises, naming the option), and the
 -- header lists they turn into.
-local type, pairs, ipairs, tostring, error, format, sort, huge, next =
-  type, pairs, ipairs, tostring, error, string.format, table.sort, math.huge, next
+local type, pairs, ipairs, tostring, error, format, sort, huge, next, pcall, getmetatable =
+  type, pairs, ipairs, tostring, error, string.format, table.sort, math.huge, next, pcall, getmetatable
 
 local M = {}
 
@@ -92,6 +92,11 @@ end
 local function seconds(v) return type(v) == "number" and v > 0 and v < huge end
 local function nonneg_int(v) return type(v) == "number" and v >= 0 and v < huge and v % 1 == 0 end
 local function pos_int(v) return type(v) == "number" and v >= 1 and v < huge and v % 1 == 0 end
+-- a count of tokens or choices: at most 2^53 (beyond, a double is no
+-- longer an exact integer, and the checks' arithmetic and messages break)
+local MAX_COUNT = 2 ^ 53
+local function count(v) return pos_int(v) and v <= MAX_COUNT end
+local COUNTS = { "max_tokens", "max_completion_tokens", "n" } -- the request's counts
 local function positive(v) return type(v) == "number" and v > 0 and v < huge end
 local function boolean(v) return type(v) == "boolean" end
 local function is_budget(v) return type(v) == "table" and type(v.reserve) == "function" and type(v.settle) == "function" end
@@ -159,11 +164,58 @@ M.REQUEST = {
     "a boolean or a slm.pii options table" },
 }
 
+-- tostring that never raises (a __tostring or __name of the user's may)
+local function safe_tostring(v)
+  local ok, s = pcall(tostring, v)
+  if ok and type(s) == "string" then return s end
+  return "a " .. type(v)
+end
+M.safe_tostring = safe_tostring
+
+-- The message of an error a user's metamethod raised, as one line.
+local function raised(e)
+  return (safe_tostring(e):gsub("[\r\n]+", " "))
+end
+M.raised = raised
+
+--- A plain copy of the table t (its pairs, __pairs honoured), or nil, why
+-- when reading it raises (a proxy table whose metamethods fail).
+local function copy_into(t, copy) for k, v in pairs(t) do copy[k] = v end end
+function M.plain_copy(t)
+  local copy = {}
+  local ok, e = pcall(copy_into, t, copy)
+  if not ok then return nil, raised(e) end
+  return copy
+end
+
+-- What is wrong with the messages, or nil (run under one pcall for the
+-- whole list: a table whose metamethods raise makes it raise, and
+-- `reading` says at which message).
+local reading = 0
+local function messages_problem(msgs)
+  reading = 0
+  if type(msgs) ~= "table" or msgs[1] == nil then return "'messages' must be a non-empty list of messages" end
+  for i = 1, #msgs do
+    reading = i
+    local m = msgs[i]
+    if type(m) ~= "table" or type(m.role) ~= "string" then
+      return format("messages[%d] must be a table with a string 'role'", i)
+    end
+    local problem = message_problem(m)
+    if problem then return format("messages[%d] (%s) %s", i, m.role, problem) end
+  end
+end
+
 --- Raise (at `level` above the caller) unless option k = v is known and valid.
 function M.check(where, spec, k, v, level)
-  local c = spec[k]
-  if not c then error(format("%s: unknown option '%s'", where, tostring(k)), level + 1) end
-  local ok, why = c[1](v)
+  local c = type(k) == "string" and spec[k] or nil
+  if not c then error(format("%s: unknown option '%s'", where, safe_tostring(k)), level + 1) end
+  -- a checker reading a table whose metamethods raise: refused, naming it
+  local pok, ok, why = pcall(c[1], v)
+  if not pok then
+    error(format("%s: option '%s' must be %s, got %s (reading it raised: %s)", where, k, c[2], type(v),
+      raised(ok)), level + 1)
+  end
   if not ok then
     local got = type(v)
     if got == "number" and (v ~= v or v == huge or v == -huge) then got = tostring(v) end
@@ -245,9 +297,15 @@ function M.request(req, where, level)
   if type(req) ~= "table" then
     error(format("%s expects a request table, got %s", where, type(req)), level + 1)
   end
+  local copy = req
+  if getmetatable(req) ~= nil then -- (a plain table cannot raise when read)
+    local why
+    copy, why = M.plain_copy(req)
+    if not copy then error(format("%s: the request table cannot be read (%s)", where, why), level + 1) end
+  end
   local body, opts = {}, {}
   local REQ = M.REQUEST
-  for k, v in pairs(req) do
+  for k, v in pairs(copy) do
     if REQ[k] then
       M.check(where, REQ, k, v, level + 1)
       opts[k] = v
@@ -255,29 +313,22 @@ function M.request(req, where, level)
       body[k] = v
     end
   end
-  local msgs = body.messages
-  if type(msgs) ~= "table" or msgs[1] == nil then
-    error(where .. ": 'messages' must be a non-empty list of messages", level + 1)
+  local mok, problem = pcall(messages_problem, body.messages)
+  if not mok then
+    if reading == 0 then error(format("%s: 'messages' cannot be read (%s)", where, raised(problem)), level + 1) end
+    error(format("%s: messages[%d] cannot be read (%s)", where, reading, raised(problem)), level + 1)
   end
-  for i = 1, #msgs do
-    local m = msgs[i]
-    if type(m) ~= "table" or type(m.role) ~= "string" then
-      error(format("%s: messages[%d] must be a table with a string 'role'", where, i), level + 1)
-    end
-    local problem = message_problem(m)
-    if problem then error(format("%s: messages[%d] (%s) %s", where, i, m.role, problem), level + 1) end
-  end
+  if problem then error(where .. ": " .. problem, level + 1) end
   if body.model ~= nil and (type(body.model) ~= "string" or body.model == "") then
     error(where .. ": 'model' must be a non-empty string", level + 1)
   end
-  local v = body.max_tokens
-  if v ~= nil and not pos_int(v) then error(where .. ": 'max_tokens' must be a positive integer", level + 1) end
-  v = body.max_completion_tokens
-  if v ~= nil and not pos_int(v) then
-    error(where .. ": 'max_completion_tokens' must be a positive integer", level + 1)
+  for i = 1, #COUNTS do
+    local name = COUNTS[i]
+    local v = body[name]
+    if v ~= nil and not count(v) then
+      error(format("%s: '%s' must be a positive integer (at most 2^53)", where, name), level + 1)
+    end
   end
-  v = body.n
-  if v ~= nil and not pos_int(v) then error(where .. ": 'n' must be a positive integer", level + 1) end
   if opts.headers then opts.header_list = M.header_lines(opts.headers) end
   return body, opts
 end

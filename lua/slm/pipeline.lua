@@ -251,6 +251,12 @@ function Call:open()
     if not ok then return nil, err end
     self.ready = true
     self.payload = payload
+    -- a budget's reserve may wait (a shared one): a close() meanwhile found
+    -- nothing held yet, so the hold made since goes back here
+    if self.cancelled then
+      self:abort()
+      return nil, cancelled_error(model)
+    end
   end
   self.attempts = self.attempts + 1
   self.model_attempts = self.model_attempts + 1
@@ -264,7 +270,8 @@ function Call:open()
   end
   if not lok then return nil, lerr end
   if self.cancelled then
-    self:release()
+    -- (closed while waiting for a limit or a slot: the budget's hold too)
+    self:abort()
     return nil, cancelled_error(model)
   end
   local stream = self.stream

@@ -86,7 +86,7 @@ local function secrets(s) return s.call:secrets() end
 -- Forget the attempt in progress (its connection is cancelled).
 local function reset(s)
   if s.conn then s.conn:cancel() end
-  s.conn, s.parser, s.acc, s.whole = nil, nil, nil, nil
+  s.conn, s.parser, s.acc, s.whole, s.billed_partial = nil, nil, nil, nil, nil
   s.queue, s.qhead, s.qtail, s.evs = {}, 1, 0, nil
   s.rbuf, s.rpos = nil, nil
   s.saw_done, s.saw_finish, s.saw_chunk = nil, nil, nil
@@ -98,12 +98,15 @@ local function fail(s, err, keep_queue)
   if s.finished then return end
   local call = s.call
   if s.conn then s.conn:cancel() end
-  local partial
+  local partial = s.billed_partial
   if s.acc then
-    -- a 2xx stream was under way: what arrived is billed, and kept
+    -- a 2xx stream was under way: what arrived is billed, and kept.  Once:
+    -- a close() from another task during the backoff that follows comes
+    -- here again for the same attempt
     partial = decode.stream_response(s.acc:result())
     partial.partial = true
     partial.headers = s.headers
+    s.acc, s.billed_partial = nil, partial
     call:bill_failed(partial)
   end
   local again = call:failed(err, s.delivered)
