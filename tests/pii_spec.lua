@@ -690,6 +690,30 @@ describe("slm.pii", function()
       assert.equal("ivan@example.comabc", m:unmask("[EMAIL_1]"))
     end)
 
+    it("masks a value split between messages whose neighbours glue on to it (the model reads a line break)", function()
+      -- the message before ends in a digit or a letter, or the one after
+      -- starts with one: where two messages meet is a boundary
+      for _, case in ipairs{
+        { { "my order is 58213", "4000 0123", "4567 8905" }, { "my order is 58213", "[CARD_1]", "" } },
+        { { "card", "4000 0123 ", "4567 ", "8905" }, { "card", "[CARD_1]", "", "" } },
+        { { "call", "+7 912 ", "345-67-", "89" }, { "call", "[PHONE_1]", "", "" } },
+        { { "2024", "4000 0123 ", "4567 8905", "12" }, { "2024", "[CARD_1]", "", "12" } },
+        { { "x@", "iv", "an", "@example.com" }, { "x@", "[EMAIL_1]", "", "" } },
+        { { "ivan", ".petrov", "@example.com", "2024" }, { "[EMAIL_1]", "", "", "2024" } },
+        -- in three pieces, the separators kept, between two such neighbours
+        { { "8-800-555", "-3", "5-35", "58213" }, { "[PHONE_1]", "", "", "58213" } },
+        { { "58213", "400001", "2345678", "905", "x" }, { "58213", "[CARD_1]", "", "", "x" } },
+      } do
+        local msgs = {}
+        for i, c in ipairs(case[1]) do msgs[i] = { role = "user", content = c } end
+        local m = pii.new()
+        local out = texts(m:mask_messages(msgs))
+        assert.same(case[2], out, table.concat(case[1], "|"))
+        local joined = table.concat(case[1])
+        assert.equal((joined:gsub(" ", "")), (m:unmask(table.concat(out)):gsub(" ", "")))
+      end
+    end)
+
     it("leaves texts without personal data as they are, split or not", function()
       local msgs = {
         { role = "system", content = "Order #58213 of 2024-05-17" },

@@ -282,10 +282,18 @@ M.check = {
 
 -- Boundaries -------------------------------------------------------------
 
+-- Where two messages meet in one of mask_joined's readings of a chain,
+-- the model reads a line break: BREAK[p] when one stands before byte p
+-- (a value may start at p, or end just before it, whatever the bytes on
+-- the other side: "58213" then "4000 0123 4567 8905" is a card). Set by
+-- find_all on each call: empty but for those readings.
+local NO_BREAK = {}
+local BREAK = NO_BREAK
+
 -- May a value start at byte p? relaxed: the digits before a space there
 -- are another value already, so the space parts two values.
 local function left_ok(text, p, kind, relaxed)
-  if p <= 1 then return true end
+  if p <= 1 or BREAK[p] then return true end
   local c = byte(text, p - 1)
   if WORD[c] or c == AT or c == PLUS then return false end
   if kind == "phone" then -- "#" or "№" (a space between allowed) numbers something else
@@ -310,7 +318,7 @@ end
 -- May a value end just before byte q? (relaxed as for left_ok)
 local function right_ok(text, q, kind, relaxed)
   local c = byte(text, q)
-  if not c then return true end
+  if not c or BREAK[q] then return true end
   if WORD[c] or c == AT then return false end
   local c2 = byte(text, q + 1)
   if c == SPACE or (c == NBSP1 and c2 == NBSP2) then
@@ -436,6 +444,29 @@ local function domain_ok(d)
   return find(last, "^%a%a+$") ~= nil or find(last, "^xn%-%-[%w%-]+$") ~= nil
 end
 
+-- The e-mail with the local part from ls to the "@" at at and the
+-- domain from ds to de (less trailing dots and hyphens), if it is one:
+-- its first and last byte.
+local function email_at(text, ls, at, ds, de, after, st)
+  local lp = sub(text, ls, at - 1)
+  local lead = match(lp, "^%.*")
+  ls = ls + #lead
+  lp = sub(lp, #lead + 1)
+  -- trailing dots and hyphens left out (a loop: a pattern would take
+  -- quadratic time over a long run of them)
+  while de >= ds do
+    local c = byte(text, de)
+    if c ~= DOT and c ~= DASH then break end
+    de = de - 1
+  end
+  if lp ~= "" and ls > after and byte(lp, #lp) ~= DOT and not find(lp, "..", 1, true)
+      and (byte(text, ls - 1) ~= AT or BREAK[ls]) and (byte(text, de + 1) ~= AT or BREAK[de + 1])
+      and domain_ok(sub(text, ds, de)) and not in_url(text, ls, st) then
+    return ls, de
+  end
+  return nil
+end
+
 local function emails(text, out)
   local init, after = 1, 0 -- after: the end of the last e-mail found
   local st = { at = 0 }    -- in_url's scan
@@ -449,23 +480,31 @@ local function emails(text, out)
     local ds, de = find(text, "^[%w.%-]+", at + 1)
     if lp and ds and #lp <= 64 then
       local ls = at - #lp
-      local lead = match(lp, "^%.*")
-      ls = ls + #lead
-      lp = sub(lp, #lead + 1)
-      -- trailing dots and hyphens left out (a loop: a pattern would take
-      -- quadratic time over a long run of them)
-      while de >= ds do
-        local c = byte(text, de)
-        if c ~= DOT and c ~= DASH then break end
-        de = de - 1
+      local s, e = email_at(text, ls, at, ds, de, after, st)
+      if not s and BREAK ~= NO_BREAK then
+        -- two messages met inside: the address may start or end there
+        -- ("x@" then "ivan@example.com", "ivan@example.com" then "2024")
+        local starts, ends = { ls }, { de }
+        for p = ls + 1, at - 1 do
+          if BREAK[p] and #starts < 5 then starts[#starts + 1] = p end
+        end
+        for p = de < ds + 254 and de or ds + 254, ds + 1, -1 do -- (a domain has at most 253)
+          if BREAK[p] then
+            ends[#ends + 1] = p - 1
+            if #ends == 5 then break end
+          end
+        end
+        for a = 1, #starts do
+          for b = 1, #ends do
+            if a > 1 or b > 1 then s, e = email_at(text, starts[a], at, ds, ends[b], after, st) end
+            if s then break end
+          end
+          if s then break end
+        end
       end
-      local dom = sub(text, ds, de)
-      if lp ~= "" and ls > after and byte(lp, #lp) ~= DOT and not find(lp, "..", 1, true)
-          and byte(text, ls - 1) ~= AT and byte(text, de + 1) ~= AT
-          and domain_ok(dom) and not in_url(text, ls, st) then
-        local value = sub(text, ls, de)
-        out[#out + 1] = { kind = "email", s = ls, e = de, key = lower(value) }
-        after, init = de, de + 1
+      if s then
+        out[#out + 1] = { kind = "email", s = s, e = e, key = lower(sub(text, s, e)) }
+        after, init = e, e + 1
       end
     end
   end
@@ -798,12 +837,15 @@ local function by_start(a, b)
 end
 
 -- The values of the wanted kinds in text, in order, overlaps resolved.
-local function find_all(text, want)
+-- brk: where the model reads a line break (see BREAK), or nil.
+local function find_all(text, want, brk)
+  BREAK = brk or NO_BREAK
   local c = {}
   if want.email then emails(text, c) end
   if want.iban or want.card or want.passport or want.snils or want.inn or want.phone then
     numbers(text, want, c)
   end
+  BREAK = NO_BREAK -- (only this call's scan reads it)
   if #c < 2 then return c end
   sort(c, by_start)
   local acc, n = {}, 0
@@ -1075,12 +1117,15 @@ end
 -- the texts of such a chain are also read joined. The parts of a message
 -- are joined as they are; where two messages meet, a line break parts
 -- them to the model, or nothing ("ivan" then "@example.com"), so the
--- chain is read four ways: every message joined with nothing between,
--- with a space between ("4111 1111" then "1111 1111"), and each second
--- meeting with a space and the others with nothing, and the other way
--- round (a value cut between two messages is then read with its own
--- meeting joined and the meetings beside it parted, so no third message
--- glued to it breaks it). Every value found alone in a text or in one of
+-- chain is read seven ways: every message joined with nothing between,
+-- with a space between ("4111 1111" then "1111 1111"), each second
+-- meeting with a space and the others with nothing (two offsets), and
+-- each third (three offsets): a value cut two or three ways is then read
+-- with its own meetings joined and the meetings beside it parted. In
+-- every reading a value may also start or end where two messages meet,
+-- whatever is on the other side (the model reads a line break there:
+-- BREAK), so "58213" then "4000 0123" then "4567 8905" is a card, and
+-- "x@" then "ivan@example.com" an address. Every value found alone in a text or in one of
 -- the readings is masked, except one that a meeting of two messages
 -- glues on to a value of one text that ends where its message ends (or
 -- starts where one starts): "ivan@example.com" then "abc" is not one
@@ -1114,20 +1159,28 @@ local function mask_joined(m, segs)
       meets[#meets + 1], is_meet[o] = o, true
     end
   end
-  local want, all = m.kinds, {}
-  -- src: 1 a reading with spaces, 2 without, 3 a text alone
+  local want, all, alone = m.kinds, {}, {} -- alone: the texts' own values, by start
+  -- src: 1 a reading with spaces, 2 without, 3 a text alone (a reading's
+  -- value that is one of those is left out: most are)
   local function add(found, base, from, src, map)
     for _, x in ipairs(found) do
       local s, e = x.s, x.e
       if map then s, e = map(s), map(e) end
-      all[#all + 1] = { s = base + s, e = base + e, kind = x.kind, key = x.key,
-        value = sub(from, x.s, x.e), src = src }
+      s, e = base + s, base + e
+      local y = alone[s]
+      if not (y and y.e == e and y.kind == x.kind) then
+        local v = { s = s, e = e, kind = x.kind, key = x.key, value = sub(from, x.s, x.e), src = src }
+        all[#all + 1] = v
+        if src == 3 then alone[s] = v end
+      end
     end
   end
   for i = 1, n do
     if find(texts[i], "[%d@]") then add(find_all(texts[i], want), off[i], texts[i], 3) end
   end
-  add(find_all(joined, want), 0, joined, 2)
+  local brk = {}
+  for _, o in ipairs(meets) do brk[o + 1] = true end
+  add(find_all(joined, want, brk), 0, joined, 2)
   -- the join with a space after the meetings at[1..]
   local function spaced(at)
     local pieces, from = {}, 1
@@ -1145,16 +1198,27 @@ local function mask_joined(m, segs)
       while k < #at and at[k + 1] + k + 1 < p do k = k + 1 end
       return p - k
     end
-    add(find_all(text, want), 0, text, 1, map)
+    -- where the messages meet in it: after a space put in, or between
+    -- two bytes
+    local brk, q = {}, 0
+    for _, o in ipairs(meets) do
+      while q < #at and at[q + 1] <= o do q = q + 1 end
+      if at[q] == o then brk[o + q], brk[o + q + 1] = true, true else brk[o + q + 1] = true end
+    end
+    add(find_all(text, want, brk), 0, text, 1, map)
   end
   if #meets > 0 then spaced(meets) end
-  if #meets > 1 then
-    local odd, even = {}, {}
-    for k, o in ipairs(meets) do
-      if k % 2 == 1 then odd[#odd + 1] = o else even[#even + 1] = o end
+  -- every second meeting spaced (two offsets), then every third (three)
+  for period = 2, 3 do
+    if #meets >= period then
+      for r = 0, period - 1 do
+        local at = {}
+        for k, o in ipairs(meets) do
+          if k % period == r then at[#at + 1] = o end
+        end
+        spaced(at)
+      end
     end
-    spaced(odd)
-    spaced(even)
   end
   if #all == 0 then return texts end
   -- a value glued across a meeting on to a value of a text alone that
