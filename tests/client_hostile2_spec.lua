@@ -278,3 +278,41 @@ describe("hostile option values", function()
     assert.equal(1, nfailed)
   end)
 end)
+
+describe("a stream left open without close()", function()
+  it("keeps its slot: the next call times out within its timeout, outside and inside tasks", function()
+    local c = H.sim_client(up, { max_concurrency = 1, timeout = 0.5, max_retries = 0 })
+    local s = c:stream{ messages = H.msgs("left open") }
+    assert.is_string(s:next())
+    local t0 = require("slm.core").now()
+    local res, err = c:chat{ messages = H.msgs("waits outside") }
+    assert.is_nil(res)
+    assert.equal("timeout", err.kind)
+    assert.matches("concurrency slot: none free within", err.message)
+    assert.is_true(require("slm.core").now() - t0 < 2)
+    -- inside a task the same, and the slot is there once the stream is closed
+    local r2, e2 = slm.run(function() return c:chat{ messages = H.msgs("waits in a task") } end)
+    assert.is_nil(r2)
+    assert.equal("timeout", e2.kind)
+    s:close()
+    assert(c:chat{ messages = H.msgs("after close") })
+  end)
+end)
+
+describe("the libcurl runtime's semaphore", function()
+  local sched = require "slm.transport.sched"
+  it("acquire(timeout) gives up after timeout, leaves the queue, and a later release goes on", function()
+    local sem = sched.semaphore(1)
+    assert.is_true(sem:acquire())
+    local got = {}
+    slm.run(function()
+      local a = slm.spawn(function() return sem:acquire(0.05) end)
+      local b = slm.spawn(function() return sem:acquire(5) end)
+      got.a = { a:wait() }
+      sem:release()
+      got.b = { b:wait() }
+    end)
+    assert.same({ nil, "timeout" }, got.a)
+    assert.same({ true }, got.b)
+  end)
+end)

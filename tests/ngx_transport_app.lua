@@ -209,6 +209,24 @@ function M.abandoned()
   reply{ status = status, ok = ok, kind = kind, message = msg, seconds = ngx.now() - t0 }
 end
 
+-- GET /left_open: a stream left open without close() on a client with
+-- max_concurrency = 1 keeps the slot; the next call times out within its
+-- timeout (it used to wait for ever), and gets the slot once it is closed.
+function M.left_open()
+  local c = slm.client{ base_url = M.sim_url, api_key = "sk-test-good", model = "gpt-4o-mini", timeout = 1,
+    max_retries = 0, max_concurrency = 1 }
+  local s = c:stream{ messages = { { role = "user", content = "left open" } } }
+  local first = s:next()
+  local t0 = ngx.now()
+  local res, err = c:chat{ messages = { { role = "user", content = "waits" } } }
+  ngx.update_time()
+  local waited = ngx.now() - t0
+  s:close()
+  local again = c:chat{ messages = { { role = "user", content = "after close" } } }
+  reply{ first = first, sent = res ~= nil, kind = err and err.kind, message = err and err.message,
+    seconds = waited, again = again and again.text }
+end
+
 -- GET /core: whether this worker ever initialised libcurl, after counting
 -- tokens and making cosocket calls; the tokenizer's memory.
 function M.core_state()

@@ -53,6 +53,7 @@ local APP_SERVER = [[
         location = /cancel_other { content_by_lua_block { require("ngx_transport_app").cancel_other() } }
         location = /backpressure { content_by_lua_block { require("ngx_transport_app").backpressure() } }
         location = /abandoned { content_by_lua_block { require("ngx_transport_app").abandoned() } }
+        location = /left_open { content_by_lua_block { require("ngx_transport_app").left_open() } }
         location = /v6 {
           content_by_lua_block {
             local app = require "ngx_transport_app"
@@ -308,6 +309,16 @@ describe("slm.transport.ngx inside nginx", function()
     assert.equal(200, r.status, cjson.encode(r))
     assert.equal("timeout", r.kind, cjson.encode(r))
     assert.is_true(r.seconds < 5, "ended after " .. r.seconds .. " s")
+  end)
+
+  it("a stream left open keeps its slot: the next call times out within its timeout, not for ever", function()
+    local r = get_json("/left_open")
+    assert.is_string(r.first, cjson.encode(r))
+    assert.is_false(r.sent, cjson.encode(r))
+    assert.equal("timeout", r.kind)
+    assert.matches("concurrency slot: none free within", r.message)
+    assert.is_true(r.seconds >= 0.9 and r.seconds < 3, tostring(r.seconds))
+    assert.equal("Echo: after close", r.again)
   end)
 
   it("never initialises libcurl in a worker that counted tokens and made calls", function()

@@ -203,7 +203,16 @@ local function limits(self, client)
   end
   if not ok then return nil, err end
   if client.sem then
-    client.sem:acquire()
+    -- within the call's timeout: a slot whose holder never gives it back
+    -- (a stream abandoned without close) must not make this wait for ever
+    local rt = self.rt
+    local t0 = rt.now()
+    local got, why = client.sem:acquire(self.timeout)
+    if got == nil and why == "timeout" then -- (a runtime's semaphore returning nothing has its slot)
+      return limit_error(self, string.format("none free within %.3g s (max_concurrency = %d; a stream left "
+        .. "open without close() keeps its slot)", rt.now() - t0, client.max_concurrency), "timeout",
+        "concurrency slot")
+    end
     self.slot = true
   end
   if client.shared_sem then ok, err = slot(self, client.shared_sem) end

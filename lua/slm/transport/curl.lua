@@ -16,7 +16,7 @@
 --   conn:cancel()   -- idempotent; a task blocked in response()/read() of
 --                   -- this conn wakes and sees the end (kind "cancelled")
 --   conn:info()     -> { ttfb, total_time, new_connections, ... }
---   rt.sleep(s); rt.now(); rt.semaphore(n) -> sem (sem:acquire(), sem:release())
+--   rt.sleep(s); rt.now(); rt.semaphore(n) -> sem (sem:acquire([timeout]) -> true | nil, "timeout"; sem:release())
 --   rt.spawn(fn, ...) -> task (task:wait() -> fn's results or raises; task:join())
 --   rt.run(fn, ...)   -- fn and everything it spawns, to completion
 --   rt.current()      -- the running task, or nil outside any task

@@ -247,16 +247,25 @@ function M.semaphore(n)
   return setmetatable({ n = n, sem = false }, Sem)
 end
 
-function Sem:acquire()
+--- sem:acquire([timeout]) -> true | nil, "timeout" (nil: as long as it
+-- takes), as the libcurl runtime's.
+function Sem:acquire(timeout)
   check_phase("a lua-slm request (client:chat, client:stream, a task)")
   local s = self.sem
   if not s then
     s = semaphore.new(self.n)
     self.sem = s
   end
+  local deadline = timeout and timeout < math.huge and ngx.now() + timeout or nil
   while true do
-    local ok, err = s:wait(3600)
-    if ok then return end
+    local wait = 3600
+    if deadline then
+      wait = deadline - ngx.now()
+      if wait <= 0 then return nil, "timeout" end
+      if wait > 3600 then wait = 3600 end
+    end
+    local ok, err = s:wait(wait)
+    if ok then return true end
     if err ~= "timeout" then error("slm: semaphore: " .. tostring(err), 2) end
   end
 end

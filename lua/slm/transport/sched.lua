@@ -336,17 +336,33 @@ function M.semaphore(n)
   return setmetatable({ free = n, queue = {} }, Sem)
 end
 
-function Sem:acquire()
+--- sem:acquire([timeout]) -> true | nil, "timeout": a slot, waiting at
+-- most timeout seconds (nil: as long as it takes).  A slot kept by a
+-- holder that never gives it back (a stream abandoned without close) then
+-- makes the waiter time out instead of waiting for ever.
+function Sem:acquire(timeout)
   if self.free > 0 and #self.queue == 0 then
     self.free = self.free - 1
-    return
+    return true
   end
   local t = M.current()
   local me = { task = t, granted = false }
-  self.queue[#self.queue + 1] = me
-  while not me.granted do
-    if t then suspend(t) else drive(function() return me.granted end) end
+  local q = self.queue
+  q[#q + 1] = me
+  local deadline = timeout and timeout < math.huge and now() + timeout or nil
+  local e = deadline and timer_add(deadline, t or MAIN)
+  local function over() return me.granted or (deadline ~= nil and now() >= deadline) end
+  if t then
+    repeat suspend(t) until over()
+  else
+    main_woken = false
+    drive(over)
+    main_woken = false
   end
+  if e then timer_cancel(e) end
+  if me.granted then return true end
+  for i = 1, #q do if q[i] == me then remove(q, i) break end end
+  return nil, "timeout"
 end
 
 function Sem:release()
