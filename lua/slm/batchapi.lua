@@ -25,7 +25,10 @@
 --
 -- Costs: the model's prices (slm.models) times its `batch_factor`
 -- (default M.BATCH_FACTOR = 0.5, OpenAI's Batch API discount), or the
--- job's `price_factor` option.
+-- job's `price_factor` option.  An output line's usage is checked as a
+-- direct reply's (decode.usage, the request's max_tokens as the cap); where
+-- it is missing or not to be trusted it is counted from the request and the
+-- reply (flagged usage.estimated, res.usage_problem).
 local json = require "slm.json"
 local errors = require "slm.errors"
 local decode = require "slm.decode"
@@ -180,6 +183,22 @@ function M.cost(model, usage, factor)
   return usd * (factor or (m and m.batch_factor) or M.BATCH_FACTOR)
 end
 
+-- The request body a row sent (requests.jsonl, read once), or nil.
+local function body_of(job, custom_id)
+  local bodies = job.bodies
+  -- (read again when the job has gained rows since)
+  if not bodies or bodies[0] ~= #job.ledger.order then
+    bodies = { [0] = #job.ledger.order }
+    local ok, lines = pcall(job.request_lines, job)
+    for i, id in ipairs(ok and job.ledger.order or {}) do
+      local dok, line = pcall(json.decode, lines[i] or "")
+      if dok and type(line) == "table" and type(line.body) == "table" then bodies[id] = line.body end
+    end
+    job.bodies = bodies
+  end
+  return bodies[custom_id]
+end
+
 -- An output or error line -> Response | Error (kind from its status and
 -- error, like a direct call's).
 local function result_of(obj, job)
@@ -193,14 +212,29 @@ local function result_of(obj, job)
       return errors.new("protocol", "malformed chat completion in the output file: " .. why, { status = 200 })
     end
     local info = models.find(res.model or model)
-    local usage, problem = decode.usage(res.raw_usage, info and info.context)
+    -- the provider's usage, checked as a direct reply's is (more output
+    -- than the request allowed cannot have been produced); where it is
+    -- missing or not to be trusted (NaN, -1, 1e15), counted by us: a row
+    -- is never priced as free because its usage lied
+    local body = body_of(job, obj.custom_id)
+    local guard = require "slm.guard"
+    local cap = body and guard.max_out(body)
+    local usage, problem = decode.usage(res.raw_usage, info and info.context,
+      cap and cap * (tonumber(body.n) or 1))
     if not usage or problem then
       usage = usage or {}
-      usage.prompt_tokens = usage.prompt_tokens or 0
-      usage.completion_tokens = usage.completion_tokens or 0
+      if not usage.prompt_tokens then
+        -- (a part that cannot be counted, audio or a file: the worst case)
+        local m = model or res.model
+        local n, ci = 0, nil
+        if body then n, ci = guard.prompt_tokens(body, m) end
+        usage.prompt_tokens = guard.worst_prompt(n, ci, m) or n
+      end
+      usage.completion_tokens = usage.completion_tokens or guard.completion_tokens(res, model or res.model)
       usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
       usage.estimated = true
-      res.usage_problem = problem or "the output line carried no usage"
+      res.usage_problem = problem and ("the provider's usage was not used (" .. problem .. "): counted instead")
+        or "the output line carried no usage: counted"
     end
     res.usage = usage
     res.cost = M.cost(res.model, usage, job.price_factor) or M.cost(model, usage, job.price_factor)

@@ -23,7 +23,7 @@ local json = require "slm.json"
 local errors = require "slm.errors"
 local models = require "slm.models"
 
-local type, pcall, format, ceil, max = type, pcall, string.format, math.ceil, math.max
+local type, pcall, ipairs, format, ceil, max = type, pcall, ipairs, string.format, math.ceil, math.max
 
 local M = {}
 
@@ -162,6 +162,27 @@ function M.worst_prompt(prompt, info, model)
       info.unbounded, tostring(model))
   end
   return max(prompt, info.max)
+end
+
+--- Tokens of what the model produced (a Response's choices: text,
+-- refusal, tool calls), counted by us: for a reply whose usage is missing
+-- or not to be trusted (the client's, and slm.batchapi's output lines).
+function M.completion_tokens(res, model)
+  local info = models.find(model)
+  local ok, tok = pcall(function() return require("slm.tokenizer").get(info and info.tokenizer or "o200k_base") end)
+  local function n(s)
+    if type(s) ~= "string" or s == "" then return 0 end
+    return ok and tok:count(s) or ceil(#s / 4)
+  end
+  local total = 0
+  for _, ch in ipairs(res.choices or {}) do
+    total = total + n(ch.text) + n(ch.refusal)
+    for _, tc in ipairs(ch.tool_calls or {}) do
+      local f = type(tc) == "table" and tc["function"]
+      if type(f) == "table" then total = total + n(f.name) + n(f.arguments) end
+    end
+  end
+  return total
 end
 
 --- The counted prompt of h's request (counted now when the checks did not

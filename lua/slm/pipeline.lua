@@ -361,25 +361,6 @@ function Call:abort()
   self.ready = nil
 end
 
--- Tokens of what the model produced, counted by us.
-local function completion_tokens(res, model)
-  local info = models.find(model)
-  local ok, tok = pcall(function() return require("slm.tokenizer").get(info and info.tokenizer or "o200k_base") end)
-  local function n(s)
-    if type(s) ~= "string" or s == "" then return 0 end
-    return ok and tok:count(s) or ceil(#s / 4)
-  end
-  local total = 0
-  for _, ch in ipairs(res.choices or {}) do
-    total = total + n(ch.text) + n(ch.refusal)
-    for _, tc in ipairs(ch.tool_calls or {}) do
-      local f = type(tc) == "table" and tc["function"]
-      if type(f) == "table" then total = total + n(f.name) + n(f.arguments) end
-    end
-  end
-  return total
-end
-
 --- USD of a usage for the model that answered (when the price table knows
 -- it: dated snapshots map to their alias), else the requested model, else
 -- the provider's own figure; nil when none is known.
@@ -398,7 +379,7 @@ function Call:usage_of(res)
   if usage and not problem then return usage end
   usage = usage or {}
   if not usage.prompt_tokens then usage.prompt_tokens = guard.prompt_tokens_of(self, self.body, model) end
-  if not usage.completion_tokens then usage.completion_tokens = completion_tokens(res, model) end
+  if not usage.completion_tokens then usage.completion_tokens = guard.completion_tokens(res, model) end
   usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
   usage.estimated = true
   res.usage_problem = problem and ("the provider's usage was not used (" .. problem .. "): counted instead")
