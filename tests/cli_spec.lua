@@ -401,7 +401,7 @@ describe("bin/slm chat, count, models, usage, sim: hostile input", function()
     no_traceback(err)
     local row = json.decode(out)
     assert.are.same({ group = "all", requests = 2, failed = 0, prompt_tokens = 11, completion_tokens = 5,
-      tokens = 16, cost = 0.001 }, row)
+      tokens = 16, cost = 0.001, unpriced = 0 }, row)
     assert.matches(": 11 lines are no usage lines and are not counted %(line 2: prompt_tokens is not a whole number",
       err)
     -- a name with a line end cannot forge a row of the table

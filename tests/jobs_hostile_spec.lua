@@ -186,3 +186,39 @@ describe("slm batch jobs, hostile round 2: secrets", function()
     assert.are.equal(0, up:stats().requests)
   end)
 end)
+
+describe("a model with no price", function()
+  it("has an unknown cost in the rows, the usage log, the summary and slm usage, never $0", function()
+    local input = tickets(2, dir .. "/in.jsonl")
+    local out, log = dir .. "/out.jsonl", dir .. "/usage.jsonl"
+    local _, err, code = run("classify --labels billing,tech -m sim-unpriced-model --usage-log " .. log
+      .. " -o " .. out .. " " .. input)
+    assert.equal(0, code, err)
+    for _, line in ipairs(lines_of(out)) do
+      local row = json.decode(line)
+      assert.equal(json.null, row.cost, line)
+    end
+    for _, line in ipairs(lines_of(log)) do
+      local u = json.decode(line)
+      assert.is_nil(u.cost, line)
+      assert.is_true(u.cost_unknown, line)
+    end
+    assert.matches("%+ the unknown cost of 2 row%(s%) of a model with no price", err)
+    local text, uerr, ucode = run("usage " .. log)
+    assert.equal(0, ucode, uerr)
+    assert.matches("2 line%(s%) of models with no price: their cost is unknown", text)
+  end)
+end)
+
+describe("an error of the --via batch path", function()
+  it("has one slm: prefix", function()
+    local input = tickets(2, dir .. "/in.jsonl")
+    local envx = ("SLM_BASE_URL=http://127.0.0.1:%d/v1 SLM_API_KEY=sk-x SLM_STATE_DIR=%s "):format(H.dead_port(),
+      H.q(dir .. "/state"))
+    local _, err, code = run("classify --labels billing,tech --via batch -o " .. dir .. "/out.jsonl " .. input, envx)
+    assert.equal(1, code, err)
+    assert.matches("^slm: classify: submitting: connect: ", err)
+    assert.is_nil(err:find("slm: slm:", 1, true))
+    assert.is_nil(err:find(": slm: ", 1, true), err)
+  end)
+end)

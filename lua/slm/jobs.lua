@@ -225,7 +225,9 @@ function M.usage_line(job, info, outcome, prompt, id)
   local calls = info.local_check and 0 or info.calls or 1
   return {
     time = iso_now(), run = job.run_id, task = job.task, model = info.model or job.model,
-    prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or 0,
+    -- cost: none for a model with no price (cost_unknown), never a made-up 0
+    prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = info.cost or (p + c == 0 and 0 or nil),
+    cost_unknown = info.cost == nil and p + c > 0 or nil,
     latency = info.latency, ttft = info.ttft, attempts = info.local_check and 0 or info.attempts or 1,
     -- one line for the row's one request (call 1 of 1), or for a row
     -- refused before sending (calls 0, no call); the request's outcome is the row's
@@ -246,7 +248,8 @@ function M.usage_lines(job, info, outcome, prompt, id)
     local p, c = r.prompt_tokens or 0, r.completion_tokens or 0
     lines[i] = {
       time = t, run = job.run_id, task = job.task, model = r.model or job.model,
-      prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = r.cost or 0,
+      prompt_tokens = p, completion_tokens = c, tokens = p + c, cost = r.cost or (p + c == 0 and 0 or nil),
+      cost_unknown = r.cost == nil and p + c > 0 or nil,
       latency = r.latency, ttft = r.ttft, attempts = r.attempts or 1, call = i, calls = #reqs,
       outcome = r.outcome, row_outcome = outcome, id = id, prompt = i == 1 and prompt or nil,
       via = job.via and (r.via or "direct") or nil,
@@ -539,7 +542,7 @@ function Job:run(opts)
     end
   end
   local s = { task = self.task, rows = #self.rows, done_before = 0, sent = 0, succeeded = 0, failed = 0,
-    failed_by_kind = {}, not_attempted = 0, tokens = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0,
+    failed_by_kind = {}, not_attempted = 0, tokens = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0, unpriced = 0,
     t0 = core.now(), done = 0 }
   local todo, seen = self:pending(ledger)
   for _, row in ipairs(self.rows) do
@@ -569,11 +572,14 @@ function Job:run(opts)
   end
   local usage_ok = true
   local function record(row, result, info, err)
-    local cost = (info and info.cost) or (err and type(err) == "table" and err.cost) or 0
+    local cost = (info and info.cost) or (err and type(err) == "table" and err.cost) or nil
     local p, c = usage_of(info or err)
     s.prompt_tokens, s.completion_tokens = s.prompt_tokens + p, s.completion_tokens + c
-    s.tokens, s.cost = s.tokens + p + c, s.cost + cost
-    local rec = { key = row.key, cost = cost, tokens = p + c, model = (info or err or {}).model or self.model }
+    s.tokens, s.cost = s.tokens + p + c, s.cost + (cost or 0)
+    -- a model with no price: its cost is unknown (null in the row, counted
+    -- in the summary), never a made-up 0
+    if cost == nil and p + c > 0 then s.unpriced = s.unpriced + 1; cost = json.null end
+    local rec = { key = row.key, cost = cost or 0, tokens = p + c, model = (info or err or {}).model or self.model }
     if result then
       rec.status, rec.result = "ok", result
       s.succeeded = s.succeeded + 1
@@ -798,7 +804,7 @@ function M.finished_summary(task, rec)
   local rows = tonumber(rec.rows) or 0
   local bad = 0
   local s = { task = task, rows = rows, done_before = 0, sent = 0, succeeded = 0, failed = failed,
-    failed_by_kind = kinds, not_attempted = 0, tokens = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0,
+    failed_by_kind = kinds, not_attempted = 0, tokens = 0, prompt_tokens = 0, completion_tokens = 0, cost = 0, unpriced = 0,
     seconds = 0, finished_before = true }
   for k, n in pairs(kinds) do if k == "parse" or k == "ragged" or k == "missing_column" then bad = bad + n end end
   s.done_before = rows - bad
@@ -815,8 +821,9 @@ function M.summary_text(s)
       #kinds > 0 and " (" .. concat(kinds, ", ") .. ")" or "",
       s.done_before > 0 and format(", %d done before", s.done_before) or "",
       s.not_attempted > 0 and format(", %d not attempted", s.not_attempted) or ""),
-    format("slm %s: %d requests, %d tokens (%d prompt + %d completion), $%.6f, %.2f s", s.task, s.sent, s.tokens,
-      s.prompt_tokens, s.completion_tokens, s.cost, s.seconds),
+    format("slm %s: %d requests, %d tokens (%d prompt + %d completion), $%.6f%s, %.2f s", s.task, s.sent, s.tokens,
+      s.prompt_tokens, s.completion_tokens, s.cost, (s.unpriced or 0) > 0 and format(" + the unknown cost of %d "
+        .. "row(s) of a model with no price (add its prices to slm.models)", s.unpriced) or "", s.seconds),
   }
   if s.output_error and not s.write_error then
     lines[#lines + 1] = format("slm %s: cannot write the output (%s); the ledger has every finished row: rerun to write it",

@@ -155,6 +155,10 @@ local function progress_line(task, b)
     n(c.completed or 0), n(c.total), n(c.failed or 0))
 end
 
+-- An error's text inside a message of ours, without its own "slm: "
+-- (the command line puts one in front of the whole).
+local function bare(err) return (tostring(err):gsub("^slm: ", "")) end
+
 --- Run `job` (slm.jobs, rows read) with the task adapter `ad` through the
 -- Batch API.  o: dir (the batch directory), wait (false: submit and
 -- return), poll_interval, max_poll_interval, wait_timeout, max_requests,
@@ -245,7 +249,7 @@ function M.run(job, ad, client, o)
     -- off, adopted), then the rows of this run that need a batch: none yet,
     -- or a failure worth sending again
     local _, err = bjob:collect()
-    if err then return nil, 1, "collecting: " .. tostring(err) end
+    if err then return nil, 1, "collecting: " .. bare(err) end
     local wanted = {}
     for _, r in ipairs(requests) do wanted[r.custom_id] = true end
     local send = {}
@@ -254,7 +258,7 @@ function M.run(job, ad, client, o)
     end
     local made
     made, err = bjob:submit(send)
-    if not made then return nil, 1, "submitting: " .. tostring(err) .. " (slm batch resume " .. id .. " goes on)" end
+    if not made then return nil, 1, "submitting: " .. bare(err) .. " (slm batch resume " .. id .. " goes on)" end
     local info = { id = id, rows = #send, batches = #made, dir = o.dir }
     if o.wait == false then return "submitted", info end
     if core.trapped() then interrupted = true return true end
@@ -268,9 +272,9 @@ function M.run(job, ad, client, o)
         seen[b.id] = line
       end }
     if not done and type(err) == "table" and err.stopped then interrupted = true return true end
-    if not done then return nil, 1, tostring(err) .. " (slm batch resume " .. id .. " goes on)" end
+    if not done then return nil, 1, bare(err) .. " (slm batch resume " .. id .. " goes on)" end
     _, err = bjob:collect()
-    if err then return nil, 1, "collecting: " .. tostring(err) end
+    if err then return nil, 1, "collecting: " .. bare(err) end
     return true
   end
   local bok, r1, r2, r3 = pcall(batches)
