@@ -275,6 +275,27 @@ describe("slm.ngx", function()
       assert.equal("Echo: " .. q, text)
     end)
 
+    it("sends a character split between pieces whole, stray bytes as U+FFFD: every event valid UTF-8", function()
+      local valid = require("slm.redact").utf8
+      local n = fake_ngx()
+      _G.ngx = n
+      local seen = {}
+      local res, err = relay(function(emit)
+        for _, p in ipairs{ "5 \226\130", "\172 ok", "x \255", " \240\159" } do emit(p, { p = p }) end
+        return { text = "", model = "model-\255", usage = { prompt_tokens = 1, completion_tokens = 4, total_tokens = 5 } }
+      end, { on_delta = function(text) seen[#seen + 1] = text end })
+      assert.is_nil(err)
+      assert.is_table(res)
+      local body = n.body()
+      assert.equal(valid(body), body)
+      local text, final = parse(body)
+      -- on_delta saw whole characters; the end's cut one is sent last, as U+FFFD
+      assert.same({ "5 ", "\226\130\172 ok", "x \255", " ", "\240\159" }, seen)
+      assert.equal("5 \226\130\172 okx \239\191\189 \239\191\189\239\191\189", text)
+      assert.equal("model-\239\191\189", final.model)
+      assert.equal(#text, final.bytes)
+    end)
+
     it("streams a request table through opts.client, and on_delta transforms, drops or logs pieces", function()
       local n = fake_ngx()
       _G.ngx = n

@@ -4,6 +4,7 @@
 local slm = require "slm"
 local cjson = require "cjson.safe"
 local core = require "slm.core"
+local format = string.format
 
 local M = {}
 
@@ -245,6 +246,249 @@ function M.try(where)
   end)
   M.notes[where] = ok and "no error" or tostring(err)
   return ok, err
+end
+
+------------------------------------------------------------------ hostile upstreams
+-- (tests/ngx_hostile_spec.lua) The app nginx answers /raw/<case>/v1/chat/completions
+-- itself, on the raw connection (ngx.req.socket(true)), with bytes no sane
+-- server sends; /hostile?case=..&timeout=..&stream=1 calls it over cosockets.
+
+local function json_body(text, model)
+  return cjson.encode{ id = "chatcmpl-raw", object = "chat.completion", model = model or "gpt-4o-mini",
+    choices = { { index = 0, message = { role = "assistant", content = text }, finish_reason = "stop" } },
+    usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }
+end
+M.json_body = json_body
+
+local function ok_head(body, extra)
+  return "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" .. (extra or "")
+    .. "Content-Length: " .. #body .. "\r\n\r\n"
+end
+
+-- each: function(sock, n) with n = the connection's request number (1 on a new one)
+local RAW = {}
+RAW.big_head = function(sock)
+  sock:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+  local line = "X-Filler: " .. ("a"):rep(1000) .. "\r\n"
+  for _ = 1, 200 do
+    if not sock:send(line) then return end
+  end
+  ngx.sleep(5)
+end
+RAW.lf_only = function(sock)
+  local b = json_body("bare LF")
+  sock:send((ok_head(b):gsub("\r\n", "\n")) .. b)
+end
+RAW.cl_and_chunked = function(sock)
+  local b = json_body("chunked wins")
+  sock:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+    .. "Transfer-Encoding: chunked\r\n\r\n" .. format("%x", #b) .. "\r\n" .. b .. "\r\n0\r\n\r\n")
+  ngx.sleep(1) -- kept open: a client must not reuse it
+end
+RAW.chunk_2_64 = function(sock)
+  sock:send("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    .. "10000000000000000\r\n{\"id\":")
+  ngx.sleep(2)
+end
+RAW.continue = function(sock)
+  local b = json_body("after 100")
+  sock:send("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" .. ok_head(b) .. b)
+end
+RAW.slow_head = function(sock)
+  -- one byte per 0.3 s: every read within any idle timeout, never done
+  local s = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" .. ("X-Slow: 1\r\n"):rep(100)
+  for i = 1, #s do
+    if not sock:send(s:sub(i, i)) then return end
+    ngx.sleep(0.3)
+  end
+end
+RAW.slow_body = function(sock)
+  local b = json_body(("slow "):rep(40))
+  sock:send(ok_head(b))
+  for i = 1, #b do
+    if not sock:send(b:sub(i, i)) then return end
+    ngx.sleep(0.3)
+  end
+end
+RAW.slow_sse = function(sock)
+  sock:send("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+  local ev = 'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,'
+    .. '"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+  for _ = 1, 100 do
+    for i = 1, #ev, 20 do
+      local piece = ev:sub(i, i + 19)
+      if not sock:send(format("%x\r\n%s\r\n", #piece, piece)) then return end
+      ngx.sleep(0.1)
+    end
+  end
+end
+-- a full reply, then (once it was read) another one nobody asked for, on a
+-- connection kept open: a pooled connection would hand it to the next call
+RAW.late_extra = function(sock, n)
+  local b = json_body(n == 1 and "first" or "INJECTED " .. n)
+  sock:send(ok_head(b) .. b)
+  if n == 1 then
+    ngx.sleep(0.1)
+    local x = json_body("INJECTED")
+    sock:send(ok_head(x) .. x)
+  end
+end
+RAW.conn_close = function(sock)
+  local b = json_body("closing")
+  sock:send(ok_head(b, "Connection: close\r\n") .. b)
+  ngx.sleep(0.5) -- said close, kept open anyway
+end
+RAW.hostile_model = function(sock)
+  local b = json_body("labels", 'evil"model\n# TYPE x counter\nx{a="1"} 1\\')
+  sock:send(ok_head(b) .. b)
+end
+
+-- an event stream whose deltas are not valid UTF-8 each: a character (the
+-- euro sign) split between two deltas, a stray byte, and (model=bad) a
+-- model name with a stray byte
+local function sse_chunk(content, model)
+  return "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"" .. (model or "gpt-4o-mini")
+    .. "\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"" .. content .. "\"},\"finish_reason\":null}]}\n\n"
+end
+RAW.split_utf8 = function(sock)
+  local body = sse_chunk("price: 5 \226\130") .. sse_chunk("\172, ok ") .. sse_chunk("stray \255 byte")
+    .. sse_chunk(" end \240\159") .. "data: [DONE]\n\n"
+  sock:send("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body)
+end
+RAW.bad_model_sse = function(sock)
+  local body = sse_chunk("hello", "model-\255") .. "data: [DONE]\n\n"
+  sock:send("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body)
+end
+RAW.bad_error = function(sock)
+  local body = '{"error":{"message":"upstream broke \255\254 here","type":"server_error"}}'
+  sock:send("HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: " .. #body
+    .. "\r\n\r\n" .. body)
+end
+
+-- the request's bytes on a raw connection (a simple HTTP/1.1 reader: head, Content-Length body)
+local function read_request(sock)
+  local head = {}
+  while true do
+    local line, err = sock:receive("*l")
+    if not line then return nil, err end
+    if line == "" then break end
+    head[#head + 1] = line
+  end
+  local len = 0
+  for _, h in ipairs(head) do
+    local v = h:match("^[Cc]ontent%-[Ll]ength:%s*(%d+)")
+    if v then len = tonumber(v) end
+  end
+  if len > 0 then return sock:receive(len) end
+  return ""
+end
+
+function M.raw()
+  local case = ngx.var.raw_case
+  local fn = RAW[case]
+  local dict = ngx.shared.slm_test_notes
+  -- the request nginx read (the first of the connection), then more
+  -- requests on the same connection, each answered the same way
+  ngx.req.read_body()
+  local sock = assert(ngx.req.socket(true))
+  local n = 1
+  local conn = ngx.var.connection
+  dict:incr("raw:" .. case .. ":requests", 1, 0)
+  dict:set("raw:" .. case .. ":conn:" .. dict:get("raw:" .. case .. ":requests"), conn)
+  while true do
+    fn(sock, n)
+    if case ~= "late_extra" then break end
+    sock:settimeout(1000)
+    local body = read_request(sock)
+    if not body then break end
+    n = n + 1
+    dict:incr("raw:" .. case .. ":requests", 1, 0)
+  end
+  ngx.exit(444)
+end
+
+-- GET /hostile?case=..&stream=1&timeout=..&stall=..&calls=n: n calls, one after the other
+function M.hostile()
+  local args = ngx.req.get_uri_args()
+  local base = "http://127.0.0.1:" .. ngx.var.server_port .. "/raw/" .. args.case .. "/v1"
+  local c = slm.client{ base_url = base, api_key = "sk-test-good", model = "gpt-4o-mini", max_retries = 0,
+    timeout = tonumber(args.timeout) or 5, stall_timeout = tonumber(args.stall) or 30,
+    observe = args.metrics and slm.ngx.metrics.get{ dict = "slm_test_metrics", vars = false }:observer() or nil }
+  local out = { calls = {} }
+  for i = 1, tonumber(args.calls) or 1 do
+    local t0 = ngx.now()
+    if i > 1 and args.gap then ngx.sleep(tonumber(args.gap)) end
+    local res, err = c:chat{ messages = { { role = "user", content = "hostile " .. args.case } },
+      stream = args.stream == "1" or nil, model = args.model, consumer = args.consumer }
+    ngx.update_time()
+    local f = M.fields(res, err)
+    f.seconds = ngx.now() - t0
+    out.calls[i] = f
+  end
+  if args.gap then ngx.sleep(tonumber(args.gap)) end
+  local dict = ngx.shared.slm_test_notes
+  out.requests = dict:get("raw:" .. args.case .. ":requests")
+  reply(out)
+end
+
+------------------------------------------------------------------ relays that end the request
+-- (tests/ngx_hostile_spec.lua) One client with max_concurrency = 1 and a
+-- budget: a relay whose request is ended under it must give both back.
+local exit_client, exit_budget
+local function relay_client()
+  if not exit_client then
+    exit_budget = slm.budget{ usd = 100 }
+    exit_client = slm.client{ base_url = M.sim_url, api_key = "sk-test-good", model = "gpt-4o-mini",
+      timeout = 2, max_retries = 0, max_concurrency = 1, budget = exit_budget }
+  end
+  return exit_client
+end
+
+-- GET /relay_exit?how=on_delta|push|spawned: ngx.exit(200) at the second piece, from on_delta
+-- (stream), from a push source's on_delta, or a call in flight in a light thread
+function M.relay_exit()
+  local how = ngx.var.arg_how or "on_delta"
+  local c = relay_client()
+  local req = { messages = { { role = "user", content = "exit mid-stream" } },
+    headers = { ["X-Sim-Scenario"] = "chunks=200,slow_chunks=20" } }
+  local n = 0
+  local function on_delta()
+    n = n + 1
+    if n == 2 then ngx.exit(ngx.HTTP_OK) end
+  end
+  if how == "push" then
+    req.stream = true
+    slm.ngx.relay(function(emit)
+      req.on_delta = function(text, chunk)
+        emit(text, chunk)
+        on_delta()
+      end
+      return c:chat(req)
+    end)
+  else
+    slm.ngx.relay(c:stream(req), { on_delta = on_delta })
+  end
+end
+
+-- GET /relay_raw?case=..&cut=n: slm.ngx.relay of a stream from the raw upstream (cut: on_delta
+-- returns the first n bytes of each piece, which may end inside a character)
+function M.relay_raw()
+  local base = "http://127.0.0.1:" .. ngx.var.server_port .. "/raw/" .. ngx.var.arg_case .. "/v1"
+  local c = slm.client{ base_url = base, api_key = "sk-test-good", model = "gpt-4o-mini", max_retries = 0,
+    timeout = 5 }
+  local cut = tonumber(ngx.var.arg_cut)
+  local ok, err = pcall(slm.ngx.relay, c:stream{ messages = { { role = "user", content = "raw relay" } } },
+    { on_delta = cut and function(text) return text:sub(1, cut) end or nil })
+  if not ok then ngx.print(slm.ngx.event("raised", { error = tostring(err) })) end
+end
+
+-- GET /relay_state: the budget's hold, and whether the client's one slot is free (a call within 1 s)
+function M.relay_state()
+  local c = relay_client()
+  local _, held = exit_budget:reserved()
+  local res, err = c:chat{ messages = { { role = "user", content = "the slot" } }, timeout = 1 }
+  local _, spent = exit_budget:spent()
+  reply{ reserved_tokens = held, spent_tokens = spent, text = res and res.text, kind = err and err.kind }
 end
 
 return M

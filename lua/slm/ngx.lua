@@ -42,6 +42,8 @@ local json = require "slm.json"
 local type, pairs, tostring, tonumber, error, pcall, format, setmetatable, concat =
   type, pairs, tostring, tonumber, error, pcall, string.format, setmetatable, table.concat
 local floor = math.floor
+local byte, getmetatable = string.byte, getmetatable
+local valid_utf8 = require("slm.redact").utf8
 
 local M = {}
 
@@ -49,10 +51,29 @@ M.metrics = require "slm.ngx.metrics"
 
 ------------------------------------------------------------------ SSE
 
+-- v with every string in it (keys too) made valid UTF-8, U+FFFD for bad
+-- bytes (a reply's model name, an upstream's error message, a callback's
+-- fields): JSON cannot carry them, and slm.json refuses to encode them.
+local function valid_deep(v, depth)
+  if type(v) == "string" then return valid_utf8(v) end
+  if type(v) ~= "table" or depth > 20 then return v end
+  local t = {}
+  for k, x in pairs(v) do t[valid_deep(k, depth + 1)] = valid_deep(x, depth + 1) end
+  return setmetatable(t, getmetatable(v))
+end
+
+-- JSON of data; its strings made valid UTF-8 first when they are not.
+local function encode(data)
+  local ok, d = pcall(json.encode, data)
+  if ok then return d end
+  return json.encode(valid_deep(data, 0))
+end
+
 --- The bytes of one server-sent event: `data:` (and `event:`) lines and
--- the blank line that ends it.  data is a table (sent as JSON on one line).
+-- the blank line that ends it.  data is a table (sent as JSON on one line;
+-- bytes that are not valid UTF-8 in its strings as U+FFFD).
 function M.event(name, data)
-  local d = json.encode(data)
+  local d = encode(data)
   if name then return "event: " .. name .. "\ndata: " .. d .. "\n\n" end
   return "data: " .. d .. "\n\n"
 end
@@ -77,7 +98,7 @@ function M.error_response(err, status)
   ngx.status = status or STATUS[err and err.kind] or 502
   ngx.header["Content-Type"] = "application/json"
   ngx.header["Cache-Control"] = "no-store"
-  ngx.print(json.encode{ error = error_body(err) })
+  ngx.print(encode{ error = error_body(err) })
 end
 
 ------------------------------------------------------------------ access log
@@ -145,6 +166,23 @@ local function utf8_prefix(s, n)
 end
 M.utf8_prefix = utf8_prefix
 
+-- How many bytes of s end with a whole character: a character cut short
+-- at its end (its first bytes, the rest in the next piece) is not counted.
+local function whole_len(s)
+  local n = #s
+  for i = n, n > 3 and n - 2 or 1, -1 do
+    local b = byte(s, i)
+    if b < 0x80 then return n end
+    if b >= 0xF8 then return n end -- never a character's first byte: nothing to wait for
+    if b >= 0xC0 then
+      local need = b >= 0xF0 and 4 or b >= 0xE0 and 3 or 2
+      return n - i + 1 < need and i - 1 or n
+    end
+  end
+  return n
+end
+M.whole_len = whole_len
+
 local OPTIONS = {
   client = true, on_delta = true, max_bytes = true, max_seconds = true, metrics = true, consumer = true,
   final = true, headers = true, status = true, log = true,
@@ -161,6 +199,34 @@ local function check_opts(opts)
       error(format("slm.ngx.relay: option '%s' must be a positive number", k), 3)
     end
     if k == "headers" and type(v) ~= "table" then error("slm.ngx.relay: option 'headers' must be a table", 3) end
+  end
+end
+
+-- ngx.exit ends the request without returning to its caller: called in
+-- on_delta, in a push source, in an on_abort handler of the application's
+-- or in any light thread of the request while a relay runs, nothing after
+-- it in the relay runs, and nginx only kills the light threads (the
+-- upstream connection goes with them).  The stream's concurrency slot and
+-- its budget hold would stay taken for the worker's life.  So while a relay
+-- runs, ngx.exit (wrapped once, the first time a relay runs) first closes
+-- the streams of the relays of its request (ngx.ctx.slm_relays): the slot
+-- and the hold are given back, what arrived is billed; then it exits.
+local real_exit, exit_wrapper
+local function get_ctx() return ngx.ctx end
+exit_wrapper = function(...)
+  local ok, ctx = pcall(get_ctx) -- (a phase without ngx.ctx: no relay there)
+  local list = ok and type(ctx) == "table" and ctx.slm_relays
+  if list then
+    ctx.slm_relays = nil
+    for i = #list, 1, -1 do pcall(list[i]) end
+  end
+  return real_exit(...)
+end
+local function wrap_exit()
+  local e = ngx.exit
+  if e ~= exit_wrapper and type(e) == "function" then
+    real_exit = e
+    ngx.exit = exit_wrapper
   end
 end
 
@@ -273,6 +339,28 @@ function M.relay(src, opts)
       stop()
     end)
   end
+  -- ngx.exit while this relay runs: its streams closed first (above)
+  local ctx0 = ngx.ctx
+  local exits
+  local function on_exit()
+    st.done, st.exited = true, true
+    stop()
+  end
+  if ctx0 then
+    wrap_exit()
+    exits = ctx0.slm_relays or {}
+    ctx0.slm_relays = exits
+    exits[#exits + 1] = on_exit
+  end
+  local function unregister()
+    if not exits then return end
+    for i = #exits, 1, -1 do
+      if exits[i] == on_exit then table.remove(exits, i) end
+    end
+    if exits[1] == nil and ctx0.slm_relays == exits then ctx0.slm_relays = nil end
+    exits = nil
+  end
+
   local watchdog
   if max_seconds and ngx.thread and ngx.thread.spawn then
     watchdog = ngx.thread.spawn(function()
@@ -284,9 +372,21 @@ function M.relay(src, opts)
     end)
   end
 
-  -- One piece from the model: false when the relay must stop.
-  local function piece(text, chunk)
+  -- One piece from the model: false when the relay must stop.  A
+  -- character the model's piece ends inside of (its last bytes in the next
+  -- piece) is held back and sent with the next one: every event is valid
+  -- UTF-8 (JSON), and the browser's text is the model's, byte for byte.
+  -- Bytes that are not UTF-8 (a stray byte, from the model or from
+  -- on_delta) go out as U+FFFD.  last: the end, nothing held.
+  local carry, last_chunk = "", nil
+  local function piece(text, chunk, last)
     if st.aborted or st.capped then return false end
+    if carry ~= "" then text, carry = carry .. text, "" end
+    if not last then
+      last_chunk = chunk
+      local n = whole_len(text)
+      if n < #text then text, carry = text:sub(1, n), text:sub(n + 1) end
+    end
     if text == "" then return true end
     local out = text
     if on_delta then
@@ -295,6 +395,7 @@ function M.relay(src, opts)
       if r == false then return true end
       if r ~= nil then out = tostring(r) end
     end
+    out = valid_utf8(out)
     if max_bytes and st.bytes + #out > max_bytes then
       out = utf8_prefix(out, max_bytes - st.bytes)
       st.capped = "bytes"
@@ -325,6 +426,7 @@ function M.relay(src, opts)
   -- the error raised again to the relay's caller.
   local function fail(e)
     st.done = true
+    unregister()
     if watchdog then ngx.thread.kill(watchdog) end
     pcall(stop)
     error(e, 0)
@@ -335,7 +437,11 @@ function M.relay(src, opts)
     local ok, e = pcall(function()
       while true do
         local text, chunk = stream:next()
-        if text == nil then break end
+        if text == nil then
+          -- a character the stream ended inside of
+          if carry ~= "" then piece("", last_chunk, true) end
+          break
+        end
         if not piece(text, chunk) then break end
         if unflushed and not pending(stream) then
           unflushed = false
@@ -354,9 +460,13 @@ function M.relay(src, opts)
     local outer = ctx.slm_relay_streams
     tracked = {}
     ctx.slm_relay_streams = tracked
-    local ok, r, e = pcall(push, function(text, chunk)
-      if not piece(text, chunk) then error(STOP, 0) end
-      return true
+    local ok, r, e = pcall(function()
+      local r1, e1 = push(function(text, chunk)
+        if not piece(text, chunk) then error(STOP, 0) end
+        return true
+      end)
+      if carry ~= "" then piece("", last_chunk, true) end
+      return r1, e1
     end)
     ctx.slm_relay_streams = outer
     if ok then
@@ -368,6 +478,7 @@ function M.relay(src, opts)
     end
   end
   st.done = true
+  unregister()
   if watchdog then ngx.thread.kill(watchdog) end
 
   local partial = res or (type(err) == "table" and err.partial) or nil
