@@ -162,8 +162,13 @@ describe("test upstream", function()
     it("never signals another process that a stale nginx.pid names", function()
       local u = upstream.start { quiet = true }
       local prefix = u.prefix
-      -- nginx gone by SIGKILL (workers too), its pid now someone else's
-      sh("pkill -KILL -f " .. q(prefix .. "/[n]ginx.conf") .. "; sleep 0.2") -- [n]: not this shell itself
+      -- nginx gone by SIGKILL (workers too: from /proc, as a pattern on the
+      -- command line matches only the master), its pid now someone else's
+      local kids = io.open("/proc/" .. u.pid .. "/task/" .. u.pid .. "/children", "rb")
+      local workers = kids and kids:read("a") or ""
+      if kids then kids:close() end
+      assert.matches("%d", workers)
+      sh("kill -KILL " .. workers:gsub("%s+", " ") .. " " .. u.pid .. " 2>/dev/null; sleep 0.2")
       local other = tonumber((sh("sleep 30 >/dev/null 2>&1 & echo $!")))
       local f = assert(io.open(prefix .. "/nginx.pid", "wb"))
       f:write(other, "\n")
