@@ -25,13 +25,7 @@ local function env()
 end
 
 -- bin/slm in the foreground: stdout, stderr, exit status.
-local function run(cmdline)
-  local errf = dir .. "/stderr"
-  local p = io.popen(env() .. "bin/slm " .. cmdline .. " </dev/null 2>" .. errf)
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return out, H.read_file(errf), ok and 0 or code
-end
+local function run(cmdline) return H.run_slm(env(), dir, cmdline) end
 
 -- bin/slm in the background (tests/helpers.lua)
 local function spawn(cmdline) return H.spawn_slm(env(), dir, cmdline) end

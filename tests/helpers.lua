@@ -139,6 +139,35 @@ function M.run_lua(code, env)
   return out
 end
 
+-- bin/slm in the foreground, `env` ("NAME=value ...") before it, its
+-- stderr in dir/stderr and its stdin `stdin` (a string; nothing: /dev/null):
+-- stdout, stderr, exit status.
+function M.run_slm(env, dir, cmdline, stdin)
+  local inf, errf = "/dev/null", dir .. "/stderr"
+  if stdin then inf = dir .. "/stdin"; M.write_file(inf, stdin) end
+  local p = io.popen(env .. "bin/slm " .. cmdline .. " <" .. inf .. " 2>" .. errf)
+  local out = p:read("a")
+  local ok, _, code = p:close()
+  return out, M.read_file(errf), ok and 0 or code
+end
+
+-- A stored history as "role:content" strings, for comparing.
+function M.contents(h)
+  local out = {}
+  for i, m in ipairs(h) do out[i] = m.role .. ":" .. tostring(m.content) end
+  return out
+end
+
+-- The lines of a file ({} when there is none).
+function M.lines_of(path)
+  local f = io.open(path, "rb")
+  if not f then return {} end
+  local t = {}
+  for line in f:lines() do t[#t + 1] = line end
+  f:close()
+  return t
+end
+
 -- Occurrences of the plain string `what` in s.
 function M.occurrences(s, what)
   local n, i = 0, 1

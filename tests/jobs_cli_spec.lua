@@ -18,26 +18,12 @@ after_each(function() if dir then os.execute("rm -rf '" .. dir .. "'") end end)
 local function env() return ("SLM_BASE_URL=%s SLM_API_KEY=sk-jobs "):format(up.url) end
 
 -- Runs bin/slm in the foreground: stdout, stderr, exit status.
-local function run(cmdline, stdin)
-  local inf, errf = dir .. "/stdin", dir .. "/stderr"
-  H.write_file(inf, stdin or "")
-  local p = io.popen(env() .. "bin/slm " .. cmdline .. " <" .. inf .. " 2>" .. errf)
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return out, H.read_file(errf), ok and 0 or code
-end
+local function run(cmdline, stdin) return H.run_slm(env(), dir, cmdline, stdin or "") end
 
 -- bin/slm in the background (tests/helpers.lua)
 local function spawn(cmdline) return H.spawn_slm(env(), dir, cmdline) end
 
-local function lines_of(path)
-  local f = io.open(path, "rb")
-  if not f then return {} end
-  local t = {}
-  for line in f:lines() do t[#t + 1] = line end
-  f:close()
-  return t
-end
+local lines_of = H.lines_of
 
 local function jsonl_rows(path)
   local rows = {}

@@ -23,24 +23,11 @@ local function env()
 end
 
 -- bin/slm in the foreground: stdout, stderr, exit status.
-local function run(cmdline, envx)
-  local errf = dir .. "/stderr"
-  local p = io.popen((envx or env()) .. "bin/slm " .. cmdline .. " </dev/null 2>" .. errf)
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return out, H.read_file(errf), ok and 0 or code
-end
+local function run(cmdline, envx) return H.run_slm(envx or env(), dir, cmdline) end
 
 local function spawn(cmdline) return H.spawn_slm(env(), dir, cmdline) end
 
-local function lines_of(path)
-  local f = io.open(path, "rb")
-  if not f then return {} end
-  local t = {}
-  for line in f:lines() do t[#t + 1] = line end
-  f:close()
-  return t
-end
+local lines_of = H.lines_of
 
 local function tickets(n, path, extra)
   local t = {}

@@ -27,11 +27,7 @@ local function escalation(id)
       arguments = '{"reason":"complaint","category":"delivery","summary":"late parcel"}' } } } }
 end
 
-local function contents(h)
-  local out = {}
-  for i, m in ipairs(h) do out[i] = m.role .. ":" .. tostring(m.content) end
-  return out
-end
+local contents = H.contents
 
 local function last_user(req) return req.messages[#req.messages].content end
 

@@ -311,11 +311,7 @@ describe("slm.support with two turns of one session at the same moment", functio
       return answer("Hello! Delivery takes three working days [faq-1].")
     end }
   end
-  local function contents(h)
-    local out = {}
-    for i, m in ipairs(h) do out[i] = m.role .. ":" .. tostring(m.content) end
-    return out
-  end
+  local contents = H.contents
 
   local function both_kept(store)
     local ref = {}

@@ -236,6 +236,18 @@ function M.await(req)
   main_woken = false
 end
 
+-- Wait until over() says so: the task t suspended (woken by whatever it
+-- waits on, or a timer), or, outside tasks (t nil), the loop driven.
+local function wait_until(t, over)
+  if t then
+    repeat suspend(t) until over()
+  else
+    main_woken = false
+    drive(over)
+    main_woken = false
+  end
+end
+
 local function timer_cancel(e)
   for i = 1, #timers do if timers[i] == e then remove(timers, i) return end end
 end
@@ -254,13 +266,7 @@ function M.await_fd(fd, want, deadline)
   nwaiting = nwaiting + 1
   local e = deadline and timer_add(deadline, who)
   local function over() return waiting[fd] == nil or (deadline ~= nil and now() >= deadline) end
-  if t then
-    repeat suspend(t) until over()
-  else
-    main_woken = false
-    drive(over)
-    main_woken = false
-  end
+  wait_until(t, over)
   if e then timer_cancel(e) end
   if waiting[fd] == nil then return true end
   waiting[fd] = nil
@@ -352,13 +358,7 @@ function Sem:acquire(timeout)
   local deadline = timeout and timeout < math.huge and now() + timeout or nil
   local e = deadline and timer_add(deadline, t or MAIN)
   local function over() return me.granted or (deadline ~= nil and now() >= deadline) end
-  if t then
-    repeat suspend(t) until over()
-  else
-    main_woken = false
-    drive(over)
-    main_woken = false
-  end
+  wait_until(t, over)
   if e then timer_cancel(e) end
   if me.granted then return true end
   for i = 1, #q do if q[i] == me then remove(q, i) break end end
