@@ -85,7 +85,10 @@ describe("examples/lib/backend.lua's simulator", function()
       p:close()
       assert.matches("slm%-upstream", started) -- it had started one
       local left
-      for _ = 1, 40 do -- the watcher looks every 0.5 s
+      -- the watcher looks every 0.5 s, then stops nginx: SIGTERM and up to
+      -- 5 s for it to go before SIGKILL (tests/upstream/launch.lua); a
+      -- bound below that failed once under the ASan stage's load
+      for _ = 1, 150 do
         local ls = io.popen("ls -A " .. tmp)
         left = ls:read("a")
         ls:close()
