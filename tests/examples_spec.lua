@@ -80,7 +80,11 @@ describe("examples/lib/backend.lua's simulator", function()
     for _, sig in ipairs({ "TERM", "KILL" }) do
       local p = assert(io.popen("exec 2>/dev/null; " .. NO_KEYS .. "TMPDIR=" .. tmp
         .. " SLM_MODEL=sim:delay=5000 lua5.4 examples/ticket_triage.lua"
-        .. " >/dev/null 2>&1 & pid=$!; sleep 1.5; ls -A " .. tmp .. "; kill -" .. sig .. " $pid; wait $pid"))
+        .. " >/dev/null 2>&1 & pid=$!; "
+        -- once its simulator is up (its pid file written, the watcher
+        -- started just after): a loaded machine takes more than a second
+        .. "for i in $(seq 100); do ls " .. tmp .. "/slm-upstream.*/nginx.pid >/dev/null 2>&1 && break; sleep 0.1; done; "
+        .. "sleep 1; ls -A " .. tmp .. "; kill -" .. sig .. " $pid; wait $pid"))
       local started = p:read("a")
       p:close()
       assert.matches("slm%-upstream", started) -- it had started one

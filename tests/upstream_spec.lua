@@ -931,10 +931,12 @@ describe("test upstream", function()
         for _ in list:gmatch("%d+") do n = n + 1 end
         assert.equal(2, n, "nginx worker processes")
         local rcs = {}
-        for i = 1, 8 do rcs[i] = background(multi, { body = chat_body("w" .. i), scenario = "delay=1500" }) end
-        local st = wait_stats(multi, function(x) return x.in_flight == 8 end, 3)
+        -- (4 s each: on a loaded machine starting eight clients can take
+        -- longer than a shorter delay, and then they never all overlap)
+        for i = 1, 8 do rcs[i] = background(multi, { body = chat_body("w" .. i), scenario = "delay=4000" }) end
+        local st = wait_stats(multi, function(x) return x.in_flight == 8 end, 8)
         assert.equal(8, st.max_in_flight)
-        for i = 1, 8 do assert.equal(0, wait_rc(rcs[i], 5)) end
+        for i = 1, 8 do assert.equal(0, wait_rc(rcs[i], 10)) end
         st = multi:stats()
         assert.same({ 0, 8, 8 }, { st.in_flight, st.max_in_flight, st.requests })
         local res = request(multi, { path = "/__sim/last", method = "GET" })
