@@ -168,6 +168,15 @@ function M.lines_of(path)
   return t
 end
 
+-- Wait (up to about 10 s) until the file at path has at least n lines.
+function M.wait_lines(path, n, what)
+  for _ = 1, 1000 do
+    if #M.lines_of(path) >= n then return end
+    os.execute("sleep 0.01")
+  end
+  error(("%s never reached %d lines"):format(what or path, n))
+end
+
 -- Occurrences of the plain string `what` in s.
 function M.occurrences(s, what)
   local n, i = 0, 1

@@ -395,13 +395,7 @@ describe("slm classify interrupted", function()
   end
 
   -- Wait until the ledger has at least n finished rows.
-  local function wait_rows(path, n)
-    for _ = 1, 1000 do
-      if #lines_of(path) >= n then return end
-      os.execute("sleep 0.01")
-    end
-    error("the ledger never reached " .. n .. " rows")
-  end
+  local function wait_rows(path, n) H.wait_lines(path, n, "the ledger") end
 
   for _, sig in ipairs({ "INT", "TERM" }) do
     it("SIG" .. sig .. ": stops sending, finishes the rows in flight, exits 130; a rerun completes it", function()

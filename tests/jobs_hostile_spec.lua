@@ -38,13 +38,7 @@ local function tickets(n, path, extra)
   return path
 end
 
-local function wait_rows(path, n)
-  for _ = 1, 1000 do
-    if #lines_of(path) >= n then return end
-    os.execute("sleep 0.01")
-  end
-  error("the ledger never reached " .. n .. " rows")
-end
+local function wait_rows(path, n) H.wait_lines(path, n, "the ledger") end
 
 local LABELS = "--labels billing,delivery,other"
 
